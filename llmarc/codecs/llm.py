@@ -1,0 +1,418 @@
+"""The LLM codec (id 2): language-model probabilities + range coding, batched over entries.
+
+Layout (spec/llm-codec.md is normative):
+
+* codec params (in the entry record): ``u16 model_index`` (little-endian) into the
+  archive's model table, whose numerics profile gives batch width B, segment length L
+  and coder precision P;
+* payload: ``varint token_count``, then ``varint coded_length`` for each of the
+  ``ceil(token_count / L)`` segments, then the segments' range-coded streams back to back.
+
+A segment holds at most L tokens and starts from the model's start token at position 0,
+so its stream depends on nothing but its own tokens: extracting one member decodes only
+that member's segments, padded to B rows.  Segments of many entries share the B rows of
+a lockstep group, sorted longest first so short segments waste few steps.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from llmarc.errors import CorruptArchiveError, ModelMismatchError, UnsupportedFeatureError
+from llmarc.model.fingerprint import PROFILE_SETTINGS, canonical_json, profile_differences
+
+ENGINE_NAME = "lockstep-v1"
+DEFAULT_SEGMENT_LENGTH = 1024
+DEFAULT_CPU_BATCH_WIDTH = 32
+DEFAULT_PRECISION = 24
+MAX_BATCH_WIDTH = 1024
+MAX_SEGMENT_LENGTH = 1 << 16
+MAX_VARINT_BYTES = 10
+
+ProgressCallback = Callable[[int], None]  # called with the number of tokens just coded
+
+
+# --------------------------------------------------------------------------- varints
+def write_varint(value: int) -> bytes:
+    """Unsigned LEB128: 7 bits per byte, low bits first, high bit = more bytes follow."""
+    if value < 0:
+        raise ValueError("varint must be non-negative")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def read_varint(data: bytes, offset: int) -> tuple[int, int]:
+    """Decode a LEB128 varint at ``offset``; return (value, next offset). Hostile-safe."""
+    value = shift = 0
+    for index in range(MAX_VARINT_BYTES):
+        if offset + index >= len(data):
+            raise CorruptArchiveError("llm payload: truncated varint")
+        byte = data[offset + index]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if index and byte == 0:
+                raise CorruptArchiveError("llm payload: non-minimal varint")
+            return value, offset + index + 1
+        shift += 7
+    raise CorruptArchiveError("llm payload: varint longer than 10 bytes")
+
+
+# --------------------------------------------------------------------------- profile
+@dataclass(frozen=True)
+class CodingSettings:
+    """The adopted part of the numerics profile: what the decoder must use verbatim."""
+
+    batch_width: int
+    segment_length: int
+    precision: int = DEFAULT_PRECISION
+
+    def validate(self) -> None:
+        """Bounds-check settings read from a (hostile) archive before allocating anything."""
+        if not 1 <= self.batch_width <= MAX_BATCH_WIDTH:
+            raise CorruptArchiveError(f"llm profile: batch width {self.batch_width} out of range")
+        if not 1 <= self.segment_length <= MAX_SEGMENT_LENGTH:
+            raise CorruptArchiveError(
+                f"llm profile: segment length {self.segment_length} out of range"
+            )
+        if not 12 <= self.precision <= 28:
+            raise CorruptArchiveError(f"llm profile: precision {self.precision} out of range")
+
+
+def build_profile(loaded: Any, settings: CodingSettings) -> dict[str, Any]:
+    """The numerics profile recorded in the model table: adopted settings + environment."""
+    profile = dict(loaded.environment)
+    profile.update(
+        engine=ENGINE_NAME,
+        batch_width=settings.batch_width,
+        segment_length=settings.segment_length,
+        precision=settings.precision,
+        dtype=loaded.dtype_name,
+        threads=loaded.threads,
+    )
+    return profile
+
+
+def settings_from_profile(profile: dict[str, Any]) -> CodingSettings:
+    """Read and validate the adopted settings of a recorded profile."""
+    if profile.get("engine") != ENGINE_NAME:
+        raise UnsupportedFeatureError(
+            f"llm codec engine {profile.get('engine')!r} is not supported (this reader "
+            f"has {ENGINE_NAME!r})"
+        )
+    try:
+        settings = CodingSettings(
+            batch_width=int(profile["batch_width"]),
+            segment_length=int(profile["segment_length"]),
+            precision=int(profile["precision"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptArchiveError(f"llm profile is incomplete or malformed: {exc}") from exc
+    settings.validate()
+    return settings
+
+
+def check_model(
+    loaded: Any, fingerprint: bytes, name: str, profile: dict[str, Any]
+) -> list[str]:
+    """Refuse a different model; return warnings for environment differences."""
+    if loaded.fingerprint != fingerprint:
+        raise ModelMismatchError(
+            f"archive was made with model {name!r} (fingerprint {fingerprint.hex()[:16]}), "
+            f"but {loaded.source.display_name!r} has fingerprint "
+            f"{loaded.fingerprint.hex()[:16]}; pass the same model with --model"
+        )
+    current = build_profile(loaded, settings_from_profile(profile))
+    recorded = {k: v for k, v in profile.items() if k not in PROFILE_SETTINGS}
+    here = {k: v for k, v in current.items() if k not in PROFILE_SETTINGS}
+    return profile_differences(recorded, here)
+
+
+def default_batch_width(loaded: Any, segment_length: int, segments: int) -> int:
+    """B for a new archive: sized from memory, and no wider than the work needs.
+
+    On CUDA, B = floor(0.85 * free_bytes / per_row_bytes) where per_row_bytes is the KV
+    cache of one row (2 * layers * kv_heads * head_dim * L * dtype size) plus its working
+    set (logits and activations, 4 * (V + 4 * hidden + 2 * intermediate) bytes), capped at
+    256 and rounded down to a multiple of 8.  On CPU B = 32 (the measured throughput knee
+    on 2 cores).  Either way B is then lowered to the next power of two >= the number of
+    segments, so a small archive does not pay for empty rows.
+    """
+    import torch
+
+    config = loaded.model.config
+    if loaded.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(loaded.device)
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        dtype_size = torch.finfo(getattr(torch, loaded.dtype_name)).bits // 8
+        kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+        kv *= segment_length * dtype_size
+        work = 4 * (loaded.vocab_size + 4 * config.hidden_size + 2 * config.intermediate_size)
+        width = max(8, min(256, int(0.85 * free // (kv + work)) // 8 * 8))
+    else:
+        width = DEFAULT_CPU_BATCH_WIDTH
+    needed = 1 << max(0, math.ceil(math.log2(max(1, segments))))
+    return max(1, min(width, needed))
+
+
+# --------------------------------------------------------------------------- payload
+def encode_params(model_index: int) -> bytes:
+    return model_index.to_bytes(2, "little")
+
+
+def decode_params(params: bytes) -> int:
+    if len(params) != 2:
+        raise CorruptArchiveError(f"llm codec params must be 2 bytes, got {len(params)}")
+    return int.from_bytes(params, "little")
+
+
+def build_payload(token_count: int, streams: list[bytes]) -> bytes:
+    head = write_varint(token_count) + b"".join(write_varint(len(s)) for s in streams)
+    return head + b"".join(streams)
+
+
+def parse_payload(
+    payload: bytes, original_size: int, segment_length: int
+) -> tuple[int, list[bytes]]:
+    """Split a payload into (token_count, streams), checking every length against the data."""
+    token_count, offset = read_varint(payload, 0)
+    if token_count > original_size or (token_count == 0) != (original_size == 0):
+        raise CorruptArchiveError(
+            f"llm payload: {token_count} tokens cannot encode {original_size} bytes"
+        )
+    segments = -(-token_count // segment_length)
+    lengths = []
+    for _ in range(segments):
+        length, offset = read_varint(payload, offset)
+        lengths.append(length)
+    if sum(lengths) != len(payload) - offset:
+        raise CorruptArchiveError("llm payload: segment lengths do not add up to the payload")
+    streams = []
+    for length in lengths:
+        streams.append(payload[offset : offset + length])
+        offset += length
+    return token_count, streams
+
+
+# --------------------------------------------------------------------------- statistics
+@dataclass
+class CodingStats:
+    """What the coder spent against what the model promised (for list/benchmarks)."""
+
+    tokens: int = 0
+    coded_bits: float = 0.0  # sum of -log2(freq / 2^P): the quantized ideal
+    model_bits: float = 0.0  # sum of -log2 softmax(logits): the model's cross-entropy
+    payload_bytes: int = 0
+
+
+# --------------------------------------------------------------------------- the codec
+@dataclass
+class _Segment:
+    owner: int  # index of the entry in the job list
+    index: int  # segment number within the entry
+    tokens: list[int] = field(default_factory=list)
+    length: int = 0
+    stream: bytes = b""
+    error: Exception | None = None  # a decoding failure stops only this segment's row
+
+
+def _groups(segments: list[_Segment], width: int) -> Iterator[list[_Segment]]:
+    ordered = sorted(segments, key=lambda s: (-s.length, s.owner, s.index))
+    for start in range(0, len(ordered), width):
+        yield ordered[start : start + width]
+
+
+class LLMCodec:
+    """Batched encoder/decoder over a loaded model with fixed coding settings."""
+
+    def __init__(self, loaded: Any, settings: CodingSettings) -> None:
+        from llmarc.inference.engine import EngineShape, LockstepEngine
+        from llmarc.model.tokenize import LosslessTokenizer
+
+        settings.validate()
+        self.loaded = loaded
+        self.settings = settings
+        self.engine = LockstepEngine(
+            loaded.model, EngineShape(settings.batch_width, settings.segment_length)
+        )
+        self._tokenizer_factory = lambda: LosslessTokenizer(loaded.tokenizer, loaded.table)
+        self._tokenizer: Any = None
+        self.table = loaded.table
+        self.stats = CodingStats()
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self._tokenizer_factory()
+        return self._tokenizer
+
+    def tokenize(self, data: bytes) -> list[int] | None:
+        """Lossless token ids for ``data``, or None when the vocabulary cannot express it."""
+        from llmarc.model.tokenize import UnrepresentableBytesError
+
+        try:
+            return self.tokenizer.encode(data)
+        except UnrepresentableBytesError:
+            return None
+
+    def _run_groups(
+        self,
+        segments: list[_Segment],
+        code_row: Callable[[_Segment, int, np.ndarray, Any], int],
+        progress: ProgressCallback | None,
+        with_log_probs: bool = False,
+    ) -> None:
+        """Drive the lockstep engine over all segments; ``code_row`` codes one token of a
+        row from its frequency table and returns the token fed at the next position.
+
+        A row whose ``code_row`` raises CorruptArchiveError keeps its error and is fed
+        padding from then on, so one bad member cannot spoil its companions."""
+        import torch
+
+        from llmarc.entropy.quantize import logits_to_frequencies
+
+        width, start = self.settings.batch_width, self.loaded.start_token
+        for group in _groups(segments, width):
+            self.engine.reset()
+            feed = torch.full((width,), start, dtype=torch.long)
+            steps = max(s.length for s in group)
+            for t in range(steps):
+                logits = self.engine.step(feed)
+                active = [
+                    r for r, s in enumerate(group) if t < s.length and s.error is None
+                ]
+                if not active:
+                    break
+                rows = logits[active]
+                freqs = logits_to_frequencies(rows.cpu().numpy(), self.settings.precision)
+                log_probs = torch.log_softmax(rows, dim=-1) if with_log_probs else None
+                next_feed = [start] * width
+                for i, r in enumerate(active):
+                    try:
+                        next_feed[r] = code_row(
+                            group[r], t, freqs[i], None if log_probs is None else log_probs[i]
+                        )
+                    except CorruptArchiveError as exc:
+                        group[r].error = exc
+                feed = torch.tensor(next_feed, dtype=torch.long)
+                if progress is not None:
+                    progress(len(active))
+
+    def encode_many(
+        self, token_lists: list[list[int]], progress: ProgressCallback | None = None
+    ) -> list[bytes]:
+        """Code each token list into an llm payload (the order of the input is kept)."""
+        from llmarc.entropy.rangecoder import RangeEncoder
+
+        length, precision = self.settings.segment_length, self.settings.precision
+        segments: list[_Segment] = []
+        for owner, tokens in enumerate(token_lists):
+            for index, begin in enumerate(range(0, len(tokens), length)):
+                part = tokens[begin : begin + length]
+                segments.append(_Segment(owner, index, part, len(part)))
+        encoders = {id(s): RangeEncoder(precision) for s in segments}
+        total = float(1 << precision)
+
+        def code_row(segment: _Segment, t: int, freqs: np.ndarray, log_probs: Any) -> int:
+            token = segment.tokens[t]
+            freq = int(freqs[token])
+            encoders[id(segment)].encode(int(freqs[:token].sum()), freq)
+            self.stats.coded_bits -= math.log2(freq / total)
+            self.stats.model_bits -= float(log_probs[token]) / math.log(2)
+            return token
+
+        self._run_groups(segments, code_row, progress, with_log_probs=True)
+        for segment in segments:
+            segment.stream = encoders[id(segment)].finish()
+        payloads = []
+        for owner, tokens in enumerate(token_lists):
+            streams = [s.stream for s in sorted(
+                (s for s in segments if s.owner == owner), key=lambda s: s.index)]
+            payloads.append(build_payload(len(tokens), streams))
+        self.stats.tokens += sum(len(t) for t in token_lists)
+        self.stats.payload_bytes += sum(len(p) for p in payloads)
+        return payloads
+
+    def decode_many(
+        self,
+        jobs: Iterable[tuple[bytes, int]],
+        progress: ProgressCallback | None = None,
+    ) -> list[bytes | CorruptArchiveError]:
+        """Decode (payload, original_size) pairs back into bytes (input order kept).
+
+        A hostile payload gives a CorruptArchiveError *in its slot* (the others still
+        decode); wrong-but-plausible output cannot be ruled out here and is caught by the
+        caller's SHA-256.
+        """
+        from llmarc.entropy.rangecoder import RangeDecoder
+
+        length, precision = self.settings.segment_length, self.settings.precision
+        jobs = list(jobs)
+        segments: list[_Segment] = []
+        decoders: dict[int, Any] = {}
+        failures: dict[int, CorruptArchiveError] = {}
+        for owner, (payload, original_size) in enumerate(jobs):
+            try:
+                token_count, streams = parse_payload(payload, original_size, length)
+            except CorruptArchiveError as exc:
+                failures[owner] = exc
+                continue
+            for index, stream in enumerate(streams):
+                count = min(length, token_count - index * length)
+                segment = _Segment(owner, index, [], count, stream)
+                decoders[id(segment)] = RangeDecoder(stream, precision)
+                segments.append(segment)
+        table = self.table
+        produced = [0] * len(jobs)
+
+        def code_row(segment: _Segment, t: int, freqs: np.ndarray, log_probs: Any) -> int:
+            token = decoders[id(segment)].decode(freqs)
+            piece = table[token]
+            if piece is None:
+                raise CorruptArchiveError(f"llm stream decoded the non-text token {token}")
+            produced[segment.owner] += len(piece)
+            if produced[segment.owner] > jobs[segment.owner][1]:
+                raise CorruptArchiveError("llm stream decodes to more bytes than recorded")
+            segment.tokens.append(token)
+            return token
+
+        self._run_groups(segments, code_row, progress)
+        for segment in segments:
+            if segment.error is not None:
+                failures.setdefault(segment.owner, segment.error)  # type: ignore[arg-type]
+        results: list[bytes | CorruptArchiveError] = []
+        for owner in range(len(jobs)):
+            if owner in failures:
+                results.append(failures[owner])
+                continue
+            own = sorted((s for s in segments if s.owner == owner), key=lambda s: s.index)
+            results.append(b"".join(table[t] for s in own for t in s.tokens))  # type: ignore[misc]
+        return results
+
+
+def profile_json(profile: dict[str, Any]) -> str:
+    return canonical_json(profile)
+
+
+def warn_profile(differences: list[str]) -> None:
+    """Warn once that the environment differs; the per-entry SHA-256 will decide."""
+    if differences:
+        warnings.warn(
+            "numerics environment differs from the archive's (decoding will be verified "
+            "by SHA-256): " + "; ".join(differences),
+            stacklevel=2,
+        )

@@ -1,0 +1,444 @@
+"""ArchiveReader: list, read, extract and test a .llma archive, treating it as hostile.
+
+Opening reads only the header, the footer and the index, and validates all of them
+(checksums, limits, names, stored ranges) before anything is decoded. Payloads are
+CRC-checked before decoding and SHA-256-checked after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from .. import safety
+from ..codecs import CODEC_LLM, CODEC_STORE, CODEC_ZSTD, codec_name
+from ..codecs import store as store_codec
+from ..codecs import zstd as zstd_codec
+from ..errors import (
+    ChecksumMismatchError,
+    CorruptArchiveError,
+    DestinationExistsError,
+    MemberNotFoundError,
+    UnsupportedFeatureError,
+)
+from .layout import (
+    FOOTER_SIZE,
+    HEADER_SIZE,
+    TYPE_DIR,
+    TYPE_NAMES,
+    EntryRecord,
+    Extension,
+    ModelRecord,
+    crc32,
+    decode_footer,
+    decode_header,
+    decode_index,
+)
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """One archive member, as ``list`` shows it."""
+
+    name: str
+    type: str  # "file" or "dir"
+    mode: int  # permission bits only
+    mtime_ns: int
+    size: int  # original size in bytes
+    packed_size: int  # stored bytes (for a solid block member: its share of the frame)
+    codec: str  # "store", "zstd", "llm" (or "#<id>" for an unknown codec)
+    codec_params: bytes
+    sha256: str  # hex SHA-256 of the original bytes
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Stored bits per original byte (0.0 for empty members)."""
+        return 8.0 * self.packed_size / self.size if self.size else 0.0
+
+    def is_dir(self) -> bool:
+        return self.type == "dir"
+
+    def is_file(self) -> bool:
+        return self.type == "file"
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A solid zstd block: one frame whose output is its members' bytes back to back."""
+
+    offset: int
+    stored_size: int
+    crc32: int
+    members: tuple[int, ...]  # entry indexes, in order of their bytes in the frame
+
+
+def _solid_params(e: EntryRecord) -> tuple[int, int] | None:
+    """(skip, share) of a solid block member, None for any other entry."""
+    if e.codec_id == CODEC_ZSTD and len(e.codec_params) == 16:
+        return struct.unpack("<QQ", e.codec_params)
+    return None
+
+
+class ArchiveReader:
+    """A read-only view of one archive. Use ``llmarc.open(path)``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self._load()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+
+    # ------------------------------------------------------------------ loading
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise CorruptArchiveError("archive is truncated")
+        return data
+
+    def _load(self) -> None:
+        file_size = os.fstat(self._fd).st_size
+        header = decode_header(os.pread(self._fd, HEADER_SIZE, 0))
+        if file_size < HEADER_SIZE + FOOTER_SIZE:
+            raise CorruptArchiveError("archive is truncated (no footer)")
+        footer = decode_footer(self._pread(FOOTER_SIZE, file_size - FOOTER_SIZE), file_size)
+        raw = self._pread(footer.index_size, footer.index_offset)
+        if crc32(raw) != footer.index_crc32:
+            raise ChecksumMismatchError("index checksum mismatch")
+        index = decode_index(raw)
+        self.version: tuple[int, int] = (header.major, header.minor)
+        self.creator: str = index.creator
+        self.models: list[ModelRecord] = index.models
+        self.extensions: tuple[Extension, ...] = index.extensions
+        self._entries = index.entries
+        self._data_end = footer.index_offset
+        safety.check_names((e.name, e.type == TYPE_DIR) for e in self._entries)
+        self._by_name = {e.name: i for i, e in enumerate(self._entries)}
+        self._check_ranges()
+        self._infos = [self._info(i) for i in range(len(self._entries))]
+        self._verified: set[tuple[int, int]] = set()
+
+    def _check_ranges(self) -> None:
+        """Stored ranges lie in the data area, tile it exactly, and are shared only by the
+        members of a solid zstd block (whose bytes tile the frame's output in order)."""
+        ranges: dict[tuple[int, int], list[int]] = {}
+        for i, e in enumerate(self._entries):
+            if e.type == TYPE_DIR:
+                continue
+            if e.stored_offset < HEADER_SIZE or e.stored_offset + e.stored_size > self._data_end:
+                raise CorruptArchiveError(f"member {e.name!r} has its data outside the archive")
+            if e.codec_id == CODEC_STORE and (e.codec_params or e.stored_size != e.size):
+                raise CorruptArchiveError(f"stored member {e.name!r} has inconsistent sizes")
+            if e.codec_id == CODEC_ZSTD and len(e.codec_params) not in (0, 16):
+                raise CorruptArchiveError(f"zstd member {e.name!r} has invalid codec params")
+            if e.stored_size:
+                ranges.setdefault((e.stored_offset, e.stored_size), []).append(i)
+        pos = HEADER_SIZE
+        self._blocks: dict[int, _Block] = {}  # entry index -> its block
+        for (off, size), idx in sorted(ranges.items()):
+            if off != pos:
+                raise CorruptArchiveError("stored data ranges overlap or leave gaps")
+            pos = off + size
+            params = [_solid_params(self._entries[i]) for i in idx]
+            if len(idx) > 1 or params[0] is not None:
+                if any(p is None for p in params):
+                    raise CorruptArchiveError("members share stored bytes without a solid block")
+                expect = shared = 0
+                for i, (skip, share) in zip(idx, params, strict=True):  # type: ignore[misc]
+                    if skip != expect or self._entries[i].crc32 != self._entries[idx[0]].crc32:
+                        raise CorruptArchiveError("solid block members are inconsistent")
+                    expect += self._entries[i].size
+                    shared += share
+                if shared != size:
+                    raise CorruptArchiveError("solid block shares do not add up to its size")
+                block = _Block(off, size, self._entries[idx[0]].crc32, tuple(idx))
+                for i in idx:
+                    self._blocks[i] = block
+        if pos != self._data_end:
+            raise CorruptArchiveError("stored data ranges leave a gap before the index")
+
+    def _info(self, i: int) -> MemberInfo:
+        e = self._entries[i]
+        solid = _solid_params(e) if i in self._blocks else None
+        packed = solid[1] if solid else e.stored_size
+        return MemberInfo(e.name, TYPE_NAMES[e.type], e.mode, e.mtime_ns, e.size, packed,
+                          codec_name(e.codec_id), e.codec_params, e.sha256.hex())
+
+    # ------------------------------------------------------------------ listing
+
+    def members(self) -> list[MemberInfo]:
+        return list(self._infos)
+
+    def getmember(self, name: str) -> MemberInfo:
+        return self._infos[self._index(name)]
+
+    def _index(self, name: str | MemberInfo) -> int:
+        key = name.name if isinstance(name, MemberInfo) else name
+        try:
+            return self._by_name[key]
+        except KeyError:
+            raise MemberNotFoundError(f"no member named {key!r} in the archive") from None
+
+    def __iter__(self) -> Iterator[MemberInfo]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    # ------------------------------------------------------------------ payloads
+
+    def _stored(self, offset: int, size: int) -> Iterator[bytes]:
+        end = offset + size
+        while offset < end:
+            n = min(CHUNK, end - offset)
+            yield self._pread(n, offset)
+            offset += n
+
+    def _verify_crc(self, offset: int, size: int, expected: int, what: str) -> None:
+        if (offset, size) in self._verified:
+            return
+        crc = 0
+        for chunk in self._stored(offset, size):
+            crc = crc32(chunk, crc)
+        if crc != expected:
+            raise ChecksumMismatchError(f"{what}: CRC-32 of the stored bytes does not match")
+        self._verified.add((offset, size))
+
+    def _check_codec(self, e: EntryRecord) -> None:
+        if e.type == TYPE_DIR:
+            return
+        if e.codec_id not in (CODEC_STORE, CODEC_ZSTD, CODEC_LLM):
+            raise UnsupportedFeatureError(
+                f"member {e.name!r} uses unknown codec id {e.codec_id}")
+
+    def _plain_chunks(self, e: EntryRecord) -> Iterator[bytes]:
+        """Decoded bytes of a store or single-frame zstd member (CRC checked first)."""
+        self._verify_crc(e.stored_offset, e.stored_size, e.crc32, f"member {e.name!r}")
+        raw = self._stored(e.stored_offset, e.stored_size)
+        if e.codec_id == CODEC_STORE:
+            return store_codec.decode(raw, e.size)
+        return zstd_codec.decode(raw, e.size)
+
+    def _block_members(self, block: _Block, wanted: set[int] | None,
+                       ) -> Iterator[tuple[int, Iterator[bytes]]]:
+        """Decode a solid block once, yielding (entry index, chunks) for wanted members.
+
+        Each yielded iterator must be consumed before the next item is requested.
+        Decoding stops after the last wanted member unless ``wanted`` is None (all)."""
+        self._verify_crc(block.offset, block.stored_size, block.crc32,
+                         f"solid block at offset {block.offset}")
+        total = sum(self._entries[i].size for i in block.members)
+        stream = zstd_codec.decode(self._stored(block.offset, block.stored_size), total)
+        buf = memoryview(b"")
+        last = max(wanted) if wanted else None
+        for i in block.members:
+            remaining = self._entries[i].size
+
+            def take(n: int = remaining) -> Iterator[bytes]:
+                nonlocal buf
+                while n:
+                    if not buf:
+                        try:
+                            buf = memoryview(next(stream))
+                        except StopIteration:
+                            raise CorruptArchiveError("solid block is too short") from None
+                    piece = buf[:n]
+                    buf = buf[len(piece):]
+                    n -= len(piece)
+                    yield bytes(piece)
+
+            chunks = take()
+            if wanted is None or i in wanted:
+                yield i, chunks
+            for _ in chunks:  # drain whatever the consumer left
+                pass
+            if wanted is not None and i == last:
+                return
+        for _ in stream:  # finish the frame so its end is checked
+            raise CorruptArchiveError("solid block decodes to more than its members")
+
+    def _iter_payloads(self, indexes: Iterable[int]) -> Iterator[tuple[int, Iterable[bytes]]]:
+        """(entry index, decoded chunks) for the given file entries, in archive order, each
+        block decoded once and all llm members decoded in one batch."""
+        todo = sorted(set(indexes), key=lambda i: (self._entries[i].stored_offset, i))
+        for i in todo:
+            self._check_codec(self._entries[i])
+        llm = [i for i in todo if self._entries[i].codec_id == CODEC_LLM]
+        done_blocks: set[int] = set()
+        todo_set = set(todo)
+        for i in todo:
+            e = self._entries[i]
+            if e.codec_id == CODEC_LLM:
+                continue
+            block = self._blocks.get(i)
+            if block is None:
+                yield i, self._plain_chunks(e)
+            elif block.offset not in done_blocks:
+                done_blocks.add(block.offset)
+                wanted = {j for j in block.members if j in todo_set}
+                full = len(wanted) == len(block.members)
+                yield from self._block_members(block, None if full else wanted)
+        if llm:
+            infos = [self._infos[i] for i in llm]
+            for info, data in self._decode_llm(infos):
+                yield self._by_name[info.name], (data,)
+
+    def _decode_llm(self, members: Sequence[MemberInfo]) -> Iterator[tuple[MemberInfo, bytes]]:
+        """Decode all given llm-codec members in one batch, yielding (member, bytes).
+
+        The container has already checked the names and ranges; the implementation must
+        check each payload's stored CRC-32 (``self._verify_crc``) before decoding. The
+        SHA-256 of the yielded bytes is checked by the caller."""
+        raise UnsupportedFeatureError("codec llm requires the LLM codec")
+
+    def _llm_payload(self, member: MemberInfo) -> bytes:
+        """The CRC-checked stored bytes of one llm member (a helper for ``_decode_llm``)."""
+        e = self._entries[self._index(member)]
+        self._verify_crc(e.stored_offset, e.stored_size, e.crc32, f"member {e.name!r}")
+        return b"".join(self._stored(e.stored_offset, e.stored_size))
+
+    @staticmethod
+    def _hashed(chunks: Iterable[bytes], e: EntryRecord, progress=None) -> Iterator[bytes]:
+        h = hashlib.sha256()
+        n = 0
+        for chunk in chunks:
+            h.update(chunk)
+            n += len(chunk)
+            if n > e.size:
+                raise CorruptArchiveError(f"member {e.name!r} decodes to too many bytes")
+            if progress is not None:
+                progress.advance(len(chunk))
+            yield chunk
+        if n != e.size:
+            raise CorruptArchiveError(f"member {e.name!r} decodes to {n} bytes, not {e.size}")
+        if h.digest() != e.sha256:
+            raise ChecksumMismatchError(
+                f"member {e.name!r}: SHA-256 of the decoded data does not match")
+
+    # ------------------------------------------------------------------ public reading
+
+    def read(self, name: str | MemberInfo) -> bytes:
+        """The original bytes of one member (b"" for a directory)."""
+        i = self._index(name)
+        e = self._entries[i]
+        if e.type == TYPE_DIR:
+            return b""
+        out = bytearray()
+        for _j, chunks in self._iter_payloads([i]):
+            for chunk in self._hashed(chunks, e):
+                out += chunk
+        return bytes(out)
+
+    def test(self, progress=None) -> list[MemberInfo]:
+        """Decode every member and check every checksum; return the members checked."""
+        files = [i for i, e in enumerate(self._entries) if e.type != TYPE_DIR]
+        if progress is not None:
+            progress.start(sum(self._entries[i].size for i in files), "testing")
+        try:
+            for i, chunks in self._iter_payloads(files):
+                for _ in self._hashed(chunks, self._entries[i], progress):
+                    pass
+        finally:
+            if progress is not None:
+                progress.close()
+        return self.members()
+
+    def _select(self, members: Iterable[str | MemberInfo] | None) -> list[int]:
+        if members is None:
+            return list(range(len(self._entries)))
+        chosen: set[int] = set()
+        for m in members:
+            i = self._index(m)
+            chosen.add(i)
+            if self._entries[i].type == TYPE_DIR:
+                prefix = self._entries[i].name + "/"
+                chosen.update(j for j, e in enumerate(self._entries)
+                              if e.name.startswith(prefix))
+        return sorted(chosen)
+
+    def extract(self, dest: str | os.PathLike[str] = ".",
+                members: Iterable[str | MemberInfo] | None = None, *,
+                overwrite: bool = False, progress=None) -> list[MemberInfo]:
+        """Extract members (default: all) below ``dest``; return what was extracted.
+
+        Never writes outside ``dest`` or through a symlink, never replaces an existing
+        file unless ``overwrite``, and gives each file its final name only after its
+        SHA-256 has been verified."""
+        chosen = self._select(members)
+        entries = self._entries
+        for i in chosen:
+            self._check_codec(entries[i])
+        root = safety.open_root(dest)
+        try:
+            parts = {i: tuple(entries[i].name.split("/")) for i in chosen}
+            if not overwrite:  # refuse before writing anything
+                for i in chosen:
+                    if entries[i].type == TYPE_DIR:
+                        continue
+                    if safety.lexists_at(root, parts[i]) is not None:
+                        raise DestinationExistsError(
+                            f"{entries[i].name!r} already exists in the destination "
+                            "(use overwrite)")
+            dirs = [i for i in chosen if entries[i].type == TYPE_DIR]
+            for i in sorted(dirs, key=lambda i: len(parts[i])):
+                fd = safety.open_dirs(root, parts[i][:-1])
+                try:
+                    safety.make_dir(fd, parts[i][-1], entries[i].name)
+                finally:
+                    os.close(fd)
+            files = [i for i in chosen if entries[i].type != TYPE_DIR]
+            if progress is not None:
+                progress.start(sum(entries[i].size for i in files), "extracting")
+            try:
+                for i, chunks in self._iter_payloads(files):
+                    e = entries[i]
+                    fd = safety.open_dirs(root, parts[i][:-1])
+                    try:
+                        safety.write_file(fd, parts[i][-1], e.name,
+                                          self._hashed(chunks, e, progress), e.sha256,
+                                          e.mode, e.mtime_ns, overwrite)
+                    finally:
+                        os.close(fd)
+            finally:
+                if progress is not None:
+                    progress.close()
+            for i in sorted(dirs, key=lambda i: -len(parts[i])):
+                fd = safety.open_dirs(root, parts[i][:-1])
+                try:
+                    safety.finish_dir(fd, parts[i][-1], entries[i].name, entries[i].mode,
+                                      entries[i].mtime_ns)
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(root)
+        return [self._infos[i] for i in chosen]
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ArchiveReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()

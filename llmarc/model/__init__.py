@@ -1,0 +1,1 @@
+"""Where the LLM codec's probabilities come from: model sources, token bytes, fingerprint."""

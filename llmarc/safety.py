@@ -1,0 +1,218 @@
+"""Member-name validation and safe extraction primitives.
+
+Every archive is hostile. Names are checked once, when the archive is opened
+(``validate_name`` + ``check_names``); writing goes through directory file descriptors
+opened with ``O_NOFOLLOW`` one component at a time, so a symlink planted in the
+destination (or created by a racing process) is never followed, and every file is written
+to a temporary name, verified, and only then given its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import secrets
+import stat
+import unicodedata
+from collections.abc import Iterable
+
+from .errors import ChecksumMismatchError, DestinationExistsError, UnsafeArchiveError
+
+MAX_NAME_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def validate_name(name: str) -> tuple[str, ...]:
+    """Check one member name; return its components. Raises UnsafeArchiveError."""
+    shown = name.encode("unicode_escape").decode("ascii")
+    if not name:
+        raise UnsafeArchiveError("member with an empty name")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise UnsafeArchiveError(f"member name is longer than {MAX_NAME_BYTES} bytes")
+    for ch in name:
+        o = ord(ch)
+        if o < 0x20 or 0x7F <= o <= 0x9F:
+            raise UnsafeArchiveError(f"member name {shown!r} contains a control character")
+        if 0xD800 <= o <= 0xDFFF:
+            raise UnsafeArchiveError(f"member name {shown!r} contains a lone surrogate")
+    if "\\" in name:
+        raise UnsafeArchiveError(f"member name {shown!r} contains a backslash")
+    if name.startswith("/"):
+        raise UnsafeArchiveError(f"member name {shown!r} is an absolute path")
+    if _DRIVE.match(name):
+        raise UnsafeArchiveError(f"member name {shown!r} starts with a drive letter")
+    parts = tuple(name.split("/"))
+    for part in parts:
+        if part in ("", ".", ".."):
+            kind = {"": "an empty", ".": "a '.'", "..": "a '..'"}[part]
+            raise UnsafeArchiveError(f"member name {shown!r} has {kind} component")
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise UnsafeArchiveError(
+                f"member name {shown!r} has a component longer than {MAX_COMPONENT_BYTES} bytes")
+    return parts
+
+
+def fold(name: str) -> str:
+    """The key under which two names collide on a case-insensitive, normalizing file system."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+def check_names(entries: Iterable[tuple[str, bool]]) -> None:
+    """Validate all (name, is_dir) pairs together: no duplicates, no case/NFC collisions,
+    and no entry inside a path that another entry makes a regular file."""
+    seen: dict[str, str] = {}
+    files: set[str] = set()
+    folded_all: list[tuple[str, tuple[str, ...]]] = []
+    for name, is_dir in entries:
+        validate_name(name)
+        key = fold(name)
+        if key in seen:
+            other = seen[key]
+            if other == name:
+                raise UnsafeArchiveError(f"member {name!r} appears twice")
+            raise UnsafeArchiveError(
+                f"members {other!r} and {name!r} collide on case-insensitive file systems")
+        seen[key] = name
+        if not is_dir:
+            files.add(key)
+        folded_all.append((name, tuple(key.split("/"))))
+    for name, parts in folded_all:
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in files:
+                raise UnsafeArchiveError(
+                    f"member {name!r} lies inside {'/'.join(name.split('/')[:i])!r}, "
+                    "which is a regular file")
+
+
+# ---------------------------------------------------------------- extraction primitives
+
+
+def open_root(dest: str | os.PathLike[str]) -> int:
+    """Create (if needed) and open the destination directory; return its fd."""
+    os.makedirs(dest, exist_ok=True)
+    return os.open(dest, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+
+
+def _open_dir_at(parent_fd: int, comp: str, shown: str) -> int:
+    try:
+        return os.open(comp, _O_DIR, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            st = os.stat(comp, dir_fd=parent_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise UnsafeArchiveError(
+                    f"refusing to write through the symbolic link {shown!r}") from None
+            raise DestinationExistsError(
+                f"{shown!r} exists and is not a directory") from None
+        raise
+
+
+def open_dirs(root_fd: int, parts: tuple[str, ...], create: bool = True) -> int:
+    """Open the directory ``parts`` below ``root_fd`` without following any symlink,
+    creating missing directories with default permissions (archived directories get their
+    final mode later). Returns an fd the caller must close."""
+    fd = os.dup(root_fd)
+    try:
+        for i, comp in enumerate(parts):
+            shown = "/".join(parts[:i + 1])
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(comp, 0o777, dir_fd=fd)  # umask applies
+            new = _open_dir_at(fd, comp, shown)
+            os.close(fd)
+            fd = new
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def lexists_at(root_fd: int, parts: tuple[str, ...]) -> os.stat_result | None:
+    """lstat of ``parts`` below ``root_fd``, walking parents without following symlinks;
+    None if it (or a parent) does not exist. A symlinked parent counts as existing."""
+    try:
+        fd = open_dirs(root_fd, parts[:-1], create=False)
+    except FileNotFoundError:
+        return None
+    except (UnsafeArchiveError, DestinationExistsError):
+        return os.stat(parts[0], dir_fd=root_fd, follow_symlinks=False)
+    try:
+        return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def make_dir(parent_fd: int, leaf: str, shown: str) -> None:
+    """Create directory ``leaf`` (an existing real directory is fine)."""
+    try:
+        os.mkdir(leaf, 0o700, dir_fd=parent_fd)
+    except FileExistsError:
+        os.close(_open_dir_at(parent_fd, leaf, shown))
+
+
+def finish_dir(parent_fd: int, leaf: str, shown: str, mode: int, mtime_ns: int) -> None:
+    fd = _open_dir_at(parent_fd, leaf, shown)
+    try:
+        os.fchmod(fd, mode & 0o777)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    finally:
+        os.close(fd)
+
+
+def write_file(parent_fd: int, leaf: str, shown: str, chunks: Iterable[bytes], sha256: bytes,
+               mode: int, mtime_ns: int, overwrite: bool) -> None:
+    """Write ``chunks`` to a temporary file next to ``leaf``, check its SHA-256, set mode
+    and mtime, then give it its final name (never replacing a directory, and never
+    replacing anything at all unless ``overwrite``)."""
+    try:
+        st = os.stat(leaf, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise DestinationExistsError(f"{shown!r} exists and is a directory")
+        if not overwrite:
+            raise DestinationExistsError(f"{shown!r} already exists (use overwrite)")
+    tmp = f".{leaf[:200]}.{secrets.token_hex(4)}.llmarc-tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                 | getattr(os, "O_CLOEXEC", 0), 0o600, dir_fd=parent_fd)
+    placed = False
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            for chunk in chunks:
+                h.update(chunk)
+                f.write(chunk)
+        if h.digest() != sha256:
+            raise ChecksumMismatchError(f"member {shown!r}: SHA-256 of the decoded data "
+                                        "does not match the archive")
+        os.fchmod(fd, mode & 0o777)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+        os.close(fd)
+        fd = -1
+        if overwrite:
+            os.rename(tmp, leaf, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+        else:
+            try:  # link(2) never replaces an existing name: no clobbering even under races
+                os.link(tmp, leaf, src_dir_fd=parent_fd, dst_dir_fd=parent_fd,
+                        follow_symlinks=False)
+            except FileExistsError:
+                raise DestinationExistsError(f"{shown!r} already exists") from None
+            except OSError:
+                os.rename(tmp, leaf, src_dir_fd=parent_fd, dst_dir_fd=parent_fd)
+                placed = True
+        placed = placed or overwrite
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if not placed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=parent_fd)

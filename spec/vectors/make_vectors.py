@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Generate the .llma test vectors (spec/vectors/{good,bad,unsupported}) deterministically.
+
+    python spec/vectors/make_vectors.py        # rewrites the vectors, manifest.json, README.md
+
+Every vector is built from fixed bytes, names and mtimes; only the zstd frames depend on
+the zstd library (any conforming decoder reads them). tests/test_vectors.py checks every
+file against manifest.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+
+import zstandard  # noqa: E402
+
+from llmarc.container.layout import (  # noqa: E402
+    EMPTY_SHA256,
+    HEADER_SIZE,
+    TYPE_DIR,
+    TYPE_FILE,
+    TYPE_SYMLINK,
+    EntryRecord,
+    Extension,
+    Index,
+    ModelRecord,
+    assemble,
+    canonical_json,
+    crc32,
+)
+
+MTIME = 1_700_000_000_000_000_000  # fixed: 2023-11-14T22:13:20Z
+CREATOR = "llmarc test vectors"
+
+
+def sha(b: bytes) -> bytes:
+    return hashlib.sha256(b).digest()
+
+
+def frame(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=19, write_content_size=True).compress(data)
+
+
+class Builder:
+    """Lay out entries in order; payload offsets are assigned as data is appended."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.entries: list[EntryRecord] = []
+
+    def dir(self, name: str, mode: int = 0o755) -> Builder:
+        self.entries.append(EntryRecord(name, TYPE_DIR, mode, MTIME, 0, 0, b"", 0, 0,
+                                        EMPTY_SHA256, 0))
+        return self
+
+    def file(self, name: str, content: bytes, *, codec: int = 0, payload: bytes | None = None,
+             params: bytes = b"", mode: int = 0o644, etype: int = TYPE_FILE,
+             exts: tuple[Extension, ...] = (), sha256: bytes | None = None) -> Builder:
+        if payload is None:
+            payload = frame(content) if codec == 1 else content
+        off = HEADER_SIZE + len(self.data)
+        self.data += payload
+        self.entries.append(EntryRecord(name, etype, mode, MTIME, len(content), codec, params,
+                                        off, len(payload), sha256 or sha(content),
+                                        crc32(payload), exts))
+        return self
+
+    def solid(self, files: list[tuple[str, bytes]]) -> Builder:
+        cobj = zstandard.ZstdCompressor(level=19).compressobj()
+        parts = []
+        for _, content in files:
+            parts.append(cobj.compress(content) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+        parts[-1] += cobj.flush()
+        block = b"".join(parts)
+        off = HEADER_SIZE + len(self.data)
+        self.data += block
+        skip = 0
+        for (name, content), part in zip(files, parts, strict=True):
+            self.entries.append(EntryRecord(name, TYPE_FILE, 0o644, MTIME, len(content), 1,
+                                            struct.pack("<QQ", skip, len(part)), off,
+                                            len(block), sha(content), crc32(block)))
+            skip += len(content)
+        return self
+
+    def build(self, *, models=(), exts=(), major=1, minor=0) -> bytes:
+        idx = Index(CREATOR, list(models), self.entries, tuple(exts))
+        return assemble(bytes(self.data), idx, major=major, minor=minor)
+
+
+TEXT = b"The quick brown fox jumps over the lazy dog.\n" * 40
+BIN = bytes((i * 37 + 11) % 256 for i in range(3000))
+MODEL = ModelRecord(bytes(range(32)), "example-model",
+                    canonical_json({"batch_width": 8, "dtype": "float32", "segment_length": 64}))
+
+
+def flip(data: bytes, pos: int) -> bytes:
+    b = bytearray(data)
+    b[pos] ^= 0x01
+    return bytes(b)
+
+
+def header_with_flags(data: bytes) -> bytes:
+    b = bytearray(data)
+    b[12] = 1
+    b[28:32] = struct.pack("<I", crc32(bytes(b[:28])))
+    return bytes(b)
+
+
+def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
+    """{kind: {file name: (bytes, description, error class or '')}}"""
+    good = {
+        "empty.llma": (Builder().build(), "an archive with no members"),
+        "store.llma": (Builder().dir("docs").file("docs/readme.txt", TEXT)
+                       .file("docs/empty", b"").file("ünïcødé/名前.bin", BIN, mode=0o600)
+                       .build(), "directory, stored files, an empty file, UTF-8 names, an "
+                                 "implied parent directory"),
+        "zstd.llma": (Builder().file("a.txt", TEXT, codec=1).file("b.bin", BIN, codec=1)
+                      .build(), "two single-frame zstd members"),
+        "solid.llma": (Builder().dir("d").solid([("d/1.txt", TEXT), ("d/2.txt", TEXT[:100]),
+                                                 ("d/3.bin", BIN), ("d/4.empty", b"")])
+                       .file("z.txt", b"after the block", codec=1).build(),
+                       "a solid zstd block of four members followed by a single frame"),
+        "models.llma": (Builder().file("a.txt", TEXT).build(models=[MODEL]),
+                        "a one-model model table (no llm members)"),
+        "minor.llma": (Builder().file("a.txt", TEXT, exts=(Extension(0x0042, b"ignore me"),))
+                       .build(minor=9, exts=[Extension(0x7FFF, b"\x00" * 5)]),
+                       "format 1.9 with non-critical archive and entry extensions: readable"),
+    }
+    base = Builder().file("a.txt", TEXT).build()
+    idx_off = struct.unpack("<Q", base[-40:-32])[0]
+    bad = {
+        "bad-magic.llma": (b"PK" + base[2:], "wrong magic", "CorruptArchiveError"),
+        "truncated.llma": (base[:-1], "last byte missing (footer cut)", "CorruptArchiveError"),
+        "appended.llma": (base + b"\0", "a byte after the footer", "CorruptArchiveError"),
+        "header-crc.llma": (flip(base, 20), "reserved header byte flipped: header CRC fails",
+                            "CorruptArchiveError"),
+        "header-flags.llma": (header_with_flags(base), "reserved header flags set (CRC valid)",
+                              "CorruptArchiveError"),
+        "footer-crc.llma": (flip(base, len(base) - 20), "footer byte flipped: footer CRC fails",
+                            "CorruptArchiveError"),
+        "index-crc.llma": (flip(base, idx_off + 3), "index byte flipped: index CRC fails",
+                           "ChecksumMismatchError"),
+        "data-crc.llma": (flip(base, HEADER_SIZE + 5), "stored byte flipped: CRC-32 fails",
+                          "ChecksumMismatchError"),
+        "sha-mismatch.llma": (Builder().file("a.txt", TEXT, sha256=bytes(32)).build(),
+                              "stored bytes intact but the SHA-256 does not match",
+                              "ChecksumMismatchError"),
+        "traversal.llma": (Builder().file("../evil.txt", TEXT).build(), "name with '..'",
+                           "UnsafeArchiveError"),
+        "absolute.llma": (Builder().file("/tmp/evil.txt", TEXT).build(), "absolute name",
+                          "UnsafeArchiveError"),
+        "backslash.llma": (Builder().file("a\\..\\evil", TEXT).build(), "backslash in name",
+                           "UnsafeArchiveError"),
+        "drive.llma": (Builder().file("C:evil", TEXT).build(), "drive letter",
+                       "UnsafeArchiveError"),
+        "control-char.llma": (Builder().file("a\x1b[2Jb", TEXT).build(), "control character",
+                              "UnsafeArchiveError"),
+        "duplicate.llma": (Builder().file("a", b"1").file("a", b"2").build(), "duplicate name",
+                           "UnsafeArchiveError"),
+        "casefold.llma": (Builder().file("Stra\u00dfe", b"1").file("STRASSE", b"2").build(),
+                          "names that collide after NFC + casefold", "UnsafeArchiveError"),
+        "file-as-dir.llma": (Builder().file("a", b"1").file("a/b", b"2").build(),
+                             "a member inside a regular file", "UnsafeArchiveError"),
+        "setuid.llma": (Builder().file("a", b"1", mode=0o4755).build(),
+                        "mode with the setuid bit", "CorruptArchiveError"),
+        "dir-with-data.llma": (_dir_with_data(), "directory entry with a size",
+                               "CorruptArchiveError"),
+        "out-of-range.llma": (_patched(lambda e: replace(e, stored_offset=2**40)),
+                              "stored offset beyond the file", "CorruptArchiveError"),
+        "gap.llma": (_patched(lambda e: replace(e, stored_offset=e.stored_offset + 1,
+                                                   stored_size=e.stored_size - 1)),
+                     "stored ranges leave a gap", "CorruptArchiveError"),
+        "zstd-bomb.llma": (Builder().file("bomb", b"\0" * 10,
+                                          payload=frame(b"\0" * (1 << 20)), codec=1).build(),
+                           "zstd frame decodes to more than the declared size",
+                           "CorruptArchiveError"),
+        "zstd-short.llma": (Builder().file("a", TEXT + b"!", payload=frame(TEXT), codec=1)
+                            .build(), "zstd frame decodes to less than the declared size",
+                            "CorruptArchiveError"),
+    }
+    unsupported = {
+        "major2.llma": (Builder().file("a.txt", TEXT).build(major=2), "format version 2.0"),
+        "codec9.llma": (Builder().file("a.txt", TEXT, codec=9).build(), "unknown codec id 9"),
+        "critical-entry-ext.llma": (Builder().file("a.txt", TEXT,
+                                                   exts=(Extension(0x8001, b"x"),)).build(),
+                                    "unknown critical entry extension 0x8001"),
+        "critical-archive-ext.llma": (Builder().file("a.txt", TEXT)
+                                      .build(exts=[Extension(0xC000, b"")]),
+                                      "unknown critical archive extension 0xc000"),
+        "symlink.llma": (Builder().file("link", b"target", etype=TYPE_SYMLINK).build(),
+                         "entry of the reserved symlink type"),
+        "type7.llma": (Builder().file("x", b"", etype=7).build(), "unknown entry type 7"),
+    }
+    return {
+        "good": {k: (v[0], v[1], "") for k, v in good.items()},
+        "bad": bad,
+        "unsupported": {k: (v[0], v[1], "UnsupportedFeatureError")
+                        for k, v in unsupported.items()},
+    }
+
+
+def _dir_with_data() -> bytes:
+    b = Builder().dir("d")
+    e = b.entries[0]
+    b.entries[0] = EntryRecord(e.name, e.type, e.mode, e.mtime_ns, 5, 0, b"", 0, 0,
+                               e.sha256, 0)
+    return b.build()
+
+
+def _patched(fn) -> bytes:
+    b = Builder().file("a.txt", TEXT).file("b.txt", b"second")
+    b.entries[0] = fn(b.entries[0])
+    return b.build()
+
+
+def expected_members(data: bytes) -> dict[str, str]:
+    from llmarc.container.layout import decode_index
+    off, size = struct.unpack("<QQ", data[-40:-24])
+    return {e.name: ("dir" if e.type == TYPE_DIR else e.sha256.hex())
+            for e in decode_index(data[off:off + size]).entries}
+
+
+def main() -> None:
+    manifest: dict[str, dict] = {"good": {}, "bad": {}, "unsupported": {}}
+    lines = ["# .llma test vectors", "",
+             "Generated by `python spec/vectors/make_vectors.py` (deterministic: fixed names, "
+             "bytes and mtimes). `manifest.json` is the machine-readable form of this list; "
+             "`tests/test_vectors.py` runs every file.", "",
+             "* `good/` must open, `test()` and extract; every member's SHA-256 is listed in "
+             "the manifest (`\"dir\"` for directories).",
+             "* `bad/` must fail with the named exception class (or a subclass).",
+             "* `unsupported/` are well formed but need a newer reader: they must fail with "
+             "`UnsupportedFeatureError`.",
+             "* `entropy/` (if present) holds the LLM codec's entropy-coding vectors; it is "
+             "described by its own README and spec/llm-codec.md, not by this script.", ""]
+    for kind, items in vectors().items():
+        d = HERE / kind
+        d.mkdir(exist_ok=True)
+        for old in d.glob("*.llma"):
+            old.unlink()
+        lines.append(f"## {kind}/")
+        lines.append("")
+        for name, (data, why, error) in sorted(items.items()):
+            (d / name).write_bytes(data)
+            rec: dict = {"why": why}
+            if kind == "good":
+                rec["members"] = expected_members(data)
+                lines.append(f"* `{name}` — {why}")
+            else:
+                rec["error"] = error
+                lines.append(f"* `{name}` — {why} → `{error}`")
+            manifest[kind][name] = rec
+        lines.append("")
+    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False,
+                                                   sort_keys=True) + "\n", encoding="utf-8")
+    (HERE / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
