@@ -15,8 +15,10 @@ The API is shaped like :mod:`zipfile` / :mod:`tarfile`::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from ._version import __version__
+from .codecs.llm_pipeline import LLMOptions
 from .container.reader import ArchiveReader, MemberInfo
 from .errors import (
     ChecksumMismatchError,
@@ -34,9 +36,16 @@ from .errors import (
 from .packer import SkippedEntryWarning, pack
 
 
-def open(path: str | os.PathLike[str]) -> ArchiveReader:
-    """Open an archive for reading (validates header, footer and index)."""
-    return ArchiveReader(path)
+def open(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None = None,
+         device: str = "auto", warn: Callable[[str], None] | None = None) -> ArchiveReader:
+    """Open an archive for reading (validates header, footer and index).
+
+    ``model`` and ``device`` matter only when an LLM-coded member is read: the model
+    (default: the embedded SmolLM2) must have the fingerprint recorded in the archive;
+    batch width, segment length, dtype and threads are adopted from the archive.
+    ``warn`` receives warnings such as a differing numerics environment."""
+    options = LLMOptions(model=None if model is None else os.fspath(model), device=device)
+    return ArchiveReader(path, llm=options, warn=warn)
 
 
 __all__ = [
@@ -44,6 +53,7 @@ __all__ = [
     "ChecksumMismatchError",
     "CorruptArchiveError",
     "DestinationExistsError",
+    "LLMOptions",
     "LlmarcError",
     "MemberInfo",
     "MemberNotFoundError",

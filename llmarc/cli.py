@@ -20,6 +20,8 @@ from rich.table import Table
 
 from . import __version__
 from . import open as open_archive
+from .codecs.llm import DEFAULT_SEGMENT_LENGTH
+from .codecs.llm_pipeline import LLMOptions
 from .errors import LlmarcError
 from .packer import CODEC_CHOICES, SkippedEntryWarning, pack
 from .progress import ByteProgress
@@ -27,6 +29,15 @@ from .progress import ByteProgress
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
                   help="llmarc: a lossless archiver whose text codec is a language model.")
+
+
+ModelOption = Annotated[str | None, typer.Option(
+    help="LLM: 'smollm2' (embedded default), a Hugging Face model folder, or a .gguf file.")]
+DeviceOption = Annotated[str, typer.Option(help="LLM: auto, cpu or cuda[:N].")]
+
+
+def _open(archive: Path, model: str | None = None, device: str = "auto"):
+    return open_archive(archive, model=model, device=device, warn=_warn)
 
 
 def _progress(quiet: bool) -> ByteProgress | None:
@@ -45,11 +56,25 @@ def pack_cmd(
     level: Annotated[int, typer.Option(help="zstd level (1-22).")] = 19,
     solid: Annotated[bool, typer.Option(help="Share one zstd frame among small files.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
+    verify: Annotated[bool, typer.Option(
+        help="Decode the finished archive and check every SHA-256 before keeping it.")] = False,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    dtype: Annotated[str | None, typer.Option(
+        help="float32|bfloat16|float16 (default: float32 on CPU, bfloat16 on CUDA).")] = None,
+    segment_length: Annotated[int, typer.Option(
+        help="Maximum tokens per independently coded segment.")] = DEFAULT_SEGMENT_LENGTH,
+    batch_width: Annotated[int | None, typer.Option(
+        help="Rows stepped together (default: sized from memory and the input).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for the model (recorded; extraction uses the same).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Archive the contents of SRC into OUT."""
+    options = LLMOptions(model=model, device=device, dtype=dtype, threads=threads,
+                         segment_length=segment_length, batch_width=batch_width)
     members = pack(src, out, codec=codec, level=level, progress=_progress(quiet),
-                   overwrite=overwrite, solid=solid, warn=_warn)
+                   overwrite=overwrite, solid=solid, warn=_warn, llm=options, verify=verify)
     if not quiet:
         size = sum(m.size for m in members)
         packed = os.path.getsize(out)
@@ -91,20 +116,24 @@ def extract_cmd(
     members: Annotated[list[str] | None, typer.Argument(help="Members (default: all).")] = None,
     dest: Annotated[Path, typer.Option("-C", "--directory", help="Destination.")] = Path("."),
     overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Extract ARCHIVE (or the named MEMBERS) below DEST."""
-    with open_archive(archive) as ar:
+    with _open(archive, model, device) as ar:
         ar.extract(dest, members or None, overwrite=overwrite, progress=_progress(quiet))
 
 
 @app.command("test")
 def test_cmd(
     archive: Annotated[Path, typer.Argument(help="Archive to test.")],
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Decode every member of ARCHIVE and verify every checksum."""
-    with open_archive(archive) as ar:
+    """Decode every member of ARCHIVE and verify every checksum (writes nothing)."""
+    with _open(archive, model, device) as ar:
         n = len(ar.test(progress=_progress(quiet)))
     print(f"{archive}: OK ({n} members)")
 

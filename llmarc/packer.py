@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from .codecs import CODEC_STORE, CODEC_ZSTD
 from .codecs import choose as chooser
 from .codecs import zstd as zstd_codec
+from .codecs.llm_pipeline import LLMOptions, encode_text_entries, llm_available
 from .container.layout import EMPTY_SHA256, TYPE_DIR, TYPE_FILE, EntryRecord
 from .container.reader import ArchiveReader, MemberInfo
 from .container.writer import ArchiveWriter
-from .errors import SourceError, UnsafeArchiveError, UnsupportedFeatureError
+from .errors import ModelError, SourceError, UnsafeArchiveError, UnsupportedFeatureError
 from .safety import check_names, validate_name
 
 CHUNK = 1 << 20
@@ -34,6 +35,8 @@ CHUNK = 1 << 20
 #: member decodes at most one block).
 SOLID_BLOCK_SIZE = 64 << 20
 CODEC_CHOICES = ("auto", "zstd", "store", "llm")
+#: ``--codec auto`` sends text files up to this size to the LLM codec.
+MAX_AUTO_LLM_SIZE = 16 << 20
 
 
 class SkippedEntryWarning(UserWarning):
@@ -128,7 +131,10 @@ def _read(path: str) -> Iterator[bytes]:
 
 def plan(entries: list[SourceEntry], codec: str = "auto", *, solid: bool = True,
          llm_available: bool = False) -> list[Group]:
-    """Decide each entry's codec and group entries for encoding, in archive order."""
+    """Decide each entry's codec and group entries for encoding, in archive order.
+
+    In auto mode, text files up to ``MAX_AUTO_LLM_SIZE`` are LLM candidates (the LLM codec
+    codes a few hundred tokens per second on a CPU; larger text goes to zstd)."""
     if codec not in CODEC_CHOICES:
         raise SourceError(f"unknown codec {codec!r} (choose from {', '.join(CODEC_CHOICES)})")
     if codec == "llm" and not llm_available:
@@ -151,7 +157,8 @@ def plan(entries: list[SourceEntry], codec: str = "auto", *, solid: bool = True,
             for chunk in _read(e.path):
                 sample = chunk[:chooser.SAMPLE_SIZE]
                 break
-            choice = chooser.choose(sample, e.size, _read(e.path), allowed)
+            choice = chooser.choose(sample, e.size, _read(e.path),
+                                    allowed if e.size <= MAX_AUTO_LLM_SIZE else allowed - {"llm"})
         {"store": stored, "zstd": zstd}.get(choice, llm.entries).append(e)
     groups = [dirs] + [Group("store", [e]) for e in stored]
     block: list[SourceEntry] = []
@@ -193,16 +200,41 @@ class _Tee:
             yield chunk
 
 
-def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, progress=None,
-                     ) -> list[tuple[SourceEntry, bytes, bytes, bytes, int]]:
-    """Encode all llm entries together: (entry, sha256, codec params, payload, size).
+def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level: int,
+                     options: LLMOptions, forced: bool, progress=None, warn: Warn | None = None,
+                     ) -> Iterator[tuple[SourceEntry, bytes, int, bytes, bytes, int]]:
+    """Encode all llm-candidate entries together.
 
-    The hook for the LLM codec (it also registers its model with ``writer.add_model``)."""
-    raise UnsupportedFeatureError("codec llm requires the LLM codec")
+    Yields (entry, sha256, codec id, codec params, payload, size): the LLM payload where
+    it won (or was forced), else the entry's zstd frame or its plain bytes.  Entries are
+    read into memory: the LLM codec is for text, capped in auto mode by ``plan``.
+    """
+    datas = [b"".join(_read(e.path)) for e in entries]
+    if progress is not None:
+        progress.advance(sum(len(d) for d in datas))
+    zstd_sizes: dict[int, bytes] = {}
+
+    def zstd_frame(data: bytes) -> bytes:
+        if id(data) not in zstd_sizes:
+            zstd_sizes[id(data)] = b"".join(zstd_codec.encode([data], level, len(data)))
+        return zstd_sizes[id(data)]
+
+    results, _stats = encode_text_entries(
+        datas, options, forced=forced, zstd_size=lambda d: len(zstd_frame(d)),
+        add_model=writer.add_model, progress=progress, status=warn)
+    for e, data, result in zip(entries, datas, results, strict=True):
+        sha = hashlib.sha256(data).digest()
+        if result is not None:
+            yield e, sha, result.codec_id, result.params, result.payload, len(data)
+        elif data and len(zstd_frame(data)) < len(data):
+            yield e, sha, CODEC_ZSTD, b"", zstd_frame(data), len(data)
+        else:
+            yield e, sha, CODEC_STORE, b"", data, len(data)
 
 
 def write_plan(groups: list[Group], writer: ArchiveWriter, *, level: int = 19,
-               progress=None) -> None:
+               progress=None, llm: LLMOptions | None = None, forced_llm: bool = False,
+               warn: Warn | None = None) -> None:
     def record(e: SourceEntry, size: int, codec: int, params: bytes, stored: tuple,
                sha: bytes) -> EntryRecord:
         off, ssize, crc = stored
@@ -235,21 +267,29 @@ def write_plan(groups: list[Group], writer: ArchiveWriter, *, level: int = 19,
                                         stored, t.sha.digest()))
                 skip += t.size
         elif g.kind == "llm":
-            for e, sha, params, payload, size in encode_llm_batch(g.entries, writer, progress):
+            batch = encode_llm_batch(g.entries, writer, level=level, options=llm or LLMOptions(),
+                                     forced=forced_llm, progress=progress, warn=warn)
+            for e, sha, codec_id, params, payload, size in batch:
                 stored = writer.write_stored([payload])
-                writer.add_entry(record(e, size, 2, params, stored, sha))
+                writer.add_entry(record(e, size, codec_id, params, stored, sha))
         else:  # pragma: no cover - plan() only makes the kinds above
             raise ValueError(g.kind)
 
 
 def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str], *,
          codec: str = "auto", level: int = 19, progress=None, overwrite: bool = False,
-         solid: bool = True, warn: Warn | None = None) -> list[MemberInfo]:
+         solid: bool = True, warn: Warn | None = None, llm: LLMOptions | None = None,
+         verify: bool = False) -> list[MemberInfo]:
     """Archive the contents of ``src_dir`` into ``archive_path``; return the members.
 
     The archive appears under its name only when complete (temporary file + rename);
     ``overwrite`` allows replacing an existing archive. Symlinks and special files are
-    skipped with a warning (``warn`` callback, default ``warnings.warn``)."""
+    skipped with a warning (``warn`` callback, default ``warnings.warn``).
+
+    ``llm`` selects the model and settings of the LLM codec (default: the embedded
+    model). With ``codec="auto"`` and no usable model, text goes to zstd with a warning.
+    ``verify`` decodes the whole finished archive and checks every SHA-256 before it
+    is renamed into place."""
     if not zstd_codec.MIN_LEVEL <= level <= zstd_codec.MAX_LEVEL:
         raise SourceError(f"level must be in {zstd_codec.MIN_LEVEL}..{zstd_codec.MAX_LEVEL}")
     if codec not in CODEC_CHOICES:
@@ -258,17 +298,31 @@ def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str], 
     if not os.path.isdir(src):
         raise SourceError(f"{src!r} is not a directory" if os.path.exists(src)
                           else f"{src!r} does not exist")
-    with ArchiveWriter(archive_path, overwrite=overwrite) as writer:
+    warn = warn or _default_warn
+    llm = llm or LLMOptions()
+    unavailable = llm_available(llm) if codec in ("auto", "llm") else "not requested"
+    if codec == "llm" and unavailable:
+        raise ModelError(unavailable)
+    if codec == "auto" and unavailable:
+        warn(f"LLM codec unavailable, text will use zstd: {unavailable}")
+
+    def verify_archive(path: str) -> None:
+        with ArchiveReader(path, llm=llm, warn=warn) as reader:
+            reader.test(progress=progress)
+
+    with ArchiveWriter(archive_path, overwrite=overwrite,
+                       verify=verify_archive if verify else None) as writer:
         skip = {writer.temp_identity}
         if os.path.exists(archive_path):
             st = os.stat(archive_path)
             skip.add((st.st_dev, st.st_ino))
-        entries = scan(src, skip=skip, warn=warn or _default_warn)
-        groups = plan(entries, codec, solid=solid)
+        entries = scan(src, skip=skip, warn=warn)
+        groups = plan(entries, codec, solid=solid, llm_available=not unavailable)
         if progress is not None:
             progress.start(sum(e.size for e in entries), "packing")
         try:
-            write_plan(groups, writer, level=level, progress=progress)
+            write_plan(groups, writer, level=level, progress=progress, llm=llm,
+                       forced_llm=codec == "llm", warn=warn)
         finally:
             if progress is not None:
                 progress.close()

@@ -1,26 +1,36 @@
-"""Progress reporting: rich progress bars on stderr (bytes, rate, ETA), or nothing.
+"""Progress reporting: rich progress bars on stderr, or nothing.
 
 The API takes any object with ``start(total, description)``, ``advance(n)`` and
-``close()``; ``None`` means no progress reporting.
+``close()`` (bytes), and optionally ``token_task(total, description)`` for the LLM codec's
+token bar; ``None`` means no progress reporting.  One rich display can show both bars: the
+bytes of the whole operation and, while the model runs, tokens with tokens/s and ETA.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from rich import filesize
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
     TextColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
 
 class ProgressSink(Protocol):
     def start(self, total: int, description: str) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class TokenTask(Protocol):
     def advance(self, n: int) -> None: ...
     def close(self) -> None: ...
 
@@ -34,32 +44,82 @@ class NullProgress:
     def advance(self, n: int) -> None:
         pass
 
+    def token_task(self, total: int, description: str) -> NullProgress:
+        return self
+
     def close(self) -> None:
         pass
 
 
+def _amount(value: float, unit: str) -> str:
+    return filesize.decimal(int(value)) if unit == "bytes" else f"{int(value):,} tok"
+
+
+class _AmountColumn(ProgressColumn):
+    """``done/total`` in bytes (kB, MB) or tokens, by the task's ``unit`` field."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "bytes")
+        total = _amount(task.total or 0, unit)
+        return Text(f"{_amount(task.completed, unit)}/{total}", style="progress.download")
+
+
+class _RateColumn(ProgressColumn):
+    """Bytes/s or tokens/s."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if speed is None:
+            return Text("?", style="progress.data.speed")
+        unit = task.fields.get("unit", "bytes")
+        text = f"{filesize.decimal(int(speed))}/s" if unit == "bytes" else f"{speed:,.0f} tok/s"
+        return Text(text, style="progress.data.speed")
+
+
+class _RichTokenTask:
+    def __init__(self, owner: ByteProgress, task: TaskID) -> None:
+        self._owner, self._task = owner, task
+
+    def advance(self, n: int) -> None:
+        if self._owner._progress is not None:
+            self._owner._progress.advance(self._task, n)
+
+    def close(self) -> None:
+        if self._owner._progress is not None:
+            self._owner._progress.stop_task(self._task)
+
+
 class ByteProgress:
-    """One rich progress bar on stderr per phase: bytes done, rate and time remaining."""
+    """Rich progress bars on stderr: bytes done, rate and time remaining (and tokens)."""
 
     def __init__(self, console: Console | None = None) -> None:
         self._console = console or Console(stderr=True)
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
+
+    def _ensure(self) -> Progress:
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), _AmountColumn(),
+                _RateColumn(), TimeRemainingColumn(), console=self._console, transient=False)
+            self._progress.start()
+        return self._progress
 
     def start(self, total: int, description: str) -> None:
         self.close()
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=self._console,
-            transient=False)
-        self._progress.start()
-        self._task = self._progress.add_task(description, total=total)
+        self._task = self._ensure().add_task(description, total=total, unit="bytes")
 
     def advance(self, n: int) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
+
+    def token_task(self, total: int, description: str) -> TokenTask:
+        """A second bar counting tokens (the LLM codec), closed by the caller."""
+        progress = self._ensure()
+        return _RichTokenTask(self, progress.add_task(description, total=total, unit="tokens"))
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+            self._task = None

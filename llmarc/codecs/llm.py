@@ -16,6 +16,7 @@ a lockstep group, sorted longest first so short segments waste few steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -241,7 +242,6 @@ class LLMCodec:
 
     def __init__(self, loaded: Any, settings: CodingSettings) -> None:
         from llmarc.inference.engine import EngineShape, LockstepEngine
-        from llmarc.model.tokenize import LosslessTokenizer
 
         settings.validate()
         self.loaded = loaded
@@ -249,25 +249,17 @@ class LLMCodec:
         self.engine = LockstepEngine(
             loaded.model, EngineShape(settings.batch_width, settings.segment_length)
         )
-        self._tokenizer_factory = lambda: LosslessTokenizer(loaded.tokenizer, loaded.table)
-        self._tokenizer: Any = None
         self.table = loaded.table
         self.stats = CodingStats()
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = self._tokenizer_factory()
-        return self._tokenizer
-
-    def tokenize(self, data: bytes) -> list[int] | None:
-        """Lossless token ids for ``data``, or None when the vocabulary cannot express it."""
-        from llmarc.model.tokenize import UnrepresentableBytesError
-
-        try:
-            return self.tokenizer.encode(data)
-        except UnrepresentableBytesError:
-            return None
+    @staticmethod
+    def count_tokens(jobs: Iterable[tuple[bytes, int]]) -> int:
+        """Total tokens of (payload, size) jobs, for progress (malformed payloads count 0)."""
+        total = 0
+        for payload, _size in jobs:
+            with contextlib.suppress(CorruptArchiveError):
+                total += read_varint(payload, 0)[0]
+        return total
 
     def _run_groups(
         self,

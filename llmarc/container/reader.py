@@ -11,13 +11,14 @@ import contextlib
 import hashlib
 import os
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .. import safety
 from ..codecs import CODEC_LLM, CODEC_STORE, CODEC_ZSTD, codec_name
 from ..codecs import store as store_codec
 from ..codecs import zstd as zstd_codec
+from ..codecs.llm_pipeline import LLMDecoder, LLMOptions
 from ..errors import (
     ChecksumMismatchError,
     CorruptArchiveError,
@@ -88,8 +89,12 @@ def _solid_params(e: EntryRecord) -> tuple[int, int] | None:
 class ArchiveReader:
     """A read-only view of one archive. Use ``llmarc.open(path)``."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, llm: LLMOptions | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.path = os.fspath(path)
+        self.llm_options = llm or LLMOptions()
+        self.warn = warn
+        self._llm_decoder: LLMDecoder | None = None
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             self._load()
@@ -270,7 +275,8 @@ class ArchiveReader:
         for _ in stream:  # finish the frame so its end is checked
             raise CorruptArchiveError("solid block decodes to more than its members")
 
-    def _iter_payloads(self, indexes: Iterable[int]) -> Iterator[tuple[int, Iterable[bytes]]]:
+    def _iter_payloads(self, indexes: Iterable[int], progress=None,
+                       ) -> Iterator[tuple[int, Iterable[bytes]]]:
         """(entry index, decoded chunks) for the given file entries, in archive order, each
         block decoded once and all llm members decoded in one batch."""
         todo = sorted(set(indexes), key=lambda i: (self._entries[i].stored_offset, i))
@@ -293,16 +299,24 @@ class ArchiveReader:
                 yield from self._block_members(block, None if full else wanted)
         if llm:
             infos = [self._infos[i] for i in llm]
-            for info, data in self._decode_llm(infos):
+            for info, data in self._decode_llm(infos, progress):
                 yield self._by_name[info.name], (data,)
 
-    def _decode_llm(self, members: Sequence[MemberInfo]) -> Iterator[tuple[MemberInfo, bytes]]:
+    def _decode_llm(self, members: Sequence[MemberInfo], progress=None,
+                    ) -> Iterator[tuple[MemberInfo, bytes]]:
         """Decode all given llm-codec members in one batch, yielding (member, bytes).
 
-        The container has already checked the names and ranges; the implementation must
-        check each payload's stored CRC-32 (``self._verify_crc``) before decoding. The
-        SHA-256 of the yielded bytes is checked by the caller."""
-        raise UnsupportedFeatureError("codec llm requires the LLM codec")
+        Stored CRCs are checked before any model runs; the model is loaded once per
+        reader (and only if an llm member is actually read). The caller checks SHA-256."""
+        items = [(self._entries[self._index(m)].codec_params, self._llm_payload(m), m.size)
+                 for m in members]
+        if self._llm_decoder is None:
+            self._llm_decoder = LLMDecoder(self.models, self.llm_options, self.warn)
+        for member, result in zip(members, self._llm_decoder.decode(items, progress),
+                                  strict=True):
+            if isinstance(result, BaseException):
+                raise CorruptArchiveError(f"member {member.name!r}: {result}")
+            yield member, result
 
     def _llm_payload(self, member: MemberInfo) -> bytes:
         """The CRC-checked stored bytes of one llm member (a helper for ``_decode_llm``)."""
@@ -348,7 +362,7 @@ class ArchiveReader:
         if progress is not None:
             progress.start(sum(self._entries[i].size for i in files), "testing")
         try:
-            for i, chunks in self._iter_payloads(files):
+            for i, chunks in self._iter_payloads(files, progress):
                 for _ in self._hashed(chunks, self._entries[i], progress):
                     pass
         finally:
@@ -403,7 +417,7 @@ class ArchiveReader:
             if progress is not None:
                 progress.start(sum(entries[i].size for i in files), "extracting")
             try:
-                for i, chunks in self._iter_payloads(files):
+                for i, chunks in self._iter_payloads(files, progress):
                     e = entries[i]
                     fd = safety.open_dirs(root, parts[i][:-1])
                     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .._version import CREATOR
 from ..errors import DestinationExistsError
@@ -31,8 +31,10 @@ class ArchiveWriter:
     """Write one archive. Use as a context manager; ``close()`` commits, errors abort."""
 
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False,
-                 creator: str = CREATOR) -> None:
+                 creator: str = CREATOR,
+                 verify: Callable[[str], object] | None = None) -> None:
         self.path = os.fspath(path)
+        self.verify = verify  # called on the complete temporary file before the rename
         if os.path.lexists(self.path) and not overwrite:
             raise DestinationExistsError(f"{self.path!r} already exists (use overwrite)")
         if os.path.isdir(self.path):
@@ -89,6 +91,8 @@ class ArchiveWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
+            if self.verify is not None:
+                self.verify(self.tmp_path)
             os.replace(self.tmp_path, self.path)
             self._done = True
         except BaseException:

@@ -1,0 +1,207 @@
+"""Glue between the container and the LLM codec: choosing, encoding and decoding entries.
+
+The packer hands over all text entries at once (:func:`encode_text_entries`), because the
+codec fills its B lockstep rows with segments of many files; the reader hands over all
+llm members it must decode (:class:`LLMDecoder`).  Both sides load the model lazily, so
+archives without LLM entries never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llmarc.codecs import CODEC_LLM
+from llmarc.codecs.llm import (
+    DEFAULT_SEGMENT_LENGTH,
+    CodingSettings,
+    LLMCodec,
+    build_profile,
+    check_model,
+    decode_params,
+    default_batch_width,
+    encode_params,
+    settings_from_profile,
+)
+from llmarc.container.layout import ModelRecord
+from llmarc.errors import CorruptArchiveError, ModelError
+from llmarc.model.fingerprint import canonical_json
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LLMOptions:
+    """How to run the LLM codec: which model, where, and (for packing) which settings."""
+
+    model: str | None = None  # None: the embedded default
+    device: str = "auto"
+    dtype: str | None = None  # pack only; extraction adopts the archive's
+    threads: int | None = None  # pack only; extraction adopts the archive's
+    segment_length: int = DEFAULT_SEGMENT_LENGTH
+    batch_width: int | None = None  # None: sized from memory and workload
+
+
+def llm_available(options: LLMOptions) -> str | None:
+    """None if the LLM codec can run here, else the reason (for a clear warning)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        from llmarc.model.sources import resolve
+
+        resolve(options.model)
+    except ImportError as exc:
+        return f"the LLM codec needs PyTorch and transformers ({exc.name} is missing)"
+    except ModelError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass
+class EncodedEntry:
+    """The outcome for one text entry: which codec won, its params and stored bytes."""
+
+    codec_id: int
+    params: bytes
+    payload: bytes
+
+
+class TokenCounter:
+    """Feeds the LLM codec's token counts to a progress sink's token bar, if it has one."""
+
+    def __init__(self, progress: Any, total: int, description: str) -> None:
+        factory = getattr(progress, "token_task", None)
+        self._task = factory(total, description) if factory is not None else None
+
+    def __call__(self, tokens: int) -> None:
+        if self._task is not None:
+            self._task.advance(tokens)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.close()
+
+
+def encode_text_entries(
+    datas: list[bytes],
+    options: LLMOptions,
+    *,
+    forced: bool,
+    zstd_size: Callable[[bytes], int],
+    add_model: Callable[[ModelRecord], int],
+    progress: Any = None,
+    status: Warn | None = None,
+) -> tuple[list[EncodedEntry | None], Any]:
+    """LLM-code every entry; return per entry the winner (None: caller uses zstd/store).
+
+    With ``forced`` (``--codec llm``) every representable entry keeps the LLM payload;
+    otherwise (``auto``) an entry keeps it only when it is smaller than both zstd and
+    the original.  The model record is registered (``add_model``) only if some entry
+    keeps an LLM payload.  Returns the results and the codec's statistics.
+    """
+    from llmarc.model.loader import load_model
+    from llmarc.model.tokenize import LosslessTokenizer, UnrepresentableBytesError
+
+    loaded = load_model(
+        options.model,
+        device=options.device,
+        dtype=options.dtype,
+        threads=options.threads,
+        status=status,
+    )
+    length = options.segment_length
+    if not 1 <= length <= loaded.model.config.max_position_embeddings:
+        raise ModelError(
+            f"segment length {length} is outside 1..{loaded.model.config.max_position_embeddings}"
+        )
+    tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
+    token_lists: list[list[int] | None] = []
+    for data in datas:
+        try:
+            token_lists.append(tokenizer.encode(data) if data else None)
+        except UnrepresentableBytesError:
+            token_lists.append(None)  # a byte the vocabulary lacks: zstd/store instead
+    todo = [i for i, t in enumerate(token_lists) if t]
+    segments = sum(-(-len(token_lists[i]) // length) for i in todo)  # type: ignore[arg-type]
+    width = options.batch_width or default_batch_width(loaded, length, segments)
+    settings = CodingSettings(batch_width=width, segment_length=length)
+    codec = LLMCodec(loaded, settings)
+    total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]
+    counter = TokenCounter(progress, total_tokens, f"llm coding ({loaded.source.display_name})")
+    try:
+        payloads = codec.encode_many([token_lists[i] for i in todo], progress=counter)  # type: ignore[misc]
+    finally:
+        counter.close()
+    results: list[EncodedEntry | None] = [None] * len(datas)
+    model_index: int | None = None
+    for i, payload in zip(todo, payloads, strict=True):
+        if not forced and len(payload) >= min(zstd_size(datas[i]), len(datas[i])):
+            continue
+        if model_index is None:
+            profile = build_profile(loaded, settings)
+            model_index = add_model(
+                ModelRecord(loaded.fingerprint, loaded.source.display_name, canonical_json(profile))
+            )
+        results[i] = EncodedEntry(CODEC_LLM, encode_params(model_index), payload)
+    return results, codec.stats
+
+
+class LLMDecoder:
+    """Decodes llm members of one archive, loading each needed model once."""
+
+    def __init__(self, models: list[ModelRecord], options: LLMOptions, warn: Warn | None) -> None:
+        self.models = models
+        self.options = options
+        self.warn = warn
+        self._codecs: dict[int, LLMCodec] = {}
+
+    def _codec(self, model_index: int) -> LLMCodec:
+        if model_index in self._codecs:
+            return self._codecs[model_index]
+        if model_index >= len(self.models):
+            raise CorruptArchiveError(
+                f"llm entry names model {model_index} but the table has {len(self.models)}"
+            )
+        from llmarc.model.loader import load_model
+
+        record = self.models[model_index]
+        profile = json.loads(record.profile)
+        settings = settings_from_profile(profile)
+        loaded = load_model(
+            self.options.model,
+            device=self.options.device,
+            dtype=str(profile.get("dtype", "float32")),
+            threads=int(profile.get("threads", 1)),
+        )
+        differences = check_model(loaded, record.fingerprint, record.name, profile)
+        if differences and self.warn is not None:
+            self.warn(
+                "the numerics environment differs from the one that made the archive "
+                f"({'; '.join(differences)}); decoding is verified by SHA-256"
+            )
+        self._codecs[model_index] = codec = LLMCodec(loaded, settings)
+        return codec
+
+    def decode(
+        self, items: list[tuple[bytes, bytes, int]], progress: Any = None
+    ) -> list[bytes | CorruptArchiveError]:
+        """Decode (codec params, payload, original size) triples, input order kept."""
+        by_model: dict[int, list[int]] = {}
+        for position, (params, _payload, _size) in enumerate(items):
+            by_model.setdefault(decode_params(params), []).append(position)
+        results: list[bytes | CorruptArchiveError] = [b""] * len(items)
+        for model_index, positions in by_model.items():
+            codec = self._codec(model_index)
+            jobs = [(items[p][1], items[p][2]) for p in positions]
+            counter = TokenCounter(progress, codec.count_tokens(jobs), "llm decoding")
+            try:
+                decoded = codec.decode_many(jobs, progress=counter)
+            finally:
+                counter.close()
+            for position, data in zip(positions, decoded, strict=True):
+                results[position] = data
+        return results
+
