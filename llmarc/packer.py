@@ -221,7 +221,8 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
 
     results, _stats = encode_text_entries(
         datas, options, forced=forced, zstd_size=lambda d: len(zstd_frame(d)),
-        add_model=writer.add_model, progress=progress, status=warn)
+        add_model=writer.add_model, progress=progress,
+        status=getattr(progress, "note", None))
     for e, data, result in zip(entries, datas, results, strict=True):
         sha = hashlib.sha256(data).digest()
         if result is not None:

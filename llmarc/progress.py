@@ -47,6 +47,9 @@ class NullProgress:
     def token_task(self, total: int, description: str) -> NullProgress:
         return self
 
+    def note(self, message: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -117,6 +120,10 @@ class ByteProgress:
         """A second bar counting tokens (the LLM codec), closed by the caller."""
         progress = self._ensure()
         return _RichTokenTask(self, progress.add_task(description, total=total, unit="tokens"))
+
+    def note(self, message: str) -> None:
+        """A one-line status message (model loading, conversion) above the bars."""
+        self._console.print(f"llmarc: {message}", highlight=False)
 
     def close(self) -> None:
         if self._progress is not None:

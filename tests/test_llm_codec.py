@@ -88,9 +88,11 @@ def test_another_model_is_refused_naming_both(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", {"a.txt": b"hello world"})
     out = tmp_path / "a.llma"
     pack_llm(src, out)
-    with llmarc.open(out, model=TINY_SP, device="cpu") as archive:
-        with pytest.raises(ModelMismatchError, match="tiny-llama-bpe.*tiny-llama-sp"):
-            archive.read("a.txt")
+    with (
+        llmarc.open(out, model=TINY_SP, device="cpu") as archive,
+        pytest.raises(ModelMismatchError, match=r"tiny-llama-bpe.*tiny-llama-sp"),
+    ):
+        archive.read("a.txt")
 
 
 def test_auto_keeps_the_smaller_of_llm_and_zstd(tmp_path: Path) -> None:
@@ -176,12 +178,16 @@ def test_unknown_engine_is_unsupported(tmp_path: Path) -> None:
         {"segment_length": 10**9},
         {"precision": 40},
         {"segment_length": "many"},
+        {"threads": 0},
+        {"threads": 10**6},
+        {"dtype": "float8"},
     ],
 )
 def test_hostile_profiles_are_rejected_before_allocating(profile: dict) -> None:
     from llmarc.codecs.llm import settings_from_profile
 
-    base = {"engine": "lockstep-v1", "batch_width": 2, "segment_length": 8, "precision": 24}
+    base = {"engine": "lockstep-v1", "batch_width": 2, "segment_length": 8, "precision": 24,
+            "threads": 2, "dtype": "float32"}
     with pytest.raises(CorruptArchiveError):
         settings_from_profile({**base, **profile})
 

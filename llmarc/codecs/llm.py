@@ -25,7 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from llmarc.errors import CorruptArchiveError, ModelMismatchError, UnsupportedFeatureError
+from llmarc.errors import (
+    CorruptArchiveError,
+    ModelError,
+    ModelMismatchError,
+    UnsupportedFeatureError,
+)
 from llmarc.model.fingerprint import PROFILE_SETTINGS, canonical_json, profile_differences
 
 ENGINE_NAME = "lockstep-v1"
@@ -35,6 +40,7 @@ DEFAULT_PRECISION = 24
 MAX_BATCH_WIDTH = 1024
 MAX_SEGMENT_LENGTH = 1 << 16
 MAX_VARINT_BYTES = 10
+MAX_THREADS = 1024
 
 ProgressCallback = Callable[[int], None]  # called with the number of tokens just coded
 
@@ -122,6 +128,11 @@ def settings_from_profile(profile: dict[str, Any]) -> CodingSettings:
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptArchiveError(f"llm profile is incomplete or malformed: {exc}") from exc
     settings.validate()
+    threads, dtype = profile.get("threads"), profile.get("dtype")
+    if not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise CorruptArchiveError(f"llm profile: threads {threads!r} out of range")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise CorruptArchiveError(f"llm profile: unknown dtype {dtype!r}")
     return settings
 
 
@@ -142,32 +153,49 @@ def check_model(
 
 
 def default_batch_width(loaded: Any, segment_length: int, segments: int) -> int:
-    """B for a new archive: sized from memory, and no wider than the work needs.
+    """B for a new archive: sized from memory, then balanced over the work.
 
-    On CUDA, B = floor(0.85 * free_bytes / per_row_bytes) where per_row_bytes is the KV
-    cache of one row (2 * layers * kv_heads * head_dim * L * dtype size) plus its working
-    set (logits and activations, 4 * (V + 4 * hidden + 2 * intermediate) bytes), capped at
-    256 and rounded down to a multiple of 8.  On CPU B = 32 (the measured throughput knee
-    on 2 cores).  Either way B is then lowered to the next power of two >= the number of
-    segments, so a small archive does not pay for empty rows.
+    On CUDA the ceiling is floor(0.85 * free_bytes / per_row_bytes), where per_row_bytes
+    is one row's KV cache (2 * layers * kv_heads * head_dim * L * dtype size) plus its
+    working set (4 * (V + 4 * hidden + 2 * intermediate) bytes for logits and
+    activations), capped at 256 and rounded down to a multiple of 8.  On CPU the ceiling
+    is 32 (the measured throughput knee on 2 cores).  Then, with
+    groups = ceil(segments / ceiling), B = ceil(segments / groups): the same number of
+    lockstep groups, but no group wider than it needs to be.
     """
     import torch
 
     config = loaded.model.config
     if loaded.device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(loaded.device)
-        head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
-        dtype_size = torch.finfo(getattr(torch, loaded.dtype_name)).bits // 8
-        kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-        kv *= segment_length * dtype_size
-        work = 4 * (loaded.vocab_size + 4 * config.hidden_size + 2 * config.intermediate_size)
-        width = max(8, min(256, int(0.85 * free // (kv + work)) // 8 * 8))
+        ceiling = cuda_batch_ceiling(free, config, segment_length, loaded.dtype_name,
+                                     loaded.vocab_size)
     else:
-        width = DEFAULT_CPU_BATCH_WIDTH
-    needed = 1 << max(0, math.ceil(math.log2(max(1, segments))))
-    return max(1, min(width, needed))
+        ceiling = DEFAULT_CPU_BATCH_WIDTH
+    segments = max(1, segments)
+    groups = -(-segments // ceiling)
+    return -(-segments // groups)
+
+
+def cuda_batch_ceiling(free_bytes: int, config: Any, segment_length: int, dtype_name: str,
+                       vocab_size: int) -> int:
+    """The widest B whose KV cache and working set fit in 85% of ``free_bytes``."""
+    import torch
+
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    dtype_size = torch.finfo(getattr(torch, dtype_name)).bits // 8
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    kv *= segment_length * dtype_size
+    work = 4 * (vocab_size + 4 * config.hidden_size + 2 * config.intermediate_size)
+    width = int(0.85 * free_bytes // (kv + work))
+    if width < 1:
+        raise ModelError(
+            f"not enough free device memory for one row of {segment_length} tokens "
+            f"({(kv + work) / 2**20:.0f} MiB needed, {free_bytes / 2**20:.0f} MiB free)"
+        )
+    return min(256, width // 8 * 8) if width >= 8 else width
 
 
 # --------------------------------------------------------------------------- payload

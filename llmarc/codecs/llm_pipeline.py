@@ -158,7 +158,7 @@ class LLMDecoder:
         self.warn = warn
         self._codecs: dict[int, LLMCodec] = {}
 
-    def _codec(self, model_index: int) -> LLMCodec:
+    def _codec(self, model_index: int, status: Warn | None = None) -> LLMCodec:
         if model_index in self._codecs:
             return self._codecs[model_index]
         if model_index >= len(self.models):
@@ -173,8 +173,9 @@ class LLMDecoder:
         loaded = load_model(
             self.options.model,
             device=self.options.device,
-            dtype=str(profile.get("dtype", "float32")),
-            threads=int(profile.get("threads", 1)),
+            dtype=profile["dtype"],  # validated by settings_from_profile
+            threads=profile["threads"],
+            status=status,
         )
         differences = check_model(loaded, record.fingerprint, record.name, profile)
         if differences and self.warn is not None:
@@ -194,7 +195,7 @@ class LLMDecoder:
             by_model.setdefault(decode_params(params), []).append(position)
         results: list[bytes | CorruptArchiveError] = [b""] * len(items)
         for model_index, positions in by_model.items():
-            codec = self._codec(model_index)
+            codec = self._codec(model_index, getattr(progress, "note", None))
             jobs = [(items[p][1], items[p][2]) for p in positions]
             counter = TokenCounter(progress, codec.count_tokens(jobs), "llm decoding")
             try:

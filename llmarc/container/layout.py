@@ -341,3 +341,11 @@ def assemble(data: bytes, index: Index, *, major: int = VERSION_MAJOR,
     raw = encode_index(index)
     off = HEADER_SIZE + len(data)
     return encode_header(major, minor) + data + raw + encode_footer(off, len(raw), crc32(raw))
+
+
+def disassemble(archive: bytes) -> tuple[bytes, Index]:
+    """The data area and decoded index of a whole (valid) archive: the inverse of
+    :func:`assemble`, for tests and vector scripts that rewrite an archive."""
+    footer = decode_footer(archive[-FOOTER_SIZE:], len(archive))
+    index = decode_index(archive[footer.index_offset : footer.index_offset + footer.index_size])
+    return archive[HEADER_SIZE : footer.index_offset], index

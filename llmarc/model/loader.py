@@ -44,13 +44,22 @@ class LoadedModel:
 
 
 def _import_torch() -> Any:
+    # Never reach for a hub, and keep the libraries' own progress bars and advice off
+    # llmarc's stderr (ours show the work).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         import torch
+        import transformers
     except ImportError as exc:  # the base install has no ML stack
         raise ModelError(
             "the LLM codec needs PyTorch and transformers: pip install torch==2.13.0 "
             "'llmarc[llm]'"
         ) from exc
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return torch
 
 
