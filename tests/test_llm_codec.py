@@ -221,3 +221,47 @@ def test_real_smollm2_on_alice_is_exact_and_under_1_6_bits_per_byte(tmp_path: Pa
     assert members[0].bits_per_byte < 1.6, members[0].bits_per_byte
     with llmarc.open(out, device="cpu") as archive:
         assert archive.read("alice.txt") == text
+
+
+def test_a_different_environment_warns_and_still_decodes(tmp_path: Path) -> None:
+    """Environment keys (library versions, ISA) cannot be adopted: warn, let SHA-256 decide."""
+    from dataclasses import replace
+
+    from llmarc.container.layout import assemble, canonical_json, disassemble
+
+    src = make_tree(tmp_path / "src", {"a.txt": b"environment check"})
+    out = tmp_path / "a.llma"
+    pack_llm(src, out)
+    data, index = disassemble(out.read_bytes())
+    profile = {**json.loads(index.models[0].profile), "torch": "0.0.1", "cpu_capability": "X"}
+    index.models[0] = replace(index.models[0], profile=canonical_json(profile))
+    changed = tmp_path / "changed.llma"
+    changed.write_bytes(assemble(data, index))
+    warnings: list[str] = []
+    with llmarc.open(changed, model=TINY_BPE, device="cpu", warn=warnings.append) as archive:
+        assert archive.read("a.txt") == b"environment check"
+    assert len(warnings) == 1 and "torch" in warnings[0] and "cpu_capability" in warnings[0]
+
+
+def test_cli_packs_lists_and_extracts_with_a_local_model(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src = make_tree(tmp_path / "src", {"a.txt": b"hello from the command line\n"})
+    archive, dest = tmp_path / "a.llma", tmp_path / "dest"
+    model = ["--model", str(TINY_BPE), "--device", "cpu"]
+
+    def llmarc_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "llmarc.cli", *args], capture_output=True,
+                              text=True, timeout=300)
+
+    packed = llmarc_cli("pack", str(src), str(archive), "--codec", "llm", "--verify",
+                        "--segment-length", "16", "--quiet", *model)
+    assert packed.returncode == 0, packed.stderr
+    listing = json.loads(llmarc_cli("list", str(archive), "--json").stdout)
+    assert listing[0]["codec"] == "llm" and listing[0]["bits_per_byte"] > 0
+    extracted = llmarc_cli("extract", str(archive), "-C", str(dest), "--quiet", *model)
+    assert extracted.returncode == 0, extracted.stderr
+    assert (dest / "a.txt").read_bytes() == b"hello from the command line\n"
+    info = llmarc_cli("info", str(archive))
+    assert "tiny-llama-bpe" in info.stdout and '"segment_length":16' in info.stdout

@@ -245,6 +245,7 @@ class CodingStats:
     tokens: int = 0
     coded_bits: float = 0.0  # sum of -log2(freq / 2^P): the quantized ideal
     model_bits: float = 0.0  # sum of -log2 softmax(logits): the model's cross-entropy
+    tbyt_bits: int = 0  # sum of ceil(-log2 softmax): LLMZip's token-by-token code
     payload_bytes: int = 0
 
 
@@ -256,6 +257,7 @@ class _Segment:
     tokens: list[int] = field(default_factory=list)
     length: int = 0
     stream: bytes = b""
+    ranks: list[int] = field(default_factory=list)  # rank of each true token (0 = argmax)
     error: Exception | None = None  # a decoding failure stops only this segment's row
 
 
@@ -279,6 +281,7 @@ class LLMCodec:
         )
         self.table = loaded.table
         self.stats = CodingStats()
+        self.last_ranks: list[list[int]] = []  # per input of the last encode_many (benchmarks)
 
     @staticmethod
     def count_tokens(jobs: Iterable[tuple[bytes, int]]) -> int:
@@ -352,17 +355,22 @@ class LLMCodec:
             freq = int(freqs[token])
             encoders[id(segment)].encode(int(freqs[:token].sum()), freq)
             self.stats.coded_bits -= math.log2(freq / total)
-            self.stats.model_bits -= float(log_probs[token]) / math.log(2)
+            true_log_prob = log_probs[token]
+            bits = -float(true_log_prob) / math.log(2)
+            self.stats.model_bits += bits
+            self.stats.tbyt_bits += max(1, math.ceil(bits))
+            segment.ranks.append(int((log_probs > true_log_prob).sum()))
             return token
 
         self._run_groups(segments, code_row, progress, with_log_probs=True)
         for segment in segments:
             segment.stream = encoders[id(segment)].finish()
         payloads = []
+        self.last_ranks = []
         for owner, tokens in enumerate(token_lists):
-            streams = [s.stream for s in sorted(
-                (s for s in segments if s.owner == owner), key=lambda s: s.index)]
-            payloads.append(build_payload(len(tokens), streams))
+            own = sorted((s for s in segments if s.owner == owner), key=lambda s: s.index)
+            payloads.append(build_payload(len(tokens), [s.stream for s in own]))
+            self.last_ranks.append([rank for s in own for rank in s.ranks])
         self.stats.tokens += sum(len(t) for t in token_lists)
         self.stats.payload_bytes += sum(len(p) for p in payloads)
         return payloads

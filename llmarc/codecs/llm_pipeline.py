@@ -42,6 +42,9 @@ class LLMOptions:
     threads: int | None = None  # pack only; extraction adopts the archive's
     segment_length: int = DEFAULT_SEGMENT_LENGTH
     batch_width: int | None = None  # None: sized from memory and workload
+    #: Called with the LLMCodec after a pack's encoding (its ``stats``, ``last_ranks``),
+    #: for benchmarks and diagnostics.
+    on_encoded: Callable[[Any], None] | None = None
 
 
 def llm_available(options: LLMOptions) -> str | None:
@@ -135,6 +138,8 @@ def encode_text_entries(
         payloads = codec.encode_many([token_lists[i] for i in todo], progress=counter)  # type: ignore[misc]
     finally:
         counter.close()
+    if options.on_encoded is not None:
+        options.on_encoded(codec)
     results: list[EncodedEntry | None] = [None] * len(datas)
     model_index: int | None = None
     for i, payload in zip(todo, payloads, strict=True):
