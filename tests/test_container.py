@@ -323,3 +323,16 @@ def test_solid_block_member_read_and_partial_extract(tmp_path):
             assert ar.read(name) == data
         ar.extract(tmp_path / "o", ["f03.txt", "f07.txt"])
     assert sorted(os.listdir(tmp_path / "o")) == ["f03.txt", "f07.txt"]
+
+
+def test_a_new_archive_gets_the_usual_permissions(tmp_path):
+    import stat
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a").write_bytes(b"x")
+    umask = os.umask(0o022)
+    try:
+        llmarc.pack(tmp_path / "src", tmp_path / "a.llma")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.llma").stat().st_mode) == 0o644

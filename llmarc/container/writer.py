@@ -42,6 +42,10 @@ class ArchiveWriter:
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self.tmp_path = tempfile.mkstemp(
             prefix=f".{os.path.basename(self.path)[:100]}.", suffix=".llmarc-tmp", dir=directory)
+        # mkstemp creates 0600; a finished archive gets the usual 0666 & ~umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         self._f = os.fdopen(fd, "wb")
         self.index = Index(creator=creator)
         self._done = False
