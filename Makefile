@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 DEMO ?= /tmp/llmarc-demo
 
 .PHONY: install demo test lint vectors bench bench-quick
@@ -33,6 +34,18 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Benchmarks (benchmarks/README.md): the full run writes benchmarks/results/ (~20 min
+# on 2 CPU cores); the quick run checks the whole pipeline in under 3 minutes.
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[llm,test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run
+
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run --quick
 
 vectors: $(STAMP)
 	$(PY) spec/vectors/make_vectors.py

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -32,7 +33,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 ModelOption = Annotated[str | None, typer.Option(
-    help="LLM: 'smollm2' (embedded default), a Hugging Face model folder, or a .gguf file.")]
+    help="LLM: 'smollm2' (embedded), a Hugging Face model folder, or a .gguf file "
+         "(default: $LLMARC_MODEL, else smollm2).")]
 DeviceOption = Annotated[str, typer.Option(help="LLM: auto, cpu or cuda[:N].")]
 
 
@@ -103,7 +105,8 @@ def list_cmd(
         table.add_column(col, justify="right" if col in ("size", "packed", "bits/byte")
                          else "left")
     for m in members:
-        table.add_row(("d" if m.is_dir() else "-") + f"{m.mode:03o}", str(m.size),
+        kind = stat.S_IFDIR if m.is_dir() else stat.S_IFREG
+        table.add_row(stat.filemode(kind | m.mode), str(m.size),
                       str(m.packed_size), m.codec if m.is_file() else "",
                       f"{m.bits_per_byte:.3f}" if m.size else "",
                       m.name + ("/" if m.is_dir() else ""))

@@ -219,9 +219,9 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
             zstd_sizes[id(data)] = b"".join(zstd_codec.encode([data], level, len(data)))
         return zstd_sizes[id(data)]
 
-    results, _stats = encode_text_entries(
-        datas, options, forced=forced, zstd_size=lambda d: len(zstd_frame(d)),
-        add_model=writer.add_model, progress=progress,
+    results = encode_text_entries(
+        datas, [e.name for e in entries], options, forced=forced,
+        zstd_size=lambda d: len(zstd_frame(d)), add_model=writer.add_model, progress=progress,
         status=getattr(progress, "note", None))
     for e, data, result in zip(entries, datas, results, strict=True):
         sha = hashlib.sha256(data).digest()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import struct
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -19,6 +21,28 @@ from llmarc.container.layout import (
     assemble,
     crc32,
 )
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+TINY_BPE = FIXTURES / "tiny-llama-bpe"
+
+
+@pytest.fixture(autouse=True)
+def _tiny_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests that do not name a model get the tiny seeded LLaMA as the default.
+
+    ``--codec auto`` (the default) runs the LLM codec on every text file; with the real
+    SmolLM2 each pack would load 135M parameters and code at ~100 tokens/s.  The tests
+    that are about the embedded model name it (``smollm2``) explicitly."""
+    monkeypatch.setenv("LLMARC_MODEL", str(TINY_BPE))
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a script that is not in a package (a vector generator) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def raw_archive(files: list[tuple], *, dirs: tuple[str, ...] = (), **kw) -> bytes:

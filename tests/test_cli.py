@@ -37,6 +37,7 @@ def test_cli_roundtrip(tmp_path):
     assert {"name", "type", "size", "packed_size", "codec", "sha256"} <= set(rows[0])
     r = cli("list", out)
     assert r.returncode == 0 and "zstd" in r.stdout and "bits/byte" in r.stdout
+    assert "drwx" in r.stdout and "-rw-" in r.stdout  # modes as ls shows them
     assert cli("test", out, "-q").returncode == 0
     r = cli("info", out)
     assert r.returncode == 0 and "format:       1.0" in r.stdout

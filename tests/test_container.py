@@ -262,7 +262,7 @@ def test_huge_declared_offsets_and_sizes(tmp_path):
             llmarc.open(p)
 
 
-def test_llm_codec_hook_is_one_method(tmp_path):
+def test_llm_entry_naming_a_missing_model_is_corrupt(tmp_path):
     idx = layout.Index("t", entries=[layout.EntryRecord(
         "t.txt", layout.TYPE_FILE, 0o644, 0, 5, 2, b"\0\0", 32, 1, bytes(32),
         layout.crc32(b"z"))])
@@ -270,7 +270,7 @@ def test_llm_codec_hook_is_one_method(tmp_path):
     p.write_bytes(layout.assemble(b"z", idx))
     with llmarc.open(p) as ar:
         assert ar.getmember("t.txt").codec == "llm"
-        with pytest.raises(UnsupportedFeatureError, match="codec llm requires the LLM codec"):
+        with pytest.raises(CorruptArchiveError, match="names model 0 but the table has 0"):
             ar.test()
 
 

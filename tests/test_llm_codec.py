@@ -117,6 +117,33 @@ def test_pack_verify_decodes_before_renaming(tmp_path: Path) -> None:
     assert out.exists()
 
 
+def test_coding_statistics_account_for_every_token(tmp_path: Path) -> None:
+    """The per-entry statistics the benchmarks report are consistent with the archive."""
+    import math
+
+    text = (FIXTURES / "tiny-training.txt").read_bytes()
+    files = {"a.txt": text[:700], "b.txt": text[700:1000]}
+    src = make_tree(tmp_path / "src", files)
+    seen: dict = {}
+    options = LLMOptions(model=str(TINY_BPE), device="cpu", segment_length=64,
+                         on_encoded=seen.update)
+    members = llmarc.pack(src, tmp_path / "a.llma", codec="llm", llm=options,
+                          warn=lambda m: None)
+    assert set(seen) == set(files)
+    for member in members:
+        stats = seen[member.name]
+        assert stats.payload_bytes == member.packed_size
+        assert len(stats.ranks) == stats.tokens > 0 and min(stats.ranks) >= 0
+        assert stats.tbyt_bits >= stats.model_bits > 0  # ceil never rounds down
+        # quantization costs < -log2(1 - V/2^P) + 1/256 bit per token (spec/entropy.md 2.2)
+        vocab = 300
+        bound = -math.log2(1 - vocab / 2**24) + 1 / 256
+        assert stats.coded_bits <= stats.model_bits + stats.tokens * bound
+        segments = -(-stats.tokens // 64)
+        # each stream is at most ceil((coded + 1)/8) bytes, plus the varint header
+        assert 8 * stats.payload_bytes <= stats.coded_bits + segments * 9 + 8 * (1 + 2 * segments)
+
+
 def corrupt_payload_byte(out: Path, name: str, model: Path) -> Path:
     """Flip one byte inside a member's stored payload and fix its CRC, so that the
     damage reaches the LLM decoder instead of the container's CRC check."""
@@ -215,11 +242,11 @@ def test_real_smollm2_on_alice_is_exact_and_under_1_6_bits_per_byte(tmp_path: Pa
     text = alice.read_bytes()[2000:6000]
     src = make_tree(tmp_path / "src", {"alice.txt": text})
     out = tmp_path / "a.llma"
-    options = LLMOptions(device="cpu", segment_length=256)  # 5 segments, 8 rows
+    options = LLMOptions(model="smollm2", device="cpu", segment_length=256)  # 5 segments
     members = llmarc.pack(src, out, codec="llm", llm=options, warn=lambda m: None)
     assert members[0].codec == "llm"
     assert members[0].bits_per_byte < 1.6, members[0].bits_per_byte
-    with llmarc.open(out, device="cpu") as archive:
+    with llmarc.open(out, model="smollm2", device="cpu") as archive:
         assert archive.read("alice.txt") == text
 
 

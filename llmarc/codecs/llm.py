@@ -240,13 +240,20 @@ def parse_payload(
 # --------------------------------------------------------------------------- statistics
 @dataclass
 class CodingStats:
-    """What the coder spent against what the model promised (for list/benchmarks)."""
+    """What the coder spent on one input against what the model promised (benchmarks).
+
+    ``model_bits`` is the paper's entropy upper bound (the model's cross-entropy in
+    float64 from the very logits that were coded); ``coded_bits`` the same with the
+    quantized frequencies; ``tbyt_bits`` LLMZip's token-by-token code, each token taking
+    ``max(1, ceil(-log2 p))`` bits; ``ranks`` the rank of each true token (0 = argmax),
+    for the paper's LLaMA+zlib scheme."""
 
     tokens: int = 0
-    coded_bits: float = 0.0  # sum of -log2(freq / 2^P): the quantized ideal
-    model_bits: float = 0.0  # sum of -log2 softmax(logits): the model's cross-entropy
-    tbyt_bits: int = 0  # sum of ceil(-log2 softmax): LLMZip's token-by-token code
+    coded_bits: float = 0.0
+    model_bits: float = 0.0
+    tbyt_bits: int = 0
     payload_bytes: int = 0
+    ranks: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- the codec
@@ -257,7 +264,6 @@ class _Segment:
     tokens: list[int] = field(default_factory=list)
     length: int = 0
     stream: bytes = b""
-    ranks: list[int] = field(default_factory=list)  # rank of each true token (0 = argmax)
     error: Exception | None = None  # a decoding failure stops only this segment's row
 
 
@@ -280,8 +286,7 @@ class LLMCodec:
             loaded.model, EngineShape(settings.batch_width, settings.segment_length)
         )
         self.table = loaded.table
-        self.stats = CodingStats()
-        self.last_ranks: list[list[int]] = []  # per input of the last encode_many (benchmarks)
+        self.last_stats: list[CodingStats] = []  # per input of the last encode_many
 
     @staticmethod
     def count_tokens(jobs: Iterable[tuple[bytes, int]]) -> int:
@@ -348,31 +353,31 @@ class LLMCodec:
                 part = tokens[begin : begin + length]
                 segments.append(_Segment(owner, index, part, len(part)))
         encoders = {id(s): RangeEncoder(precision) for s in segments}
+        stats = [CodingStats(tokens=len(tokens)) for tokens in token_lists]
+        ranks: dict[int, list[int]] = {id(s): [] for s in segments}
         total = float(1 << precision)
 
         def code_row(segment: _Segment, t: int, freqs: np.ndarray, log_probs: Any) -> int:
             token = segment.tokens[t]
             freq = int(freqs[token])
             encoders[id(segment)].encode(int(freqs[:token].sum()), freq)
-            self.stats.coded_bits -= math.log2(freq / total)
+            own = stats[segment.owner]
+            own.coded_bits -= math.log2(freq / total)
             true_log_prob = log_probs[token]
             bits = -float(true_log_prob) / math.log(2)
-            self.stats.model_bits += bits
-            self.stats.tbyt_bits += max(1, math.ceil(bits))
-            segment.ranks.append(int((log_probs > true_log_prob).sum()))
+            own.model_bits += bits
+            own.tbyt_bits += max(1, math.ceil(bits))
+            ranks[id(segment)].append(int((log_probs > true_log_prob).sum()))
             return token
 
         self._run_groups(segments, code_row, progress, with_log_probs=True)
-        for segment in segments:
-            segment.stream = encoders[id(segment)].finish()
         payloads = []
-        self.last_ranks = []
         for owner, tokens in enumerate(token_lists):
             own = sorted((s for s in segments if s.owner == owner), key=lambda s: s.index)
-            payloads.append(build_payload(len(tokens), [s.stream for s in own]))
-            self.last_ranks.append([rank for s in own for rank in s.ranks])
-        self.stats.tokens += sum(len(t) for t in token_lists)
-        self.stats.payload_bytes += sum(len(p) for p in payloads)
+            payloads.append(build_payload(len(tokens), [encoders[id(s)].finish() for s in own]))
+            stats[owner].payload_bytes = len(payloads[-1])
+            stats[owner].ranks = [rank for s in own for rank in ranks[id(s)]]
+        self.last_stats = stats
         return payloads
 
     def decode_many(

@@ -17,6 +17,7 @@ from llmarc.codecs import CODEC_LLM
 from llmarc.codecs.llm import (
     DEFAULT_SEGMENT_LENGTH,
     CodingSettings,
+    CodingStats,
     LLMCodec,
     build_profile,
     check_model,
@@ -42,9 +43,9 @@ class LLMOptions:
     threads: int | None = None  # pack only; extraction adopts the archive's
     segment_length: int = DEFAULT_SEGMENT_LENGTH
     batch_width: int | None = None  # None: sized from memory and workload
-    #: Called with the LLMCodec after a pack's encoding (its ``stats``, ``last_ranks``),
-    #: for benchmarks and diagnostics.
-    on_encoded: Callable[[Any], None] | None = None
+    #: Called after a pack's LLM coding with {member name: CodingStats} for every entry
+    #: the model coded (whether or not it kept the LLM payload): benchmarks, diagnostics.
+    on_encoded: Callable[[dict[str, CodingStats]], None] | None = None
 
 
 def llm_available(options: LLMOptions) -> str | None:
@@ -90,6 +91,7 @@ class TokenCounter:
 
 def encode_text_entries(
     datas: list[bytes],
+    names: list[str],
     options: LLMOptions,
     *,
     forced: bool,
@@ -97,13 +99,13 @@ def encode_text_entries(
     add_model: Callable[[ModelRecord], int],
     progress: Any = None,
     status: Warn | None = None,
-) -> tuple[list[EncodedEntry | None], Any]:
+) -> list[EncodedEntry | None]:
     """LLM-code every entry; return per entry the winner (None: caller uses zstd/store).
 
     With ``forced`` (``--codec llm``) every representable entry keeps the LLM payload;
     otherwise (``auto``) an entry keeps it only when it is smaller than both zstd and
     the original.  The model record is registered (``add_model``) only if some entry
-    keeps an LLM payload.  Returns the results and the codec's statistics.
+    keeps an LLM payload.
     """
     from llmarc.model.loader import load_model
     from llmarc.model.tokenize import LosslessTokenizer, UnrepresentableBytesError
@@ -139,7 +141,9 @@ def encode_text_entries(
     finally:
         counter.close()
     if options.on_encoded is not None:
-        options.on_encoded(codec)
+        options.on_encoded(
+            {names[i]: stats for i, stats in zip(todo, codec.last_stats, strict=True)}
+        )
     results: list[EncodedEntry | None] = [None] * len(datas)
     model_index: int | None = None
     for i, payload in zip(todo, payloads, strict=True):
@@ -151,7 +155,7 @@ def encode_text_entries(
                 ModelRecord(loaded.fingerprint, loaded.source.display_name, canonical_json(profile))
             )
         results[i] = EncodedEntry(CODEC_LLM, encode_params(model_index), payload)
-    return results, codec.stats
+    return results
 
 
 class LLMDecoder:

@@ -3,115 +3,156 @@
 LZMA's carry-handling range coder, widened so that large vocabularies keep precision:
 the coding interval lives in a 56-bit window (``low``, plus a carry bit at 2^56) and the
 range is renormalised to at least 2^48, so ``r = range >> P`` keeps >= 20 bits for any
-precision P <= 28 and the truncation loss stays below 2^-20 per symbol.
+precision P <= 28 and the truncation loss stays below 2^(P-48) of the interval per symbol.
 
 Why our own coder rather than constriction?  constriction quantizes float probabilities
 with its own internal algorithm; llmarc needs the integer frequencies it specifies
 itself, and a coder simple enough to specify byte for byte.  Its per-symbol cost (a few
 Python integer operations) is small next to one model step.
 
-The encoder's flush writes the shortest byte string that identifies the final interval,
-and drops trailing zero bytes; the decoder reads bytes past the end as zeros.
+Two departures from LZMA, both to save bytes on short streams (one stream per segment):
+
+* LZMA's first output byte is always 0x00 (its cache starts as a dummy byte); here the
+  first shift only fills the cache, since no carry can ever reach the first byte.
+* The flush writes the value with the most trailing zero bits in the final interval and
+  drops all trailing 0x00 bytes; the decoder reads bytes past the end as 0x00.  The
+  result is the shortest byte string whose zero-padded value lies in the final interval,
+  i.e. the shortest stream this decoder decodes correctly (tests/test_entropy.py proves
+  it against an unbounded-integer reference).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from llmarc.entropy.quantize import DEFAULT_PRECISION, MAX_PRECISION, MIN_PRECISION
 from llmarc.errors import CorruptArchiveError
 
 WINDOW_BITS = 56
 WINDOW_MASK = (1 << WINDOW_BITS) - 1
 TOP = 1 << 48  # renormalise while range < TOP
-FF_THRESHOLD = 0xFF << 48
+FF_THRESHOLD = 0xFF << 48  # low >= this (and no carry): the top byte is 0xFF, still open
 INITIAL_RANGE = WINDOW_MASK
 WINDOW_BYTES = WINDOW_BITS // 8
 
 
-class RangeEncoder:
-    """Encode symbols given (cumulative start, frequency) out of a total of 2^precision."""
+def _check_precision(precision: int) -> int:
+    if not MIN_PRECISION <= precision <= MAX_PRECISION:
+        raise ValueError(f"precision must be in {MIN_PRECISION}..{MAX_PRECISION}, not {precision}")
+    return precision
 
-    def __init__(self, precision: int = 24) -> None:
-        self.precision = precision
-        self.low = 0
+
+class RangeEncoder:
+    """Encode symbols given (cumulative start, frequency) out of a total of 2^precision.
+
+    One encoder makes one independent stream; call :meth:`finish` once at the end."""
+
+    __slots__ = ("_cache", "_out", "_pending", "low", "precision", "range", "total")
+
+    def __init__(self, precision: int = DEFAULT_PRECISION) -> None:
+        self.precision = _check_precision(precision)
+        self.total = 1 << precision
+        self.low = 0  # < 2^57: the 56-bit window plus a carry bit
         self.range = INITIAL_RANGE
         self._cache: int | None = None  # the byte that a carry may still increment
         self._pending = 0  # 0xFF bytes after the cache, also reachable by a carry
         self._out = bytearray()
 
     def _shift_low(self) -> None:
+        """Move the window's top byte out (into cache/pending until no carry can reach it)."""
         low = self.low
-        if self._cache is None:  # first byte: nothing before it can take a carry
+        if self._cache is None:  # first byte: the coded number is < 1, no carry reaches it
             self._cache = low >> 48
-        elif low < FF_THRESHOLD or low > WINDOW_MASK:
+        elif low < FF_THRESHOLD or low > WINDOW_MASK:  # top byte final, or a carry arrived
             carry = low >> WINDOW_BITS
             self._out.append((self._cache + carry) & 0xFF)
             if self._pending:
                 self._out += bytes([(0xFF + carry) & 0xFF]) * self._pending
                 self._pending = 0
             self._cache = (low >> 48) & 0xFF
-        else:
+        else:  # top byte 0xFF: a later carry would turn it (and the cache's +1) over
             self._pending += 1
         self.low = (low << 8) & WINDOW_MASK
 
     def encode(self, start: int, freq: int) -> None:
-        """Narrow the interval to [start, start + freq) of 2^precision."""
+        """Narrow the interval to [start, start + freq) of 2^precision.
+
+        Raises ValueError for an empty or out-of-range sub-interval (a zero frequency
+        would otherwise make the renormalisation loop forever)."""
+        if freq <= 0 or start < 0 or start + freq > self.total:
+            raise ValueError(f"bad interval [{start}, {start + freq}) of {self.total}")
         r = self.range >> self.precision
         self.low += r * start
-        self.range = r * freq
-        while self.range < TOP:
+        rng = r * freq  # >= r >= 2^(48 - P): at most 4 shifts below
+        while rng < TOP:
             self._shift_low()
-            self.range <<= 8
+            rng <<= 8
+        self.range = rng
 
     def encode_symbol(self, freqs: np.ndarray, symbol: int) -> None:
-        """Encode ``symbol`` of a full frequency table (sums to 2^precision)."""
+        """Encode ``symbol`` of a full frequency table (all >= 1, sum 2^precision)."""
         self.encode(int(freqs[:symbol].sum()), int(freqs[symbol]))
 
     def finish(self) -> bytes:
-        """Flush the shortest tail that pins the interval; return the whole stream."""
-        high = self.low + self.range - 1
-        for shift in range(WINDOW_BITS + 8, -1, -1):  # most trailing zero bits first
+        """Flush the shortest tail that pins the interval; return the whole stream.
+
+        The encoder must not be used afterwards."""
+        low = self.low
+        high = low + self.range - 1
+        value = low
+        for shift in range(64, -1, -1):  # the value with the most trailing zero bits
             value = (high >> shift) << shift
-            if value >= self.low:
+            if value >= low:
                 break
-        self.low = value
-        for _ in range(WINDOW_BYTES + 1):  # the window's bytes, then the cache
+        self.low = value  # may be >= 2^56: the carry is handled by _shift_low
+        for _ in range(WINDOW_BYTES + 1):  # the window's 7 bytes, then the cache
             self._shift_low()
         return bytes(self._out).rstrip(b"\x00")
 
 
 class RangeDecoder:
-    """Decode symbols from a stream made by :class:`RangeEncoder` with the same tables."""
+    """Decode symbols from a stream made by :class:`RangeEncoder` with the same tables.
 
-    def __init__(self, data: bytes, precision: int = 24) -> None:
-        self.data = data
-        self.precision = precision
-        head = data[:WINDOW_BYTES].ljust(WINDOW_BYTES, b"\x00")
+    The decoder must be told how many symbols to decode (it cannot see the end: bytes
+    past the end read as 0x00).  Invariant after every successful decode:
+    ``0 <= code < range``; a stream that breaks it raises CorruptArchiveError."""
+
+    __slots__ = ("code", "data", "position", "precision", "range")
+
+    def __init__(self, data: bytes, precision: int = DEFAULT_PRECISION) -> None:
+        self.data = bytes(data)
+        self.precision = _check_precision(precision)
+        head = self.data[:WINDOW_BYTES].ljust(WINDOW_BYTES, b"\x00")
         self.code = int.from_bytes(head, "big")
         self.position = WINDOW_BYTES
         self.range = INITIAL_RANGE
 
-    def _next_byte(self) -> int:
-        position = self.position
-        self.position += 1
-        return self.data[position] if position < len(self.data) else 0
-
     def decode_cumulative(self, cumulative: np.ndarray) -> int:
-        """Decode one symbol given ``cumulative = cumsum(freqs)`` (last value 2^precision)."""
-        r = self.range >> self.precision
+        """Decode one symbol given ``cumulative = cumsum(freqs)`` (last value 2^precision).
+
+        Use this when the cumulative sums are at hand (e.g. one ``np.cumsum(axis=-1)`` per
+        batch); :meth:`decode` computes them from the frequencies."""
+        precision = self.precision
+        r = self.range >> precision
         target = self.code // r
-        if target >> self.precision:
-            raise CorruptArchiveError("range decoder ran out of bounds (corrupt stream)")
+        if target >> precision:  # code >= r * 2^P: no encoder makes that
+            raise CorruptArchiveError("range decoder out of bounds (corrupt llm stream)")
         symbol = int(np.searchsorted(cumulative, target, side="right"))
+        if symbol >= len(cumulative):
+            raise ValueError("frequency table does not sum to 2^precision")
         end = int(cumulative[symbol])
         start = int(cumulative[symbol - 1]) if symbol else 0
-        self.code -= r * start
-        self.range = r * (end - start)
-        while self.range < TOP:
-            self.code = (self.code << 8) | self._next_byte()
-            self.range <<= 8
+        code = self.code - r * start  # 0 <= code < r * freq: the invariant holds
+        rng = r * (end - start)
+        while rng < TOP:
+            position = self.position
+            code = (code << 8) | (self.data[position] if position < len(self.data) else 0)
+            self.position = position + 1
+            rng <<= 8
+        self.code = code
+        self.range = rng
         return symbol
 
     def decode(self, freqs: np.ndarray) -> int:
-        """Decode one symbol of a full frequency table."""
+        """Decode one symbol of a full frequency table (all >= 1, sum 2^precision)."""
         return self.decode_cumulative(np.cumsum(freqs))

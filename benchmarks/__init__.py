@@ -1,0 +1,1 @@
+"""llmarc's benchmarks: scripts that measure and print figures (not tests)."""

@@ -1,0 +1,191 @@
+"""Benchmark stages that load the model, each run in a fresh process by ``run.py``.
+
+A fresh process per stage makes "extract in a fresh process" literal and lets the parent
+read each stage's own peak resident memory (``os.wait4``).  Usage (internal)::
+
+    python -m benchmarks.stages STAGE ARGS.json RESULT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+
+class _Clock:
+    """A progress sink that records when the LLM coding starts and ends (after loading)."""
+
+    def __init__(self) -> None:
+        self.coding_started: float | None = None
+        self.coding_seconds = 0.0
+
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def token_task(self, total: int, description: str) -> _Clock:
+        self.coding_started = time.perf_counter()
+        return _TokenTimer(self)  # type: ignore[return-value]
+
+
+class _TokenTimer:
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        assert self.clock.coding_started is not None
+        self.clock.coding_seconds += time.perf_counter() - self.clock.coding_started
+
+
+def varints(values: list[int]) -> bytes:
+    """Unsigned LEB128, the byte serialisation of the rank sequence before zlib/zstd."""
+    out = bytearray()
+    for v in values:
+        while v >= 0x80:
+            out.append(v & 0x7F | 0x80)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+def stage_pack(args: dict[str, Any]) -> dict[str, Any]:
+    """Pack a folder with the default model, keeping the codec's per-entry statistics."""
+    import llmarc
+
+    stats: dict[str, Any] = {}
+    clock = _Clock()
+    options = llmarc.LLMOptions(segment_length=args["segment_length"], on_encoded=stats.update)
+    started = time.perf_counter()
+    members = llmarc.pack(args["src"], args["archive"], codec=args["codec"], llm=options,
+                          progress=clock, warn=lambda message: None)
+    wall = time.perf_counter() - started
+    per_entry = {}
+    for name, s in stats.items():
+        ranks = varints(s.ranks)
+        per_entry[name] = {
+            "tokens": s.tokens, "model_bits": s.model_bits, "coded_bits": s.coded_bits,
+            "tbyt_bits": s.tbyt_bits, "payload_bytes": s.payload_bytes,
+            "ranks_zlib_bytes": len(zlib.compress(ranks, 9)),
+            "ranks_zstd_bytes": len(zstandard.ZstdCompressor(level=19).compress(ranks)),
+            "rank0_share": s.ranks.count(0) / max(1, len(s.ranks)),
+        }
+    with llmarc.open(args["archive"]) as archive:
+        profile = json.loads(archive.models[0].profile) if archive.models else {}
+    return {
+        "wall_seconds": wall, "coding_seconds": clock.coding_seconds,
+        "archive_bytes": Path(args["archive"]).stat().st_size, "profile": profile,
+        "members": [{"name": m.name, "size": m.size, "packed_size": m.packed_size,
+                     "codec": m.codec} for m in members],
+        "llm": per_entry,
+    }
+
+
+def stage_extract(args: dict[str, Any]) -> dict[str, Any]:
+    """Extract an archive in this fresh process; the parent compares the bytes."""
+    import llmarc
+
+    clock = _Clock()
+    started = time.perf_counter()
+    with llmarc.open(args["archive"], warn=lambda message: None) as archive:
+        archive.extract(args["dest"], progress=clock)
+    return {"wall_seconds": time.perf_counter() - started,
+            "coding_seconds": clock.coding_seconds}
+
+
+def stage_sweep(args: dict[str, Any]) -> dict[str, Any]:
+    """Ideal code length of one text at several segment lengths (the paper's memory M).
+
+    Full forward passes, not the lockstep engine: this measures the model's cross-
+    entropy for each context budget, which is what the sweep is about; at the pack's
+    segment length it can be compared with the real run's ideal (same model, logits
+    that differ only in the last bits)."""
+    import torch
+
+    from llmarc.model.loader import load_model
+    from llmarc.model.tokenize import LosslessTokenizer
+
+    loaded = load_model(None, device="cpu")
+    data = Path(args["input"]).read_bytes()
+    tokens = LosslessTokenizer(loaded.tokenizer, loaded.table).encode(data)
+    rows = []
+    for length in args["lengths"]:
+        started = time.perf_counter()
+        bits = 0.0
+        for begin in range(0, len(tokens), length):
+            segment = tokens[begin : begin + length]
+            ids = torch.tensor([[loaded.start_token, *segment[:-1]]])
+            with torch.inference_mode():
+                logits = loaded.model(ids).logits[0].float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            true = log_probs.gather(1, torch.tensor(segment)[:, None])
+            bits -= float(true.double().sum()) / 0.6931471805599453
+        rows.append({"segment_length": length, "model_bits": bits,
+                     "seconds": time.perf_counter() - started})
+    return {"bytes": len(data), "tokens": len(tokens), "rows": rows}
+
+
+def stage_width(args: dict[str, Any]) -> dict[str, Any]:
+    """Encode B rows of ``steps`` tokens each at batch width B through the real codec."""
+    from llmarc.codecs.llm import CodingSettings, LLMCodec
+    from llmarc.model.loader import load_model
+    from llmarc.model.tokenize import LosslessTokenizer
+
+    width, steps = args["width"], args["steps"]
+    loaded = load_model(None, device="cpu")
+    tokens = LosslessTokenizer(loaded.tokenizer, loaded.table).encode(
+        Path(args["input"]).read_bytes())
+    rows = [tokens[i * steps : (i + 1) * steps] for i in range(width)]
+    if any(len(row) < steps for row in rows):
+        raise SystemExit(f"width sweep input too short for {width} rows of {steps} tokens")
+    codec = LLMCodec(loaded, CodingSettings(batch_width=width,
+                                            segment_length=args["segment_length"]))
+    started = time.perf_counter()
+    codec.encode_many(rows)
+    seconds = time.perf_counter() - started
+    return {"width": width, "tokens": width * steps, "seconds": seconds}
+
+
+def stage_load(args: dict[str, Any]) -> dict[str, Any]:
+    """Time loading the default model (the first ever load also converts the GGUF)."""
+    from llmarc.model import sources
+    from llmarc.model.loader import load_model
+
+    source = sources.resolve(None)
+    cached = source.kind != "gguf" or (
+        sources.gguf_cache_folder(source.path) / "model.safetensors").is_file()
+    started = time.perf_counter()
+    loaded = load_model(None, device="cpu")
+    return {"seconds": time.perf_counter() - started, "was_cached": cached,
+            "model": loaded.source.display_name, "fingerprint": loaded.fingerprint.hex(),
+            "parameters": sum(p.numel() for p in loaded.model.parameters())}
+
+
+STAGES = {"load": stage_load, "pack": stage_pack, "extract": stage_extract, "sweep": stage_sweep,
+          "width": stage_width}
+
+
+def main() -> None:
+    stage, args_path, result_path = sys.argv[1:4]
+    result = STAGES[stage](json.loads(Path(args_path).read_text()))
+    Path(result_path).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
