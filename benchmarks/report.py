@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import time
@@ -53,30 +52,39 @@ def _bpb(bits: float, size: int) -> str:
     return f"{bits / size:.3f}"
 
 
-def compression_rows(results: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[float]]]]:
+Cell = float | str  # bits per byte, or why there is no figure
+
+
+def compression_rows(results: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[Cell]]]]:
     """(input names, [(method, bits per byte per input)]) for the text inputs."""
     texts = [i for i in results["inputs"] if i["kind"] == "text"]
     names = [i["name"] for i in texts]
     size = {i["name"]: i["bytes"] for i in texts}
     llm, members = results["pack"]["llm"], {m["name"]: m for m in results["pack"]["members"]}
-    rows: list[tuple[str, list[float]]] = [
+
+    def model(key: str, scale: int = 1) -> list[Cell]:
+        return [scale * llm[n][key] / size[n] if n in llm else "not LLM-coded" for n in names]
+
+    rows: list[tuple[str, list[Cell]]] = [
         ("llmarc archive entry (real, default model)",
          [8 * members[n]["packed_size"] / size[n] for n in names]),
-        ("ideal cross-entropy H_ub (same run)", [llm[n]["model_bits"] / size[n] for n in names]),
-        ("model ranks + zlib -9 (LLMZip's LLaMA+zlib)",
-         [8 * llm[n]["ranks_zlib_bytes"] / size[n] for n in names]),
-        ("model ranks + zstd -19", [8 * llm[n]["ranks_zstd_bytes"] / size[n] for n in names]),
-        ("token-by-token, ceil(-log2 p) bits (LLMZip's TbyT)",
-         [llm[n]["tbyt_bits"] / size[n] for n in names]),
+        ("ideal cross-entropy H_ub (same run)", model("model_bits")),
+        ("model ranks + zlib -9 (LLMZip's LLaMA+zlib)", model("ranks_zlib_bytes", 8)),
+        ("model ranks + zstd -19", model("ranks_zstd_bytes", 8)),
+        ("token-by-token, ceil(-log2 p) bits (LLMZip's TbyT)", model("tbyt_bits")),
     ]
     classic: dict[str, dict[str, int | None]] = {}
     for row in results["classic"]:
         if row["input"] in size:
             classic.setdefault(row["compressor"], {})[row["input"]] = row["compressed"]
-    for compressor, sizes in classic.items():  # NaN: the roundtrip failed
-        rows.append((compressor, [math.nan if sizes[n] is None else 8 * sizes[n] / size[n]
-                                  for n in names]))
+    for compressor, sizes in classic.items():
+        rows.append((compressor, ["roundtrip failed" if sizes[n] is None
+                                  else 8 * sizes[n] / size[n] for n in names]))  # type: ignore[operator]
     return names, rows
+
+
+def _cell(value: Cell) -> str:
+    return value if isinstance(value, str) else f"{value:.3f}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -96,25 +104,28 @@ def markdown(results: dict[str, Any]) -> str:
            "| method | " + " | ".join(names) + " |",
            "|---|" + "---:|" * len(names)]
     for method, values in rows:
-        out.append(f"| {method} | " + " | ".join(
-            "roundtrip failed" if math.isnan(v) else f"{v:.3f}" for v in values) + " |")
+        out.append(f"| {method} | " + " | ".join(_cell(v) for v in values) + " |")
+    coded = [n for n in names if n in llm]
     out += ["", "Inputs: " + "; ".join(f"**{n}**: {inputs[n]['description']} "
-                                         f"({inputs[n]['bytes']:,} B, "
-                                         f"{llm[n]['tokens']:,} tokens)" for n in names) + ".", ""]
+                                         f"({inputs[n]['bytes']:,} B"
+                                         + (f", {llm[n]['tokens']:,} tokens)" if n in llm else ")")
+                                         for n in names) + ".", ""]
     total_text = sum(inputs[n]["bytes"] for n in names)
-    ideal_total = sum(llm[n]["model_bits"] for n in names)
+    ideal_total = sum(llm[n]["model_bits"] for n in coded)
     packed = {m["name"]: m["packed_size"] for m in pack["members"]}
     overheads = ", ".join(f"{n} {100 * (8 * packed[n] / llm[n]['model_bits'] - 1):+.2f}%"
-                          for n in names)
+                          for n in coded)
     published = ", ".join(f"{k} {v}" for k, v in PUBLISHED_TEXT8.items())
     container = pack["archive_bytes"] - sum(packed.values())
+    whole = (f"The whole archive of the {len(names)} text inputs is {pack['archive_bytes']:,} B "
+             f"= {8 * pack['archive_bytes'] / total_text:.3f} bits/byte with every byte "
+             f"counted; {container:,} B of it are the container (header, index, model table "
+             "with its numerics profile, footer).")
+    if len(coded) == len(names):
+        whole += (f" Ideal {ideal_total / total_text:.3f} bits/byte, so "
+                  f"{100 * (8 * pack['archive_bytes'] / ideal_total - 1):+.2f}% in all.")
     out += [f"Coder overhead over the ideal, per entry (payload with its token count and "
-            f"segment lengths): {overheads}.",
-            f"The whole archive of the {len(names)} text inputs is {pack['archive_bytes']:,} B = "
-            f"{8 * pack['archive_bytes'] / total_text:.3f} bits/byte with every byte counted; "
-            f"{container:,} B of it are the container (header, index, model table with its "
-            f"numerics profile, footer). Ideal {ideal_total / total_text:.3f} bits/byte, so "
-            f"{100 * (8 * pack['archive_bytes'] / ideal_total - 1):+.2f}% in all.",
+            f"segment lengths): {overheads}.", whole,
             "Published for comparison (LLMZip, LLaMA-7B, first 1 MB of text8, bits/char, not "
             f"measured here): {published}.", ""]
     out += ["## Fallback path: binaries (`--codec auto`, no model runs)", "",
@@ -126,15 +137,16 @@ def markdown(results: dict[str, Any]) -> str:
         out.append(f"| {n} | {size:,} | {m['codec']} | {8 * m['packed_size'] / size:.3f} | "
                    f"{8 * classic[('zstd -19', n)] / size:.3f} | "
                    f"{8 * classic[('xz -9e', n)] / size:.3f} |")
-    tokens = sum(llm[n]["tokens"] for n in names)
+    tokens = sum(llm[n]["tokens"] for n in coded)
+    coded_bytes = sum(inputs[n]["bytes"] for n in coded)
     load_first, load_cached = results["load"]
     out += ["", "## Speed and memory", "",
-            "| stage | tokens | coding s | tokens/s | KB/s | process wall s | peak RSS |",
+            "| stage | tokens | LLM coding s | tokens/s | KB/s | process wall s | peak RSS |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for label, stage in (("pack (encode)", pack), ("extract (decode, fresh process)", extract)):
         out.append(f"| {label} | {tokens:,} | {stage['coding_seconds']:.1f} | "
                    f"{tokens / stage['coding_seconds']:.0f} | "
-                   f"{total_text / 1000 / stage['coding_seconds']:.2f} | "
+                   f"{coded_bytes / 1000 / stage['coding_seconds']:.2f} | "
                    f"{stage['process_seconds']:.1f} | {stage['peak_rss_bytes'] / 2**30:.2f} GiB |")
     first = "from the cache" if load_first["was_cached"] else "first load: GGUF converted, cached"
     out += ["", f"Model load: {load_first['seconds']:.1f} s ({first}), "
@@ -175,8 +187,9 @@ def plots(results: dict[str, Any], out: Path) -> None:
     figure, axes = plt.subplots(figsize=(11, 6.5))
     height = 0.8 / len(names)
     for k, name in enumerate(names):
-        axes.barh([i + k * height for i in range(len(rows))], [r[1][k] for r in rows],
-                  height=height, label=name)
+        values = [r[1][k] for r in rows]
+        axes.barh([i + k * height for i in range(len(rows))],
+                  [v if isinstance(v, float) else 0.0 for v in values], height=height, label=name)
     axes.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))],
                     [r[0] for r in rows], fontsize=8)
     axes.invert_yaxis()

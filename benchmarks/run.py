@@ -86,12 +86,12 @@ def pack_binaries(inputs: list[Input], work: Path) -> dict[str, Any]:
                          "codec": m.codec} for m in members]}
 
 
-def run(sizes: Sizes, out: Path, mode: str) -> dict[str, Any]:
+def run(sizes: Sizes, mode: str) -> dict[str, Any]:
     texts, binaries = text_inputs(sizes), binary_inputs(sizes)
     sweep = sweep_input(sizes)
     results: dict[str, Any] = {
         "mode": mode, "stamp": report.stamp(),
-        "sizes": {k: v for k, v in vars(sizes).items()},
+        "sizes": dict(vars(sizes)),
         "inputs": [{"name": i.name, "kind": i.kind, "bytes": len(i.data), "sha256": i.sha256,
                     "description": i.description} for i in [*texts, *binaries]],
     }
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     mode = "quick" if options.quick else "full"
     out = options.out or ROOT / "benchmarks" / "results" / ("quick" if options.quick else "")
-    results = run(QUICK if options.quick else FULL, out, mode)
+    results = run(QUICK if options.quick else FULL, mode)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     markdown = report.markdown(results)

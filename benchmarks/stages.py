@@ -37,9 +37,9 @@ class _Clock:
     def close(self) -> None:
         pass
 
-    def token_task(self, total: int, description: str) -> _Clock:
+    def token_task(self, total: int, description: str) -> _TokenTimer:
         self.coding_started = time.perf_counter()
-        return _TokenTimer(self)  # type: ignore[return-value]
+        return _TokenTimer(self)
 
 
 class _TokenTimer:
