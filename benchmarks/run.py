@@ -1,6 +1,6 @@
 """Run the llmarc benchmarks and write ``benchmarks/results/`` (see benchmarks/README.md).
 
-    python -m benchmarks.run            # full run, about 20 minutes on 2 CPU cores
+    python -m benchmarks.run            # full run, about 15 minutes on 2 CPU cores
     python -m benchmarks.run --quick    # smoke run, under 3 minutes, writes results/quick/
 
 Every figure is measured here; the only published numbers (LLMZip's) are labelled so.
@@ -21,7 +21,16 @@ from typing import Any
 
 from benchmarks import report
 from benchmarks.classic import Compressor, compressors, reference_compressors, run_classic
-from benchmarks.inputs import FULL, QUICK, Input, Sizes, binary_inputs, sweep_input, text_inputs
+from benchmarks.inputs import (
+    CORPUS,
+    FULL,
+    QUICK,
+    Input,
+    Sizes,
+    binary_inputs,
+    sweep_input,
+    text_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +133,7 @@ def run(sizes: Sizes, mode: str) -> dict[str, Any]:
         for width in sizes.batch_widths:
             say(f"batch width {width}: {width} rows x {sizes.batch_steps} tokens")
             results["widths"].append(run_stage("width", {
-                "input": str(ROOT.parent / "shared" / "corpus" / "lcet10.txt"), "width": width,
+                "input": str(CORPUS / "lcet10.txt"), "width": width,
                 "steps": sizes.batch_steps, "segment_length": FULL.segment_length}, work))
     results["total_seconds"] = time.perf_counter() - started
     return results
@@ -140,7 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     mode = "quick" if options.quick else "full"
     out = options.out or ROOT / "benchmarks" / "results" / ("quick" if options.quick else "")
-    results = run(QUICK if options.quick else FULL, mode)
+    try:
+        results = run(QUICK if options.quick else FULL, mode)
+    except KeyboardInterrupt:
+        say("interrupted; nothing written")
+        raise SystemExit(130) from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     markdown = report.markdown(results)

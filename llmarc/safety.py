@@ -196,6 +196,10 @@ def write_file(parent_fd: int, leaf: str, shown: str, chunks: Iterable[bytes], s
                                         "does not match the archive")
         os.fchmod(fd, mode & 0o777)
         os.utime(fd, ns=(mtime_ns, mtime_ns))
+        if overwrite and st is not None:
+            # replacing a file: make the new bytes durable first, so a power cut cannot
+            # leave neither the old file nor the new one (a new name risks nothing)
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         if overwrite:
