@@ -64,23 +64,15 @@ def minimal_length(low: int, high: int, nbytes: int) -> int:
 
 #: Records carries and pending-0xFF run lengths (to prove the tests reach them); shared
 #: with the vector generator, which uses it to pick the carry vectors.
-ProbeEncoder = load_script(SPEC_ENTROPY_VECTORS / "make_vectors.py").ProbeEncoder
+_GENERATOR = load_script(SPEC_ENTROPY_VECTORS / "make_vectors.py")
+ProbeEncoder = _GENERATOR.ProbeEncoder
+#: The symbol whose sub-interval holds the value with the most trailing zeros: choosing
+#: it keeps the encoder undecided (a growing run of pending 0xFF bytes).
+roundest_symbol = _GENERATOR.roundest_symbol
 
 
 def intervals_of(tables: np.ndarray, symbols: list[int]) -> list[tuple[int, int]]:
     return [(int(t[:s].sum()), int(t[s])) for t, s in zip(tables, symbols, strict=True)]
-
-
-def roundest_symbol(encoder: RangeEncoder, cumulative: np.ndarray) -> int | None:
-    """The symbol whose sub-interval holds the value with the most trailing zeros: choosing
-    it keeps the encoder undecided (a growing run of pending 0xFF bytes)."""
-    low, high = encoder.low, encoder.low + encoder.range - 1
-    for shift in range(64, -1, -1):
-        point = (high >> shift) << shift
-        if point >= low:
-            break
-    offset = (point - low) // (encoder.range >> encoder.precision)
-    return None if offset >= cumulative[-1] else int(np.searchsorted(cumulative, offset, "right"))
 
 
 def check_stream(precision: int, tables: np.ndarray, symbols: list[int]) -> bytes:
