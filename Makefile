@@ -35,7 +35,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Benchmarks (benchmarks/README.md): the full run writes benchmarks/results/ (~15 min
+# Benchmarks (benchmarks/README.md): the full run writes benchmarks/results/ (~17 min
 # on 2 CPU cores); the quick run checks the whole pipeline in under 3 minutes.
 $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[llm,test,bench]'

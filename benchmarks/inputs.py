@@ -83,7 +83,7 @@ def _read(name: str) -> bytes:
 
 
 def text_inputs(sizes: Sizes) -> list[Input]:
-    """The LLM-coded inputs: English prose, its text8-style form, real text8, code/markup."""
+    """The LLM-coded inputs: English prose, a play, text8-style prose, real text8, code."""
     n = sizes.text_bytes
     # cp.html would be the classic choice, but its one Latin-1 byte (0xFC) is not in
     # SmolLM2's vocabulary, which sends the whole entry to zstd (README, "auto").
@@ -91,6 +91,8 @@ def text_inputs(sizes: Sizes) -> list[Input]:
     return [
         Input("alice29.txt", _read("alice29.txt")[:n], "text",
               f"English prose, first {n:,} bytes of alice29.txt"),
+        Input("asyoulik.txt", _read("asyoulik.txt")[:n], "text",
+              f"Shakespeare's As You Like It (verse and prose), first {n:,} bytes"),
         Input("alice29.text8", text8_filter(_read("alice29.txt"))[:n], "text",
               f"text8-style alice29.txt (a-z and single spaces), first {n:,} bytes"),
         Input("text8", _read("text8_first100KB")[:n], "text",

@@ -1,6 +1,6 @@
 """Run the llmarc benchmarks and write ``benchmarks/results/`` (see benchmarks/README.md).
 
-    python -m benchmarks.run            # full run, about 15 minutes on 2 CPU cores
+    python -m benchmarks.run            # full run, about 17 minutes on 2 CPU cores
     python -m benchmarks.run --quick    # smoke run, under 3 minutes, writes results/quick/
 
 Every figure is measured here; the only published numbers (LLMZip's) are labelled so.
