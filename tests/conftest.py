@@ -21,6 +21,7 @@ from llmarc.container.layout import (
     assemble,
     crc32,
 )
+from llmarc.model.sources import MODEL_ENV
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 TINY_BPE = FIXTURES / "tiny-llama-bpe"
@@ -33,7 +34,7 @@ def _tiny_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
     ``--codec auto`` (the default) runs the LLM codec on every text file; with the real
     SmolLM2 each pack would load 135M parameters and code at ~100 tokens/s.  The tests
     that are about the embedded model name it (``smollm2``) explicitly."""
-    monkeypatch.setenv("LLMARC_MODEL", str(TINY_BPE))
+    monkeypatch.setenv(MODEL_ENV, str(TINY_BPE))
 
 
 def load_script(path: Path) -> ModuleType:
