@@ -9,6 +9,7 @@ read each stage's own peak resident memory (``os.wait4``).  Usage (internal)::
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import zlib
@@ -17,52 +18,37 @@ from typing import Any
 
 import zstandard
 
+from llmarc.codecs.llm import write_varint
+from llmarc.progress import NullProgress
 
-class _Clock:
-    """A progress sink that records when the LLM coding starts and ends (after loading)."""
+
+class _Clock(NullProgress):
+    """A silent progress sink that times the LLM coding alone (its token bar's lifetime)."""
 
     def __init__(self) -> None:
-        self.coding_started: float | None = None
         self.coding_seconds = 0.0
 
-    def start(self, total: int, description: str) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def token_task(self, total: int, description: str) -> _TokenTimer:
-        self.coding_started = time.perf_counter()
+    def token_task(self, total: int, description: str) -> _TokenTimer:  # type: ignore[override]
         return _TokenTimer(self)
 
 
-class _TokenTimer:
+class _TokenTimer(NullProgress):
     def __init__(self, clock: _Clock) -> None:
         self.clock = clock
-
-    def advance(self, n: int) -> None:
-        pass
+        self.started = time.perf_counter()
 
     def close(self) -> None:
-        assert self.clock.coding_started is not None
-        self.clock.coding_seconds += time.perf_counter() - self.clock.coding_started
+        self.clock.coding_seconds += time.perf_counter() - self.started
 
 
-def varints(values: list[int]) -> bytes:
-    """Unsigned LEB128, the byte serialisation of the rank sequence before zlib/zstd."""
-    out = bytearray()
-    for v in values:
-        while v >= 0x80:
-            out.append(v & 0x7F | 0x80)
-            v >>= 7
-        out.append(v)
-    return bytes(out)
+def _model_and_tokens(path: str) -> tuple[Any, list[int]]:
+    """The default model on the CPU, and the lossless tokens of the file at ``path``."""
+    from llmarc.model.loader import load_model
+    from llmarc.model.tokenize import LosslessTokenizer
+
+    loaded = load_model(None, device="cpu")
+    return loaded, LosslessTokenizer(loaded.tokenizer, loaded.table).encode(
+        Path(path).read_bytes())
 
 
 def stage_pack(args: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +64,7 @@ def stage_pack(args: dict[str, Any]) -> dict[str, Any]:
     wall = time.perf_counter() - started
     per_entry = {}
     for name, s in stats.items():
-        ranks = varints(s.ranks)
+        ranks = b"".join(map(write_varint, s.ranks))  # unsigned LEB128, as in payloads
         per_entry[name] = {
             "tokens": s.tokens, "model_bits": s.model_bits, "coded_bits": s.coded_bits,
             "tbyt_bits": s.tbyt_bits, "payload_bytes": s.payload_bytes,
@@ -118,12 +104,7 @@ def stage_sweep(args: dict[str, Any]) -> dict[str, Any]:
     that differ only in the last bits)."""
     import torch
 
-    from llmarc.model.loader import load_model
-    from llmarc.model.tokenize import LosslessTokenizer
-
-    loaded = load_model(None, device="cpu")
-    data = Path(args["input"]).read_bytes()
-    tokens = LosslessTokenizer(loaded.tokenizer, loaded.table).encode(data)
+    loaded, tokens = _model_and_tokens(args["input"])
     rows = []
     for length in args["lengths"]:
         started = time.perf_counter()
@@ -135,22 +116,18 @@ def stage_sweep(args: dict[str, Any]) -> dict[str, Any]:
                 logits = loaded.model(ids).logits[0].float()
             log_probs = torch.log_softmax(logits, dim=-1)
             true = log_probs.gather(1, torch.tensor(segment)[:, None])
-            bits -= float(true.double().sum()) / 0.6931471805599453
+            bits -= float(true.double().sum()) / math.log(2)
         rows.append({"segment_length": length, "model_bits": bits,
                      "seconds": time.perf_counter() - started})
-    return {"bytes": len(data), "tokens": len(tokens), "rows": rows}
+    return {"bytes": Path(args["input"]).stat().st_size, "tokens": len(tokens), "rows": rows}
 
 
 def stage_width(args: dict[str, Any]) -> dict[str, Any]:
     """Encode B rows of ``steps`` tokens each at batch width B through the real codec."""
     from llmarc.codecs.llm import CodingSettings, LLMCodec
-    from llmarc.model.loader import load_model
-    from llmarc.model.tokenize import LosslessTokenizer
 
     width, steps = args["width"], args["steps"]
-    loaded = load_model(None, device="cpu")
-    tokens = LosslessTokenizer(loaded.tokenizer, loaded.table).encode(
-        Path(args["input"]).read_bytes())
+    loaded, tokens = _model_and_tokens(args["input"])
     rows = [tokens[i * steps : (i + 1) * steps] for i in range(width)]
     if any(len(row) < steps for row in rows):
         raise SystemExit(f"width sweep input too short for {width} rows of {steps} tokens")
@@ -168,8 +145,7 @@ def stage_load(args: dict[str, Any]) -> dict[str, Any]:
     from llmarc.model.loader import load_model
 
     source = sources.resolve(None)
-    cached = source.kind != "gguf" or (
-        sources.gguf_cache_folder(source.path) / "model.safetensors").is_file()
+    cached = source.kind != "gguf" or sources.is_converted(sources.gguf_cache_folder(source.path))
     started = time.perf_counter()
     loaded = load_model(None, device="cpu")
     return {"seconds": time.perf_counter() - started, "was_cached": cached,

@@ -143,10 +143,15 @@ def gguf_cache_folder(gguf: Path) -> Path:
     return cache_root() / "models" / hashlib.sha256(key_source.encode()).hexdigest()[:32]
 
 
+def is_converted(folder: Path) -> bool:
+    """Whether a cache folder holds a finished conversion (it appears only when complete)."""
+    return (folder / "model.safetensors").is_file()
+
+
 def converted_gguf_folder(gguf: Path, status: Any = None) -> Path:
     """Return a Hugging Face folder holding ``gguf`` dequantized; convert once if needed."""
     folder = gguf_cache_folder(gguf)
-    if (folder / "model.safetensors").is_file():
+    if is_converted(folder):
         return folder
     if status is not None:
         status(f"converting {gguf.name} once (cached in {folder})")
