@@ -6,6 +6,8 @@ line on stderr (exit 1, or 2 for usage); Ctrl-C exits 130 with one line.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import stat
@@ -14,7 +16,6 @@ import warnings
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -173,14 +174,13 @@ def version_cmd() -> None:
 
 
 def _click_classes(name: str) -> tuple[type[BaseException], ...]:
-    """The click exception class ``name`` from click and from typer's vendored click."""
-    found = [getattr(click.exceptions, name, None)]
-    try:
-        from typer._click import exceptions as vendored  # typer >= 0.26 vendors click
-        found.append(getattr(vendored, name, None))
-    except ImportError:
-        pass
-    found.append(getattr(typer, name, None) if name in ("Abort", "Exit") else None)
+    """The click exception class ``name`` from typer's vendored click (typer >= 0.26) and
+    from click itself when it is installed (older typer depends on it). click is not a
+    declared dependency, so neither import may be required."""
+    found = [getattr(typer, name, None) if name in ("Abort", "Exit") else None]
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        with contextlib.suppress(ImportError):
+            found.append(getattr(importlib.import_module(module), name, None))
     return tuple(c for c in found if isinstance(c, type))
 
 
