@@ -246,7 +246,8 @@ class CodingStats:
     float64 from the very logits that were coded); ``coded_bits`` the same with the
     quantized frequencies; ``tbyt_bits`` LLMZip's token-by-token code, each token taking
     ``max(1, ceil(-log2 p))`` bits; ``ranks`` the rank of each true token (0 = argmax),
-    for the paper's LLaMA+zlib scheme."""
+    for the paper's LLaMA+zlib scheme.  ``model_bits``, ``tbyt_bits`` and ``ranks`` are
+    only filled when the coder was asked to collect them (they cost a log-softmax)."""
 
     tokens: int = 0
     coded_bits: float = 0.0
@@ -255,38 +256,57 @@ class CodingStats:
     payload_bytes: int = 0
     ranks: list[int] = field(default_factory=list)
 
-
-# --------------------------------------------------------------------------- the codec
-@dataclass
-class _Segment:
-    owner: int  # index of the entry in the job list
-    index: int  # segment number within the entry
-    tokens: list[int] = field(default_factory=list)
-    length: int = 0
-    stream: bytes = b""
-    error: Exception | None = None  # a decoding failure stops only this segment's row
+    def add(self, other: CodingStats) -> None:
+        """Accumulate another segment's figures (ranks in segment order)."""
+        self.tokens += other.tokens
+        self.coded_bits += other.coded_bits
+        self.model_bits += other.model_bits
+        self.tbyt_bits += other.tbyt_bits
+        self.ranks.extend(other.ranks)
 
 
-def _groups(segments: list[_Segment], width: int) -> Iterator[list[_Segment]]:
-    ordered = sorted(segments, key=lambda s: (-s.length, s.owner, s.index))
-    for start in range(0, len(ordered), width):
-        yield ordered[start : start + width]
+# --------------------------------------------------------------------------- segments
+@dataclass(frozen=True)
+class SegmentJob:
+    """One segment to decode: its range-coder stream, how many tokens it holds, and the
+    most bytes its tokens may produce (the entry's original size: a hostile stream
+    cannot make the decoder build more than that)."""
+
+    stream: bytes
+    count: int
+    byte_limit: int
 
 
-class LLMCodec:
-    """Batched encoder/decoder over a loaded model with fixed coding settings."""
+def split_segments(tokens: list[int], length: int) -> list[list[int]]:
+    """Cut an entry's tokens into segments of ``length`` (the last may be shorter)."""
+    return [tokens[begin : begin + length] for begin in range(0, len(tokens), length)]
 
-    def __init__(self, loaded: Any, settings: CodingSettings) -> None:
-        from llmarc.inference.engine import EngineShape, LockstepEngine
 
-        settings.validate()
-        self.loaded = loaded
-        self.settings = settings
-        self.engine = LockstepEngine(
-            loaded.model, EngineShape(settings.batch_width, settings.segment_length)
-        )
-        self.table = loaded.table
-        self.last_stats: list[CodingStats] = []  # per input of the last encode_many
+class SegmentCoder:
+    """Entry-level coding (payloads) over two segment-level primitives.
+
+    Segments are independent by design, so *where* they are coded does not matter:
+    :class:`LLMCodec` codes them in this process; a distributed coder (Ray) sends them
+    to workers.  Both inherit the payload assembly here, so their archives are the same
+    byte for byte."""
+
+    settings: CodingSettings
+    table: list[bytes | None]
+
+    def encode_segments(
+        self,
+        segments: list[list[int]],
+        progress: ProgressCallback | None = None,
+        collect_stats: bool = False,
+    ) -> list[tuple[bytes, CodingStats]]:
+        """Code each segment (at most L tokens) into its own stream (input order kept)."""
+        raise NotImplementedError
+
+    def decode_segments(
+        self, jobs: list[SegmentJob], progress: ProgressCallback | None = None
+    ) -> list[list[int] | CorruptArchiveError]:
+        """Decode each segment's tokens; a hostile stream gives an error in its slot."""
+        raise NotImplementedError
 
     @staticmethod
     def count_tokens(jobs: Iterable[tuple[bytes, int]]) -> int:
@@ -297,88 +317,31 @@ class LLMCodec:
                 total += read_varint(payload, 0)[0]
         return total
 
-    def _run_groups(
-        self,
-        segments: list[_Segment],
-        code_row: Callable[[_Segment, int, np.ndarray, Any], int],
-        progress: ProgressCallback | None,
-        with_log_probs: bool = False,
-    ) -> None:
-        """Drive the lockstep engine over all segments; ``code_row`` codes one token of a
-        row from its frequency table and returns the token fed at the next position.
-
-        A row whose ``code_row`` raises CorruptArchiveError keeps its error and is fed
-        padding from then on, so one bad member cannot spoil its companions."""
-        import torch
-
-        from llmarc.entropy.quantize import logits_to_frequencies
-
-        width, start = self.settings.batch_width, self.loaded.start_token
-        for group in _groups(segments, width):
-            self.engine.reset()
-            feed = torch.full((width,), start, dtype=torch.long)
-            steps = max(s.length for s in group)
-            for t in range(steps):
-                logits = self.engine.step(feed)
-                active = [
-                    r for r, s in enumerate(group) if t < s.length and s.error is None
-                ]
-                if not active:
-                    break
-                rows = logits[active]
-                freqs = logits_to_frequencies(rows.cpu().numpy(), self.settings.precision)
-                log_probs = torch.log_softmax(rows, dim=-1) if with_log_probs else None
-                next_feed = [start] * width
-                for i, r in enumerate(active):
-                    try:
-                        next_feed[r] = code_row(
-                            group[r], t, freqs[i], None if log_probs is None else log_probs[i]
-                        )
-                    except CorruptArchiveError as exc:
-                        group[r].error = exc
-                feed = torch.tensor(next_feed, dtype=torch.long)
-                if progress is not None:
-                    progress(len(active))
-
     def encode_many(
-        self, token_lists: list[list[int]], progress: ProgressCallback | None = None
-    ) -> list[bytes]:
-        """Code each token list into an llm payload (the order of the input is kept)."""
-        from llmarc.entropy.rangecoder import RangeEncoder
-
-        length, precision = self.settings.segment_length, self.settings.precision
-        segments: list[_Segment] = []
+        self,
+        token_lists: list[list[int]],
+        progress: ProgressCallback | None = None,
+        collect_stats: bool = False,
+    ) -> tuple[list[bytes], list[CodingStats]]:
+        """Code each token list into an llm payload; return payloads and per-entry stats."""
+        length = self.settings.segment_length
+        owners: list[int] = []
+        segments: list[list[int]] = []
         for owner, tokens in enumerate(token_lists):
-            for index, begin in enumerate(range(0, len(tokens), length)):
-                part = tokens[begin : begin + length]
-                segments.append(_Segment(owner, index, part, len(part)))
-        encoders = {id(s): RangeEncoder(precision) for s in segments}
-        stats = [CodingStats(tokens=len(tokens)) for tokens in token_lists]
-        ranks: dict[int, list[int]] = {id(s): [] for s in segments}
-        total = float(1 << precision)
-
-        def code_row(segment: _Segment, t: int, freqs: np.ndarray, log_probs: Any) -> int:
-            token = segment.tokens[t]
-            freq = int(freqs[token])
-            encoders[id(segment)].encode(int(freqs[:token].sum()), freq)
-            own = stats[segment.owner]
-            own.coded_bits -= math.log2(freq / total)
-            true_log_prob = log_probs[token]
-            bits = -float(true_log_prob) / math.log(2)
-            own.model_bits += bits
-            own.tbyt_bits += max(1, math.ceil(bits))
-            ranks[id(segment)].append(int((log_probs > true_log_prob).sum()))
-            return token
-
-        self._run_groups(segments, code_row, progress, with_log_probs=True)
+            for part in split_segments(tokens, length):
+                owners.append(owner)
+                segments.append(part)
+        coded = self.encode_segments(segments, progress, collect_stats)
+        streams: list[list[bytes]] = [[] for _ in token_lists]
+        stats = [CodingStats() for _ in token_lists]
+        for owner, (stream, segment_stats) in zip(owners, coded, strict=True):
+            streams[owner].append(stream)
+            stats[owner].add(segment_stats)
         payloads = []
         for owner, tokens in enumerate(token_lists):
-            own = sorted((s for s in segments if s.owner == owner), key=lambda s: s.index)
-            payloads.append(build_payload(len(tokens), [encoders[id(s)].finish() for s in own]))
+            payloads.append(build_payload(len(tokens), streams[owner]))
             stats[owner].payload_bytes = len(payloads[-1])
-            stats[owner].ranks = [rank for s in own for rank in ranks[id(s)]]
-        self.last_stats = stats
-        return payloads
+        return payloads, stats
 
     def decode_many(
         self,
@@ -391,50 +354,177 @@ class LLMCodec:
         decode); wrong-but-plausible output cannot be ruled out here and is caught by the
         caller's SHA-256.
         """
-        from llmarc.entropy.rangecoder import RangeDecoder
-
-        length, precision = self.settings.segment_length, self.settings.precision
+        length, table = self.settings.segment_length, self.table
         jobs = list(jobs)
-        segments: list[_Segment] = []
-        decoders: dict[int, Any] = {}
-        failures: dict[int, CorruptArchiveError] = {}
+        results: list[bytes | CorruptArchiveError] = [b""] * len(jobs)
+        owners: list[int] = []
+        segment_jobs: list[SegmentJob] = []
         for owner, (payload, original_size) in enumerate(jobs):
             try:
                 token_count, streams = parse_payload(payload, original_size, length)
             except CorruptArchiveError as exc:
-                failures[owner] = exc
+                results[owner] = exc
                 continue
             for index, stream in enumerate(streams):
                 count = min(length, token_count - index * length)
-                segment = _Segment(owner, index, [], count, stream)
-                decoders[id(segment)] = RangeDecoder(stream, precision)
-                segments.append(segment)
-        table = self.table
-        produced = [0] * len(jobs)
+                owners.append(owner)
+                segment_jobs.append(SegmentJob(stream, count, original_size))
+        parts: list[list[bytes]] = [[] for _ in jobs]
+        for owner, decoded in zip(
+            owners, self.decode_segments(segment_jobs, progress), strict=True
+        ):
+            if isinstance(results[owner], CorruptArchiveError):
+                continue
+            if isinstance(decoded, CorruptArchiveError):
+                results[owner] = decoded
+                continue
+            parts[owner].append(b"".join(table[t] for t in decoded))  # type: ignore[misc]
+        for owner, (_payload, original_size) in enumerate(jobs):
+            if isinstance(results[owner], CorruptArchiveError):
+                continue
+            data = b"".join(parts[owner])
+            if len(data) > original_size:
+                results[owner] = CorruptArchiveError(
+                    "llm stream decodes to more bytes than recorded"
+                )
+            else:
+                results[owner] = data
+        return results
 
-        def code_row(segment: _Segment, t: int, freqs: np.ndarray, log_probs: Any) -> int:
-            token = decoders[id(segment)].decode(freqs)
+
+@dataclass
+class _Row:
+    """One segment being coded in a lockstep group."""
+
+    slot: int  # index into the caller's segment list
+    length: int  # tokens in the segment
+    tokens: list[int] = field(default_factory=list)  # encode: known; decode: grows
+    produced: int = 0  # decode: bytes the decoded tokens stand for
+    error: CorruptArchiveError | None = None  # a decoding failure stops only this row
+
+
+def _groups(rows: list[_Row], width: int) -> Iterator[list[_Row]]:
+    """Rows sorted longest first (short segments waste few steps), ``width`` at a time."""
+    ordered = sorted(rows, key=lambda row: (-row.length, row.slot))
+    for start in range(0, len(ordered), width):
+        yield ordered[start : start + width]
+
+
+def _log_softmax_stats(rows: Any, tokens: list[int]) -> list[tuple[float, int]]:
+    """(bits of the true token under float64 softmax, its rank) for each row."""
+    import torch
+
+    log_probs = torch.log_softmax(rows.double(), dim=-1)
+    out = []
+    for row, token in zip(log_probs, tokens, strict=True):
+        true = row[token]
+        out.append((-float(true) / math.log(2), int((row > true).sum())))
+    return out
+
+
+class LLMCodec(SegmentCoder):
+    """Codes segments in this process with a loaded model and fixed coding settings."""
+
+    def __init__(self, loaded: Any, settings: CodingSettings) -> None:
+        from llmarc.inference.engine import EngineShape, LockstepEngine
+
+        settings.validate()
+        self.loaded = loaded
+        self.settings = settings
+        self.engine = LockstepEngine(
+            loaded.model, EngineShape(settings.batch_width, settings.segment_length)
+        )
+        self.table = loaded.table
+
+    def _run_groups(
+        self,
+        rows: list[_Row],
+        code_row: Callable[[_Row, int, np.ndarray, Any], int],
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Drive the lockstep engine over all rows; ``code_row`` codes one token of a row
+        from its frequency table (and float logits) and returns the token fed next.
+
+        A row whose ``code_row`` raises CorruptArchiveError keeps its error and is fed
+        padding from then on, so one bad segment cannot spoil its companions."""
+        import torch
+
+        from llmarc.entropy.quantize import logits_to_frequencies
+
+        width, start = self.settings.batch_width, self.loaded.start_token
+        for group in _groups(rows, width):
+            self.engine.reset()
+            feed = torch.full((width,), start, dtype=torch.long)
+            for t in range(group[0].length):
+                logits = self.engine.step(feed)
+                active = [r for r, row in enumerate(group) if t < row.length and row.error is None]
+                if not active:
+                    break
+                picked = logits[active]
+                freqs = logits_to_frequencies(picked.cpu().numpy(), self.settings.precision)
+                next_feed = [start] * width
+                for i, r in enumerate(active):
+                    try:
+                        next_feed[r] = code_row(group[r], t, freqs[i], picked[i])
+                    except CorruptArchiveError as exc:
+                        group[r].error = exc
+                feed = torch.tensor(next_feed, dtype=torch.long)
+                if progress is not None:
+                    progress(len(active))
+
+    def encode_segments(
+        self,
+        segments: list[list[int]],
+        progress: ProgressCallback | None = None,
+        collect_stats: bool = False,
+    ) -> list[tuple[bytes, CodingStats]]:
+        from llmarc.entropy.rangecoder import RangeEncoder
+
+        precision = self.settings.precision
+        encoders = [RangeEncoder(precision) for _ in segments]
+        stats = [CodingStats(tokens=len(tokens)) for tokens in segments]
+        total = float(1 << precision)
+
+        def code_row(row: _Row, t: int, freqs: np.ndarray, logits: Any) -> int:
+            token = row.tokens[t]
+            freq = int(freqs[token])
+            encoders[row.slot].encode(int(freqs[:token].sum()), freq)
+            own = stats[row.slot]
+            own.coded_bits -= math.log2(freq / total)
+            if collect_stats:
+                ((bits, rank),) = _log_softmax_stats(logits[None], [token])
+                own.model_bits += bits
+                own.tbyt_bits += max(1, math.ceil(bits))
+                own.ranks.append(rank)
+            return token
+
+        rows = [_Row(slot, len(tokens), list(tokens)) for slot, tokens in enumerate(segments)]
+        self._run_groups(rows, code_row, progress)
+        return [(encoder.finish(), own) for encoder, own in zip(encoders, stats, strict=True)]
+
+    def decode_segments(
+        self, jobs: list[SegmentJob], progress: ProgressCallback | None = None
+    ) -> list[list[int] | CorruptArchiveError]:
+        from llmarc.entropy.rangecoder import RangeDecoder
+
+        precision, table = self.settings.precision, self.table
+        decoders = [RangeDecoder(job.stream, precision) for job in jobs]
+
+        def code_row(row: _Row, t: int, freqs: np.ndarray, logits: Any) -> int:
+            token = decoders[row.slot].decode(freqs)
             piece = table[token]
             if piece is None:
                 raise CorruptArchiveError(f"llm stream decoded the non-text token {token}")
-            produced[segment.owner] += len(piece)
-            if produced[segment.owner] > jobs[segment.owner][1]:
+            row.produced += len(piece)
+            if row.produced > jobs[row.slot].byte_limit:
                 raise CorruptArchiveError("llm stream decodes to more bytes than recorded")
-            segment.tokens.append(token)
+            row.tokens.append(token)
             return token
 
-        self._run_groups(segments, code_row, progress)
-        for segment in segments:
-            if segment.error is not None:
-                failures.setdefault(segment.owner, segment.error)  # type: ignore[arg-type]
-        results: list[bytes | CorruptArchiveError] = []
-        for owner in range(len(jobs)):
-            if owner in failures:
-                results.append(failures[owner])
-                continue
-            own = sorted((s for s in segments if s.owner == owner), key=lambda s: s.index)
-            results.append(b"".join(table[t] for s in own for t in s.tokens))  # type: ignore[misc]
-        return results
+        rows = [_Row(slot, job.count) for slot, job in enumerate(jobs)]
+        self._run_groups(rows, code_row, progress)
+        return [row.error if row.error is not None else row.tokens
+                for row in sorted(rows, key=lambda row: row.slot)]
 
 
 def profile_json(profile: dict[str, Any]) -> str:

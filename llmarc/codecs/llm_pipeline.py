@@ -137,13 +137,15 @@ def encode_text_entries(
     total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]
     counter = TokenCounter(progress, total_tokens, f"llm coding ({loaded.source.display_name})")
     try:
-        payloads = codec.encode_many([token_lists[i] for i in todo], progress=counter)  # type: ignore[misc]
+        payloads, stats = codec.encode_many(
+            [token_lists[i] for i in todo],  # type: ignore[misc]
+            progress=counter,
+            collect_stats=options.on_encoded is not None,
+        )
     finally:
         counter.close()
     if options.on_encoded is not None:
-        options.on_encoded(
-            {names[i]: stats for i, stats in zip(todo, codec.last_stats, strict=True)}
-        )
+        options.on_encoded({names[i]: own for i, own in zip(todo, stats, strict=True)})
     results: list[EncodedEntry | None] = [None] * len(datas)
     model_index: int | None = None
     for i, payload in zip(todo, payloads, strict=True):
