@@ -19,6 +19,7 @@ from llmarc.codecs.llm import (
     CodingSettings,
     CodingStats,
     LLMCodec,
+    SegmentCoder,
     build_profile,
     check_model,
     decode_params,
@@ -43,6 +44,9 @@ class LLMOptions:
     threads: int | None = None  # pack only; extraction adopts the archive's
     segment_length: int = DEFAULT_SEGMENT_LENGTH
     batch_width: int | None = None  # None: sized from memory and workload
+    #: Code segments on a Ray cluster: "local" starts a local runtime, else an address
+    #: (``ray://host:port`` or ``auto``).  None: in this process.
+    ray: str | None = None
     #: Called after a pack's LLM coding with {member name: CodingStats} for every entry
     #: the model coded (whether or not it kept the LLM payload): benchmarks, diagnostics.
     on_encoded: Callable[[dict[str, CodingStats]], None] | None = None
@@ -62,6 +66,15 @@ def llm_available(options: LLMOptions) -> str | None:
     except ModelError as exc:
         return str(exc)
     return None
+
+
+def make_coder(loaded: Any, settings: CodingSettings, options: LLMOptions) -> SegmentCoder:
+    """The segment coder for these options: in this process, or on a Ray cluster."""
+    if options.ray is not None:
+        from llmarc.distributed.ray_coder import RayCoder
+
+        return RayCoder(loaded, settings, options)
+    return LLMCodec(loaded, settings)
 
 
 @dataclass
@@ -133,7 +146,7 @@ def encode_text_entries(
     segments = sum(-(-len(token_lists[i]) // length) for i in todo)  # type: ignore[arg-type]
     width = options.batch_width or default_batch_width(loaded, length, segments)
     settings = CodingSettings(batch_width=width, segment_length=length)
-    codec = LLMCodec(loaded, settings)
+    codec = make_coder(loaded, settings, options)
     total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]
     counter = TokenCounter(progress, total_tokens, f"llm coding ({loaded.source.display_name})")
     try:
@@ -167,9 +180,9 @@ class LLMDecoder:
         self.models = models
         self.options = options
         self.warn = warn
-        self._codecs: dict[int, LLMCodec] = {}
+        self._codecs: dict[int, SegmentCoder] = {}
 
-    def _codec(self, model_index: int, status: Warn | None = None) -> LLMCodec:
+    def _codec(self, model_index: int, status: Warn | None = None) -> SegmentCoder:
         if model_index in self._codecs:
             return self._codecs[model_index]
         if model_index >= len(self.models):
@@ -194,7 +207,7 @@ class LLMDecoder:
                 "the numerics environment differs from the one that made the archive "
                 f"({'; '.join(differences)}); decoding is verified by SHA-256"
             )
-        self._codecs[model_index] = codec = LLMCodec(loaded, settings)
+        self._codecs[model_index] = codec = make_coder(loaded, settings, self.options)
         return codec
 
     def decode(
