@@ -50,12 +50,15 @@ def reference_encode(
         if value >= low:
             break
     nbytes = 7 + shifts
-    return value.to_bytes(nbytes, "big").rstrip(b"\x00"), low, high, nbytes
+    out = value.to_bytes(nbytes, "big")
+    keep = max(len(out.rstrip(b"\x00")), nbytes - 7)  # at most 7 implicit zeros (§3.1)
+    return out[:keep], low, high, nbytes
 
 
 def minimal_length(low: int, high: int, nbytes: int) -> int:
-    """The fewest bytes L whose zero-padded value lies in [low, high] (decodes correctly)."""
-    for length in range(nbytes + 1):
+    """The fewest bytes L >= nbytes - 7 (the decoder reads at most 7 bytes past the end)
+    whose zero-padded value lies in [low, high] (decodes correctly)."""
+    for length in range(max(0, nbytes - 7), nbytes + 1):
         unit = 1 << (8 * (nbytes - length))
         if -(-low // unit) * unit <= high:
             return length
@@ -84,7 +87,8 @@ def check_stream(precision: int, tables: np.ndarray, symbols: list[int]) -> byte
     expected, low, high, nbytes = reference_encode(precision, intervals_of(tables, symbols))
     assert stream == expected
     assert len(stream) == minimal_length(low, high, nbytes)
-    assert not stream.endswith(b"\x00")  # trailing zeros are implicit
+    # trailing zeros are implicit, up to the 7 bytes of the final window
+    assert not stream.endswith(b"\x00") or len(stream) == nbytes - 7
     decoder = RangeDecoder(stream, precision)
     assert [decoder.decode(t) for t in tables] == symbols
     return stream

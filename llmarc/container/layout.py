@@ -8,12 +8,13 @@ limits, so a hostile index cannot make us allocate or loop more than its own siz
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 import zlib
 from dataclasses import dataclass, field
 
 from ..errors import CorruptArchiveError, UnsupportedFeatureError
+from .json_safe import canonical_json as _canonical_json
+from .json_safe import parse_profile_json
 
 MAGIC = b"\x89LLMA\r\n\x1a"
 FOOTER_MAGIC = b"LMAF"
@@ -80,7 +81,7 @@ class ModelRecord:
 
     @property
     def profile_dict(self) -> dict:
-        return json.loads(self.profile)
+        return parse_profile_json(self.profile)
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,8 @@ class Footer:
 
 
 def canonical_json(obj: object) -> str:
-    """The one canonical JSON text for ``obj`` (sorted keys, no spaces, UTF-8)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    """The one canonical JSON text for ``obj`` (json_safe.canonical_json)."""
+    return _canonical_json(obj)
 
 
 # ---------------------------------------------------------------- header / footer
@@ -288,13 +288,7 @@ def decode_index(data: bytes) -> Index:
         fp = cur.take(32, f"model {i} fingerprint")
         name = cur.text(cur.u16("model name length"), MAX_MODEL_NAME_BYTES, "model name")
         prof = cur.text(cur.u32("profile length"), MAX_PROFILE_BYTES, "numerics profile")
-        try:
-            obj = json.loads(prof)
-        except ValueError:
-            raise CorruptArchiveError(f"model {i} numerics profile is not JSON") from None
-        if not isinstance(obj, dict) or canonical_json(obj) != prof:
-            raise CorruptArchiveError(
-                f"model {i} numerics profile is not a canonical JSON object")
+        parse_profile_json(prof, what=f"model {i} numerics profile")  # hostile: bounded
         models.append(ModelRecord(fp, name, prof))
     n_entries = cur.u32("entry count")
     if n_entries > MAX_ENTRIES:

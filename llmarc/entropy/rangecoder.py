@@ -15,10 +15,12 @@ Two departures from LZMA, both to save bytes on short streams (one stream per se
 * LZMA's first output byte is always 0x00 (its cache starts as a dummy byte); here the
   first shift only fills the cache, since no carry can ever reach the first byte.
 * The flush writes the value with the most trailing zero bits in the final interval and
-  drops all trailing 0x00 bytes; the decoder reads bytes past the end as 0x00.  The
-  result is the shortest byte string whose zero-padded value lies in the final interval,
-  i.e. the shortest stream this decoder decodes correctly (tests/test_entropy.py proves
-  it against an unbounded-integer reference).
+  drops up to 7 trailing 0x00 bytes (the final window); the decoder reads at most those
+  7 bytes past the end, as 0x00, and a stream that needs more is corrupt.  The bound
+  makes the decoder's work proportional to the stream it was given (a hostile 4-byte
+  stream cannot be decoded "forever" on implicit zeros), at a cost of about one byte
+  per 65,536 streams; among the streams that keep that bound the result is the shortest
+  (tests/test_entropy.py proves it against an unbounded-integer reference).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ TOP = 1 << 48  # renormalise while range < TOP
 FF_THRESHOLD = 0xFF << 48  # low >= this (and no carry): the top byte is 0xFF, still open
 INITIAL_RANGE = WINDOW_MASK
 WINDOW_BYTES = WINDOW_BITS // 8
+#: Bytes a decoder may read past the end of a stream (as 0x00): the final window only.
+MAX_IMPLICIT_ZEROS = WINDOW_BYTES
 
 
 def _check_precision(precision: int) -> int:
@@ -107,17 +111,22 @@ class RangeEncoder:
         self.low = value  # may be >= 2^56: the carry is handled by _shift_low
         for _ in range(WINDOW_BYTES + 1):  # the window's 7 bytes, then the cache
             self._shift_low()
-        return bytes(self._out).rstrip(b"\x00")
+        out = bytes(self._out)  # 7 + n bytes for n renormalisation shifts
+        keep = max(len(out.rstrip(b"\x00")), len(out) - MAX_IMPLICIT_ZEROS)
+        return out[:keep]
 
 
 class RangeDecoder:
     """Decode symbols from a stream made by :class:`RangeEncoder` with the same tables.
 
-    The decoder must be told how many symbols to decode (it cannot see the end: bytes
-    past the end read as 0x00).  Invariant after every successful decode:
-    ``0 <= code < range``; a stream that breaks it raises CorruptArchiveError."""
+    The decoder must be told how many symbols to decode.  Up to MAX_IMPLICIT_ZEROS
+    bytes past the end read as 0x00; needing one more raises CorruptArchiveError, so
+    decoding a stream of ``len`` bytes shifts in at most ``len`` bytes after the first 7
+    and its cost is bounded by the stream, not by a claimed symbol count.  Invariant
+    after every successful decode: ``0 <= code < range``; a stream that breaks it raises
+    CorruptArchiveError."""
 
-    __slots__ = ("code", "data", "position", "precision", "range")
+    __slots__ = ("code", "data", "limit", "position", "precision", "range")
 
     def __init__(self, data: bytes, precision: int = DEFAULT_PRECISION) -> None:
         self.data = bytes(data)
@@ -125,6 +134,7 @@ class RangeDecoder:
         head = self.data[:WINDOW_BYTES].ljust(WINDOW_BYTES, b"\x00")
         self.code = int.from_bytes(head, "big")
         self.position = WINDOW_BYTES
+        self.limit = len(self.data) + MAX_IMPLICIT_ZEROS  # first position never readable
         self.range = INITIAL_RANGE
 
     def decode_cumulative(self, cumulative: np.ndarray) -> int:
@@ -146,6 +156,9 @@ class RangeDecoder:
         rng = r * (end - start)
         while rng < TOP:
             position = self.position
+            if position >= self.limit:
+                raise CorruptArchiveError(
+                    "range decoder read past the end of its stream (corrupt llm stream)")
             code = (code << 8) | (self.data[position] if position < len(self.data) else 0)
             self.position = position + 1
             rng <<= 8
