@@ -17,6 +17,13 @@ MIN_LEVEL = 1
 MAX_LEVEL = 22
 #: Decoders refuse frames whose window is larger than this (zstd's own default limit).
 MAX_WINDOW = 1 << 27
+#: No zstd frame decodes to more than this many bytes per byte of frame: every block
+#: (3-byte header + at least 1 byte of content) yields at most 128 KiB (RFC 8878 §3.1.1.2.4,
+#: Block_Maximum_Size), i.e. at most 32,768 bytes per 4 frame bytes. A size claim above
+#: MAX_EXPANSION x stored size is corrupt before anything is decoded, so the output (and
+#: any temporary file) is bounded by the archive's real size, not by what it claims.
+MAX_EXPANSION = 1 << 15
+FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
 #: Input fed per decompress call: at most ~32768x expansion per zstd block, so this caps one
 #: call's output at ~64 MiB even for a hostile frame.
 _FEED = 2048
@@ -66,12 +73,47 @@ def encode_solid(members: Iterable[Iterable[bytes]], level: int, size_hint: int,
     yield out
 
 
+def check_claim(size: int, stored_size: int, what: str) -> None:
+    """Refuse a frame of ``stored_size`` bytes claiming to decode to ``size`` bytes when no
+    zstd frame can expand that much (CorruptArchiveError)."""
+    if size > MAX_EXPANSION * stored_size:
+        raise CorruptArchiveError(
+            f"{what} claims {size} bytes from a {stored_size}-byte zstd frame, more than "
+            f"any zstd frame can hold ({MAX_EXPANSION} bytes per byte)")
+
+
+def check_header(head: bytes, size: int) -> None:
+    """Check a frame's header before decoding: a zstd frame (no skippable frame), a
+    window within MAX_WINDOW, and a declared content size, if present, equal to ``size``.
+    A frame declaring 2^63 bytes thus fails here, before any output exists."""
+    if len(head) >= 4 and head[:4] != FRAME_MAGIC:  # also refuses skippable frames
+        raise CorruptArchiveError("zstd payload is not a zstd frame")
+    try:
+        params = zstandard.get_frame_parameters(head[:18])
+    except zstandard.ZstdError:
+        return  # header cut short or invalid: the decoder reports it as corrupt
+    if params.window_size > MAX_WINDOW:
+        raise CorruptArchiveError(
+            f"zstd frame window of {params.window_size} bytes exceeds {MAX_WINDOW}")
+    if params.content_size != zstandard.CONTENTSIZE_UNKNOWN and params.content_size != size:
+        relation = "more than" if params.content_size > size else "not"
+        raise CorruptArchiveError(
+            f"zstd frame declares {params.content_size} bytes, {relation} the recorded {size}")
+
+
 def decode(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
-    """Decode one frame that must produce exactly ``size`` bytes and fill its payload."""
+    """Decode one frame that must produce exactly ``size`` bytes and fill its payload.
+
+    Its header is checked first (``check_header``); no output past ``size`` is ever
+    yielded (the overflowing piece raises instead)."""
     dobj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
     produced = 0
+    first = True
     try:
         for chunk in chunks:
+            if first and chunk:
+                check_header(chunk, size)
+                first = False
             for i in range(0, len(chunk), _FEED):
                 if dobj.eof:
                     raise CorruptArchiveError("zstd payload has bytes after the frame")
