@@ -227,7 +227,7 @@ def test_varints_and_payload_framing() -> None:
     with pytest.raises(CorruptArchiveError):
         read_varint(b"\x80" * 11, 0)
     payload = build_payload(5, [b"abc", b"de"])
-    assert parse_payload(payload, 100, 3) == (5, [b"abc", b"de"])
+    assert parse_payload(payload, 100, 3) == (5, [], [b"abc", b"de"])
     with pytest.raises(CorruptArchiveError):
         parse_payload(payload + b"x", 100, 3)  # lengths do not add up
     with pytest.raises(CorruptArchiveError):

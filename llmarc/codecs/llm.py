@@ -33,7 +33,10 @@ from llmarc.errors import (
 )
 from llmarc.model.fingerprint import PROFILE_SETTINGS, canonical_json, profile_differences
 
-ENGINE_NAME = "lockstep-v1"
+ENGINE_LOCKSTEP = "lockstep-v1"  # float, bound to the environment that made it
+ENGINE_INTEGER = "int-v1"  # exact integer arithmetic: the same logits on every machine
+ENGINES = (ENGINE_INTEGER, ENGINE_LOCKSTEP)
+DEFAULT_ENGINE = ENGINE_INTEGER
 DEFAULT_SEGMENT_LENGTH = 1024
 DEFAULT_CPU_BATCH_WIDTH = 32
 DEFAULT_PRECISION = 24
@@ -41,6 +44,12 @@ MAX_BATCH_WIDTH = 1024
 MAX_SEGMENT_LENGTH = 1 << 16
 MAX_VARINT_BYTES = 10
 MAX_THREADS = 1024
+#: int-v1 encodes by prefill: segments are stacked into batches of about this many
+#: positions (a bigger batch gives bigger GEMMs; the attention scores grow with it).
+PREFILL_POSITIONS = 1024
+#: Segments decoded per call of decode_segments: bounds the per-segment state that a
+#: payload of millions of one-token segments could otherwise make the reader hold.
+DECODE_CHUNK = 4096
 
 ProgressCallback = Callable[[int], None]  # called with the number of tokens just coded
 
@@ -80,11 +89,16 @@ def read_varint(data: bytes, offset: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- profile
 @dataclass(frozen=True)
 class CodingSettings:
-    """The adopted part of the numerics profile: what the decoder must use verbatim."""
+    """How segments are coded.
+
+    ``segment_length``, ``precision`` and ``engine`` are recorded and adopted by the
+    decoder.  ``batch_width`` (rows stepped together) is adopted too for lockstep-v1,
+    whose numbers depend on it; for int-v1 it is only this process's ceiling."""
 
     batch_width: int
     segment_length: int
     precision: int = DEFAULT_PRECISION
+    engine: str = DEFAULT_ENGINE
 
     def validate(self) -> None:
         """Bounds-check settings read from a (hostile) archive before allocating anything."""
@@ -96,13 +110,28 @@ class CodingSettings:
             )
         if not 12 <= self.precision <= 28:
             raise CorruptArchiveError(f"llm profile: precision {self.precision} out of range")
+        if self.engine not in ENGINES:
+            raise UnsupportedFeatureError(
+                f"llm codec engine {self.engine!r} is not supported (this reader has "
+                f"{', '.join(ENGINES)})"
+            )
 
 
 def build_profile(loaded: Any, settings: CodingSettings) -> dict[str, Any]:
-    """The numerics profile recorded in the model table: adopted settings + environment."""
+    """The numerics profile recorded in the model table.
+
+    int-v1 records only what changes the numbers (engine, L, P): its logits do not
+    depend on the machine, batch width or thread count.  lockstep-v1 also records the
+    settings the decoder must reproduce (B, dtype, threads) and the environment."""
+    if settings.engine == ENGINE_INTEGER:
+        return {
+            "engine": ENGINE_INTEGER,
+            "segment_length": settings.segment_length,
+            "precision": settings.precision,
+        }
     profile = dict(loaded.environment)
     profile.update(
-        engine=ENGINE_NAME,
+        engine=ENGINE_LOCKSTEP,
         batch_width=settings.batch_width,
         segment_length=settings.segment_length,
         precision=settings.precision,
@@ -112,41 +141,54 @@ def build_profile(loaded: Any, settings: CodingSettings) -> dict[str, Any]:
     return profile
 
 
-def settings_from_profile(profile: dict[str, Any]) -> CodingSettings:
-    """Read and validate the adopted settings of a recorded profile."""
-    if profile.get("engine") != ENGINE_NAME:
+def _profile_int(profile: dict[str, Any], key: str, low: int, high: int) -> int:
+    """An integer setting of a (hostile) profile, range-checked; bools are not ints."""
+    value = profile.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CorruptArchiveError(f"llm profile: {key} {value!r} is missing or out of range")
+    return value
+
+
+def settings_from_profile(
+    profile: dict[str, Any], batch_width: int = DEFAULT_CPU_BATCH_WIDTH
+) -> CodingSettings:
+    """Read and validate the adopted settings of a recorded profile.
+
+    ``batch_width`` is the reader's own ceiling, used for int-v1 (lockstep-v1 adopts
+    the recorded one)."""
+    engine = profile.get("engine")
+    if engine not in ENGINES:
         raise UnsupportedFeatureError(
-            f"llm codec engine {profile.get('engine')!r} is not supported (this reader "
-            f"has {ENGINE_NAME!r})"
+            f"llm codec engine {engine!r} is not supported (this reader has "
+            f"{', '.join(ENGINES)})"
         )
-    try:
-        settings = CodingSettings(
-            batch_width=int(profile["batch_width"]),
-            segment_length=int(profile["segment_length"]),
-            precision=int(profile["precision"]),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptArchiveError(f"llm profile is incomplete or malformed: {exc}") from exc
+    length = _profile_int(profile, "segment_length", 1, MAX_SEGMENT_LENGTH)
+    precision = _profile_int(profile, "precision", 12, 28)
+    if engine == ENGINE_LOCKSTEP:
+        batch_width = _profile_int(profile, "batch_width", 1, MAX_BATCH_WIDTH)
+        _profile_int(profile, "threads", 1, MAX_THREADS)
+        if profile.get("dtype") not in ("float32", "bfloat16", "float16"):
+            raise CorruptArchiveError(f"llm profile: unknown dtype {profile.get('dtype')!r}")
+    settings = CodingSettings(batch_width, length, precision, engine)
     settings.validate()
-    threads, dtype = profile.get("threads"), profile.get("dtype")
-    if not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
-        raise CorruptArchiveError(f"llm profile: threads {threads!r} out of range")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise CorruptArchiveError(f"llm profile: unknown dtype {dtype!r}")
     return settings
 
 
 def check_model(
     loaded: Any, fingerprint: bytes, name: str, profile: dict[str, Any]
 ) -> list[str]:
-    """Refuse a different model; return warnings for environment differences."""
+    """Refuse a different model; return warnings for environment differences (only
+    lockstep-v1 depends on the environment)."""
     if loaded.fingerprint != fingerprint:
         raise ModelMismatchError(
             f"archive was made with model {name!r} (fingerprint {fingerprint.hex()[:16]}), "
             f"but {loaded.source.display_name!r} has fingerprint "
             f"{loaded.fingerprint.hex()[:16]}; pass the same model with --model"
         )
-    current = build_profile(loaded, settings_from_profile(profile))
+    settings = settings_from_profile(profile)
+    if settings.engine != ENGINE_LOCKSTEP:
+        return []
+    current = build_profile(loaded, settings)
     recorded = {k: v for k, v in profile.items() if k not in PROFILE_SETTINGS}
     here = {k: v for k, v in current.items() if k not in PROFILE_SETTINGS}
     return profile_differences(recorded, here)
@@ -209,21 +251,52 @@ def decode_params(params: bytes) -> int:
     return int.from_bytes(params, "little")
 
 
-def build_payload(token_count: int, streams: list[bytes]) -> bytes:
-    head = write_varint(token_count) + b"".join(write_varint(len(s)) for s in streams)
-    return head + b"".join(streams)
+Escapes = list[tuple[int, int]]  # (offset in the original bytes, byte value), ascending
+
+
+def build_payload(token_count: int, streams: list[bytes], escapes: Escapes | None = None) -> bytes:
+    """The payload: token count, [escapes (int-v1)], segment lengths, streams."""
+    head = bytearray(write_varint(token_count))
+    if escapes is not None:
+        head += write_varint(len(escapes))
+        end = 0
+        for offset, value in escapes:
+            head += write_varint(offset - end)
+            head.append(value)
+            end = offset + 1
+    for stream in streams:
+        head += write_varint(len(stream))
+    return bytes(head) + b"".join(streams)
 
 
 def parse_payload(
-    payload: bytes, original_size: int, segment_length: int
-) -> tuple[int, list[bytes]]:
-    """Split a payload into (token_count, streams), checking every length against the data."""
+    payload: bytes, original_size: int, segment_length: int, with_escapes: bool = False
+) -> tuple[int, Escapes, list[bytes]]:
+    """Split a payload into (token_count, escapes, streams), checking every count and
+    length against the bytes that are really there before anything is allocated."""
     token_count, offset = read_varint(payload, 0)
-    if token_count > original_size or (token_count == 0) != (original_size == 0):
+    escapes: Escapes = []
+    if with_escapes:
+        escape_count, offset = read_varint(payload, offset)
+        if escape_count > original_size or 2 * escape_count > len(payload) - offset:
+            raise CorruptArchiveError(f"llm payload: {escape_count} escapes cannot fit")
+        end = 0
+        for _ in range(escape_count):
+            gap, offset = read_varint(payload, offset)
+            if offset >= len(payload):
+                raise CorruptArchiveError("llm payload: truncated escape")
+            escapes.append((end + gap, payload[offset]))
+            end += gap + 1
+            offset += 1
+        if end > original_size:
+            raise CorruptArchiveError("llm payload: an escape lies past the end of the entry")
+    if token_count == 0 or token_count + len(escapes) > original_size:
         raise CorruptArchiveError(
             f"llm payload: {token_count} tokens cannot encode {original_size} bytes"
         )
     segments = -(-token_count // segment_length)
+    if segments > len(payload) - offset:  # every segment has a length varint of >= 1 byte
+        raise CorruptArchiveError(f"llm payload: {segments} segments cannot fit")
     lengths = []
     for _ in range(segments):
         length, offset = read_varint(payload, offset)
@@ -234,7 +307,29 @@ def parse_payload(
     for length in lengths:
         streams.append(payload[offset : offset + length])
         offset += length
-    return token_count, streams
+    return token_count, escapes, streams
+
+
+def apply_escapes(data: bytes, escapes: Escapes) -> bytes:
+    """Insert the escaped bytes back at their offsets (ascending)."""
+    if not escapes:
+        return data
+    out = bytearray()
+    taken = 0
+    for offset, value in escapes:
+        stop = offset - len(out) + taken
+        out += data[taken:stop]
+        taken = stop
+        out.append(value)
+    out += data[taken:]
+    return bytes(out)
+
+
+def parse_profile(text: str) -> dict[str, Any]:
+    """A model record's profile as a dict (hostile JSON is a CorruptArchiveError)."""
+    from llmarc.container.json_safe import parse_profile_json
+
+    return parse_profile_json(text)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -322,8 +417,12 @@ class SegmentCoder:
         token_lists: list[list[int]],
         progress: ProgressCallback | None = None,
         collect_stats: bool = False,
+        escapes: list[Escapes] | None = None,
     ) -> tuple[list[bytes], list[CodingStats]]:
-        """Code each token list into an llm payload; return payloads and per-entry stats."""
+        """Code each token list into an llm payload; return payloads and per-entry stats.
+
+        ``escapes`` (int-v1 payloads) are the bytes cut out of each entry before it was
+        tokenized; None writes the lockstep-v1 layout, which has no escape list."""
         length = self.settings.segment_length
         owners: list[int] = []
         segments: list[list[int]] = []
@@ -339,7 +438,8 @@ class SegmentCoder:
             stats[owner].add(segment_stats)
         payloads = []
         for owner, tokens in enumerate(token_lists):
-            payloads.append(build_payload(len(tokens), streams[owner]))
+            own_escapes = None if escapes is None else escapes[owner]
+            payloads.append(build_payload(len(tokens), streams[owner], own_escapes))
             stats[owner].payload_bytes = len(payloads[-1])
         return payloads, stats
 
@@ -355,13 +455,17 @@ class SegmentCoder:
         caller's SHA-256.
         """
         length, table = self.settings.segment_length, self.table
+        with_escapes = self.settings.engine == ENGINE_INTEGER
         jobs = list(jobs)
         results: list[bytes | CorruptArchiveError] = [b""] * len(jobs)
+        escapes: list[Escapes] = [[] for _ in jobs]
         owners: list[int] = []
         segment_jobs: list[SegmentJob] = []
         for owner, (payload, original_size) in enumerate(jobs):
             try:
-                token_count, streams = parse_payload(payload, original_size, length)
+                token_count, escapes[owner], streams = parse_payload(
+                    payload, original_size, length, with_escapes
+                )
             except CorruptArchiveError as exc:
                 results[owner] = exc
                 continue
@@ -370,9 +474,11 @@ class SegmentCoder:
                 owners.append(owner)
                 segment_jobs.append(SegmentJob(stream, count, original_size))
         parts: list[list[bytes]] = [[] for _ in jobs]
-        for owner, decoded in zip(
-            owners, self.decode_segments(segment_jobs, progress), strict=True
-        ):
+        decoded_segments: list[list[int] | CorruptArchiveError] = []
+        for begin in range(0, len(segment_jobs), DECODE_CHUNK):  # bounded live state
+            chunk = segment_jobs[begin : begin + DECODE_CHUNK]
+            decoded_segments.extend(self.decode_segments(chunk, progress))
+        for owner, decoded in zip(owners, decoded_segments, strict=True):
             if isinstance(results[owner], CorruptArchiveError):
                 continue
             if isinstance(decoded, CorruptArchiveError):
@@ -382,7 +488,7 @@ class SegmentCoder:
         for owner, (_payload, original_size) in enumerate(jobs):
             if isinstance(results[owner], CorruptArchiveError):
                 continue
-            data = b"".join(parts[owner])
+            data = apply_escapes(b"".join(parts[owner]), escapes[owner])
             if len(data) > original_size:
                 results[owner] = CorruptArchiveError(
                     "llm stream decodes to more bytes than recorded"
@@ -410,31 +516,37 @@ def _groups(rows: list[_Row], width: int) -> Iterator[list[_Row]]:
         yield ordered[start : start + width]
 
 
-def _log_softmax_stats(rows: Any, tokens: list[int]) -> list[tuple[float, int]]:
-    """(bits of the true token under float64 softmax, its rank) for each row."""
-    import torch
-
-    log_probs = torch.log_softmax(rows.double(), dim=-1)
-    out = []
-    for row, token in zip(log_probs, tokens, strict=True):
-        true = row[token]
-        out.append((-float(true) / math.log(2), int((row > true).sum())))
-    return out
-
-
 class LLMCodec(SegmentCoder):
-    """Codes segments in this process with a loaded model and fixed coding settings."""
+    """Codes segments in this process with a loaded model and fixed coding settings.
+
+    lockstep-v1 encodes and decodes by the same fixed-width stepping (its float logits
+    depend on the batch shape).  int-v1's logits do not, so the encoder runs one
+    parallel forward pass per batch of segments (prefill) and the decoder steps as many
+    rows as it has segments, up to ``settings.batch_width``."""
 
     def __init__(self, loaded: Any, settings: CodingSettings) -> None:
-        from llmarc.inference.engine import EngineShape, LockstepEngine
-
         settings.validate()
         self.loaded = loaded
         self.settings = settings
-        self.engine = LockstepEngine(
-            loaded.model, EngineShape(settings.batch_width, settings.segment_length)
-        )
         self.table = loaded.table
+        self._lockstep: Any = None
+        if settings.engine == ENGINE_LOCKSTEP:
+            from llmarc.inference.engine import EngineShape, LockstepEngine
+
+            self._lockstep = LockstepEngine(
+                loaded.model, EngineShape(settings.batch_width, settings.segment_length)
+            )
+        else:
+            self.integer = loaded.integer_model(settings.segment_length)
+
+    def _stepper(self, rows: int) -> tuple[Any, int]:
+        """(engine, width) for stepping ``rows`` segments."""
+        if self._lockstep is not None:
+            return self._lockstep, self.settings.batch_width
+        from llmarc.inference.integer import IntegerStepper
+
+        width = max(1, min(rows, self.settings.batch_width))
+        return IntegerStepper(self.integer, width, self.settings.segment_length), width
 
     def _run_groups(
         self,
@@ -442,8 +554,8 @@ class LLMCodec(SegmentCoder):
         code_row: Callable[[_Row, int, np.ndarray, Any], int],
         progress: ProgressCallback | None,
     ) -> None:
-        """Drive the lockstep engine over all rows; ``code_row`` codes one token of a row
-        from its frequency table (and float logits) and returns the token fed next.
+        """Step the engine over all rows; ``code_row`` codes one token of a row from its
+        frequency table (and float logits) and returns the token fed next.
 
         A row whose ``code_row`` raises CorruptArchiveError keeps its error and is fed
         padding from then on, so one bad segment cannot spoil its companions."""
@@ -451,12 +563,15 @@ class LLMCodec(SegmentCoder):
 
         from llmarc.entropy.quantize import logits_to_frequencies
 
-        width, start = self.settings.batch_width, self.loaded.start_token
+        if not rows:
+            return
+        engine, width = self._stepper(len(rows))
+        start = self.loaded.start_token
         for group in _groups(rows, width):
-            self.engine.reset()
+            engine.reset()
             feed = torch.full((width,), start, dtype=torch.long)
             for t in range(group[0].length):
-                logits = self.engine.step(feed)
+                logits = engine.step(feed)
                 active = [r for r, row in enumerate(group) if t < row.length and row.error is None]
                 if not active:
                     break
@@ -472,12 +587,34 @@ class LLMCodec(SegmentCoder):
                 if progress is not None:
                     progress(len(active))
 
+    def _prefill_batches(self, rows: list[_Row]) -> Iterator[tuple[list[_Row], Any]]:
+        """(rows, float32 logits [N, T, V]) for batches of known segments, int-v1 only.
+
+        Rows are sorted longest first and stacked while N * T <= PREFILL_POSITIONS (one
+        row at least); shorter rows are padded with the start token at their end, whose
+        logits are ignored (rows do not influence each other)."""
+        import torch
+
+        start = self.loaded.start_token
+        ordered = sorted(rows, key=lambda row: (-row.length, row.slot))
+        index = 0
+        while index < len(ordered):
+            longest = ordered[index].length
+            count = max(1, PREFILL_POSITIONS // longest)
+            batch = ordered[index : index + count]
+            index += len(batch)
+            feed = torch.full((len(batch), longest), start, dtype=torch.long)
+            for i, row in enumerate(batch):
+                feed[i, 1 : row.length] = torch.tensor(row.tokens[: row.length - 1])
+            yield batch, self.integer.prefill(feed)
+
     def encode_segments(
         self,
         segments: list[list[int]],
         progress: ProgressCallback | None = None,
         collect_stats: bool = False,
     ) -> list[tuple[bytes, CodingStats]]:
+        from llmarc.entropy.quantize import logits_to_frequencies
         from llmarc.entropy.rangecoder import RangeEncoder
 
         precision = self.settings.precision
@@ -489,17 +626,28 @@ class LLMCodec(SegmentCoder):
             token = row.tokens[t]
             freq = int(freqs[token])
             encoders[row.slot].encode(int(freqs[:token].sum()), freq)
-            own = stats[row.slot]
-            own.coded_bits -= math.log2(freq / total)
-            if collect_stats:
-                ((bits, rank),) = _log_softmax_stats(logits[None], [token])
-                own.model_bits += bits
-                own.tbyt_bits += max(1, math.ceil(bits))
-                own.ranks.append(rank)
+            stats[row.slot].coded_bits -= math.log2(freq / total)
             return token
 
         rows = [_Row(slot, len(tokens), list(tokens)) for slot, tokens in enumerate(segments)]
-        self._run_groups(rows, code_row, progress)
+        if self._lockstep is not None:
+            def stepped(row: _Row, t: int, freqs: np.ndarray, logits: Any) -> int:
+                if collect_stats:
+                    _add_model_stats(stats[row.slot], logits[None], [row.tokens[t]])
+                return code_row(row, t, freqs, logits)
+
+            self._run_groups(rows, stepped, progress)
+        else:
+            for batch, logits in self._prefill_batches(rows):
+                for i, row in enumerate(batch):
+                    own = logits[i, : row.length]
+                    freqs = logits_to_frequencies(own.numpy(), precision)
+                    for t in range(row.length):
+                        code_row(row, t, freqs[t], None)
+                    if collect_stats:
+                        _add_model_stats(stats[row.slot], own, row.tokens)
+                    if progress is not None:
+                        progress(row.length)
         return [(encoder.finish(), own) for encoder, own in zip(encoders, stats, strict=True)]
 
     def decode_segments(
@@ -525,6 +673,20 @@ class LLMCodec(SegmentCoder):
         self._run_groups(rows, code_row, progress)
         return [row.error if row.error is not None else row.tokens
                 for row in sorted(rows, key=lambda row: row.slot)]
+
+
+def _add_model_stats(own: CodingStats, logits: Any, tokens: list[int]) -> None:
+    """Add the float64 cross-entropy, TbyT bits and ranks of ``tokens`` under ``logits``."""
+    import torch
+
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    picked = log_probs[torch.arange(len(tokens)), torch.tensor(tokens)]
+    ranks = (log_probs > picked[:, None]).sum(dim=-1)
+    for log_prob, rank in zip(picked.tolist(), ranks.tolist(), strict=True):
+        bits = -log_prob / math.log(2)
+        own.model_bits += bits
+        own.tbyt_bits += max(1, math.ceil(bits))
+        own.ranks.append(int(rank))
 
 
 def profile_json(profile: dict[str, Any]) -> str:

@@ -8,14 +8,17 @@ archives without LLM entries never import torch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from llmarc.codecs import CODEC_LLM
 from llmarc.codecs.llm import (
+    DEFAULT_CPU_BATCH_WIDTH,
+    DEFAULT_ENGINE,
     DEFAULT_SEGMENT_LENGTH,
+    ENGINE_INTEGER,
+    ENGINE_LOCKSTEP,
     CodingSettings,
     CodingStats,
     LLMCodec,
@@ -25,6 +28,7 @@ from llmarc.codecs.llm import (
     decode_params,
     default_batch_width,
     encode_params,
+    parse_profile,
     settings_from_profile,
 )
 from llmarc.container.layout import ModelRecord
@@ -40,10 +44,15 @@ class LLMOptions:
 
     model: str | None = None  # None: the embedded default
     device: str = "auto"
-    dtype: str | None = None  # pack only; extraction adopts the archive's
-    threads: int | None = None  # pack only; extraction adopts the archive's
+    engine: str = DEFAULT_ENGINE  # pack only; extraction adopts the archive's
+    dtype: str | None = None  # lockstep-v1 pack only; extraction adopts the archive's
+    #: CPU threads for the model; None: the library default.  A runtime choice with
+    #: int-v1; lockstep-v1 records it and its extraction adopts the archive's.
+    threads: int | None = None
     segment_length: int = DEFAULT_SEGMENT_LENGTH
-    batch_width: int | None = None  # None: sized from memory and workload
+    #: Rows stepped together; None: sized from memory and workload.  Recorded by
+    #: lockstep-v1; with int-v1 a runtime ceiling for decoding (encoding is prefill).
+    batch_width: int | None = None
     #: Code segments on a Ray cluster: "local" starts a local runtime, else an address
     #: (``ray://host:port`` or ``auto``).  None: in this process.
     ray: str | None = None
@@ -129,6 +138,7 @@ def encode_text_entries(
         dtype=options.dtype,
         threads=options.threads,
         status=status,
+        engine=options.engine,
     )
     length = options.segment_length
     if not 1 <= length <= loaded.model.config.max_position_embeddings:
@@ -136,16 +146,22 @@ def encode_text_entries(
             f"segment length {length} is outside 1..{loaded.model.config.max_position_embeddings}"
         )
     tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
+    escaping = options.engine == ENGINE_INTEGER  # int-v1 payloads carry escaped bytes
     token_lists: list[list[int] | None] = []
+    escape_lists: list[list[tuple[int, int]]] = []
     for data in datas:
+        escapes: list[tuple[int, int]] = []
         try:
+            if escaping:
+                data, escapes = tokenizer.split_escapes(data)
             token_lists.append(tokenizer.encode(data) if data else None)
         except UnrepresentableBytesError:
             token_lists.append(None)  # a byte the vocabulary lacks: zstd/store instead
+        escape_lists.append(escapes)
     todo = [i for i, t in enumerate(token_lists) if t]
     segments = sum(-(-len(token_lists[i]) // length) for i in todo)  # type: ignore[arg-type]
     width = options.batch_width or default_batch_width(loaded, length, segments)
-    settings = CodingSettings(batch_width=width, segment_length=length)
+    settings = CodingSettings(width, length, engine=options.engine)
     codec = make_coder(loaded, settings, options)
     total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]
     counter = TokenCounter(progress, total_tokens, f"llm coding ({loaded.source.display_name})")
@@ -154,6 +170,7 @@ def encode_text_entries(
             [token_lists[i] for i in todo],  # type: ignore[misc]
             progress=counter,
             collect_stats=options.on_encoded is not None,
+            escapes=[escape_lists[i] for i in todo] if escaping else None,
         )
     finally:
         counter.close()
@@ -192,14 +209,19 @@ class LLMDecoder:
         from llmarc.model.loader import load_model
 
         record = self.models[model_index]
-        profile = json.loads(record.profile)
-        settings = settings_from_profile(profile)
+        profile = parse_profile(record.profile)
+        settings = settings_from_profile(
+            profile, self.options.batch_width or DEFAULT_CPU_BATCH_WIDTH
+        )
+        lockstep = settings.engine == ENGINE_LOCKSTEP
+        self._codecs.clear()  # one model in memory at a time
         loaded = load_model(
             self.options.model,
             device=self.options.device,
-            dtype=profile["dtype"],  # validated by settings_from_profile
-            threads=profile["threads"],
+            dtype=profile["dtype"] if lockstep else None,  # validated by settings_from_profile
+            threads=profile["threads"] if lockstep else self.options.threads,
             status=status,
+            engine=settings.engine,
         )
         differences = check_model(loaded, record.fingerprint, record.name, profile)
         if differences and self.warn is not None:

@@ -37,10 +37,20 @@ class LoadedModel:
     dtype_name: str
     threads: int
     environment: dict[str, Any] = field(default_factory=dict)
+    _integer: Any = field(default=None, repr=False)
 
     @property
     def vocab_size(self) -> int:
         return len(self.table)
+
+    def integer_model(self, length: int) -> Any:
+        """The int-v1 form of this model for segments up to ``length`` positions, derived
+        once from the float32 weights (the rotary tables grow with ``length``)."""
+        from llmarc.inference.integer import IntegerModel
+
+        if self._integer is None or self._integer.max_length < length:
+            self._integer = IntegerModel(self.model, length, device=self.device)
+        return self._integer
 
 
 def _import_torch() -> Any:
@@ -129,8 +139,13 @@ def load_model(
     dtype: str | None = None,
     threads: int | None = None,
     status: Callable[[str], None] | None = None,
+    engine: str = "int-v1",
 ) -> LoadedModel:
-    """Resolve, load and fingerprint a model; never downloads anything."""
+    """Resolve, load and fingerprint a model; never downloads anything.
+
+    For int-v1 the float network is always loaded in float32 on the CPU (the integer
+    model is derived from float32 weights, bit for bit, and then lives on ``device``);
+    ``dtype`` applies to lockstep-v1 only."""
     torch = _import_torch()
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
@@ -138,6 +153,11 @@ def load_model(
 
     source = resolve(model)
     torch_device = pick_device(device)
+    if engine == "int-v1":
+        if dtype not in (None, "float32"):
+            raise ModelError(f"--dtype {dtype} applies to the lockstep-v1 engine only "
+                             "(int-v1 computes in integers)")
+        dtype = "float32"
     dtype_name = dtype or ("bfloat16" if torch_device.type == "cuda" else "float32")
     if dtype_name not in DTYPES:
         raise ModelError(f"unsupported dtype {dtype_name!r} (use {', '.join(DTYPES)})")
@@ -160,7 +180,7 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {source.display_name}: {exc}") from exc
-    network = network.to(torch_device).eval()
+    network = network.to(torch_device if engine != "int-v1" else torch.device("cpu")).eval()
 
     logits_width = network.lm_head.out_features
     table = list(build_token_bytes(tokenizer))

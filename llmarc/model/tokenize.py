@@ -35,6 +35,7 @@ Repair needs single-byte tokens; if some byte has none (no byte fallback), encod
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -240,6 +241,24 @@ class LosslessTokenizer:
         #: UnrepresentableBytesError (SmolLM2 lacks 21 such bytes, e.g. 0x04 and 0xF5-0xFF).
         self.unrepresentable: frozenset[int] = frozenset(range(256)) - present
         self._representable = bytes(sorted(present))
+        #: byte values with no single-byte token: int-v1 payloads carry them as escapes
+        #: (spec/llm-codec.md §3.2), so the rest of the text can still be LLM-coded.
+        self.escaped: frozenset[int] = frozenset(
+            v for v, token in enumerate(self.single_byte) if token is None
+        )
+        self._unescaped = bytes(v for v in range(256) if v not in self.escaped)
+        self._escape_pattern = re.compile(
+            b"[" + b"".join(re.escape(bytes([v])) for v in sorted(self.escaped)) + b"]"
+        ) if self.escaped else None
+
+    def split_escapes(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+        """(data without the bytes that have no single-byte token, [(offset, byte)]).
+
+        What remains can always be tokenized (every byte has a single-byte token)."""
+        if self._escape_pattern is None or not data.translate(None, self._unescaped):
+            return data, []
+        escapes = [(m.start(), data[m.start()]) for m in self._escape_pattern.finditer(data)]
+        return self._escape_pattern.sub(b"", data), escapes
 
     def representable(self, data: bytes) -> bool:
         """Cheap pre-check: False if ``encode(data)`` would surely raise (C-speed scan).
