@@ -12,18 +12,23 @@ entries together (``encode_llm_batch``) before they are written.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import os
 import stat
 import struct
+import unicodedata
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .codecs import CODEC_STORE, CODEC_ZSTD
 from .codecs import choose as chooser
 from .codecs import zstd as zstd_codec
 from .codecs.llm_pipeline import LLMOptions, encode_text_entries, llm_available
+from .container.compact import solid_shares
 from .container.layout import EMPTY_SHA256, TYPE_DIR, TYPE_FILE, EntryRecord
 from .container.reader import ArchiveReader, MemberInfo
 from .container.writer import ArchiveWriter
@@ -69,9 +74,94 @@ def _default_warn(message: str) -> None:
 # ---------------------------------------------------------------- scan
 
 
+def shown(path: str) -> str:
+    r"""A path as a user can read it on one line: quoted, undecodable bytes as \xNN,
+    control characters and combining marks as \uNNNN (so NFC and NFD twins differ)."""
+    out = []
+    for ch in os.fsencode(path).decode("utf-8", "surrogateescape"):
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif not ch.isprintable() or unicodedata.combining(ch):
+            out.append(f"\\x{o:02x}" if o <= 0xFF else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "'" + "".join(out) + "'"
+
+
+@dataclass
+class Problem:
+    """A source path that cannot be archived, and why."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{shown(self.path)}: {self.reason}"
+
+
+@dataclass
+class PackReport:
+    """What ``pack`` could not archive exactly (the CLI turns it into an exit status)."""
+
+    skipped: list[Problem] = field(default_factory=list)  # not archived (with skip_failed)
+    changed: list[str] = field(default_factory=list)  # changed while read (archived)
+    vanished: list[str] = field(default_factory=list)  # deleted after the scan
+
+    @property
+    def clean(self) -> bool:
+        return not (self.skipped or self.changed or self.vanished)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "symbolic link (links are not archived)"
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe; only files and directories are archived)"
+    if stat.S_ISSOCK(mode):
+        return "socket (only files and directories are archived)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device (only files and directories are archived)"
+    return "special file (only files and directories are archived)"
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an archive member name (spec/format.md §8), or None."""
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8 (archive names are UTF-8)"
+    leaf = name.rsplit("/", 1)[-1]
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in leaf):
+        return "its name contains a control character (tab, newline, DEL, ...)"
+    if "\\" in leaf:
+        return "its name contains a backslash"
+    if len(leaf.encode("utf-8")) > 255:
+        return "its name is longer than 255 bytes"
+    if len(raw) > 4096:
+        return "its path is longer than 4096 bytes"
+    if leaf in (".", ".."):
+        return "its name is a '.' or '..' component"
+    if "/" in name:  # the parent passed already: checking only the leaf keeps depth linear
+        return None
+    try:
+        validate_name(name)
+    except UnsafeArchiveError as exc:
+        return f"its name cannot be stored safely ({exc})"
+    return None
+
+
 def scan(src_dir: str | os.PathLike[str], *, skip: set[tuple[int, int]] = frozenset(),
-         warn: Warn = _default_warn) -> list[SourceEntry]:
-    """All entries below ``src_dir`` (not the directory itself), sorted by name."""
+         warn: Warn = _default_warn, problems: list[Problem] | None = None,
+         ) -> list[SourceEntry]:
+    """All entries below ``src_dir`` (not the directory itself), sorted by name.
+
+    The walk is iterative (any depth) and never follows symlinks. Everything that cannot
+    be archived (symlinks, FIFOs, sockets, devices, unreadable files or directories, names
+    the format cannot store, and everything below such a directory) goes to ``problems``;
+    without a ``problems`` list the first one raises SourceError."""
     root = os.fspath(src_dir)
     try:
         st = os.stat(root)
@@ -80,35 +170,24 @@ def scan(src_dir: str | os.PathLike[str], *, skip: set[tuple[int, int]] = frozen
     if not stat.S_ISDIR(st.st_mode):
         raise SourceError(f"{root!r} is not a directory")
     out: list[SourceEntry] = []
-
-    def walk(path: str, prefix: str) -> None:
-        with os.scandir(path) as it:
-            items = sorted(it, key=lambda d: d.name)
-        for d in items:
-            name = prefix + d.name
-            try:
-                validate_name(name)
-                name.encode("utf-8")
-            except (UnsafeArchiveError, UnicodeEncodeError):
-                warn(f"skipping {d.path!r}: its name cannot be stored portably")
-                continue
-            st = d.stat(follow_symlinks=False)
-            if (st.st_dev, st.st_ino) in skip:
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                warn(f"skipping symbolic link {name!r} (symlinks are not archived)")
-            elif stat.S_ISDIR(st.st_mode):
-                out.append(SourceEntry(name, d.path, TYPE_DIR, st.st_mode & 0o777,
-                                       st.st_mtime_ns, 0))
-                walk(d.path, name + "/")
-            elif stat.S_ISREG(st.st_mode):
-                out.append(SourceEntry(name, d.path, TYPE_FILE, st.st_mode & 0o777,
-                                       st.st_mtime_ns, st.st_size))
-            else:
-                warn(f"skipping special file {name!r} (only files and directories are archived)")
-
-    walk(root, "")
-    out.sort(key=lambda e: e.name)
+    found: list[Problem] = [] if problems is None else problems
+    stack: list[tuple[str, str, str | None]] = [(root, "", None)]  # path, prefix, why bad
+    while stack:
+        path, prefix, bad = stack.pop()
+        try:
+            dir_fd = open_long(path, _O_DIR if prefix else _O_DIR & ~os.O_NOFOLLOW)
+        except OSError as exc:
+            found.append(Problem(path, f"cannot read the directory ({exc.strerror})"))
+            continue
+        try:
+            _scan_dir(dir_fd, path, prefix, bad, skip, out, found, stack)
+        except OSError as exc:
+            found.append(Problem(path, f"cannot read the directory ({exc.strerror})"))
+        finally:
+            os.close(dir_fd)
+        if problems is None and found:
+            raise SourceError(f"cannot archive {found[0]}")
+    out.sort(key=lambda e: e.name.encode("utf-8"))
     try:
         check_names((e.name, e.type == TYPE_DIR) for e in out)
     except UnsafeArchiveError as exc:
@@ -116,14 +195,152 @@ def scan(src_dir: str | os.PathLike[str], *, skip: set[tuple[int, int]] = frozen
     return out
 
 
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_O_FILE = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+#: Paths longer than this are opened a piece at a time (PATH_MAX is 4096 on Linux).
+_PIECE_BYTES = 2048
+
+
+def open_long(path: str, flags: int) -> int:
+    """``os.open(path, flags)`` for paths of any length: a deep tree's paths exceed
+    PATH_MAX, so those are opened a few hundred components at a time with ``dir_fd``."""
+    try:
+        return os.open(path, flags)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    parts = path.split("/")
+    pieces: list[str] = []
+    current: list[str] = []
+    for part in parts[:-1]:
+        if current and len("/".join(current)) + len(part) + 1 > _PIECE_BYTES:
+            pieces.append("/".join(current))
+            current = []
+        current.append(part)
+    pieces.append("/".join(current) or "/")
+    fd = os.open(pieces[0], _O_DIR & ~os.O_NOFOLLOW)
+    try:
+        for piece in pieces[1:]:
+            new = os.open(piece, _O_DIR & ~os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = new
+        return os.open(parts[-1], flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _scan_dir(dir_fd: int, path: str, prefix: str, bad: str | None,
+              skip: set[tuple[int, int]], out: list[SourceEntry], found: list[Problem],
+              stack: list[tuple[str, str, str | None]]) -> None:
+    """One directory of ``scan`` (listed through its fd, so depth is no limit)."""
+    with os.scandir(dir_fd) as it:
+        items = list(it)
+    for d in items:
+        name = prefix + d.name
+        full = os.path.join(path, d.name)
+        try:
+            st = d.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # vanished between listing and stat: nothing to lose
+        except OSError as exc:
+            found.append(Problem(full, f"cannot stat ({exc.strerror})"))
+            continue
+        if (st.st_dev, st.st_ino) in skip:
+            continue
+        is_dir = stat.S_ISDIR(st.st_mode)
+        why = bad or _name_problem(name)
+        if why is None and not (is_dir or stat.S_ISREG(st.st_mode)):
+            why = _kind(st.st_mode)
+        if why is None and not is_dir:
+            try:
+                os.close(os.open(d.name, _O_FILE | os.O_NONBLOCK, dir_fd=dir_fd))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                why = f"cannot be read ({exc.strerror})"
+        if why is not None:
+            found.append(Problem(full, why))
+            if is_dir:  # everything below is lost too: list it, never drop it silently
+                stack.append((full, name + "/", bad or "inside a directory that cannot be "
+                              "archived"))
+            continue
+        if is_dir:
+            out.append(SourceEntry(name, full, TYPE_DIR, st.st_mode & 0o777,
+                                   st.st_mtime_ns, 0))
+            stack.append((full, name + "/", None))
+        else:
+            out.append(SourceEntry(name, full, TYPE_FILE, st.st_mode & 0o777,
+                                   st.st_mtime_ns, st.st_size))
+
+
+#: Test seam: called as ``_on_read(path, bytes_read_so_far)`` after every chunk read
+#: (tests append to a file mid-read to exercise change detection).
+_on_read: Callable[[str, int], None] | None = None
+
+
 def _read(path: str) -> Iterator[bytes]:
     """The bytes of a regular file, opened without following a symlink swapped in."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    fd = open_long(path, _O_FILE)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise SourceError(f"{path!r} is no longer a regular file")
         while chunk := f.read(CHUNK):
             yield chunk
+
+
+class _Source:
+    """One file read once, hashed, counted and checked for change.
+
+    The stored size is the number of bytes actually read and the stored mtime the one
+    seen when the file was opened; if size or mtime differ after the last read (the file
+    changed as we read it), ``changed`` is set and the pack reports it. A file gone
+    since the scan sets ``vanished`` (a warning, the pack goes on); one that can no longer
+    be opened sets ``failed``."""
+
+    def __init__(self, entry: SourceEntry, progress=None, *, sha: bool = True) -> None:
+        self.entry = entry
+        self.progress = progress
+        self.sha = hashlib.sha256() if sha else None
+        self.crc = 0
+        self.size = 0
+        self.mode = entry.mode
+        self.mtime_ns = entry.mtime_ns
+        self.changed = self.vanished = False
+        self.failed: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not (self.vanished or self.failed)
+
+    def __iter__(self) -> Iterator[bytes]:
+        path = self.entry.path
+        try:
+            fd = open_long(path, _O_FILE)
+        except FileNotFoundError:
+            self.vanished = True
+            return
+        except OSError as exc:
+            self.failed = f"cannot be read ({exc.strerror})"
+            return
+        with os.fdopen(fd, "rb") as f:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                self.failed = "is no longer a regular file"
+                return
+            self.mode, self.mtime_ns = before.st_mode & 0o777, before.st_mtime_ns
+            while chunk := f.read(CHUNK):
+                if self.sha is not None:
+                    self.sha.update(chunk)
+                self.crc = zlib.crc32(chunk, self.crc)
+                self.size += len(chunk)
+                if self.progress is not None:
+                    self.progress.advance(len(chunk))
+                yield chunk
+                if _on_read is not None:
+                    _on_read(path, self.size)
+            after = os.fstat(fd)
+        self.changed = (after.st_size != self.size or after.st_mtime_ns != before.st_mtime_ns
+                        or before.st_size != self.size)
 
 
 # ---------------------------------------------------------------- plan
@@ -153,12 +370,15 @@ def plan(entries: list[SourceEntry], codec: str = "auto", *, solid: bool = True,
         elif codec in ("zstd", "llm"):
             choice = codec
         else:
-            sample = b""
-            for chunk in _read(e.path):
-                sample = chunk[:chooser.SAMPLE_SIZE]
-                break
-            choice = chooser.choose(sample, e.size, _read(e.path),
-                                    allowed if e.size <= MAX_AUTO_LLM_SIZE else allowed - {"llm"})
+            try:
+                sample = b""
+                for chunk in _read(e.path):
+                    sample = chunk[:chooser.SAMPLE_SIZE]
+                    break
+                choice = chooser.choose(sample, e.size, _read(e.path), allowed
+                                        if e.size <= MAX_AUTO_LLM_SIZE else allowed - {"llm"})
+            except OSError:
+                choice = "zstd"  # unreadable or gone: the writing pass reports it
         {"store": stored, "zstd": zstd}.get(choice, llm.entries).append(e)
     groups = [dirs] + [Group("store", [e]) for e in stored]
     block: list[SourceEntry] = []
@@ -182,36 +402,50 @@ def plan(entries: list[SourceEntry], codec: str = "auto", *, solid: bool = True,
 # ---------------------------------------------------------------- encode + write
 
 
-class _Tee:
-    """Read a file's chunks while hashing and counting them (and reporting progress)."""
+class _Outcome:
+    """Collects what happened to sources while writing (vanished, failed, changed)."""
 
-    def __init__(self, path: str, progress) -> None:
-        self.path = path
-        self.progress = progress
-        self.sha = hashlib.sha256()
-        self.size = 0
+    def __init__(self, report: PackReport, warn: Warn, skip_failed: bool) -> None:
+        self.report, self.warn, self.skip_failed = report, warn, skip_failed
 
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in _read(self.path):
-            self.sha.update(chunk)
-            self.size += len(chunk)
-            if self.progress is not None:
-                self.progress.advance(len(chunk))
-            yield chunk
+    def accept(self, src: _Source) -> bool:
+        """True if ``src`` was read and belongs in the archive; warn or fail otherwise."""
+        path = src.entry.path
+        if src.vanished:
+            self.report.vanished.append(path)
+            self.warn(f"{shown(path)} vanished while packing; not archived")
+            return False
+        if src.failed:
+            if not self.skip_failed:
+                raise SourceError(f"cannot archive {shown(path)}: it {src.failed} (use "
+                                  "--skip-unreadable to skip such files)")
+            self.report.skipped.append(Problem(path, src.failed))
+            self.warn(f"skipping {shown(path)}: it {src.failed}")
+            return False
+        if src.changed:
+            self.report.changed.append(path)
+            self.warn(f"{shown(path)}: file changed as we read it (archived as read: "
+                      f"{src.size} bytes, its mtime before reading)")
+        return True
 
 
 def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level: int,
                      options: LLMOptions, forced: bool, progress=None, warn: Warn | None = None,
-                     ) -> Iterator[tuple[SourceEntry, bytes, int, bytes, bytes, int]]:
+                     outcome: _Outcome | None = None,
+                     ) -> Iterator[tuple[_Source, bytes, int, bytes, bytes, int]]:
     """Encode all llm-candidate entries together.
 
-    Yields (entry, sha256, codec id, codec params, payload, size): the LLM payload where
+    Yields (source, sha256, codec id, codec params, payload, size): the LLM payload where
     it won (or was forced), else the entry's zstd frame or its plain bytes.  Entries are
     read into memory: the LLM codec is for text, capped in auto mode by ``plan``.
     """
-    datas = [b"".join(_read(e.path)) for e in entries]
-    if progress is not None:
-        progress.advance(sum(len(d) for d in datas))
+    sources, datas = [], []
+    for e in entries:
+        src = _Source(e, progress)
+        data = b"".join(src)
+        if outcome is None or outcome.accept(src):
+            sources.append(src)
+            datas.append(data)
     zstd_sizes: dict[int, bytes] = {}
 
     def zstd_frame(data: bytes) -> bytes:
@@ -220,76 +454,108 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
         return zstd_sizes[id(data)]
 
     results = encode_text_entries(
-        datas, [e.name for e in entries], options, forced=forced,
+        datas, [s.entry.name for s in sources], options, forced=forced,
         zstd_size=lambda d: len(zstd_frame(d)), add_model=writer.add_model, progress=progress,
-        status=getattr(progress, "note", None))
-    for e, data, result in zip(entries, datas, results, strict=True):
+        status=getattr(progress, "note", None)) if sources else []
+    for src, data, result in zip(sources, datas, results, strict=True):
         sha = hashlib.sha256(data).digest()
         if result is not None:
-            yield e, sha, result.codec_id, result.params, result.payload, len(data)
+            yield src, sha, result.codec_id, result.params, result.payload, len(data)
         elif data and len(zstd_frame(data)) < len(data):
-            yield e, sha, CODEC_ZSTD, b"", zstd_frame(data), len(data)
+            yield src, sha, CODEC_ZSTD, b"", zstd_frame(data), len(data)
         else:
-            yield e, sha, CODEC_STORE, b"", data, len(data)
+            yield src, sha, CODEC_STORE, b"", data, len(data)
 
 
 def write_plan(groups: list[Group], writer: ArchiveWriter, *, level: int = 19,
                progress=None, llm: LLMOptions | None = None, forced_llm: bool = False,
-               warn: Warn | None = None) -> None:
-    def record(e: SourceEntry, size: int, codec: int, params: bytes, stored: tuple,
-               sha: bytes) -> EntryRecord:
+               warn: Warn | None = None, report: PackReport | None = None,
+               skip_failed: bool = False) -> None:
+    """Encode and write every group. Sources are read exactly once, while being written;
+    a source that vanished or failed leaves no bytes behind (the writer rewinds)."""
+    outcome = _Outcome(report if report is not None else PackReport(),
+                       warn or _default_warn, skip_failed)
+
+    def record(src: _Source, codec: int, params: bytes, stored: tuple, sha: bytes,
+               data_crc: int | None = None) -> EntryRecord:
         off, ssize, crc = stored
-        return EntryRecord(e.name, TYPE_FILE, e.mode, e.mtime_ns, size, codec, params, off,
-                           ssize, sha, crc)
+        return EntryRecord(src.entry.name, TYPE_FILE, src.mode, src.mtime_ns, src.size, codec,
+                           params, off, ssize, sha, crc, (), data_crc)
 
     for g in groups:
         if g.kind == "dir":
             for e in g.entries:
                 writer.add_entry(EntryRecord(e.name, TYPE_DIR, e.mode, e.mtime_ns, 0, 0, b"",
                                              0, 0, EMPTY_SHA256, 0))
-        elif g.kind == "store":
-            tee = _Tee(g.entries[0].path, progress)
-            stored = writer.write_stored(tee)
-            writer.add_entry(record(g.entries[0], tee.size, CODEC_STORE, b"", stored,
-                                    tee.sha.digest()))
-        elif g.kind == "zstd":
-            e = g.entries[0]
-            tee = _Tee(e.path, progress)
-            stored = writer.write_stored(zstd_codec.encode(tee, level, e.size))
-            writer.add_entry(record(e, tee.size, CODEC_ZSTD, b"", stored, tee.sha.digest()))
+        elif g.kind in ("store", "zstd"):
+            src = _Source(g.entries[0], progress)
+            start = writer.pos
+            codec = CODEC_STORE if g.kind == "store" else CODEC_ZSTD
+            chunks = src if codec == CODEC_STORE else zstd_codec.encode(src, level,
+                                                                         g.entries[0].size)
+            stored = writer.write_stored(chunks)
+            if not outcome.accept(src):
+                writer.rewind(start)
+                continue
+            writer.add_entry(record(src, codec, b"", stored, src.sha.digest()))
         elif g.kind == "solid":
-            tees = [_Tee(e.path, progress) for e in g.entries]
+            # One frame, no flush between members: with thousands of tiny files a flush
+            # per member cost as much as the data (1.1 records no per-member share).
+            srcs = [_Source(e, progress, sha=False) for e in g.entries]
+            start = writer.pos
             hint = sum(e.size for e in g.entries)
-            shares: list[int] = []
-            stored = writer.write_stored(zstd_codec.encode_solid(tees, level, hint, shares))
+            stored = writer.write_stored(
+                zstd_codec.encode(itertools.chain.from_iterable(srcs), level, hint))
+            kept = [s for s in srcs if outcome.accept(s)]
+            if not kept:
+                writer.rewind(start)
+                continue
+            shares = solid_shares([s.size for s in kept], stored[1])
             skip = 0
-            for e, t, share in zip(g.entries, tees, shares, strict=True):
-                writer.add_entry(record(e, t.size, CODEC_ZSTD, struct.pack("<QQ", skip, share),
-                                        stored, t.sha.digest()))
-                skip += t.size
+            for src, share in zip(kept, shares, strict=True):
+                writer.add_entry(record(src, CODEC_ZSTD, struct.pack("<QQ", skip, share),
+                                        stored, b"", src.crc & 0xFFFFFFFF))
+                skip += src.size
         elif g.kind == "llm":
             batch = encode_llm_batch(g.entries, writer, level=level, options=llm or LLMOptions(),
-                                     forced=forced_llm, progress=progress, warn=warn)
-            for e, sha, codec_id, params, payload, size in batch:
+                                     forced=forced_llm, progress=progress, warn=warn,
+                                     outcome=outcome)
+            for src, sha, codec_id, params, payload, size in batch:
                 stored = writer.write_stored([payload])
-                writer.add_entry(record(e, size, codec_id, params, stored, sha))
+                entry = record(src, codec_id, params, stored, sha)
+                writer.add_entry(replace(entry, size=size))
         else:  # pragma: no cover - plan() only makes the kinds above
             raise ValueError(g.kind)
+
+
+class UnarchivableError(SourceError):
+    """Some source paths cannot be archived (``problems`` lists them all)."""
+
+    def __init__(self, message: str, problems: list[Problem]) -> None:
+        super().__init__(message)
+        self.problems = problems
 
 
 def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str], *,
          codec: str = "auto", level: int = 19, progress=None, overwrite: bool = False,
          solid: bool = True, warn: Warn | None = None, llm: LLMOptions | None = None,
-         verify: bool = False) -> list[MemberInfo]:
+         verify: bool = False, skip_failed: bool = False,
+         report: PackReport | None = None) -> list[MemberInfo]:
     """Archive the contents of ``src_dir`` into ``archive_path``; return the members.
 
     The archive appears under its name only when complete (temporary file + rename);
-    ``overwrite`` allows replacing an existing archive. Symlinks and special files are
-    skipped with a warning (``warn`` callback, default ``warnings.warn``).
+    ``overwrite`` allows replacing an existing archive.
+
+    Nothing is dropped silently: paths that cannot be archived (symlinks, FIFOs,
+    sockets, devices, unreadable files, names the format cannot store) raise
+    ``UnarchivableError`` listing all of them, unless ``skip_failed``, which skips each
+    with a warning (``warn`` callback, default ``warnings.warn``) and lists it in
+    ``report.skipped``. Files that change while read are archived as read and listed in
+    ``report.changed``; files deleted after the scan in ``report.vanished``.
 
     ``llm`` selects the model and settings of the LLM codec (default: the embedded
     model). With ``codec="auto"`` and no usable model, text goes to zstd with a warning.
-    ``verify`` decodes the whole finished archive and checks every SHA-256 before it
+    ``verify`` decodes the whole finished archive and checks every checksum before it
     is renamed into place."""
     if not zstd_codec.MIN_LEVEL <= level <= zstd_codec.MAX_LEVEL:
         raise SourceError(f"level must be in {zstd_codec.MIN_LEVEL}..{zstd_codec.MAX_LEVEL}")
@@ -300,30 +566,41 @@ def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str], 
         raise SourceError(f"{src!r} is not a directory" if os.path.exists(src)
                           else f"{src!r} does not exist")
     warn = warn or _default_warn
+    report = report if report is not None else PackReport()
     llm = llm or LLMOptions()
     unavailable = llm_available(llm) if codec in ("auto", "llm") else "not requested"
     if codec == "llm" and unavailable:
         raise ModelError(unavailable)
-    if codec == "auto" and unavailable:
-        warn(f"LLM codec unavailable, text will use zstd: {unavailable}")
 
     def verify_archive(path: str) -> None:
         with ArchiveReader(path, llm=llm, warn=warn) as reader:
             reader.test(progress=progress)
 
-    with ArchiveWriter(archive_path, overwrite=overwrite,
+    with ArchiveWriter(archive_path, overwrite=overwrite, warn=warn,
                        verify=verify_archive if verify else None) as writer:
         skip = {writer.temp_identity}
         if os.path.exists(archive_path):
             st = os.stat(archive_path)
             skip.add((st.st_dev, st.st_ino))
-        entries = scan(src, skip=skip, warn=warn)
+        problems: list[Problem] = []
+        entries = scan(src, skip=skip, warn=warn, problems=problems)
+        if problems and not skip_failed:
+            raise UnarchivableError(
+                f"{len(problems)} path{'s' if len(problems) > 1 else ''} below {src!r} "
+                f"cannot be archived, first {problems[0]} (use --skip-unreadable to skip "
+                "them)", problems)
+        for p in problems:
+            warn(f"skipping {p}")
+        report.skipped.extend(problems)
+        if codec == "auto" and unavailable:
+            warn(f"LLM codec unavailable, text will use zstd: {unavailable}")
         groups = plan(entries, codec, solid=solid, llm_available=not unavailable)
         if progress is not None:
             progress.start(sum(e.size for e in entries), "packing")
         try:
             write_plan(groups, writer, level=level, progress=progress, llm=llm,
-                       forced_llm=codec == "llm", warn=warn)
+                       forced_llm=codec == "llm", warn=warn, report=report,
+                       skip_failed=skip_failed)
         finally:
             if progress is not None:
                 progress.close()

@@ -8,6 +8,8 @@ bytes of the whole operation and, while the model runs, tokens with tokens/s and
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Protocol
 
 from rich import filesize
@@ -130,3 +132,73 @@ class ByteProgress:
             self._progress.stop()
             self._progress = None
             self._task = None
+
+
+class LineProgress:
+    """Progress without a terminal (cron, CI, ``2> log``): one plain line on ``stream``
+    every ``interval`` seconds, so a long pack is visibly alive; nothing for short runs.
+
+    Lines look like ``llmarc: packing 12.3 MB/45.6 MB (27%), 3.4 MB/s`` (plus tokens
+    and tokens/s while the LLM codec runs)."""
+
+    def __init__(self, stream, interval: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._clock = clock
+        self._description = ""
+        self._total = self._done = 0
+        self._tokens_total = self._tokens = 0
+        self._started = self._last = clock()
+
+    def start(self, total: int, description: str) -> None:
+        self._description, self._total, self._done = description, total, 0
+        self._started = self._last = self._clock()
+
+    def advance(self, n: int) -> None:
+        self._done += n
+        self._tick()
+
+    def token_task(self, total: int, description: str) -> _LineTokens:
+        self._tokens_total, self._tokens = total, 0
+        return _LineTokens(self)
+
+    def note(self, message: str) -> None:
+        self._print(f"llmarc: {message}")
+
+    def close(self) -> None:
+        pass
+
+    def _tick(self) -> None:
+        now = self._clock()
+        if now - self._last < self._interval:
+            return
+        self._last = now
+        elapsed = max(now - self._started, 1e-9)
+        pct = f" ({100 * self._done // self._total}%)" if self._total else ""
+        text = (f"llmarc: {self._description} {filesize.decimal(self._done)}/"
+                f"{filesize.decimal(self._total)}{pct}, "
+                f"{filesize.decimal(int(self._done / elapsed))}/s")
+        if self._tokens_total:
+            text += (f"; {self._tokens:,}/{self._tokens_total:,} tokens, "
+                     f"{self._tokens / elapsed:,.0f} tok/s")
+        self._print(text)
+
+    def _print(self, text: str) -> None:
+        try:
+            self._stream.write(text + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stderr must not end the work
+            pass
+
+
+class _LineTokens:
+    def __init__(self, owner: LineProgress) -> None:
+        self._owner = owner
+
+    def advance(self, n: int) -> None:
+        self._owner._tokens += n
+        self._owner._tick()
+
+    def close(self) -> None:
+        self._owner._tokens_total = 0

@@ -64,30 +64,84 @@ def fold(name: str) -> str:
 
 
 def check_names(entries: Iterable[tuple[str, bool]]) -> None:
-    """Validate all (name, is_dir) pairs together: no duplicates, no case/NFC collisions,
-    and no entry inside a path that another entry makes a regular file."""
-    seen: dict[str, str] = {}
+    """Validate all (name, is_dir) pairs together: no duplicates and no entry inside a
+    path that another entry makes a regular file. Case and NFC/NFD twins (``README``
+    beside ``readme``) are legal on Linux and allowed here; extraction refuses them only
+    onto a file system that folds them (``folding_twins``)."""
+    seen: set[str] = set()
     files: set[str] = set()
-    folded_all: list[tuple[str, tuple[str, ...]]] = []
     for name, is_dir in entries:
         validate_name(name)
-        key = fold(name)
-        if key in seen:
-            other = seen[key]
-            if other == name:
-                raise UnsafeArchiveError(f"member {name!r} appears twice")
-            raise UnsafeArchiveError(
-                f"members {other!r} and {name!r} collide on case-insensitive file systems")
-        seen[key] = name
+        if name in seen:
+            raise UnsafeArchiveError(f"member {name!r} appears twice")
+        seen.add(name)
         if not is_dir:
-            files.add(key)
-        folded_all.append((name, tuple(key.split("/"))))
-    for name, parts in folded_all:
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in files:
+            files.add(name)
+    parents_ok: set[str] = set()  # each parent path is checked once: deep trees stay linear
+    for name in seen:
+        parent = name
+        while "/" in parent:
+            parent = parent.rsplit("/", 1)[0]
+            if parent in parents_ok:
+                break
+            if parent in files:
                 raise UnsafeArchiveError(
-                    f"member {name!r} lies inside {'/'.join(name.split('/')[:i])!r}, "
-                    "which is a regular file")
+                    f"member {name!r} lies inside {parent!r}, which is a regular file")
+            parents_ok.add(parent)
+
+
+def _escaped(name: str) -> str:
+    """Quoted, with non-ASCII escaped, so NFC and NFD twins print differently."""
+    return "'" + name.encode("ascii", "backslashreplace").decode("ascii") + "'"
+
+
+def folding_twins(names: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of distinct names (or implied parent paths) that are one path on a file
+    system folding case and Unicode normalization."""
+    seen: dict[str, str] = {}
+    pairs: dict[tuple[str, str], None] = {}
+    done: set[str] = set()
+    for name in names:
+        path = name
+        while path and path not in done:  # each path and parent folded once: deep trees
+            done.add(path)                # stay linear in the total name length
+            other = seen.setdefault(fold(path), path)
+            if other != path:
+                pairs[(other, path)] = None
+            path = path.rsplit("/", 1)[0] if "/" in path else ""
+    return list(pairs)
+
+
+def check_folding(root_fd: int, names: list[str]) -> None:
+    """Refuse (naming both) twins that the destination's file system would merge."""
+    pairs = folding_twins(names)
+    if pairs and dest_folds(root_fd):
+        shown = "; ".join(f"{_escaped(a)} and {_escaped(b)}" for a, b in pairs[:5])
+        more = f" (and {len(pairs) - 5} more pairs)" if len(pairs) > 5 else ""
+        raise UnsafeArchiveError(
+            f"the destination's file system does not tell apart {shown}{more}: extracting "
+            "them would merge them; extract them separately or onto a case-sensitive file "
+            "system")
+
+
+def dest_folds(root_fd: int) -> bool:
+    """Whether the file system at ``root_fd`` folds case or Unicode normalization
+    (probed with a temporary file, since it can differ per mount)."""
+    probe = f".llmarc-probe-{secrets.token_hex(4)}-\u00e9a"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                 dir_fd=root_fd)
+    os.close(fd)
+    try:
+        for twin in (probe.upper(), unicodedata.normalize("NFD", probe)):
+            try:
+                os.stat(twin, dir_fd=root_fd, follow_symlinks=False)
+                return True
+            except FileNotFoundError:
+                continue
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe, dir_fd=root_fd)
 
 
 # ---------------------------------------------------------------- extraction primitives
@@ -167,7 +221,8 @@ def finish_dir(parent_fd: int, leaf: str, shown: str, mode: int, mtime_ns: int) 
         os.close(fd)
 
 
-def write_file(parent_fd: int, leaf: str, shown: str, chunks: Iterable[bytes], sha256: bytes,
+def write_file(parent_fd: int, leaf: str, shown: str, chunks: Iterable[bytes],
+               sha256: bytes | None,
                mode: int, mtime_ns: int, overwrite: bool) -> None:
     """Write ``chunks`` to a temporary file next to ``leaf``, check its SHA-256, set mode
     and mtime, then give it its final name (never replacing a directory, and never
@@ -191,7 +246,7 @@ def write_file(parent_fd: int, leaf: str, shown: str, chunks: Iterable[bytes], s
             for chunk in chunks:
                 h.update(chunk)
                 f.write(chunk)
-        if h.digest() != sha256:
+        if sha256 is not None and h.digest() != sha256:  # None: ``chunks`` checks itself
             raise ChecksumMismatchError(f"member {shown!r}: SHA-256 of the decoded data "
                                         "does not match the archive")
         os.fchmod(fd, mode & 0o777)

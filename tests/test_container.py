@@ -105,7 +105,7 @@ def test_roundtrip_metadata_unicode_empty_and_big(tmp_path):
 
 def test_api_surface(small_archive, tmp_path):
     with llmarc.open(small_archive) as ar:
-        assert ar.version == (1, 0)
+        assert ar.version == (1, 1)
         assert ar.creator.startswith("llmarc ")
         assert ar.models == []
         names = [m.name for m in ar.members()]
@@ -142,7 +142,7 @@ def test_pack_errors_and_no_partial_archive(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(packer.zstd_codec, "encode_solid", boom)
+    monkeypatch.setattr(packer.zstd_codec, "encode", boom)
     with pytest.raises(KeyboardInterrupt):
         llmarc.pack(src, tmp_path / "x.llma", codec="zstd")
     assert sorted(os.listdir(tmp_path)) == ["f", "src"]
@@ -152,15 +152,19 @@ def test_pack_skips_symlinks_and_includes_nothing_of_the_archive(tmp_path):
     src = make_tree(tmp_path / "src", {"a": b"data"})
     os.symlink("/etc/passwd", src / "link")
     os.symlink("a", src / "link2")
+    with pytest.raises(SourceError, match="2 paths"):  # never dropped silently
+        llmarc.pack(src, src / "self.llma")
+    report = llmarc.packer.PackReport()
     with pytest.warns(llmarc.SkippedEntryWarning):
-        members = llmarc.pack(src, src / "self.llma")
+        members = llmarc.pack(src, src / "self.llma", skip_failed=True, report=report)
     assert [m.name for m in members] == ["a"]
+    assert sorted(os.path.basename(p.path) for p in report.skipped) == ["link", "link2"]
 
 
-def test_casefold_collision_in_source_is_refused(tmp_path):
+def test_case_twins_in_source_are_archived(tmp_path):
     src = make_tree(tmp_path / "src", {"A.txt": b"1", "a.txt": b"2"})
-    with pytest.raises(SourceError):
-        llmarc.pack(src, tmp_path / "x.llma")
+    members = llmarc.pack(src, tmp_path / "x.llma")
+    assert sorted(m.name for m in members) == ["A.txt", "a.txt"]
 
 
 @pytest.mark.parametrize("solid", [True, False])

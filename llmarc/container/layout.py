@@ -19,7 +19,8 @@ from .json_safe import parse_profile_json
 MAGIC = b"\x89LLMA\r\n\x1a"
 FOOTER_MAGIC = b"LMAF"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+#: 1.1 writes the entry table compactly (spec/format.md §4.2); 1.0 archives stay readable.
+VERSION_MINOR = 1
 
 HEADER_SIZE = 32
 FOOTER_SIZE = 40
@@ -30,6 +31,16 @@ TYPE_SYMLINK = 2  # reserved: never written by 1.x writers, rejected by readers
 TYPE_NAMES = {TYPE_FILE: "file", TYPE_DIR: "dir"}
 
 EXT_CRITICAL = 0x8000
+#: Archive extension holding the compact entry table (format 1.1, spec/format.md §4.2).
+EXT_COMPACT_ENTRIES = 0x8001
+#: Compact entry table encodings.
+TABLE_PLAIN = 0
+TABLE_ZSTD = 1
+#: Compact entry record flags.
+FLAG_CRC32 = 0x01  # the digest is a CRC-32 of the original bytes, not a SHA-256
+FLAG_SOLID_FIRST = 0x02  # starts a solid zstd block
+FLAG_SOLID_NEXT = 0x04  # continues the solid block of the previous file record
+_KNOWN_FLAGS = FLAG_CRC32 | FLAG_SOLID_FIRST | FLAG_SOLID_NEXT
 
 # Limits (spec/format.md, "Limits"). Readers reject anything beyond them.
 MAX_NAME_BYTES = 4096
@@ -42,7 +53,9 @@ MAX_MODEL_NAME_BYTES = 255
 MAX_PROFILE_BYTES = 65536
 MAX_PARAMS_BYTES = 65536
 MAX_ENTRY_EXT_BYTES = 65536
-MAX_ARCHIVE_EXT_BYTES = 1024 * 1024
+#: 1 MiB in format 1.0; from 1.1 the area also holds the compact entry table, so only the
+#: index limit applies.
+MAX_ARCHIVE_EXT_BYTES = 256 * 1024 * 1024
 MAX_U64 = 2**64 - 1
 MAX_SIZE = 2**63 - 1
 
@@ -98,6 +111,9 @@ class EntryRecord:
     sha256: bytes
     crc32: int
     extensions: tuple[Extension, ...] = ()
+    #: CRC-32 of the original bytes, for members whose sha256 is b"" (format 1.1 solid
+    #: block members: 32 incompressible bytes per tiny file would dominate the index).
+    data_crc32: int | None = None
 
 
 @dataclass
@@ -184,17 +200,26 @@ def decode_footer(data: bytes, file_size: int) -> Footer:
 # ---------------------------------------------------------------- index
 
 
-def _encode_ext(exts: tuple[Extension, ...]) -> bytes:
+def encode_ext_area(exts: tuple[Extension, ...]) -> bytes:
     return b"".join(struct.pack("<HI", e.tag, len(e.value)) + e.value for e in exts)
 
 
-def encode_index(index: Index) -> bytes:
+_encode_ext = encode_ext_area
+
+
+def encode_index(index: Index, *, compact: bool = False) -> bytes:
+    """The index bytes: the 1.0 layout, or (``compact``, format 1.1) the same layout with
+    no entry records and the compact entry table (§4.2) in archive extension 0x8001."""
     out = bytearray()
     creator = index.creator.encode("utf-8")
     if len(creator) > MAX_CREATOR_BYTES:
         raise ValueError("creator string too long")
     out += struct.pack("<H", len(creator)) + creator
-    ext = _encode_ext(index.extensions)
+    exts = index.extensions
+    if compact:
+        from .compact import encode_table
+        exts = (Extension(EXT_COMPACT_ENTRIES, encode_table(index.entries)), *exts)
+    ext = _encode_ext(exts)
     out += struct.pack("<I", len(ext)) + ext
     if len(index.models) > MAX_MODELS:
         raise ValueError("too many models")
@@ -208,8 +233,10 @@ def encode_index(index: Index) -> bytes:
         out += struct.pack("<I", len(prof)) + prof
     if len(index.entries) > MAX_ENTRIES:
         raise ValueError("too many entries")
-    out += struct.pack("<I", len(index.entries))
-    for e in index.entries:
+    out += struct.pack("<I", 0 if compact else len(index.entries))
+    for e in () if compact else index.entries:
+        if not e.sha256:
+            raise ValueError(f"entry {e.name!r}: the 1.0 layout needs a SHA-256")
         name = e.name.encode("utf-8")
         out += struct.pack("<H", len(name)) + name
         out += _ENTRY_FIXED.pack(e.type, 0, e.mode, e.mtime_ns, e.size, e.codec_id)
@@ -253,11 +280,11 @@ class _Cursor:
             raise CorruptArchiveError(f"{what} is not valid UTF-8") from None
 
 
-def _decode_ext(cur: _Cursor, limit: int, where: str) -> tuple[Extension, ...]:
-    n = cur.u32(f"{where} extension length")
-    if n > limit:
-        raise CorruptArchiveError(f"{where} extension area of {n} bytes is over the limit")
-    sub = _Cursor(cur.take(n, f"{where} extension area"))
+def decode_ext_area(raw: bytes, where: str,
+                    known: frozenset[int] = frozenset()) -> tuple[Extension, ...]:
+    """The TLV records filling ``raw`` exactly. Critical tags not in ``known`` are
+    *unsupported*; the caller handles the known ones."""
+    sub = _Cursor(raw)
     exts = []
     seen: set[int] = set()
     while sub.pos < len(sub.data):
@@ -267,8 +294,7 @@ def _decode_ext(cur: _Cursor, limit: int, where: str) -> tuple[Extension, ...]:
         if tag in seen:
             raise CorruptArchiveError(f"{where} extension tag 0x{tag:04x} appears twice")
         seen.add(tag)
-        if tag & EXT_CRITICAL:
-            # No extension is defined in format 1.0, so every critical one is unknown.
+        if tag & EXT_CRITICAL and tag not in known:
             raise UnsupportedFeatureError(
                 f"{where} uses critical extension 0x{tag:04x}, which this reader does not "
                 "understand")
@@ -276,10 +302,22 @@ def _decode_ext(cur: _Cursor, limit: int, where: str) -> tuple[Extension, ...]:
     return tuple(exts)
 
 
-def decode_index(data: bytes) -> Index:
+def _decode_ext(cur: _Cursor, limit: int, where: str,
+                known: frozenset[int] = frozenset()) -> tuple[Extension, ...]:
+    n = cur.u32(f"{where} extension length")
+    if n > limit:
+        raise CorruptArchiveError(f"{where} extension area of {n} bytes is over the limit")
+    return decode_ext_area(cur.take(n, f"{where} extension area"), where, known)
+
+
+def decode_index(data: bytes, data_end: int | None = None) -> Index:
+    """Parse index bytes (either layout). ``data_end``: the index offset, if known."""
     cur = _Cursor(data)
     creator = cur.text(cur.u16("creator length"), MAX_CREATOR_BYTES, "creator string")
-    arch_ext = _decode_ext(cur, MAX_ARCHIVE_EXT_BYTES, "archive")
+    arch_ext = _decode_ext(cur, MAX_ARCHIVE_EXT_BYTES, "archive",
+                           frozenset({EXT_COMPACT_ENTRIES}))
+    table = next((e.value for e in arch_ext if e.tag == EXT_COMPACT_ENTRIES), None)
+    arch_ext = tuple(e for e in arch_ext if e.tag != EXT_COMPACT_ENTRIES)
     n_models = cur.u16("model count")
     if n_models > MAX_MODELS:
         raise CorruptArchiveError(f"{n_models} models, over the limit of {MAX_MODELS}")
@@ -293,6 +331,11 @@ def decode_index(data: bytes) -> Index:
     n_entries = cur.u32("entry count")
     if n_entries > MAX_ENTRIES:
         raise CorruptArchiveError(f"{n_entries} entries, over the limit of {MAX_ENTRIES}")
+    if table is not None:
+        if n_entries or cur.pos != len(data):
+            raise CorruptArchiveError("an index with a compact entry table has entry records")
+        from .compact import decode_table
+        return Index(creator, models, decode_table(table, data_end), arch_ext)
     # The smallest entry record is 2 + 22 + 4 + 52 + 4 = 84 bytes: a cheap sanity bound.
     if n_entries * 84 > len(data) - cur.pos:
         raise CorruptArchiveError("entry count is larger than the index can hold")
@@ -328,11 +371,12 @@ def decode_index(data: bytes) -> Index:
 
 
 def assemble(data: bytes, index: Index, *, major: int = VERSION_MAJOR,
-             minor: int = VERSION_MINOR) -> bytes:
-    """A whole archive from its data area and index, with no validation at all.
+             minor: int = 0, compact: bool = False) -> bytes:
+    """A whole archive from its data area and index, with no validation at all (1.0
+    layout unless ``compact``).
 
     For tests and test vectors, which need archives a real writer refuses to make."""
-    raw = encode_index(index)
+    raw = encode_index(index, compact=compact)
     off = HEADER_SIZE + len(data)
     return encode_header(major, minor) + data + raw + encode_footer(off, len(raw), crc32(raw))
 
@@ -341,5 +385,6 @@ def disassemble(archive: bytes) -> tuple[bytes, Index]:
     """The data area and decoded index of a whole (valid) archive: the inverse of
     :func:`assemble`, for tests and vector scripts that rewrite an archive."""
     footer = decode_footer(archive[-FOOTER_SIZE:], len(archive))
-    index = decode_index(archive[footer.index_offset : footer.index_offset + footer.index_size])
+    index = decode_index(archive[footer.index_offset : footer.index_offset + footer.index_size],
+                         footer.index_offset)
     return archive[HEADER_SIZE : footer.index_offset], index

@@ -120,7 +120,7 @@ class ArchiveReader:
         raw = self._pread(footer.index_size, footer.index_offset)
         if crc32(raw) != footer.index_crc32:
             raise ChecksumMismatchError("index checksum mismatch")
-        index = decode_index(raw)
+        index = decode_index(raw, footer.index_offset)
         self.version: tuple[int, int] = (header.major, header.minor)
         self.creator: str = index.creator
         self.models: list[ModelRecord] = index.models
@@ -326,10 +326,14 @@ class ArchiveReader:
 
     @staticmethod
     def _hashed(chunks: Iterable[bytes], e: EntryRecord, progress=None) -> Iterator[bytes]:
-        h = hashlib.sha256()
+        h = hashlib.sha256() if e.sha256 else None  # 1.1 solid members carry a CRC-32
+        crc = 0
         n = 0
         for chunk in chunks:
-            h.update(chunk)
+            if h is not None:
+                h.update(chunk)
+            else:
+                crc = crc32(chunk, crc)
             n += len(chunk)
             if n > e.size:
                 raise CorruptArchiveError(f"member {e.name!r} decodes to too many bytes")
@@ -338,9 +342,12 @@ class ArchiveReader:
             yield chunk
         if n != e.size:
             raise CorruptArchiveError(f"member {e.name!r} decodes to {n} bytes, not {e.size}")
-        if h.digest() != e.sha256:
+        if h is not None and h.digest() != e.sha256:
             raise ChecksumMismatchError(
                 f"member {e.name!r}: SHA-256 of the decoded data does not match")
+        if h is None and crc != e.data_crc32:
+            raise ChecksumMismatchError(
+                f"member {e.name!r}: CRC-32 of the decoded data does not match")
 
     # ------------------------------------------------------------------ public reading
 
@@ -397,6 +404,7 @@ class ArchiveReader:
             self._check_codec(entries[i])
         root = safety.open_root(dest)
         try:
+            safety.check_folding(root, [entries[i].name for i in chosen])
             parts = {i: tuple(entries[i].name.split("/")) for i in chosen}
             if not overwrite:  # refuse before writing anything
                 for i in chosen:
@@ -422,7 +430,7 @@ class ArchiveReader:
                     fd = safety.open_dirs(root, parts[i][:-1])
                     try:
                         safety.write_file(fd, parts[i][-1], e.name,
-                                          self._hashed(chunks, e, progress), e.sha256,
+                                          self._hashed(chunks, e, progress), e.sha256 or None,
                                           e.mode, e.mtime_ns, overwrite)
                     finally:
                         os.close(fd)

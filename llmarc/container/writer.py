@@ -1,13 +1,18 @@
 """Streaming ArchiveWriter: header, entries' stored bytes in one pass, index, footer.
 
 The archive is written to a temporary file in the target's directory and renamed onto the
-target only when complete; any failure (or Ctrl-C) removes the temporary file.
+target only when complete; any failure (or Ctrl-C, SIGTERM, SIGHUP via the CLI) removes the
+temporary file. Only SIGKILL (or a crash) can leave one behind, so the temporary name
+carries the writer's process id (``.OUT.pack<pid>.XXXXXXXX.llmarc-tmp``): the next pack to
+the same place removes those whose process is gone and reports the others.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 
@@ -26,22 +31,90 @@ from .layout import (
     encode_index,
 )
 
+TEMP_SUFFIX = ".llmarc-tmp"
+
+
+def _temp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)[:100]}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temps(path: str) -> list[str]:
+    """Remove temporary files an earlier, killed pack to ``path`` left behind (its
+    process is gone); return one message per file removed or left alone."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _temp_prefix(path)
+    end = re.escape(TEMP_SUFFIX)
+    mine = re.compile(re.escape(prefix) + r"pack(\d+)\.[A-Za-z0-9_]{8}" + end)
+    older = re.compile(re.escape(prefix) + r"[A-Za-z0-9_]{8}" + end)
+    notes: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return notes
+    for name in names:
+        if not name.startswith(prefix) or not name.endswith(TEMP_SUFFIX):
+            continue
+        shown = os.path.join(os.path.dirname(path), name)
+        m = mine.fullmatch(name)
+        if m and not _alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(directory, name))
+                notes.append(f"removed {shown!r}, left by an interrupted pack (process "
+                             f"{m.group(1)} is gone)")
+            except OSError as exc:
+                notes.append(f"cannot remove {shown!r}, left by an interrupted pack: "
+                             f"{exc.strerror}")
+        elif m:
+            notes.append(f"{shown!r} belongs to pack process {m.group(1)}, which is still "
+                         "running; left alone")
+        elif older.fullmatch(name):
+            notes.append(f"{shown!r} looks like a temporary file of an interrupted pack; "
+                         "remove it if no llmarc is running")
+    return notes
+
 
 class ArchiveWriter:
     """Write one archive. Use as a context manager; ``close()`` commits, errors abort."""
 
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False,
                  creator: str = CREATOR,
-                 verify: Callable[[str], object] | None = None) -> None:
+                 verify: Callable[[str], object] | None = None,
+                 warn: Callable[[str], object] | None = None) -> None:
         self.path = os.fspath(path)
         self.verify = verify  # called on the complete temporary file before the rename
-        if os.path.lexists(self.path) and not overwrite:
-            raise DestinationExistsError(f"{self.path!r} already exists (use overwrite)")
         if os.path.isdir(self.path):
-            raise DestinationExistsError(f"{self.path!r} is a directory")
+            raise DestinationExistsError(
+                f"{self.path!r} is a directory; give the archive a file name, e.g. "
+                f"{os.path.join(self.path, 'archive.llma')!r}")
+        if os.path.lexists(self.path) and not overwrite:
+            raise DestinationExistsError(
+                f"{self.path!r} already exists (use --overwrite to replace it)")
+        shown_dir = os.path.dirname(self.path) or "."
         directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp_path = tempfile.mkstemp(
-            prefix=f".{os.path.basename(self.path)[:100]}.", suffix=".llmarc-tmp", dir=directory)
+        if not os.path.isdir(directory):
+            raise OSError(errno.ENOENT,
+                          f"cannot create {self.path!r}: the directory {shown_dir!r} does not "
+                          "exist")
+        for note in clean_stale_temps(self.path):
+            if warn is not None:
+                warn(note)
+        try:
+            fd, self.tmp_path = tempfile.mkstemp(
+                prefix=f"{_temp_prefix(self.path)}pack{os.getpid()}.", suffix=TEMP_SUFFIX,
+                dir=directory)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create {self.path!r} in {shown_dir!r}: "
+                          f"{exc.strerror}") from None
         # mkstemp creates 0600; a finished archive gets the usual 0666 & ~umask.
         umask = os.umask(0)
         os.umask(umask)
@@ -50,11 +123,24 @@ class ArchiveWriter:
         self.index = Index(creator=creator)
         self._done = False
         try:
-            self._f.write(encode_header())
+            self._write(encode_header())
         except BaseException:
             self.abort()
             raise
         self.pos = HEADER_SIZE
+
+    def _write(self, data: bytes) -> None:
+        """Write, naming the archive (not the temporary file) if the disk is full."""
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            raise self._named(exc) from None
+
+    def _named(self, exc: OSError) -> OSError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            return OSError(exc.errno, f"cannot write {self.path!r}: {exc.strerror} (the "
+                           "partial archive was removed)")
+        return exc
 
     @property
     def temp_identity(self) -> tuple[int, int]:
@@ -67,10 +153,18 @@ class ArchiveWriter:
         start, crc = self.pos, 0
         for chunk in chunks:
             if chunk:
-                self._f.write(chunk)
+                self._write(chunk)
                 crc = crc32(chunk, crc)
                 self.pos += len(chunk)
         return start, self.pos - start, crc
+
+    def rewind(self, pos: int) -> None:
+        """Drop everything written after ``pos`` (stored bytes of a source that vanished
+        or failed while being read, which must leave no gap in the data area)."""
+        self._f.flush()
+        self._f.seek(pos)
+        self._f.truncate()
+        self.pos = pos
 
     def add_model(self, model: ModelRecord) -> int:
         """Add a model record; return its index for the llm codec's params."""
@@ -89,12 +183,15 @@ class ArchiveWriter:
             return
         try:
             check_names((e.name, e.type == 1) for e in self.index.entries)
-            index = encode_index(self.index)
-            self._f.write(index)
-            self._f.write(encode_footer(self.pos, len(index), crc32(index)))
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
+            index = encode_index(self.index, compact=True)
+            self._write(index)
+            self._write(encode_footer(self.pos, len(index), crc32(index)))
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+            except OSError as exc:
+                raise self._named(exc) from None
             if self.verify is not None:
                 self.verify(self.tmp_path)
             os.replace(self.tmp_path, self.path)
@@ -109,7 +206,8 @@ class ArchiveWriter:
             return
         self._done = True
         try:
-            self._f.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush again
+                self._f.close()
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp_path)

@@ -22,8 +22,10 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 import zstandard  # noqa: E402
 
+from llmarc.container.compact import encode_table, put_varint, solid_shares  # noqa: E402
 from llmarc.container.layout import (  # noqa: E402
     EMPTY_SHA256,
+    EXT_COMPACT_ENTRIES,
     HEADER_SIZE,
     TYPE_DIR,
     TYPE_FILE,
@@ -47,6 +49,11 @@ def sha(b: bytes) -> bytes:
 
 def frame(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=19, write_content_size=True).compress(data)
+
+
+#: (name, CRC-32) -> SHA-256 of the content of every 1.1 solid member built, so the
+#: manifest lists true SHA-256s even where the archive records only a CRC-32.
+TRUTH: dict[tuple[str, int], bytes] = {}
 
 
 class Builder:
@@ -90,9 +97,57 @@ class Builder:
             skip += len(content)
         return self
 
+    def solid11(self, files: list[tuple[str, bytes]]) -> Builder:
+        """A format 1.1 solid block: one frame, no flush between members, members with a
+        CRC-32 of their bytes instead of a SHA-256 (shares are not recorded)."""
+        block = frame(b"".join(c for _, c in files))
+        off = HEADER_SIZE + len(self.data)
+        self.data += block
+        skip = 0
+        shares = solid_shares([len(c) for _, c in files], len(block))
+        for (name, content), share in zip(files, shares, strict=True):
+            TRUTH[(name, crc32(content))] = sha(content)
+            self.entries.append(EntryRecord(name, TYPE_FILE, 0o644, MTIME + skip, len(content),
+                                            1, struct.pack("<QQ", skip, share), off,
+                                            len(block), b"", crc32(block), (), crc32(content)))
+            skip += len(content)
+        return self
+
     def build(self, *, models=(), exts=(), major=1, minor=0) -> bytes:
         idx = Index(CREATOR, list(models), self.entries, tuple(exts))
         return assemble(bytes(self.data), idx, major=major, minor=minor)
+
+    def build11(self, *, models=(), table: bytes | None = None, level: int = 19) -> bytes:
+        """Format 1.1: the compact entry table (``table`` overrides it, for bad vectors)."""
+        if table is None:
+            table = encode_table(self.entries, level)
+        idx = Index(CREATOR, list(models), [], (Extension(EXT_COMPACT_ENTRIES, table),))
+        return assemble(bytes(self.data), idx, minor=1)
+
+
+def tree11() -> Builder:
+    """The 1.1 sample: a directory, stored files, a single frame, a solid block, twins."""
+    return (Builder().dir("docs").file("docs/readme.txt", TEXT).file("docs/empty", b"")
+            .file("ünïcødé/名前.bin", BIN, mode=0o600, codec=1)
+            .solid11([("src/README", TEXT[:300]), ("src/a.c", b"int main(void) { return 0; }\n"),
+                      ("src/readme", TEXT[:200]), ("src/z", b"")]))
+
+
+def raw_table(body: bytes, encoding: int = 1, size: int | None = None) -> bytes:
+    """A compact table value from raw body bytes (zstd-compressed unless encoding 0)."""
+    packed = frame(body) if encoding == 1 else body
+    return bytes((encoding,)) + struct.pack("<I", len(body) if size is None else size) + packed
+
+
+def body_dir(name: bytes, keep: int = 0, flags: int = 0, count: int = 1) -> bytes:
+    """A table body of ``count`` identical directory records (for bad vectors)."""
+    out = bytearray()
+    put_varint(out, count)
+    for _ in range(count):
+        put_varint(out, keep)
+        put_varint(out, len(name))
+        out += name + bytes((TYPE_DIR, flags)) + b"\xed\x03" + b"\x00\x00\x00"
+    return bytes(out)
 
 
 TEXT = b"The quick brown fox jumps over the lazy dog.\n" * 40
@@ -133,7 +188,19 @@ def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
         "minor.llma": (Builder().file("a.txt", TEXT, exts=(Extension(0x0042, b"ignore me"),))
                        .build(minor=9, exts=[Extension(0x7FFF, b"\x00" * 5)]),
                        "format 1.9 with non-critical archive and entry extensions: readable"),
+        "twins-1.0.llma": (Builder().file("Stra\u00dfe", b"1").file("STRASSE", b"2")
+                           .file("caf\u00e9", b"3").file("cafe\u0301", b"4").build(),
+                           "format 1.0, names that are twins after NFC + casefold (legal "
+                           "since 1.1; refused only when extracting onto a folding file "
+                           "system)"),
+        "compact.llma": (tree11().build11(),
+                         "format 1.1: compact entry table (zstd) with a directory, stored "
+                         "files, an empty file, a single zstd frame, a solid block whose "
+                         "members carry CRC-32s, and case twins"),
+        "compact-plain.llma": (tree11().build11(level=0),
+                               "format 1.1: the same entries, table encoding 0 (plain)"),
     }
+    t11 = tree11()
     base = Builder().file("a.txt", TEXT).build()
     idx_off = struct.unpack("<Q", base[-40:-32])[0]
     bad = {
@@ -165,8 +232,31 @@ def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
                               "UnsafeArchiveError"),
         "duplicate.llma": (Builder().file("a", b"1").file("a", b"2").build(), "duplicate name",
                            "UnsafeArchiveError"),
-        "casefold.llma": (Builder().file("Stra\u00dfe", b"1").file("STRASSE", b"2").build(),
-                          "names that collide after NFC + casefold", "UnsafeArchiveError"),
+        "compact-bomb.llma": (t11.build11(table=raw_table(
+                                  body_dir(b"d", count=1) + b"\0" * (1 << 20), size=11)),
+                              "table frame decodes to more than its declared size",
+                              "CorruptArchiveError"),
+        "compact-short.llma": (t11.build11(table=raw_table(body_dir(b"d"), size=12)),
+                               "table frame decodes to less than its declared size",
+                               "CorruptArchiveError"),
+        "compact-trailing.llma": (t11.build11(table=raw_table(body_dir(b"d")) + b"\0"),
+                                  "a byte after the table's zstd frame", "CorruptArchiveError"),
+        "compact-count.llma": (t11.build11(table=raw_table(b"\xff\xff\x03" + body_dir(b"d")[1:])),
+                               "entry count larger than the table can hold",
+                               "CorruptArchiveError"),
+        "compact-keep.llma": (t11.build11(table=raw_table(body_dir(b"d", keep=1))),
+                              "first name keeps a byte of a previous name that does not exist",
+                              "CorruptArchiveError"),
+        "compact-varint.llma": (t11.build11(table=raw_table(b"\x81\x00" + body_dir(b"d")[1:])),
+                                "a varint in overlong form", "CorruptArchiveError"),
+        "compact-flags.llma": (t11.build11(table=raw_table(body_dir(b"d", flags=0x08))),
+                               "reserved record flag bit set", "CorruptArchiveError"),
+        "compact-next.llma": (_compact_next(), "a record continues a solid block that was "
+                              "never started", "CorruptArchiveError"),
+        "compact-crc.llma": (_compact_crc(), "solid member whose bytes do not match its CRC-32",
+                             "ChecksumMismatchError"),
+        "compact-and-records.llma": (_compact_and_records(), "index with both entry records "
+                                     "and a compact table", "CorruptArchiveError"),
         "file-as-dir.llma": (Builder().file("a", b"1").file("a/b", b"2").build(),
                              "a member inside a regular file", "UnsafeArchiveError"),
         "setuid.llma": (Builder().file("a", b"1", mode=0o4755).build(),
@@ -198,6 +288,8 @@ def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
         "symlink.llma": (Builder().file("link", b"target", etype=TYPE_SYMLINK).build(),
                          "entry of the reserved symlink type"),
         "type7.llma": (Builder().file("x", b"", etype=7).build(), "unknown entry type 7"),
+        "compact-encoding9.llma": (t11.build11(table=raw_table(body_dir(b"d"), encoding=9)),
+                                   "compact entry table with unknown encoding 9"),
     }
     return {
         "good": {k: (v[0], v[1], "") for k, v in good.items()},
@@ -205,6 +297,28 @@ def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
         "unsupported": {k: (v[0], v[1], "UnsupportedFeatureError")
                         for k, v in unsupported.items()},
     }
+
+
+def _compact_next() -> bytes:
+    b = Builder().solid11([("a", TEXT), ("b", TEXT[:10])])
+    table = encode_table(b.entries, 0)
+    body = bytearray(table[5:])
+    # first record: count(1) keep(1) add(1) "a" type flags -> flags at offset 5
+    assert body[5] == 0x03  # CRC-32 digest + starts a solid block
+    body[5] = 0x05  # CRC-32 digest + continues a block
+    return b.build11(table=raw_table(bytes(body)))
+
+
+def _compact_crc() -> bytes:
+    b = Builder().solid11([("a", TEXT), ("b", TEXT[:10])])
+    b.entries[1] = replace(b.entries[1], data_crc32=b.entries[1].data_crc32 ^ 1)
+    return b.build11()
+
+
+def _compact_and_records() -> bytes:
+    b = Builder().file("a.txt", TEXT)
+    idx = Index(CREATOR, [], b.entries, (Extension(EXT_COMPACT_ENTRIES, encode_table(b.entries)),))
+    return assemble(bytes(b.data), idx, minor=1)
 
 
 def _dir_with_data() -> bytes:
@@ -222,9 +336,12 @@ def _patched(fn) -> bytes:
 
 
 def expected_members(data: bytes) -> dict[str, str]:
+    """name -> "dir" or the SHA-256 of the member's bytes (for 1.1 solid members, which
+    record a CRC-32, the SHA-256 of the bytes the vector was built from)."""
     from llmarc.container.layout import decode_index
     off, size = struct.unpack("<QQ", data[-40:-24])
-    return {e.name: ("dir" if e.type == TYPE_DIR else e.sha256.hex())
+    return {e.name: ("dir" if e.type == TYPE_DIR else
+                     (e.sha256 or TRUTH[(e.name, e.data_crc32)]).hex())
             for e in decode_index(data[off:off + size]).entries}
 
 

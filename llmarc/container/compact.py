@@ -1,0 +1,355 @@
+"""The compact entry table of format 1.1 (spec/format.md §4.2): encode and hostile decode.
+
+Why it exists: the 1.0 entry record costs ~114 bytes per entry (fixed-width fields, a
+SHA-256 per file), so an archive of 10,000 small files was bigger than its input. Here
+names are front-coded against the previous entry, numbers are varints (mtime as a delta),
+stored offsets are implicit (the data area is tiled in table order), solid block members
+carry no stored fields and a 4-byte CRC-32 instead of a SHA-256, and the whole table is
+one zstd frame. It travels in the critical archive extension 0x8001, so a 1.0 reader
+refuses a 1.1 archive by name (*unsupported*) instead of misreading it.
+
+Decoding never allocates by a claimed size: the zstd frame is read through a bounded
+stream reader in 1 MiB pieces and stops as soon as the output passes the declared size.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import zstandard
+
+from ..errors import CorruptArchiveError, UnsupportedFeatureError
+from .layout import (
+    EMPTY_SHA256,
+    FLAG_CRC32,
+    FLAG_SOLID_FIRST,
+    FLAG_SOLID_NEXT,
+    HEADER_SIZE,
+    MAX_ENTRIES,
+    MAX_ENTRY_EXT_BYTES,
+    MAX_INDEX_SIZE,
+    MAX_NAME_BYTES,
+    MAX_PARAMS_BYTES,
+    MAX_SIZE,
+    TABLE_PLAIN,
+    TABLE_ZSTD,
+    TYPE_DIR,
+    TYPE_FILE,
+    TYPE_NAMES,
+    TYPE_SYMLINK,
+    EntryRecord,
+    decode_ext_area,
+    encode_ext_area,
+)
+
+CODEC_ZSTD = 1
+#: zstd level of the table (the table is small next to the data; 19 costs little).
+TABLE_LEVEL = 19
+#: The smallest compact record: six one-byte varints, type, flags (a directory).
+MIN_RECORD = 8
+_PIECE = 1 << 20
+_MAX_WINDOW = 1 << 27
+
+
+# ---------------------------------------------------------------- varints
+
+
+def put_varint(out: bytearray, value: int) -> None:
+    """Unsigned LEB128 (7 bits per byte, low first, high bit = more follows)."""
+    if value < 0 or value >= 1 << 64:
+        raise ValueError(f"varint out of range: {value}")
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def wrap_i64(value: int) -> int:
+    """``value`` modulo 2^64 as a two's complement i64 (mtime deltas wrap, so any two
+    i64 mtimes are one varint apart)."""
+    return ((value + (1 << 63)) & ((1 << 64) - 1)) - (1 << 63)
+
+
+def zigzag(value: int) -> int:
+    """Signed -> unsigned (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...), 64-bit."""
+    return (value << 1) ^ (value >> 63)
+
+
+def unzigzag(value: int) -> int:
+    return (value >> 1) ^ -(value & 1)
+
+
+def solid_shares(sizes: list[int], stored_size: int) -> list[int]:
+    """Informative per-member shares of a solid block's stored bytes (not recorded in 1.1):
+    proportional to the members' sizes, integer, summing to ``stored_size``."""
+    total = sum(sizes)
+    if total == 0:
+        return [stored_size] + [0] * (len(sizes) - 1)
+    shares, acc, prev = [], 0, 0
+    for s in sizes:
+        acc += s
+        cut = stored_size * acc // total
+        shares.append(cut - prev)
+        prev = cut
+    return shares
+
+
+# ---------------------------------------------------------------- encode
+
+
+def encode_table(entries: list[EntryRecord], level: int = TABLE_LEVEL) -> bytes:
+    """The value of extension 0x8001 for ``entries`` (in table order).
+
+    Raises ValueError for entries the compact form cannot express (stored ranges that do
+    not tile the data area in table order): writers only make tiling archives."""
+    body = bytearray()
+    put_varint(body, len(entries))
+    prev_name = b""
+    prev_mtime = 0
+    pos = HEADER_SIZE
+    block: tuple[int, int, int] | None = None  # (offset, size, crc) of the open solid block
+    for e in entries:
+        name = e.name.encode("utf-8")
+        keep = 0
+        limit = min(len(name), len(prev_name))
+        while keep < limit and name[keep] == prev_name[keep]:
+            keep += 1
+        put_varint(body, keep)
+        put_varint(body, len(name) - keep)
+        body += name[keep:]
+        prev_name = name
+        flags = 0
+        solid = (e.type == TYPE_FILE and e.codec_id == CODEC_ZSTD and len(e.codec_params) == 16)
+        if solid:
+            here = (e.stored_offset, e.stored_size, e.crc32)
+            if block is not None and here == block and e.stored_size:
+                flags |= FLAG_SOLID_NEXT
+            else:
+                flags |= FLAG_SOLID_FIRST
+                block = here
+        elif e.type == TYPE_FILE:
+            block = None
+        if e.type == TYPE_FILE and not e.sha256:
+            if e.data_crc32 is None:
+                raise ValueError(f"entry {e.name!r} has neither a SHA-256 nor a CRC-32")
+            flags |= FLAG_CRC32
+        body += bytes((e.type, flags))
+        put_varint(body, e.mode)
+        put_varint(body, zigzag(wrap_i64(e.mtime_ns - prev_mtime)))
+        prev_mtime = e.mtime_ns
+        put_varint(body, e.size)
+        if e.type == TYPE_FILE:
+            put_varint(body, e.codec_id)
+            params = b"" if solid else e.codec_params
+            put_varint(body, len(params))
+            body += params
+            if not flags & FLAG_SOLID_NEXT:
+                if e.stored_offset != pos and e.stored_size:
+                    raise ValueError("stored ranges do not tile the data area in table order")
+                put_varint(body, e.stored_size)
+                body += struct.pack("<I", e.crc32)
+                pos += e.stored_size
+            body += struct.pack("<I", e.data_crc32) if flags & FLAG_CRC32 else e.sha256
+        ext = encode_ext_area(e.extensions)
+        put_varint(body, len(ext))
+        body += ext
+    raw = bytes(body)
+    if level:
+        packed = zstandard.ZstdCompressor(level=level, write_content_size=False).compress(raw)
+        return bytes((TABLE_ZSTD,)) + struct.pack("<I", len(raw)) + packed
+    return bytes((TABLE_PLAIN,)) + struct.pack("<I", len(raw)) + raw
+
+
+# ---------------------------------------------------------------- decode
+
+
+def _inflate(payload: bytes, size: int) -> bytes:
+    """Exactly ``size`` bytes from one zstd frame that must fill ``payload``; output is
+    read in bounded pieces and never beyond ``size`` (+ one piece) whatever the frame says."""
+    src = io.BytesIO(payload)
+    out = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).stream_reader(
+            src, read_size=1)
+        while True:
+            piece = reader.read(min(_PIECE, size - len(out) + 1))
+            if not piece:
+                break
+            out += piece
+            if len(out) > size:
+                raise CorruptArchiveError(
+                    f"compact entry table decodes to more than the declared {size} bytes")
+    except zstandard.ZstdError as exc:
+        raise CorruptArchiveError(f"compact entry table is not a valid zstd frame: {exc}") \
+            from None
+    if len(out) != size:
+        raise CorruptArchiveError(
+            f"compact entry table decodes to {len(out)} bytes, not the declared {size}")
+    if src.tell() != len(payload):
+        raise CorruptArchiveError("compact entry table has bytes after its zstd frame")
+    return bytes(out)
+
+
+class _Body:
+    """Bounds-checked reads over the decoded table."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def varint(self, what: str) -> int:
+        data, pos = self.data, self.pos
+        value = shift = 0
+        while True:
+            if pos >= len(data):
+                raise CorruptArchiveError(f"compact entry table is truncated in {what}")
+            b = data[pos]
+            pos += 1
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+            if shift >= 70:
+                raise CorruptArchiveError(f"compact entry table: {what} varint is too long")
+        if value >= 1 << 64 or (b == 0 and shift):
+            raise CorruptArchiveError(f"compact entry table: {what} is not a minimal varint "
+                                      "below 2^64")
+        self.pos = pos
+        return value
+
+    def take(self, n: int, what: str) -> bytes:
+        if self.pos + n > len(self.data):
+            raise CorruptArchiveError(f"compact entry table is truncated in {what}")
+        b = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+
+def decode_table(value: bytes, data_end: int | None = None) -> list[EntryRecord]:
+    """Entries from the value of extension 0x8001. ``data_end`` (the index offset), when
+    known, lets stored sizes be checked as they are read."""
+    if len(value) < 5:
+        raise CorruptArchiveError("compact entry table header is truncated")
+    encoding = value[0]
+    size = struct.unpack_from("<I", value, 1)[0]
+    if size > MAX_INDEX_SIZE:
+        raise CorruptArchiveError(f"compact entry table of {size} bytes is over the limit")
+    if encoding == TABLE_PLAIN:
+        body = value[5:]
+        if len(body) != size:
+            raise CorruptArchiveError("compact entry table size does not match its header")
+    elif encoding == TABLE_ZSTD:
+        body = _inflate(value[5:], size)
+    else:
+        raise UnsupportedFeatureError(f"compact entry table uses unknown encoding {encoding}")
+    return _parse(_Body(body), data_end)
+
+
+def _parse(cur: _Body, data_end: int | None) -> list[EntryRecord]:
+    count = cur.varint("entry count")
+    if count > MAX_ENTRIES:
+        raise CorruptArchiveError(f"{count} entries, over the limit of {MAX_ENTRIES}")
+    if count * MIN_RECORD > len(cur.data) - cur.pos:
+        raise CorruptArchiveError("entry count is larger than the entry table can hold")
+    entries: list[EntryRecord] = []
+    prev_name = b""
+    mtime = 0
+    pos = HEADER_SIZE
+    block: list[int] = []  # indexes of the open solid block's members
+    block_store: tuple[int, int, int] = (0, 0, 0)
+
+    def close_block() -> None:
+        if not block:
+            return
+        off, ssize, crc = block_store
+        shares = solid_shares([entries[j].size for j in block], ssize)
+        skip = 0
+        for j, share in zip(block, shares, strict=True):
+            e = entries[j]
+            entries[j] = EntryRecord(e.name, e.type, e.mode, e.mtime_ns, e.size, e.codec_id,
+                                     struct.pack("<QQ", skip, share), off, ssize, e.sha256,
+                                     crc, e.extensions, e.data_crc32)
+            skip += e.size
+        block.clear()
+
+    for i in range(count):
+        keep = cur.varint(f"entry {i} name")
+        add = cur.varint(f"entry {i} name")
+        if keep > len(prev_name) or keep + add > MAX_NAME_BYTES or keep + add == 0:
+            raise CorruptArchiveError(f"entry {i} has an invalid name length")
+        raw = prev_name[:keep] + cur.take(add, f"entry {i} name")
+        prev_name = raw
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptArchiveError(f"entry {i} name is not valid UTF-8") from None
+        etype, flags = cur.take(2, f"entry {i} type")
+        mode = cur.varint(f"entry {name!r} mode")
+        mtime = wrap_i64(mtime + unzigzag(cur.varint(f"entry {name!r} mtime")))
+        size = cur.varint(f"entry {name!r} size")
+        if flags & ~(FLAG_CRC32 | FLAG_SOLID_FIRST | FLAG_SOLID_NEXT):
+            raise CorruptArchiveError(f"entry {name!r} has reserved flag bits set")
+        if mode & ~0o777:
+            raise CorruptArchiveError(f"entry {name!r} has mode bits outside 0o777")
+        if size > MAX_SIZE:
+            raise CorruptArchiveError(f"entry {name!r} declares an impossible size")
+        if etype == TYPE_SYMLINK:
+            raise UnsupportedFeatureError(f"entry {name!r} is a symbolic link, which this "
+                                          "reader does not support")
+        if etype not in TYPE_NAMES:
+            raise UnsupportedFeatureError(f"entry {name!r} has unknown type {etype}")
+        if etype == TYPE_DIR:
+            if flags or size:
+                raise CorruptArchiveError(f"directory entry {name!r} carries file data")
+            exts = _ext(cur, name)
+            entries.append(EntryRecord(name, TYPE_DIR, mode, mtime, 0, 0, b"", 0, 0,
+                                       EMPTY_SHA256, 0, exts))
+            continue
+        codec = cur.varint(f"entry {name!r} codec")
+        plen = cur.varint(f"entry {name!r} params length")
+        if plen > MAX_PARAMS_BYTES:
+            raise CorruptArchiveError(f"entry {name!r} codec params are over the limit")
+        params = cur.take(plen, f"entry {name!r} codec params")
+        first, nxt = bool(flags & FLAG_SOLID_FIRST), bool(flags & FLAG_SOLID_NEXT)
+        if (first or nxt) and (codec != CODEC_ZSTD or params or (first and nxt)):
+            raise CorruptArchiveError(f"entry {name!r} has inconsistent solid block flags")
+        if nxt:
+            if not block:
+                raise CorruptArchiveError(f"entry {name!r} continues a solid block that was "
+                                          "never started")
+            off, ssize, crc = block_store
+        else:
+            close_block()
+            ssize = cur.varint(f"entry {name!r} stored size")
+            (crc,) = struct.unpack("<I", cur.take(4, f"entry {name!r} stored CRC"))
+            if ssize > MAX_SIZE or (data_end is not None and pos + ssize > data_end):
+                raise CorruptArchiveError(f"member {name!r} has its data outside the archive")
+            off = pos
+            pos += ssize
+            if first:
+                block_store = (off, ssize, crc)
+        if flags & FLAG_CRC32:
+            (dcrc,) = struct.unpack("<I", cur.take(4, f"entry {name!r} CRC-32"))
+            sha, data_crc = b"", dcrc
+        else:
+            sha, data_crc = cur.take(32, f"entry {name!r} SHA-256"), None
+        exts = _ext(cur, name)
+        if first or nxt:
+            block.append(len(entries))
+        entries.append(EntryRecord(name, TYPE_FILE, mode, mtime, size, codec, params, off,
+                                   ssize, sha, crc, exts, data_crc))
+    close_block()
+    if cur.pos != len(cur.data):
+        raise CorruptArchiveError("compact entry table has trailing bytes")
+    return entries
+
+
+def _ext(cur: _Body, name: str):
+    n = cur.varint(f"entry {name!r} extension length")
+    if n > MAX_ENTRY_EXT_BYTES:
+        raise CorruptArchiveError(f"entry {name!r} extension area of {n} bytes is over the "
+                                  "limit")
+    return decode_ext_area(cur.take(n, f"entry {name!r} extension area"), f"entry {name!r}")
