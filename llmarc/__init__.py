@@ -37,14 +37,21 @@ from .packer import SkippedEntryWarning, pack
 
 
 def open(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None = None,
-         device: str = "auto", warn: Callable[[str], None] | None = None) -> ArchiveReader:
+         device: str = "auto", warn: Callable[[str], None] | None = None,
+         ray: str | None = None, threads: int | None = None,
+         batch_width: int | None = None) -> ArchiveReader:
     """Open an archive for reading (validates header, footer and index).
 
     ``model`` and ``device`` matter only when an LLM-coded member is read: the model
     (default: the embedded SmolLM2) must have the fingerprint recorded in the archive;
-    batch width, segment length, dtype and threads are adopted from the archive.
-    ``warn`` receives warnings such as a differing numerics environment."""
-    options = LLMOptions(model=None if model is None else os.fspath(model), device=device)
+    the segment length and precision are adopted from the archive (lockstep-v1 archives
+    also impose batch width, dtype and threads).  ``threads`` and ``batch_width`` are
+    this process's choice for int-v1 archives (None: the defaults).
+    ``warn`` receives warnings such as a differing numerics environment.  ``ray``
+    decodes LLM segments on Ray actors: "local" starts a runtime here, else a cluster
+    address (``ray://host:port`` or ``auto``); the result is the same bytes."""
+    options = LLMOptions(model=None if model is None else os.fspath(model), device=device,
+                         ray=ray, threads=threads, batch_width=batch_width)
     return ArchiveReader(path, llm=options, warn=warn)
 
 

@@ -7,7 +7,6 @@ exits 3 when the archive was written but some files were skipped (``--skip-unrea
 changed while read or vanished.
 """
 
-
 from __future__ import annotations
 
 import contextlib
@@ -26,15 +25,15 @@ from rich.console import Console
 
 from . import __version__
 from . import open as open_archive
-from .codecs.llm import DEFAULT_SEGMENT_LENGTH
+from .codecs.llm import DEFAULT_ENGINE, DEFAULT_SEGMENT_LENGTH, ENGINES, parse_profile
 from .codecs.llm_pipeline import LLMOptions
 from .errors import LlmarcError
 from .packer import CODEC_CHOICES, PackReport, SkippedEntryWarning, UnarchivableError, pack
 from .progress import ByteProgress, LineProgress
+from .terminal import json_visible, visible
 
 #: Exit status of a pack that wrote its archive but skipped files or read changing ones.
 EXIT_PARTIAL = 3
-
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
@@ -45,10 +44,45 @@ ModelOption = Annotated[str | None, typer.Option(
     help="LLM: 'smollm2' (embedded), a Hugging Face model folder, or a .gguf file "
          "(default: $LLMARC_MODEL, else smollm2).")]
 DeviceOption = Annotated[str, typer.Option(help="LLM: auto, cpu or cuda[:N].")]
+ThreadsOption = Annotated[int | None, typer.Option(
+    help="LLM: CPU threads (default: the cores torch sees). A runtime choice: int-v1 "
+         "archives decode the same with any count.", min=1, max=1024)]
+WidthOption = Annotated[int | None, typer.Option(
+    help="LLM: rows decoded together (default: sized from memory and the input).",
+    min=1, max=1024)]
+RayOption = Annotated[str | None, typer.Option(
+    "--ray", metavar="[ADDRESS]",
+    help="LLM: code segments on Ray actors; alone a local runtime, else a cluster "
+         "(ray://HOST:PORT, HOST:PORT or auto). Needs: pip install 'llmarc[ray]'.")]
 
 
-def _open(archive: Path, model: str | None = None, device: str = "auto"):
-    return open_archive(archive, model=model, device=device, warn=_warn)
+def _ray(address: str | None) -> str | None:
+    """Fail in one line, before any model is loaded, when --ray lacks the Ray extra."""
+    if address is not None:
+        from .distributed import require_ray
+
+        require_ray()
+    return address
+
+
+def _ray_argv(argv: list[str]) -> list[str]:
+    """Give a bare ``--ray`` its default value: typer has no options with optional values."""
+    from .distributed import LOCAL, is_address
+
+    out = list(argv)
+    for i, word in enumerate(out):
+        if word == "--":
+            break
+        if word == "--ray" and (i + 1 == len(out) or not is_address(out[i + 1])):
+            out.insert(i + 1, LOCAL)
+    return out
+
+
+def _open(archive: Path, model: str | None = None, device: str = "auto",
+          ray: str | None = None, threads: int | None = None,
+          batch_width: int | None = None):
+    return open_archive(archive, model=model, device=device, warn=_warn, ray=_ray(ray),
+                        threads=threads, batch_width=batch_width)
 
 
 def _progress(quiet: bool) -> ByteProgress | LineProgress | None:
@@ -60,7 +94,7 @@ def _progress(quiet: bool) -> ByteProgress | LineProgress | None:
 
 
 def _warn(message: str) -> None:
-    print(f"llmarc: warning: {message}", file=sys.stderr)
+    print(f"llmarc: warning: {visible(message)}", file=sys.stderr)
 
 
 @app.command("pack")
@@ -75,24 +109,35 @@ def pack_cmd(
         help="Decode the finished archive and check every SHA-256 before keeping it.")] = False,
     model: ModelOption = None,
     device: DeviceOption = "auto",
+    engine: Annotated[str, typer.Option(
+        help="LLM engine: int-v1 (integer-exact: the archive opens on any machine) or "
+             "lockstep-v1 (float, bound to this machine's numerics).")] = DEFAULT_ENGINE,
     dtype: Annotated[str | None, typer.Option(
-        help="float32|bfloat16|float16 (default: float32 on CPU, bfloat16 on CUDA).")] = None,
+        help="lockstep-v1 only: float32|bfloat16|float16 (default: float32 on CPU, "
+             "bfloat16 on CUDA).")] = None,
     segment_length: Annotated[int, typer.Option(
         help="Maximum tokens per independently coded segment.")] = DEFAULT_SEGMENT_LENGTH,
     batch_width: Annotated[int | None, typer.Option(
-        help="Rows stepped together (default: sized from memory and the input).")] = None,
+        help="lockstep-v1: rows stepped together, recorded (default: sized from memory "
+             "and the input). int-v1 encodes whole segments at once.")] = None,
     threads: Annotated[int | None, typer.Option(
-        help="CPU threads for the model (recorded; extraction uses the same).")] = None,
+        help="CPU threads for the model (default: the cores torch sees). lockstep-v1 "
+             "records it and extraction must use the same.")] = None,
     skip_unreadable: Annotated[bool, typer.Option(
         help="Skip (with a warning each, exit status 3) what cannot be archived: symlinks, "
              "FIFOs, sockets, devices, unreadable files, names the format cannot store. "
              "Without it such paths are an error and nothing is written.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q",
                                         help="No progress and no summary.")] = False,
+    ray: RayOption = None,
 ) -> int:
     """Archive the contents of SRC into OUT."""
-    options = LLMOptions(model=model, device=device, dtype=dtype, threads=threads,
-                         segment_length=segment_length, batch_width=batch_width)
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}, not {engine!r}",
+                                 param_hint="--engine")
+    options = LLMOptions(model=model, device=device, engine=engine, dtype=dtype,
+                         threads=threads, segment_length=segment_length,
+                         batch_width=batch_width, ray=_ray(ray))
     report = PackReport()
     try:
         members = pack(src, out, codec=codec, level=level, progress=_progress(quiet),
@@ -131,7 +176,7 @@ def list_cmd(
                  "size": m.size, "packed_size": m.packed_size, "codec": m.codec,
                  "bits_per_byte": round(m.bits_per_byte, 4), "sha256": m.sha256}
                 for m in members]
-        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        print(json_visible(json.dumps(rows, indent=1, ensure_ascii=False)))
         return
     _print_table(members)
 
@@ -146,7 +191,7 @@ def _print_table(members) -> None:
         rows.append((stat.filemode(kind | m.mode), str(m.size), str(m.packed_size),
                      m.codec if m.is_file() else "",
                      f"{m.bits_per_byte:.3f}" if m.size else "",
-                     m.name + ("/" if m.is_dir() else "")))
+                     visible(m.name) + ("/" if m.is_dir() else "")))
     widths = [max([len(header[c])] + [len(r[c]) for r in rows]) for c in range(5)]
     right = (False, True, True, False, True)
 
@@ -168,13 +213,21 @@ def extract_cmd(
     members: Annotated[list[str] | None, typer.Argument(help="Members (default: all).")] = None,
     dest: Annotated[Path, typer.Option("-C", "--directory", help="Destination.")] = Path("."),
     overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+    keep_modes: Annotated[bool, typer.Option(
+        "--keep-modes", "--preserve-permissions",
+        help="Apply the stored permission bits as they are. Default: like tar's 'data' "
+             "filter, group and other write are cleared.")] = False,
     model: ModelOption = None,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+    batch_width: WidthOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    ray: RayOption = None,
 ) -> None:
     """Extract ARCHIVE (or the named MEMBERS) below DEST."""
-    with _open(archive, model, device) as ar:
-        ar.extract(dest, members or None, overwrite=overwrite, progress=_progress(quiet))
+    with _open(archive, model, device, ray, threads, batch_width) as ar:
+        ar.extract(dest, members or None, overwrite=overwrite, progress=_progress(quiet),
+                   keep_modes=keep_modes)
 
 
 @app.command("test")
@@ -182,10 +235,13 @@ def test_cmd(
     archive: Annotated[Path, typer.Argument(help="Archive to test.")],
     model: ModelOption = None,
     device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+    batch_width: WidthOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    ray: RayOption = None,
 ) -> None:
     """Decode every member of ARCHIVE and verify every checksum (writes nothing)."""
-    with _open(archive, model, device) as ar:
+    with _open(archive, model, device, ray, threads, batch_width) as ar:
         n = len(ar.test(progress=_progress(quiet)))
     print(f"{archive}: OK ({n} members)")
 
@@ -197,7 +253,7 @@ def info_cmd(archive: Annotated[Path, typer.Argument(help="Archive to describe."
         members = ar.members()
         print(f"archive:      {archive}")
         print(f"format:       {ar.version[0]}.{ar.version[1]}")
-        print(f"creator:      {ar.creator}")
+        print(f"creator:      {visible(ar.creator)}")
         files = [m for m in members if m.is_file()]
         size = sum(m.size for m in files)
         packed = os.path.getsize(archive)
@@ -211,8 +267,17 @@ def info_cmd(archive: Annotated[Path, typer.Argument(help="Archive to describe."
                                   or "none"))
         print(f"models:       {len(ar.models)}")
         for i, model in enumerate(ar.models):
-            print(f"  [{i}] {model.name}  fingerprint {model.fingerprint.hex()}")
-            print(f"      profile {model.profile}")
+            print(f"  [{i}] {visible(model.name)}  fingerprint {model.fingerprint.hex()}")
+            print(f"      engine  {visible(str(_engine_of(model.profile)))}")
+            print(f"      profile {visible(model.profile)}")
+
+
+def _engine_of(profile: str) -> object:
+    """The engine named by a (hostile) profile, or why it cannot be read."""
+    try:
+        return parse_profile(profile).get("engine")
+    except LlmarcError as exc:
+        return f"unreadable profile ({exc})"
 
 
 @app.command("version", hidden=True)
@@ -240,7 +305,7 @@ _CLICK = _click_classes("ClickException")
 
 
 def _error(message: str, code: int) -> int:
-    message = " ".join(str(message).split()) or "unknown error"
+    message = visible(" ".join(str(message).split())) or "unknown error"
     print(f"llmarc: error: {message}", file=sys.stderr)
     return code
 
@@ -292,7 +357,8 @@ def _run(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SkippedEntryWarning)
-            result = app(args=argv, prog_name="llmarc", standalone_mode=False)
+            args = _ray_argv(sys.argv[1:] if argv is None else argv)
+            result = app(args=args, prog_name="llmarc", standalone_mode=False)
         code = result if isinstance(result, int) else 0
         if code == 130:  # typer turns Ctrl-C into exit code 130
             print("llmarc: interrupted", file=sys.stderr)

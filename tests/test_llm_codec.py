@@ -60,25 +60,56 @@ def test_edge_cases_roundtrip_byte_for_byte(tmp_path: Path, model: Path) -> None
         assert (tmp_path / "dest" / name).read_bytes() == data
 
 
-def test_many_segments_and_files_share_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["int-v1", "lockstep-v1"])
+def test_many_segments_and_files_share_rows(tmp_path: Path, engine: str) -> None:
     """Files spanning many segments, coded 4 rows at a time, decode one member alone."""
     text = (FIXTURES / "tiny-training.txt").read_bytes()
     files = {f"part{i}.txt": text[i * 1500 : (i + 1) * 1500 + i * 97] for i in range(6)}
     src = make_tree(tmp_path / "src", files)
     out = tmp_path / "a.llma"
-    pack_llm(src, out, segment_length=32, batch_width=4)
-    with llmarc.open(out, model=TINY_BPE, device="cpu") as archive:
+    pack_llm(src, out, segment_length=32, batch_width=4, engine=engine)
+    with llmarc.open(out, model=TINY_BPE, device="cpu", batch_width=3) as archive:
         profile = json.loads(archive.models[0].profile)
-        assert profile["batch_width"] == 4 and profile["segment_length"] == 32
+        if engine == "int-v1":  # only what changes the numbers is recorded
+            assert profile == {"engine": "int-v1", "precision": 24, "segment_length": 32}
+        else:  # the float engine's numbers depend on B, dtype, threads: recorded
+            assert profile["batch_width"] == 4 and profile["segment_length"] == 32
         assert archive.read("part3.txt") == files["part3.txt"]  # decoded on its own
         archive.test()
+
+
+def test_int_v1_escapes_bytes_the_vocabulary_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte with no single-byte token is carried as an escape: the entry stays llm.
+
+    The fixture vocabularies have every byte, so the tokenizer is told to escape three
+    (SmolLM2 really lacks 21, see benchmarks)."""
+    from llmarc.model.tokenize import LosslessTokenizer
+
+    missing = [0x04, 0xFC, 0xFF]
+    original = LosslessTokenizer.__init__
+
+    def lacking(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        self.set_escaped(frozenset(missing))
+
+    monkeypatch.setattr(LosslessTokenizer, "__init__", lacking)
+    data = b"text with " + bytes(missing[:3]) + b" rare bytes " + bytes(missing[:1]) * 4
+    src = make_tree(tmp_path / "src", {"a.txt": data, "only.txt": bytes(missing[:1]) * 3})
+    out = tmp_path / "a.llma"
+    members = {m.name: m for m in pack_llm(src, out)}
+    assert members["a.txt"].codec == "llm"
+    assert members["only.txt"].codec != "llm"  # nothing left to tokenize
+    with llmarc.open(out, model=TINY_BPE, device="cpu") as archive:
+        assert archive.read("a.txt") == data
 
 
 def test_bfloat16_path_roundtrips_on_cpu(tmp_path: Path) -> None:
     """The GPU dtype exercised on CPU: same code path, recorded and adopted dtype."""
     src = make_tree(tmp_path / "src", {"a.txt": EDGE_CASES["cjk-emoji.txt"] * 3})
     out = tmp_path / "a.llma"
-    pack_llm(src, out, dtype="bfloat16", segment_length=40)
+    pack_llm(src, out, dtype="bfloat16", segment_length=40, engine="lockstep-v1")
     with llmarc.open(out, model=TINY_BPE, device="cpu") as archive:
         assert json.loads(archive.models[0].profile)["dtype"] == "bfloat16"
         assert archive.read("a.txt") == EDGE_CASES["cjk-emoji.txt"] * 3
@@ -199,6 +230,46 @@ def test_unknown_engine_is_unsupported(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "profile",
+    [{"segment_length": 0}, {"segment_length": True}, {"precision": 11}, {"precision": 2.5},
+     {"segment_length": None}],
+)
+def test_hostile_int_v1_profiles_are_rejected(profile: dict) -> None:
+    from llmarc.codecs.llm import settings_from_profile
+
+    base = {"engine": "int-v1", "segment_length": 8, "precision": 24}
+    assert settings_from_profile(base).segment_length == 8
+    with pytest.raises(CorruptArchiveError):
+        settings_from_profile({**base, **profile})
+
+
+@pytest.mark.parametrize(
+    "text", ['{"engine":NaN}', '{"engine":"int-v1","precision":1e400}', "[" * 5000 + "]" * 5000,
+             '["int-v1"]', '{"engine":"int-v1","engine":"int-v1"}'],
+)
+def test_hostile_profile_json_is_corrupt_not_a_traceback(text: str) -> None:
+    from llmarc.codecs.llm import parse_profile
+
+    with pytest.raises(CorruptArchiveError):
+        parse_profile(text)
+
+
+def test_escapes_and_payload_bounds() -> None:
+    from llmarc.codecs.llm import apply_escapes
+
+    escapes = [(0, 0xFF), (4, 0xFE), (5, 0xFD)]
+    payload = build_payload(2, [b"xy"], escapes)
+    assert parse_payload(payload, 9, 8, with_escapes=True) == (2, escapes, [b"xy"])
+    assert apply_escapes(b"abcdef", escapes) == b"\xffabc\xfe\xfddef"
+    with pytest.raises(CorruptArchiveError):  # escapes past the entry's end
+        parse_payload(payload, 4, 8, with_escapes=True)
+    with pytest.raises(CorruptArchiveError):  # more escapes claimed than bytes present
+        parse_payload(write_varint(1) + write_varint(10**6) + b"\x00", 10**7, 8, True)
+    with pytest.raises(CorruptArchiveError):  # a million segments claimed by a tiny payload
+        parse_payload(write_varint(10**6) + b"\x00" * 4, 10**7, 1)
+
+
+@pytest.mark.parametrize(
+    "profile",
     [
         {"batch_width": 0},
         {"batch_width": 10**9},
@@ -258,7 +329,7 @@ def test_a_different_environment_warns_and_still_decodes(tmp_path: Path) -> None
 
     src = make_tree(tmp_path / "src", {"a.txt": b"environment check"})
     out = tmp_path / "a.llma"
-    pack_llm(src, out)
+    pack_llm(src, out, engine="lockstep-v1")
     data, index = disassemble(out.read_bytes())
     profile = {**json.loads(index.models[0].profile), "torch": "0.0.1", "cpu_capability": "X"}
     index.models[0] = replace(index.models[0], profile=canonical_json(profile))

@@ -241,15 +241,18 @@ class LosslessTokenizer:
         #: UnrepresentableBytesError (SmolLM2 lacks 21 such bytes, e.g. 0x04 and 0xF5-0xFF).
         self.unrepresentable: frozenset[int] = frozenset(range(256)) - present
         self._representable = bytes(sorted(present))
-        #: byte values with no single-byte token: int-v1 payloads carry them as escapes
-        #: (spec/llm-codec.md §3.2), so the rest of the text can still be LLM-coded.
-        self.escaped: frozenset[int] = frozenset(
-            v for v, token in enumerate(self.single_byte) if token is None
-        )
-        self._unescaped = bytes(v for v in range(256) if v not in self.escaped)
+        self.set_escaped(frozenset(v for v, t in enumerate(self.single_byte) if t is None))
+
+    def set_escaped(self, values: frozenset[int]) -> None:
+        """Choose the byte values :meth:`split_escapes` cuts out.  By default those with
+        no single-byte token: int-v1 payloads carry them as escapes (spec/llm-codec.md
+        §3.2), so the rest of the text can still be LLM-coded.  Cutting out more is
+        still lossless (tests use it on vocabularies that lack no byte)."""
+        self.escaped = values
+        self._unescaped = bytes(v for v in range(256) if v not in values)
         self._escape_pattern = re.compile(
-            b"[" + b"".join(re.escape(bytes([v])) for v in sorted(self.escaped)) + b"]"
-        ) if self.escaped else None
+            b"[" + b"".join(re.escape(bytes([v])) for v in sorted(values)) + b"]"
+        ) if values else None
 
     def split_escapes(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
         """(data without the bytes that have no single-byte token, [(offset, byte)]).
