@@ -3,12 +3,15 @@ the correct bytes; never a traceback, a hang, a world-writable file or a huge te
 
 from __future__ import annotations
 
+import json
 import math
+import stat
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 
 import llmarc
 from llmarc.container.json_safe import (
@@ -187,3 +190,196 @@ def test_hostile_profile_gives_one_error_line_from_every_command(name: str,
     with pytest.raises(CorruptArchiveError):
         llmarc.open(path)
     assert not (tmp_path / "out" / "a.txt").exists()
+
+
+# --------------------------------------------------------------------------- bounded costs
+
+
+def test_deep_names_are_checked_in_linear_time() -> None:
+    """600-deep names (a 2.5 MB index) made the below-a-file check quadratic."""
+    from llmarc.safety import check_names
+
+    names = [("/".join(["d"] * 600) + f"/{i}", False) for i in range(2000)]
+    start = time.perf_counter()
+    check_names(names)
+    assert time.perf_counter() - start < 3.0
+    with pytest.raises(llmarc.UnsafeArchiveError, match="lies inside"):
+        check_names([*names, ("/".join(["d"] * 300), False)])
+
+
+@pytest.mark.parametrize("names, bad", [
+    (["a", "a/b"], ("a/b", "a")),
+    (["a/b", "a"], ("a/b", "a")),
+    (["a", "a-b", "a.c", "a/b/c"], ("a/b/c", "a")),
+    (["x/y", "x/y/z", "x/y0"], ("x/y/z", "x/y")),
+    (["a", "ab", "a b", "b/a"], None),
+])
+def test_member_below_file(names: list[str], bad: tuple[str, str] | None) -> None:
+    from llmarc.safety import member_below_file
+
+    assert member_below_file([(n, False) for n in names]) == bad
+    assert member_below_file([(n, True) for n in names]) is None  # directories may hold
+
+
+def test_deep_names_archive_lists_fast(tmp_path: Path) -> None:
+    files = [("/".join(["d"] * 600) + f"/{i}", b"") for i in range(2000)]
+    path = write(tmp_path, archive(files))
+    start = time.perf_counter()
+    code, out, err = run_cli("list", str(path))
+    assert code == 0, err
+    assert time.perf_counter() - start < 10.0
+    assert out.count("\n") == 2001
+
+
+def test_list_of_20000_entries_is_fast(tmp_path: Path) -> None:
+    files = [(f"dir{i % 50}/file-{i:05d}.txt", b"") for i in range(20000)]
+    path = write(tmp_path, archive(files))
+    start = time.perf_counter()
+    code, out, err = run_cli("list", str(path))
+    elapsed = time.perf_counter() - start
+    assert code == 0, err
+    assert out.count("\n") == 20001 and "dir7/file-00007.txt" in out
+    assert elapsed < 10.0, elapsed
+
+
+def _zstd_archive(frame: bytes, size: int, content: bytes = b"") -> bytes:
+    entry = EntryRecord("z", TYPE_FILE, 0o644, MTIME, size, 1, b"", HEADER_SIZE, len(frame),
+                        sha(content), crc32(frame))
+    return assemble(frame, Index("test", [], [entry]))
+
+
+def test_zstd_frame_declaring_2_63_bytes_fails_before_output(tmp_path: Path) -> None:
+    """A small frame whose header declares 2^63 bytes, recorded as 2^63 - 1: refused at
+    open (no frame of this size can hold that much), not after a 4 GiB temp file."""
+    body = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(
+        b"\0" * (1 << 22))
+    huge = _zstd_archive(body, 2**63 - 1)
+    path = write(tmp_path, huge)
+    with pytest.raises(CorruptArchiveError, match="more than any zstd frame"):
+        llmarc.open(path)
+    for code, _out, err in every_command(path, tmp_path / "out"):
+        assert code == 1 and err.startswith("llmarc: error:")
+    assert not any((tmp_path / "out").rglob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_zstd_frame_header_size_must_match_the_record(tmp_path: Path) -> None:
+    """A plausible claim (within the expansion bound) but a frame header declaring more:
+    refused from the header, before any byte is decoded or written."""
+    content = b"\0" * 5000
+    frame = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(
+        content * 100)
+    path = write(tmp_path, _zstd_archive(frame, len(content), content))
+    with llmarc.open(path) as ar, pytest.raises(CorruptArchiveError, match="declares"):
+        ar.read("z")
+    with llmarc.open(path) as ar, pytest.raises(CorruptArchiveError):
+        ar.extract(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_zstd_decoder_never_yields_past_the_recorded_size() -> None:
+    from llmarc.codecs import zstd as zstd_codec
+
+    frame = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(
+        b"\0" * (8 << 20))
+    got = 0
+    with pytest.raises(CorruptArchiveError, match="more than"):
+        for piece in zstd_codec.decode([frame], 1000):
+            got += len(piece)
+    assert got <= 1000
+
+
+# --------------------------------------------------------------------------- terminal text
+
+
+@pytest.mark.parametrize("name", ["[/x]", "[red]x[/red]", "[bold]b", "a]b[", "[link=x]y"])
+def test_markup_in_names_is_literal(name: str, tmp_path: Path) -> None:
+    path = write(tmp_path, archive([(name, b"1")]))
+    code, out, err = run_cli("list", str(path))
+    assert code == 0, err
+    assert name in out
+    code, out, _ = run_cli("list", "--json", str(path))
+    assert json.loads(out)[0]["name"] == name
+
+
+def test_creator_and_model_escapes_are_made_visible(tmp_path: Path) -> None:
+    creator = "evil\x1b[2J\x1b]0;pwned\x07\n\u202efake"
+    model = ModelRecord(bytes(32), "m\x1b[31mred\x9b", canonical_json({"a": "\x1b"}))
+    path = write(tmp_path, archive([("a.txt", b"1")], models=(model,), creator=creator))
+    code, out, err = run_cli("info", str(path))
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    assert "\u202e" not in out
+    assert "evil\\x1b[2J\\x1b]0;pwned\\x07\\x0a\\u202efake" in out
+    assert "m\\x1b[31mred\\x9b" in out
+
+
+def test_names_in_json_listing_have_no_terminal_controls(tmp_path: Path) -> None:
+    name = "bidi\u202etxt.exe\u2028x"  # printable checks pass at open; not on a terminal
+    path = write(tmp_path, archive([(name, b"1")]))
+    code, out, _ = run_cli("list", "--json", str(path))
+    assert code == 0
+    assert "\u202e" not in out and "\u2028" not in out
+    assert json.loads(out)[0]["name"] == name
+    code, out, _ = run_cli("list", str(path))
+    assert "\u202e" not in out and "bidi\\u202etxt.exe\\u2028x" in out
+
+
+def test_error_messages_escape_archive_text(tmp_path: Path) -> None:
+    path = write(tmp_path, archive([("ok", b"1")]))
+    code, _out, err = run_cli("extract", str(path), "missing\x1b]0;x\x07", "-C",
+                              str(tmp_path / "o"))
+    assert code == 1 and "\x1b" not in err and "\x07" not in err
+    assert err.count("\n") == 1
+
+
+def test_warnings_escape_text() -> None:
+    import contextlib
+    import io
+
+    from llmarc.cli import _warn
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        _warn("model \x1b[31m\ud800")
+    assert err.getvalue() == "llmarc: warning: model \\x1b[31m\\ud800\n"
+
+
+# --------------------------------------------------------------------------- modes, names
+
+
+def test_modes_follow_the_data_filter_by_default(tmp_path: Path) -> None:
+    path = write(tmp_path, archive([("d/f", b"1"), ("d/x", b"2")], dirs=("d",), mode=0o777,
+                                   dir_mode=0o777))
+    with llmarc.open(path) as ar:
+        ar.extract(tmp_path / "out")
+        ar.extract(tmp_path / "kept", keep_modes=True)
+    for p in ("d", "d/f", "d/x"):
+        assert stat.S_IMODE((tmp_path / "out" / p).stat().st_mode) == 0o755, p
+        assert stat.S_IMODE((tmp_path / "kept" / p).stat().st_mode) == 0o777, p
+
+
+def test_cli_keep_modes(tmp_path: Path) -> None:
+    path = write(tmp_path, archive([("f", b"1")], mode=0o666))
+    assert run_cli("extract", "-q", str(path), "-C", str(tmp_path / "a"))[0] == 0
+    assert run_cli("extract", "-q", "--keep-modes", str(path), "-C", str(tmp_path / "b"))[0] == 0
+    assert stat.S_IMODE((tmp_path / "a/f").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b/f").stat().st_mode) == 0o666
+
+
+@pytest.mark.parametrize("component", ["é" * 127, "名" * 85, "😀" * 63, "a" * 255])
+def test_long_non_ascii_component_extracts(component: str, tmp_path: Path) -> None:
+    assert len(component.encode()) <= 255
+    path = write(tmp_path, archive([(f"d/{component}", b"payload")]))
+    with llmarc.open(path) as ar:
+        ar.extract(tmp_path / "out")
+    assert (tmp_path / "out" / "d" / component).read_bytes() == b"payload"
+    assert [p.name for p in (tmp_path / "out" / "d").iterdir()] == [component]
+
+
+def test_temporary_name_is_cut_by_bytes() -> None:
+    from llmarc.safety import temporary_name
+
+    for leaf in ("é" * 127, "😀" * 63, "a" * 255, "x"):
+        tmp = temporary_name(leaf)
+        assert len(tmp.encode()) <= 221
+        assert tmp.startswith(".") and tmp.endswith(".llmarc-tmp")

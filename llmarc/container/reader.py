@@ -127,6 +127,9 @@ class ArchiveReader:
         self.extensions: tuple[Extension, ...] = index.extensions
         self._entries = index.entries
         self._data_end = footer.index_offset
+        for e in self._entries:  # name_len is 1..4096 (spec §5): a field rule, so corrupt
+            if not e.name:
+                raise CorruptArchiveError("an entry has an empty name (name_len 0)")
         safety.check_names((e.name, e.type == TYPE_DIR) for e in self._entries)
         self._by_name = {e.name: i for i, e in enumerate(self._entries)}
         self._check_ranges()
@@ -146,6 +149,8 @@ class ArchiveReader:
                 raise CorruptArchiveError(f"stored member {e.name!r} has inconsistent sizes")
             if e.codec_id == CODEC_ZSTD and len(e.codec_params) not in (0, 16):
                 raise CorruptArchiveError(f"zstd member {e.name!r} has invalid codec params")
+            if e.codec_id == CODEC_ZSTD and not e.codec_params:
+                zstd_codec.check_claim(e.size, e.stored_size, f"member {e.name!r}")
             if e.stored_size:
                 ranges.setdefault((e.stored_offset, e.stored_size), []).append(i)
         pos = HEADER_SIZE
@@ -166,6 +171,7 @@ class ArchiveReader:
                     shared += share
                 if shared != size:
                     raise CorruptArchiveError("solid block shares do not add up to its size")
+                zstd_codec.check_claim(expect, size, f"solid block at offset {off}")
                 block = _Block(off, size, self._entries[idx[0]].crc32, tuple(idx))
                 for i in idx:
                     self._blocks[i] = block
@@ -392,8 +398,11 @@ class ArchiveReader:
 
     def extract(self, dest: str | os.PathLike[str] = ".",
                 members: Iterable[str | MemberInfo] | None = None, *,
-                overwrite: bool = False, progress=None) -> list[MemberInfo]:
+                overwrite: bool = False, progress=None,
+                keep_modes: bool = False) -> list[MemberInfo]:
         """Extract members (default: all) below ``dest``; return what was extracted.
+
+        Modes follow tar's ``data`` filter unless ``keep_modes`` (safety.extracted_mode).
 
         Never writes outside ``dest`` or through a symlink, never replaces an existing
         file unless ``overwrite``, and gives each file its final name only after its
@@ -431,7 +440,8 @@ class ArchiveReader:
                     try:
                         safety.write_file(fd, parts[i][-1], e.name,
                                           self._hashed(chunks, e, progress), e.sha256 or None,
-                                          e.mode, e.mtime_ns, overwrite)
+                                          safety.extracted_mode(e.mode, keep_modes),
+                                          e.mtime_ns, overwrite)
                     finally:
                         os.close(fd)
             finally:
@@ -440,7 +450,8 @@ class ArchiveReader:
             for i in sorted(dirs, key=lambda i: -len(parts[i])):
                 fd = safety.open_dirs(root, parts[i][:-1])
                 try:
-                    safety.finish_dir(fd, parts[i][-1], entries[i].name, entries[i].mode,
+                    safety.finish_dir(fd, parts[i][-1], entries[i].name,
+                                      safety.extracted_mode(entries[i].mode, keep_modes),
                                       entries[i].mtime_ns)
                 finally:
                     os.close(fd)

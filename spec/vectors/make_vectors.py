@@ -276,6 +276,9 @@ def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
                             .build(), "zstd frame decodes to less than the declared size",
                             "CorruptArchiveError"),
     }
+    extra_good, extra_bad = hostile_vectors()
+    good.update(extra_good)
+    bad.update(extra_bad)
     unsupported = {
         "major2.llma": (Builder().file("a.txt", TEXT).build(major=2), "format version 2.0"),
         "codec9.llma": (Builder().file("a.txt", TEXT, codec=9).build(), "unknown codec id 9"),
@@ -333,6 +336,100 @@ def _patched(fn) -> bytes:
     b = Builder().file("a.txt", TEXT).file("b.txt", b"second")
     b.entries[0] = fn(b.entries[0])
     return b.build()
+
+
+def _index_bytes_replaced(data: bytes, old: bytes, new: bytes) -> bytes:
+    """``data`` with ``old`` replaced by ``new`` (same length) inside the index, the index
+    and footer CRCs recomputed: for bytes the encoder refuses to write (invalid UTF-8)."""
+    assert len(old) == len(new)
+    off, size = struct.unpack("<QQ", data[-40:-24])
+    index = data[off:off + size]
+    assert index.count(old) == 1
+    index = index.replace(old, new)
+    footer = bytearray(data[-40:])
+    footer[24:28] = struct.pack("<I", crc32(index))
+    footer[36:40] = struct.pack("<I", crc32(bytes(footer[:36])))
+    return data[:off] + index + bytes(footer)
+
+
+def _with_model(profile: str) -> bytes:
+    return Builder().file("a.txt", TEXT).build(
+        models=[ModelRecord(bytes(range(32)), "hostile-profile", profile)])
+
+
+def _resized(b: Builder, size: int) -> bytes:
+    b.entries[0] = replace(b.entries[0], size=size)
+    return b.build()
+
+
+def _solid_apart() -> bytes:
+    """A solid block whose two members have a directory entry between them."""
+    b = Builder().solid([("s/1.txt", TEXT), ("s/2.txt", TEXT[:50])])
+    b.entries.insert(1, EntryRecord("s", TYPE_DIR, 0o755, MTIME, 0, 0, b"", 0, 0,
+                                    EMPTY_SHA256, 0))
+    return b.build()
+
+
+def hostile_vectors() -> tuple[dict, dict]:
+    """Vectors for the hostile classes of issue 8: (good, bad)."""
+    bomb = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(
+        b"\0" * (1 << 22))
+    longer = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(TEXT * 2)
+    skippable = struct.pack("<II", 0x184D2A50, 4) + b"skip" + frame(TEXT)
+    good = {
+        "markup-names.llma": (Builder().file("[/x]", b"1").file("[red]x[/red]", b"2")
+                              .file("a]b[", b"3").build(),
+                              "names that are rich markup ('[/x]', '[red]x[/red]'): literal "
+                              "text"),
+        "long-utf8-component.llma": (Builder().file("d/" + "\u00e9" * 127, TEXT).build(),
+                                     "a 254-byte component of 127 two-byte characters"),
+        "deep-name.llma": (Builder().file("d/" * 99 + "f", b"deep").build(),
+                           "one name 100 components deep (199 bytes)"),
+        "solid-one.llma": (Builder().solid([("only.txt", TEXT)]).build(),
+                           "a one-member solid block (legal)"),
+        "solid-apart.llma": (_solid_apart(),
+                             "a solid block whose members are not adjacent in the index"),
+        "modes-777.llma": (Builder().dir("d", mode=0o777).file("d/f", b"x", mode=0o777)
+                           .build(), "mode 0o777 on a directory and a file: extracted as "
+                                     "0o755 unless modes are kept"),
+    }
+    bad = {
+        "profile-nan.llma": (_with_model('{"a":NaN}'), "numerics profile with NaN",
+                             "CorruptArchiveError"),
+        "profile-1e400.llma": (_with_model('{"a":1e400}'),
+                               "numerics profile with 1e400 (not a finite binary64)",
+                               "CorruptArchiveError"),
+        "profile-deep.llma": (_with_model('{"a":' + "[" * 5000 + "]" * 5000 + "}"),
+                              "numerics profile nested 5,001 deep", "CorruptArchiveError"),
+        "profile-not-object.llma": (_with_model("[1]"), "numerics profile that is an array",
+                                    "CorruptArchiveError"),
+        "profile-not-canonical.llma": (_with_model('{"b":1, "a":2}'),
+                                       "numerics profile not in canonical form",
+                                       "CorruptArchiveError"),
+        "profile-surrogate.llma": (_with_model('{"a":"\\ud800"}'),
+                                   "numerics profile with a lone surrogate escape",
+                                   "CorruptArchiveError"),
+        "name-empty.llma": (Builder().file("", b"x").build(), "a name of 0 bytes",
+                            "CorruptArchiveError"),
+        "name-4097.llma": (Builder().file(("a" * 255 + "/") * 16 + "b", b"x").build(),
+                           "a name of 4,097 bytes", "CorruptArchiveError"),
+        "name-surrogate.llma": (_index_bytes_replaced(Builder().file("x-SUR", b"x").build(),
+                                                      b"SUR", b"\xed\xa0\x80"),
+                                "a name with the UTF-8 form of a lone surrogate (invalid "
+                                "UTF-8)", "CorruptArchiveError"),
+        "zstd-claim.llma": (_resized(Builder().file("z", b"", payload=bomb, codec=1),
+                                     2**63 - 1),
+                            "a small zstd frame recorded as 2^63 - 1 bytes: over 32,768 x "
+                            "stored_size", "CorruptArchiveError"),
+        "zstd-header-size.llma": (_resized(Builder().file("z", TEXT, payload=longer, codec=1),
+                                           len(TEXT)),
+                                  "zstd frame header declares more than the recorded size",
+                                  "CorruptArchiveError"),
+        "zstd-skippable.llma": (Builder().file("z", TEXT, payload=skippable, codec=1).build(),
+                                "a skippable frame before the zstd frame",
+                                "CorruptArchiveError"),
+    }
+    return good, bad
 
 
 def expected_members(data: bytes) -> dict[str, str]:
