@@ -17,16 +17,18 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip(
-    "ray", reason="the optional Ray extra is not installed (pip install 'llmarc[ray]')"
-)
+import llmarc
+from llmarc.cli import _ray_argv, run
+from llmarc.codecs.llm import CodingSettings, LLMCodec
+from llmarc.codecs.llm_pipeline import LLMOptions
+from llmarc.distributed import ClusterError, ray_coder
+from llmarc.errors import ModelMismatchError
+from tests.conftest import TINY_BPE, make_tree, snapshot
 
-import llmarc  # noqa: E402
-from llmarc.codecs.llm import CodingSettings, LLMCodec  # noqa: E402
-from llmarc.codecs.llm_pipeline import LLMOptions  # noqa: E402
-from llmarc.distributed import ClusterError, ray_coder  # noqa: E402
-from llmarc.errors import ModelMismatchError  # noqa: E402
-from tests.conftest import TINY_BPE, make_tree, snapshot  # noqa: E402
+try:
+    import ray
+except ImportError:  # the tests that need a runtime skip; the others still run
+    ray = None
 
 # Small segments and a narrow batch: many lockstep groups, so two actors share the work.
 SETTINGS = {"model": str(TINY_BPE), "threads": 1, "segment_length": 16, "batch_width": 2}
@@ -36,6 +38,8 @@ QUIET_THREADS = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 @pytest.fixture(scope="module")
 def runtime():
     """One local Ray runtime for the module; its workers inherit the quiet thread settings."""
+    if ray is None:
+        pytest.skip("the optional Ray extra is not installed (pip install 'llmarc[ray]')")
     saved = {k: os.environ.get(k) for k in QUIET_THREADS}
     os.environ.update(QUIET_THREADS)
     ray.init(num_cpus=2, include_dashboard=False, namespace=ray_coder.NAMESPACE,
@@ -52,6 +56,24 @@ def runtime():
 def live_llmarc_actors() -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith("llmarc-")]
+
+
+def test_bare_ray_flag_means_a_local_runtime() -> None:
+    assert _ray_argv(["pack", "src", "out", "--ray"]) == ["pack", "src", "out", "--ray", "local"]
+    assert _ray_argv(["pack", "--ray", "src", "out"]) == ["pack", "--ray", "local", "src", "out"]
+    for address in ("auto", "ray://head:10001", "10.0.0.5:6379", "local"):
+        assert _ray_argv(["test", "a.llma", "--ray", address]) == [
+            "test", "a.llma", "--ray", address]
+    assert _ray_argv(["extract", "a.llma", "--", "--ray"]) == ["extract", "a.llma", "--", "--ray"]
+
+
+def test_ray_without_the_extra_is_one_line(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    src = make_tree(tmp_path / "src", {"a.txt": b"hello"})
+    assert run(["pack", str(src), str(tmp_path / "a.llma"), "--ray"]) == 1
+    err = capsys.readouterr().err
+    assert err == "llmarc: error: --ray needs the optional Ray extra: pip install 'llmarc[ray]'\n"
+    assert not (tmp_path / "a.llma").exists()
 
 
 @pytest.fixture(scope="module")
