@@ -416,13 +416,14 @@ class ArchiveReader:
             safety.check_folding(root, [entries[i].name for i in chosen])
             parts = {i: tuple(entries[i].name.split("/")) for i in chosen}
             if not overwrite:  # refuse before writing anything
-                for i in chosen:
-                    if entries[i].type == TYPE_DIR:
-                        continue
-                    if safety.lexists_at(root, parts[i]) is not None:
-                        raise DestinationExistsError(
-                            f"{entries[i].name!r} already exists in the destination "
-                            "(use overwrite)")
+                with safety.ParentDirs(root, create=False) as parents:
+                    for i in chosen:
+                        if entries[i].type == TYPE_DIR:
+                            continue
+                        if safety.lexists_at(root, parts[i], parents) is not None:
+                            raise DestinationExistsError(
+                                f"{entries[i].name!r} already exists in the destination "
+                                "(use overwrite)")
             dirs = [i for i in chosen if entries[i].type == TYPE_DIR]
             for i in sorted(dirs, key=lambda i: len(parts[i])):
                 fd = safety.open_dirs(root, parts[i][:-1])
@@ -434,16 +435,13 @@ class ArchiveReader:
             if progress is not None:
                 progress.start(sum(entries[i].size for i in files), "extracting")
             try:
-                for i, chunks in self._iter_payloads(files, progress):
-                    e = entries[i]
-                    fd = safety.open_dirs(root, parts[i][:-1])
-                    try:
-                        safety.write_file(fd, parts[i][-1], e.name,
+                with safety.ParentDirs(root) as parents:
+                    for i, chunks in self._iter_payloads(files, progress):
+                        e = entries[i]
+                        safety.write_file(parents.open(parts[i][:-1]), parts[i][-1], e.name,
                                           self._hashed(chunks, e, progress), e.sha256 or None,
                                           safety.extracted_mode(e.mode, keep_modes),
                                           e.mtime_ns, overwrite)
-                    finally:
-                        os.close(fd)
             finally:
                 if progress is not None:
                     progress.close()
