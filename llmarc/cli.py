@@ -145,7 +145,7 @@ def pack_cmd(
                        verify=verify, skip_failed=skip_unreadable, report=report)
     except UnarchivableError as exc:
         for problem in exc.problems:
-            print(f"llmarc: cannot archive {problem}", file=sys.stderr)
+            print(f"llmarc: cannot archive {visible(str(problem))}", file=sys.stderr)
         n = len(exc.problems)
         raise UnarchivableError(f"{n} path{'s' if n > 1 else ''} cannot be archived (listed "
                                 "above); nothing was written; --skip-unreadable skips them",

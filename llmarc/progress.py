@@ -25,6 +25,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from .terminal import visible
+
 
 class ProgressSink(Protocol):
     def start(self, total: int, description: str) -> None: ...
@@ -125,7 +127,8 @@ class ByteProgress:
 
     def note(self, message: str) -> None:
         """A one-line status message (model loading, conversion) above the bars."""
-        self._console.print(f"llmarc: {message}", highlight=False)
+        # a model path may hold "[...]" (rich markup) or control characters
+        self._console.print(f"llmarc: {visible(message)}", highlight=False, markup=False)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -400,3 +400,16 @@ def test_extraction_walks_each_directory_once_not_once_per_file(
         ar.extract(tmp_path / "out")
     assert len(calls) <= 4, len(calls)
     assert (tmp_path / "out" / deep / "999").read_bytes() == b"x"
+
+
+def test_progress_notes_are_literal() -> None:
+    """Status lines (model paths) may hold rich markup or escapes: printed literally."""
+    import io
+
+    from rich.console import Console
+
+    from llmarc.progress import ByteProgress
+
+    out = io.StringIO()
+    ByteProgress(Console(file=out, force_terminal=False)).note("loading /m/[/x]\x1b[2J")
+    assert out.getvalue() == "llmarc: loading /m/[/x]\\x1b[2J\n"
