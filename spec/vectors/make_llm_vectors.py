@@ -3,10 +3,16 @@
 
     python spec/vectors/make_llm_vectors.py
 
-The tiny models' weights ship in fixtures/, so anyone can rerun these; decoding them
-bit-exactly needs the reference engine (llmarc/inference/engine.py) on a CPU in float32.
-Files are written with fixed names, bytes and mtimes; manifest.json lists each vector
-with the model to decode it with and the expected member SHA-256s or error class.
+The tiny models' weights ship in fixtures/, so anyone can rerun these.  The vectors use
+the portable engine int-v1 (spec/llm-codec.md §5): they decode bit-exactly on any
+machine.  Files are written with fixed names, bytes and mtimes; manifest.json lists each
+vector with the model to decode it with and the expected member SHA-256s or error class.
+models.json gives, per fixture model, every component of its fingerprint (§2.1) and the
+SHA-256 of its int-v1 logits for a fixed token sequence (§5), for implementers.
+
+The ``legacy-lockstep-*`` vectors were made with the float engine lockstep-v1 and are not
+regenerated here: they decode only in the numerics environment recorded in their profile
+(manifest key ``environment``), and the tests skip them elsewhere, saying why.
 """
 
 from __future__ import annotations
@@ -46,10 +52,69 @@ def pack_tiny(model: str, workdir: Path) -> bytes:
         os.utime(path, ns=(MTIME_NS, MTIME_NS))
     os.utime(src / "notes", ns=(MTIME_NS, MTIME_NS))
     out = workdir / f"{model}.llma"
-    options = llmarc.LLMOptions(model=str(ROOT / MODELS[model]), device="cpu", threads=1,
-                                segment_length=48, batch_width=4)
+    options = llmarc.LLMOptions(model=str(ROOT / MODELS[model]), device="cpu",
+                                segment_length=48)
     llmarc.pack(src, out, codec="llm", llm=options, warn=lambda message: None)
     return out.read_bytes()
+
+
+def pack_with_escapes(workdir: Path) -> bytes:
+    """bytes.txt packed with 0xFF, 0xFE and 0x00 carried as escapes (§3.2), as a model
+    whose vocabulary lacks those bytes would."""
+    from llmarc.model.tokenize import LosslessTokenizer
+
+    original = LosslessTokenizer.__init__
+
+    def lacking(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        self.set_escaped(frozenset({0x00, 0xFE, 0xFF}))
+
+    LosslessTokenizer.__init__ = lacking  # type: ignore[method-assign]
+    try:
+        src = workdir / "src-escapes"
+        src.mkdir()
+        (src / "bytes.txt").write_bytes(FILES["bytes.txt"])
+        os.utime(src / "bytes.txt", ns=(MTIME_NS, MTIME_NS))
+        out = workdir / "escapes.llma"
+        options = llmarc.LLMOptions(model=str(ROOT / MODELS["bpe"]), device="cpu",
+                                    segment_length=48)
+        llmarc.pack(src, out, codec="llm", llm=options, warn=lambda message: None)
+        return out.read_bytes()
+    finally:
+        LosslessTokenizer.__init__ = original  # type: ignore[method-assign]
+
+
+#: The token sequence whose logits models.json digests: the start token, then these.
+LOGIT_TOKENS = [5, 17, 300, 42, 42, 7, 255, 100, 1, 64, 199, 3]
+
+
+def model_components(model: str) -> dict:
+    """Every input of the fingerprint, and the int-v1 logits digest, for one model."""
+    import torch
+
+    from llmarc.model.fingerprint import architecture_of, canonical_json
+    from llmarc.model.loader import load_model, weights_digest
+    from llmarc.model.tokenbytes import table_digest
+
+    folder = ROOT / MODELS[model]
+    loaded = load_model(str(folder), device="cpu")
+    tokens = [loaded.start_token, *LOGIT_TOKENS]
+    logits = loaded.integer_model(len(tokens)).prefill(torch.tensor([tokens]))[0]
+    raw = logits.numpy().astype("<f4").tobytes()
+    return {
+        "folder": MODELS[model],
+        "weights_digest": weights_digest(folder),
+        "table_digest": table_digest(loaded.table).hex(),
+        "architecture_json": canonical_json(architecture_of(loaded.model.config)),
+        "start_token": loaded.start_token,
+        "fingerprint": loaded.fingerprint.hex(),
+        "int_v1_logits": {
+            "tokens": tokens,
+            "sha256_float32_le": hashlib.sha256(raw).hexdigest(),
+            "first_row_first_8": [float(x) for x in logits[0, :8]],
+            "last_row_argmax": int(logits[-1].argmax()),
+        },
+    }
 
 
 def with_index(archive: bytes, change) -> bytes:
@@ -79,6 +144,14 @@ def set_profile(archive: bytes, **changes) -> bytes:
     return with_index(archive, change)
 
 
+def raw_profile(archive: bytes, text: str) -> bytes:
+    """Replace the profile by arbitrary (hostile) text."""
+    def change(index) -> None:
+        index.models[0] = replace(index.models[0], profile=text)
+
+    return with_index(archive, change)
+
+
 def set_params(archive: bytes, name: str, params: bytes) -> bytes:
     def change(index) -> None:
         index.entries = [replace(e, codec_params=params) if e.name == name else e
@@ -88,16 +161,24 @@ def set_params(archive: bytes, name: str, params: bytes) -> bytes:
 
 
 def main() -> None:
-    manifest: dict[str, dict] = {}
-    lines = []
+    manifest_path = OUT / "manifest.json"
+    old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    legacy = {name: entry for name, entry in old.items() if name.startswith("legacy-")}
+    manifest: dict[str, dict] = dict(legacy)
+    lines = [f"* `{name}` — {entry['why']}" for name, entry in sorted(legacy.items())]
     with tempfile.TemporaryDirectory() as tmp:
         made = {m: pack_tiny(m, Path(tmp)) for m in MODELS}
+        escaped = pack_with_escapes(Path(tmp))
     members = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
     vectors = {
         "good-tiny-bpe.llma": (made["bpe"], "bpe", None,
-                               "three text members LLM-coded with the byte-level BPE tiny model"),
+                               "three text members LLM-coded (int-v1) with the byte-level BPE "
+                               "tiny model"),
         "good-tiny-sp.llma": (made["sp"], "sp", None,
                               "the same members coded with the SentencePiece tiny model"),
+        "good-escapes.llma": (escaped, "bpe", None,
+                              "bytes.txt with its 0x00, 0xFE and 0xFF bytes carried as escapes "
+                              "(§3.2)"),
         "bad-model-mismatch.llma": (made["bpe"], "sp", "ModelMismatchError",
                                     "decoded with the other tiny model: refused, naming both"),
         "bad-stream-byte.llma": (flip_stream_byte(made["bpe"], "poem.txt"), "bpe",
@@ -107,40 +188,54 @@ def main() -> None:
                                  "CorruptArchiveError", "codec params name model 7 of 1"),
         "bad-params-length.llma": (set_params(made["bpe"], "poem.txt", b"\x00"), "bpe",
                                    "CorruptArchiveError", "codec params of 1 byte, not 2"),
-        "bad-batch-width.llma": (set_profile(made["bpe"], batch_width=0), "bpe",
-                                 "CorruptArchiveError", "profile batch_width 0"),
+        "bad-segment-zero.llma": (set_profile(made["bpe"], segment_length=0), "bpe",
+                                  "CorruptArchiveError", "profile segment_length 0"),
         "bad-huge-segment.llma": (set_profile(made["bpe"], segment_length=10**9), "bpe",
                                   "CorruptArchiveError",
                                   "profile segment_length 10^9 (refused before allocating)"),
-        "unsupported-engine.llma": (set_profile(made["bpe"], engine="lockstep-v9"), "bpe",
-                                    "UnsupportedFeatureError", "profile engine lockstep-v9"),
+        "bad-precision.llma": (set_profile(made["bpe"], precision=True), "bpe",
+                               "CorruptArchiveError", "profile precision true (not an integer)"),
+        "bad-profile-nan.llma": (raw_profile(made["bpe"], '{"engine":"int-v1","precision":NaN,'
+                                             '"segment_length":48}'), "bpe",
+                                 "CorruptArchiveError", "profile JSON with NaN"),
+        "bad-profile-deep.llma": (raw_profile(made["bpe"], "[" * 3000 + "]" * 3000), "bpe",
+                                  "CorruptArchiveError", "profile JSON nested 3000 deep"),
+        "unsupported-engine.llma": (set_profile(made["bpe"], engine="int-v9"), "bpe",
+                                    "UnsupportedFeatureError", "profile engine int-v9"),
     }
     OUT.mkdir(exist_ok=True)
-    for old in OUT.glob("*.llma"):
-        old.unlink()
+    for stale in OUT.glob("*.llma"):
+        if not stale.name.startswith("legacy-"):
+            stale.unlink()
     for name, (data, model, error, why) in vectors.items():
         (OUT / name).write_bytes(data)
         entry = {"model": MODELS[model], "why": why}
         if error is None:
-            entry["members"] = members
+            entry["members"] = (members if name != "good-escapes.llma"
+                                else {"bytes.txt": members["bytes.txt"]})
         else:
             entry["error"] = error
         manifest[name] = entry
         lines.append(f"* `{name}` — {why} (decode with `{MODELS[model]}`) → "
                      + (f"`{error}`" if error else "every member's SHA-256 as listed"))
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    components = {model: model_components(model) for model in MODELS}
+    (OUT / "models.json").write_text(json.dumps(components, indent=1, sort_keys=True) + "\n")
     readme = [
         "# LLM codec archive vectors",
         "",
         "Generated by `python spec/vectors/make_llm_vectors.py` with the tiny seeded LLaMA "
-        "models in `fixtures/` (their weights are in the repository), float32 on a CPU, "
-        "1 thread, L = 48, B = 4. `manifest.json` gives, per file, the model folder to "
-        "decode with and either the SHA-256 of every member or the error class; "
-        "`tests/test_llm_vectors.py` runs them all. Decoding the good ones bit-exactly "
-        "needs the reference engine (spec/llm-codec.md §5); the entropy layers alone are "
-        "covered model-free by `../entropy/`.",
+        "models in `fixtures/` (their weights are in the repository), engine int-v1, L = 48. "
+        "They decode bit-exactly on any machine. `manifest.json` gives, per file, the model "
+        "folder to decode with and either the SHA-256 of every member or the error class; "
+        "`tests/test_llm_vectors.py` runs them all. `models.json` gives every component of "
+        "each model's fingerprint (spec/llm-codec.md §2.1) and the SHA-256 of the int-v1 "
+        "logits (float32, little-endian, row by row) for a fixed token sequence (§5), so an "
+        "implementation can be checked layer by layer before any archive. The `legacy-` "
+        "vectors were made by the float engine lockstep-v1 and decode only in the "
+        "environment their manifest entry records; the tests skip them elsewhere.",
         "",
-        *lines,
+        *sorted(lines),
         "",
     ]
     (OUT / "README.md").write_text("\n".join(readme))

@@ -1,0 +1,135 @@
+"""The portable engine int-v1: exact, order-free, and the same as the spec's NumPy twin.
+
+Its promise is that a row's logits depend on nothing but the row's tokens: not on batch
+width, companions, full-forward versus step-by-step evaluation, or thread count.  These
+tests check that bit for bit, and compare against spec/reference/intv1_numpy.py, a
+second implementation written from the spec with int64 arithmetic and no torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmarc.inference.integer import (
+    FP32_EXACT_CHUNK,
+    IntegerModel,
+    IntegerStepper,
+    IntLinear,
+    power_of_two,
+    quantize_rows,
+)
+from llmarc.model.loader import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "spec" / "reference"))
+from intv1_numpy import IntV1Reference  # noqa: E402
+
+FIXTURES = ROOT / "fixtures"
+MODELS = {"bpe": FIXTURES / "tiny-llama-bpe", "sp": FIXTURES / "tiny-llama-sp"}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request) -> tuple[str, IntegerModel]:
+    loaded = load_model(str(MODELS[request.param]), device="cpu")
+    return request.param, loaded.integer_model(64)
+
+
+def tokens_for(seed: int, rows: int, length: int) -> torch.Tensor:
+    return torch.randint(0, 300, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def step_all(engine: IntegerModel, tokens: torch.Tensor) -> torch.Tensor:
+    stepper = IntegerStepper(engine, tokens.shape[0], tokens.shape[1])
+    return torch.stack([stepper.step(tokens[:, t]) for t in range(tokens.shape[1])], dim=1)
+
+
+def test_stepping_equals_prefill_bit_for_bit(model) -> None:
+    _name, engine = model
+    tokens = tokens_for(1, 3, 40)
+    assert torch.equal(step_all(engine, tokens), engine.prefill(tokens))
+
+
+@pytest.mark.parametrize("width", [1, 3, 8])
+def test_a_row_is_the_same_at_any_batch_width(model, width: int) -> None:
+    _name, engine = model
+    tokens = tokens_for(width, width, 24)
+    alone = engine.prefill(tokens[:1])
+    assert torch.equal(engine.prefill(tokens)[:1], alone)
+    assert torch.equal(step_all(engine, tokens)[:1], alone)
+
+
+def test_thread_count_does_not_change_logits(model) -> None:
+    _name, engine = model
+    tokens = tokens_for(7, 4, 32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = engine.prefill(tokens)
+        torch.set_num_threads(2)
+        two = engine.prefill(tokens)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_the_numpy_reference_gives_the_same_logits(model) -> None:
+    name, engine = model
+    tokens = tokens_for(3, 1, 30)
+    ours = engine.prefill(tokens)[0].numpy()
+    theirs = IntV1Reference(MODELS[name], max_length=64).logits(tokens[0].tolist())
+    assert theirs.dtype == np.float32
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+
+
+def test_the_numpy_reference_agrees_on_smollm2_first_tokens() -> None:
+    """The embedded model: 135M parameters, 30 layers, GQA, tied embeddings."""
+    loaded = load_model("smollm2", device="cpu")
+    tokens = [loaded.start_token, 504, 3135, 282, 260]
+    ours = loaded.integer_model(8).prefill(torch.tensor([tokens]))[0].numpy()
+    folder = Path(loaded.source.path)
+    if folder.suffix == ".gguf":
+        from llmarc.model.sources import converted_gguf_folder
+
+        folder = converted_gguf_folder(folder)
+    theirs = IntV1Reference(folder, max_length=8).logits(tokens)
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+
+
+def test_fp32_gemm_path_is_the_exact_integer_product() -> None:
+    """The chunked fp32 GEMM equals int64 arithmetic at the extreme values, where one
+    unchunked fp32 GEMM would round (inner dimension above 1040)."""
+    inner = 3 * FP32_EXACT_CHUNK + 7
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (5, inner), generator=generator).double()
+    weight[:, :64] = 127
+    layer = IntLinear.from_float(weight, "cpu")
+    q = torch.randint(-127, 128, (4, inner), generator=generator).double()
+    q[:, :64] = 127
+    exact = q.long() @ layer.weight.long()
+    assert torch.equal(layer.integer_product(q), exact.double())
+
+
+def test_quantizer_and_powers_of_two_follow_the_spec() -> None:
+    values = torch.tensor([[0.5, -2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    q, scale = quantize_rows(values, 127)
+    assert q.tolist() == [[32.0, -127.0, 64.0, 0.0], [0.0, 0.0, 0.0, 0.0]]  # 31.75 -> 32
+    assert scale.squeeze(-1).tolist() == [2.0 / 127, 0.0]
+    k = torch.tensor([-1074 + 52, -24, 0, 1, 1023])
+    assert power_of_two(k).tolist() == [2.0 ** int(e) for e in k]
+
+
+def test_unsupported_architectures_are_refused() -> None:
+    from llmarc.errors import ModelError
+
+    loaded = load_model(str(MODELS["bpe"]), device="cpu")
+    loaded.model.config.hidden_act = "gelu"
+    try:
+        with pytest.raises(ModelError, match="gelu"):
+            IntegerModel(loaded.model, 16)
+    finally:
+        loaded.model.config.hidden_act = "silu"
