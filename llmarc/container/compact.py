@@ -48,6 +48,9 @@ CODEC_ZSTD = 1
 TABLE_LEVEL = 19
 #: The smallest compact record: six one-byte varints, type, flags (a directory).
 MIN_RECORD = 8
+#: Front coding lets a 12-byte record stand for a 4,096-byte name, so the decoded names
+#: are capped as a whole (spec/format.md §4.2): memory stays bounded whatever the table.
+MAX_NAME_TOTAL = 256 * 1024 * 1024
 _PIECE = 1 << 20
 _MAX_WINDOW = 1 << 27
 
@@ -194,18 +197,26 @@ def _inflate(payload: bytes, size: int) -> bytes:
 class _Body:
     """Bounds-checked reads over the decoded table."""
 
-    __slots__ = ("data", "pos")
+    __slots__ = ("data", "entry", "pos")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
+        self.entry = -1  # the record being read, for error messages
+
+    def _where(self, what: str) -> str:
+        return what if self.entry < 0 else f"entry {self.entry} {what}"
 
     def varint(self, what: str) -> int:
         data, pos = self.data, self.pos
+        if pos < len(data) and data[pos] < 0x80:  # the common one-byte case, fast
+            self.pos = pos + 1
+            return data[pos]
         value = shift = 0
         while True:
             if pos >= len(data):
-                raise CorruptArchiveError(f"compact entry table is truncated in {what}")
+                raise CorruptArchiveError(
+                    f"compact entry table is truncated in {self._where(what)}")
             b = data[pos]
             pos += 1
             value |= (b & 0x7F) << shift
@@ -213,16 +224,17 @@ class _Body:
                 break
             shift += 7
             if shift >= 70:
-                raise CorruptArchiveError(f"compact entry table: {what} varint is too long")
+                raise CorruptArchiveError(
+                    f"compact entry table: {self._where(what)} varint is too long")
         if value >= 1 << 64 or (b == 0 and shift):
-            raise CorruptArchiveError(f"compact entry table: {what} is not a minimal varint "
-                                      "below 2^64")
+            raise CorruptArchiveError(f"compact entry table: {self._where(what)} is not a "
+                                      "minimal varint below 2^64")
         self.pos = pos
         return value
 
     def take(self, n: int, what: str) -> bytes:
         if self.pos + n > len(self.data):
-            raise CorruptArchiveError(f"compact entry table is truncated in {what}")
+            raise CorruptArchiveError(f"compact entry table is truncated in {self._where(what)}")
         b = self.data[self.pos:self.pos + n]
         self.pos += n
         return b
@@ -260,6 +272,7 @@ def _parse(cur: _Body, data_end: int | None) -> list[EntryRecord]:
     pos = HEADER_SIZE
     block: list[int] = []  # indexes of the open solid block's members
     block_store: tuple[int, int, int] = (0, 0, 0)
+    name_total = 0
 
     def close_block() -> None:
         if not block:
@@ -276,20 +289,24 @@ def _parse(cur: _Body, data_end: int | None) -> list[EntryRecord]:
         block.clear()
 
     for i in range(count):
-        keep = cur.varint(f"entry {i} name")
-        add = cur.varint(f"entry {i} name")
+        cur.entry = i
+        keep = cur.varint("name")
+        add = cur.varint("name")
         if keep > len(prev_name) or keep + add > MAX_NAME_BYTES or keep + add == 0:
             raise CorruptArchiveError(f"entry {i} has an invalid name length")
-        raw = prev_name[:keep] + cur.take(add, f"entry {i} name")
+        name_total += keep + add
+        if name_total > MAX_NAME_TOTAL:
+            raise CorruptArchiveError(f"the names add up to more than {MAX_NAME_TOTAL} bytes")
+        raw = prev_name[:keep] + cur.take(add, "name")
         prev_name = raw
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise CorruptArchiveError(f"entry {i} name is not valid UTF-8") from None
-        etype, flags = cur.take(2, f"entry {i} type")
-        mode = cur.varint(f"entry {name!r} mode")
-        mtime = wrap_i64(mtime + unzigzag(cur.varint(f"entry {name!r} mtime")))
-        size = cur.varint(f"entry {name!r} size")
+        etype, flags = cur.take(2, "type")
+        mode = cur.varint("mode")
+        mtime = wrap_i64(mtime + unzigzag(cur.varint("mtime")))
+        size = cur.varint("size")
         if flags & ~(FLAG_CRC32 | FLAG_SOLID_FIRST | FLAG_SOLID_NEXT):
             raise CorruptArchiveError(f"entry {name!r} has reserved flag bits set")
         if mode & ~0o777:
@@ -308,11 +325,11 @@ def _parse(cur: _Body, data_end: int | None) -> list[EntryRecord]:
             entries.append(EntryRecord(name, TYPE_DIR, mode, mtime, 0, 0, b"", 0, 0,
                                        EMPTY_SHA256, 0, exts))
             continue
-        codec = cur.varint(f"entry {name!r} codec")
-        plen = cur.varint(f"entry {name!r} params length")
+        codec = cur.varint("codec")
+        plen = cur.varint("params length")
         if plen > MAX_PARAMS_BYTES:
             raise CorruptArchiveError(f"entry {name!r} codec params are over the limit")
-        params = cur.take(plen, f"entry {name!r} codec params")
+        params = cur.take(plen, "codec params")
         first, nxt = bool(flags & FLAG_SOLID_FIRST), bool(flags & FLAG_SOLID_NEXT)
         if (first or nxt) and (codec != CODEC_ZSTD or params or (first and nxt)):
             raise CorruptArchiveError(f"entry {name!r} has inconsistent solid block flags")
@@ -323,8 +340,8 @@ def _parse(cur: _Body, data_end: int | None) -> list[EntryRecord]:
             off, ssize, crc = block_store
         else:
             close_block()
-            ssize = cur.varint(f"entry {name!r} stored size")
-            (crc,) = struct.unpack("<I", cur.take(4, f"entry {name!r} stored CRC"))
+            ssize = cur.varint("stored size")
+            (crc,) = struct.unpack("<I", cur.take(4, "stored CRC"))
             if ssize > MAX_SIZE or (data_end is not None and pos + ssize > data_end):
                 raise CorruptArchiveError(f"member {name!r} has its data outside the archive")
             off = pos
@@ -332,10 +349,10 @@ def _parse(cur: _Body, data_end: int | None) -> list[EntryRecord]:
             if first:
                 block_store = (off, ssize, crc)
         if flags & FLAG_CRC32:
-            (dcrc,) = struct.unpack("<I", cur.take(4, f"entry {name!r} CRC-32"))
+            (dcrc,) = struct.unpack("<I", cur.take(4, "CRC-32"))
             sha, data_crc = b"", dcrc
         else:
-            sha, data_crc = cur.take(32, f"entry {name!r} SHA-256"), None
+            sha, data_crc = cur.take(32, "SHA-256"), None
         exts = _ext(cur, name)
         if first or nxt:
             block.append(len(entries))
@@ -348,6 +365,9 @@ def _parse(cur: _Body, data_end: int | None) -> list[EntryRecord]:
 
 
 def _ext(cur: _Body, name: str):
+    if cur.pos < len(cur.data) and cur.data[cur.pos] == 0:  # no extensions: the usual case
+        cur.pos += 1
+        return ()
     n = cur.varint(f"entry {name!r} extension length")
     if n > MAX_ENTRY_EXT_BYTES:
         raise CorruptArchiveError(f"entry {name!r} extension area of {n} bytes is over the "
