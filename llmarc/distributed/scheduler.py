@@ -18,6 +18,7 @@ handled explicitly:
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ class RunLog:
     retried: int = 0  # chunk failures that were re-queued
     restarts: int = 0  # actors seen with a new process after an error or a retry
     pids: dict[str, list[int]] = field(default_factory=dict)  # worker -> processes seen
+    startup_s: float = 0.0  # until every actor had loaded its model and reported
+    coding_s: float = 0.0  # from then until the last chunk came back
 
 
 def _describe(exc: BaseException) -> str:
@@ -140,7 +143,10 @@ class Scheduler:
         ray = self.ray
         results: list[list[Any] | None] = [None] * len(chunks)
         queue: deque[Chunk] = deque(chunks)
+        began = time.perf_counter()
         self._start_up()
+        all_up = time.perf_counter()
+        self.log.startup_s = all_up - began
         pending: dict[Any, tuple[str, _Worker, Chunk | None]] = {}
         self.log.chunks = len(chunks)
         remaining = len(chunks)
@@ -179,6 +185,7 @@ class Scheduler:
                 remaining -= 1
                 if progress is not None:
                     progress(chunk.tokens)
+        self.log.coding_s = time.perf_counter() - all_up
         return results  # type: ignore[return-value]
 
     def _start_up(self) -> None:
