@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 DEMO ?= /tmp/llmarc-demo
 
-.PHONY: install demo test lint vectors bench bench-quick
+.PHONY: install demo test lint vectors bench bench-quick portability portability-smollm2
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -47,6 +47,14 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run --quick
+
+# Pack once with int-v1, extract bit-exactly under every numerics environment (ISA kernels,
+# MKL switches, threads, batch widths, the NumPy engine): tiny models (CI), or SmolLM2.
+portability: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py
+
+portability-smollm2: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py --smollm2
 
 vectors: $(STAMP)
 	$(PY) spec/vectors/make_vectors.py
