@@ -529,24 +529,32 @@ class LLMCodec(SegmentCoder):
         self.loaded = loaded
         self.settings = settings
         self.table = loaded.table
-        self._lockstep: Any = None
-        if settings.engine == ENGINE_LOCKSTEP:
-            from llmarc.inference.engine import EngineShape, LockstepEngine
+        self._lockstep: Any = None  # lockstep-v1's engine, made when first needed
 
-            self._lockstep = LockstepEngine(
-                loaded.model, EngineShape(settings.batch_width, settings.segment_length)
-            )
-        else:
-            self.integer = loaded.integer_model(settings.segment_length)
+    def _integer(self, positions: int) -> Any:
+        """The int-v1 model, with rotary tables for at least ``positions`` (the longest
+        segment at hand, not the profile's L: a hostile L costs nothing)."""
+        return self.loaded.integer_model(positions)
 
-    def _stepper(self, rows: int) -> tuple[Any, int]:
-        """(engine, width) for stepping ``rows`` segments."""
-        if self._lockstep is not None:
+    def _stepper(self, rows: int, positions: int) -> tuple[Any, int]:
+        """(engine, width) for stepping ``rows`` segments of at most ``positions`` tokens.
+
+        Made only after the payloads were validated, and sized by the work: int-v1's
+        cache holds ``min(rows, batch_width)`` rows of ``positions``; lockstep-v1's shape
+        is recorded in the archive (its numbers depend on it), so its memory is checked
+        against the machine's before anything is allocated."""
+        if self.settings.engine == ENGINE_LOCKSTEP:
+            if self._lockstep is None:
+                from llmarc.inference.engine import EngineShape, LockstepEngine
+
+                shape = EngineShape(self.settings.batch_width, self.settings.segment_length)
+                _check_lockstep_memory(self.loaded, shape)
+                self._lockstep = LockstepEngine(self.loaded.model, shape)
             return self._lockstep, self.settings.batch_width
         from llmarc.inference.integer import IntegerStepper
 
         width = max(1, min(rows, self.settings.batch_width))
-        return IntegerStepper(self.integer, width, self.settings.segment_length), width
+        return IntegerStepper(self._integer(positions), width, positions), width
 
     def _run_groups(
         self,
@@ -565,7 +573,7 @@ class LLMCodec(SegmentCoder):
 
         if not rows:
             return
-        engine, width = self._stepper(len(rows))
+        engine, width = self._stepper(len(rows), max(row.length for row in rows))
         start = self.loaded.start_token
         for group in _groups(rows, width):
             engine.reset()
@@ -606,7 +614,7 @@ class LLMCodec(SegmentCoder):
             feed = torch.full((len(batch), longest), start, dtype=torch.long)
             for i, row in enumerate(batch):
                 feed[i, 1 : row.length] = torch.tensor(row.tokens[: row.length - 1])
-            yield batch, self.integer.prefill(feed)
+            yield batch, self._integer(longest).prefill(feed)
 
     def encode_segments(
         self,
@@ -673,6 +681,29 @@ class LLMCodec(SegmentCoder):
         self._run_groups(rows, code_row, progress)
         return [row.error if row.error is not None else row.tokens
                 for row in sorted(rows, key=lambda row: row.slot)]
+
+
+def _check_lockstep_memory(loaded: Any, shape: Any) -> None:
+    """Refuse a lockstep-v1 profile whose recorded KV cache cannot fit in memory."""
+    import os
+
+    config = loaded.model.config
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    element = 2 if loaded.dtype_name in ("bfloat16", "float16") else 4
+    need = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+            * shape.batch_width * shape.segment_length * element)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return
+    if loaded.device.type == "cpu" and need > available // 2:
+        raise ModelError(
+            f"this lockstep-v1 archive needs a {need / 2**30:.1f} GiB cache "
+            f"(batch width {shape.batch_width}, segment length {shape.segment_length}); "
+            f"{available / 2**30:.1f} GiB are free"
+        )
 
 
 def _add_model_stats(own: CodingStats, logits: Any, tokens: list[int]) -> None:

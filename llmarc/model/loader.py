@@ -48,8 +48,10 @@ class LoadedModel:
         once from the float32 weights (the rotary tables grow with ``length``)."""
         from llmarc.inference.integer import IntegerModel
 
-        if self._integer is None or self._integer.max_length < length:
+        if self._integer is None:
             self._integer = IntegerModel(self.model, length, device=self.device)
+        elif self._integer.max_length < length:
+            self._integer.extend(length)
         return self._integer
 
 
