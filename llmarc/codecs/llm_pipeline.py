@@ -101,6 +101,8 @@ class TokenCounter:
     def __init__(self, progress: Any, total: int, description: str) -> None:
         factory = getattr(progress, "token_task", None)
         self._task = factory(total, description) if factory is not None else None
+        #: Status lines from the coder (Ray: workers ready, restarted, alive), if shown.
+        self.note = getattr(progress, "note", None)
 
     def __call__(self, tokens: int) -> None:
         if self._task is not None:
