@@ -291,9 +291,10 @@ def _read(path: str) -> Iterator[bytes]:
 class _Source:
     """One file read once, hashed, counted and checked for change.
 
-    The stored size is the number of bytes actually read and the stored mtime the one
-    seen when the file was opened; if size or mtime differ after the last read (the file
-    changed as we read it), ``changed`` is set and the pack reports it. A file gone
+    At most the size seen when the file was opened is read; the stored size is the number
+    of bytes actually read and the stored mtime the one seen at open. If size or mtime
+    differ after the read (the file changed as we read it), ``changed`` is set: the
+    writer reads it again, and reports it if it keeps changing. A file gone
     since the scan sets ``vanished`` (a warning, the pack goes on); one that can no longer
     be opened sets ``failed``."""
 
@@ -328,7 +329,11 @@ class _Source:
                 self.failed = "is no longer a regular file"
                 return
             self.mode, self.mtime_ns = before.st_mode & 0o777, before.st_mtime_ns
-            while chunk := f.read(CHUNK):
+            # Read at most the size seen at open: a file appended to faster than we read
+            # (a busy log) would otherwise never end; growth shows in ``changed``.
+            remaining = before.st_size
+            while remaining and (chunk := f.read(min(CHUNK, remaining))):
+                remaining -= len(chunk)
                 if self.sha is not None:
                     self.sha.update(chunk)
                 self.crc = zlib.crc32(chunk, self.crc)
@@ -424,8 +429,8 @@ class _Outcome:
             return False
         if src.changed:
             self.report.changed.append(path)
-            self.warn(f"{shown(path)}: file changed as we read it (archived as read: "
-                      f"{src.size} bytes, its mtime before reading)")
+            self.warn(f"{shown(path)}: file changed as we read it ({1 + REREADS} times; "
+                      f"archived as last read: {src.size} bytes, the mtime before that read)")
         return True
 
 
@@ -441,8 +446,13 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
     """
     sources, datas = [], []
     for e in entries:
-        src = _Source(e, progress)
-        data = b"".join(src)
+        for attempt in range(1 + REREADS):
+            src = _Source(e, progress)
+            data = b"".join(src)
+            if not src.changed or attempt == REREADS:
+                break
+            if progress is not None:
+                progress.advance(-src.size)
         if outcome is None or outcome.accept(src):
             sources.append(src)
             datas.append(data)
@@ -467,6 +477,17 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
             yield src, sha, CODEC_STORE, b"", data, len(data)
 
 
+#: A file that changed while it was read is read again this many times (a single file:
+#: its stored bytes are rewound; a solid block: the whole block) before it is reported.
+REREADS = 2
+
+
+def _undo(writer: ArchiveWriter, start: int, progress, srcs: list[_Source]) -> None:
+    writer.rewind(start)
+    if progress is not None:
+        progress.advance(-sum(s.size for s in srcs))
+
+
 def write_plan(groups: list[Group], writer: ArchiveWriter, *, level: int = 19,
                progress=None, llm: LLMOptions | None = None, forced_llm: bool = False,
                warn: Warn | None = None, report: PackReport | None = None,
@@ -488,12 +509,16 @@ def write_plan(groups: list[Group], writer: ArchiveWriter, *, level: int = 19,
                 writer.add_entry(EntryRecord(e.name, TYPE_DIR, e.mode, e.mtime_ns, 0, 0, b"",
                                              0, 0, EMPTY_SHA256, 0))
         elif g.kind in ("store", "zstd"):
-            src = _Source(g.entries[0], progress)
             start = writer.pos
             codec = CODEC_STORE if g.kind == "store" else CODEC_ZSTD
-            chunks = src if codec == CODEC_STORE else zstd_codec.encode(src, level,
-                                                                         g.entries[0].size)
-            stored = writer.write_stored(chunks)
+            for attempt in range(1 + REREADS):
+                src = _Source(g.entries[0], progress)
+                chunks = src if codec == CODEC_STORE else zstd_codec.encode(src, level,
+                                                                             g.entries[0].size)
+                stored = writer.write_stored(chunks)
+                if not src.changed or attempt == REREADS:
+                    break
+                _undo(writer, start, progress, [src])  # changed while read: read it again
             if not outcome.accept(src):
                 writer.rewind(start)
                 continue
@@ -501,11 +526,15 @@ def write_plan(groups: list[Group], writer: ArchiveWriter, *, level: int = 19,
         elif g.kind == "solid":
             # One frame, no flush between members: with thousands of tiny files a flush
             # per member cost as much as the data (1.1 records no per-member share).
-            srcs = [_Source(e, progress, sha=False) for e in g.entries]
             start = writer.pos
             hint = sum(e.size for e in g.entries)
-            stored = writer.write_stored(
-                zstd_codec.encode(itertools.chain.from_iterable(srcs), level, hint))
+            for attempt in range(1 + REREADS):
+                srcs = [_Source(e, progress, sha=False) for e in g.entries]
+                stored = writer.write_stored(
+                    zstd_codec.encode(itertools.chain.from_iterable(srcs), level, hint))
+                if not any(s.changed for s in srcs) or attempt == REREADS:
+                    break
+                _undo(writer, start, progress, srcs)  # a member changed: redo the block
             kept = [s for s in srcs if outcome.accept(s)]
             if not kept:
                 writer.rewind(start)

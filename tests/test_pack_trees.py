@@ -172,8 +172,11 @@ def test_2000_deep_tree(tmp_path):
     assert not root.exists()
 
 
-def test_file_appended_during_pack_is_reported(tmp_path, monkeypatch):
-    src = make_tree(tmp_path / "src", {"grows.log": b"a" * 3000, "calm.txt": b"calm\n"})
+def test_file_appended_during_pack_is_read_again(tmp_path, monkeypatch):
+    """Appended once while read (a hook in the read loop): the file is read again, so the
+    stored bytes, size and mtime are those of the file as it now is; nothing to report."""
+    src = make_tree(tmp_path / "src", {"grows.log": b"a" * 3000, "calm.txt": b"calm\n",
+                                       "other.txt": b"other\n"})
     monkeypatch.setattr(packer, "CHUNK", 1000)
     grown: list[str] = []
 
@@ -186,20 +189,45 @@ def test_file_appended_during_pack_is_reported(tmp_path, monkeypatch):
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
 
     monkeypatch.setattr(packer, "_on_read", append_once)
-    for codec in ("store", "zstd"):
+    for codec, solid in (("store", True), ("zstd", False), ("zstd", True)):
         report = PackReport()
-        warnings: list[str] = []
-        before = os.stat(src / "grows.log").st_mtime_ns
-        llmarc.pack(src, tmp_path / f"{codec}.llma", codec=codec, warn=warnings.append,
-                    report=report, overwrite=True)
         grown.clear()
-        assert [os.path.basename(p) for p in report.changed] == ["grows.log"]
-        assert any("file changed as we read it" in w for w in warnings)
-        with llmarc.open(tmp_path / f"{codec}.llma") as ar:
+        (src / "grows.log").write_bytes(b"a" * 3000)
+        out = tmp_path / f"{codec}{solid}.llma"
+        llmarc.pack(src, out, codec=codec, solid=solid, report=report)
+        assert grown and report.clean
+        final = os.stat(src / "grows.log")
+        with llmarc.open(out) as ar:
             m = ar.getmember("grows.log")
-            data = ar.read("grows.log")
-            assert m.size == len(data)  # the stored size is what was read
-            assert m.mtime_ns == before or m.mtime_ns < os.stat(src / "grows.log").st_mtime_ns
+            assert ar.read("grows.log") == b"a" * 3000 + b"b" * 500
+            assert (m.size, m.mtime_ns) == (3500, final.st_mtime_ns)
+            ar.test()
+
+
+def test_file_that_keeps_changing_is_reported(tmp_path, monkeypatch):
+    src = make_tree(tmp_path / "src", {"busy.log": b"a" * 100, "calm.txt": b"calm\n"})
+    before: list[int] = []
+
+    def append_always(path: str, done: int) -> None:
+        if path.endswith("busy.log"):
+            before.append(os.stat(path).st_mtime_ns)
+            with open(path, "ab") as f:
+                f.write(b"more")
+
+    monkeypatch.setattr(packer, "_on_read", append_always)
+    for codec in ("store", "zstd"):
+        before.clear()
+        report, msgs = PackReport(), []
+        out = tmp_path / f"{codec}.llma"
+        llmarc.pack(src, out, codec=codec, report=report, warn=msgs.append)
+        assert [os.path.basename(p) for p in report.changed] == ["busy.log"]
+        assert len(before) == 1 + packer.REREADS  # read, then read again twice
+        assert any("file changed as we read it" in m for m in msgs)
+        with llmarc.open(out) as ar:
+            m = ar.getmember("busy.log")
+            data = ar.read("busy.log")
+            assert m.size == len(data) and data.startswith(b"a" * 100)
+            assert m.mtime_ns == before[-1]  # the mtime before the last read
             ar.test()
 
 
@@ -207,9 +235,8 @@ def test_changed_file_makes_pack_exit_3(tmp_path, monkeypatch, capsys):
     src = make_tree(tmp_path / "src", {"grows.log": b"a" * 100})
 
     def append(path: str, done: int) -> None:
-        if done == 100:
-            with open(path, "ab") as f:
-                f.write(b"more")
+        with open(path, "ab") as f:
+            f.write(b"more")
 
     monkeypatch.setattr(packer, "_on_read", append)
     code, _, err = _run(capsys, "pack", str(src), str(tmp_path / "a.llma"), "--codec", "zstd")
