@@ -56,6 +56,7 @@ class SourceEntry:
     mode: int
     mtime_ns: int
     size: int
+    special_bits: int = 0  # setuid/setgid/sticky: not archived (pack says so)
 
 
 @dataclass
@@ -266,11 +267,11 @@ def _scan_dir(dir_fd: int, path: str, prefix: str, bad: str | None,
             continue
         if is_dir:
             out.append(SourceEntry(name, full, TYPE_DIR, st.st_mode & 0o777,
-                                   st.st_mtime_ns, 0))
+                                   st.st_mtime_ns, 0, st.st_mode & 0o7000))
             stack.append((full, name + "/", None))
         else:
             out.append(SourceEntry(name, full, TYPE_FILE, st.st_mode & 0o777,
-                                   st.st_mtime_ns, st.st_size))
+                                   st.st_mtime_ns, st.st_size, st.st_mode & 0o7000))
 
 
 #: Test seam: called as ``_on_read(path, bytes_read_so_far)`` after every chunk read
@@ -620,6 +621,12 @@ def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str], 
                 "them)", problems)
         for p in problems:
             warn(f"skipping {p}")
+        special = [e for e in entries if e.special_bits]
+        if special:
+            many = len(special) > 1
+            warn(f"setuid, setgid and sticky bits are not archived: {len(special)} "
+                 f"{'paths lose' if many else 'path loses'} them, first "
+                 f"{shown(special[0].path)}")
         report.skipped.extend(problems)
         if codec == "auto" and unavailable:
             warn(f"LLM codec unavailable, text will use zstd: {unavailable}")

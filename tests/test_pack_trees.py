@@ -375,3 +375,14 @@ def test_quiet_pack_prints_nothing(tmp_path, capsys):
     code, out, err = _run(capsys, "pack", str(src), str(tmp_path / "a.llma"), "--codec",
                           "zstd", "-q")
     assert code == 0 and out == "" and err == ""
+
+
+def test_setuid_bits_are_dropped_with_a_warning(tmp_path):
+    src = make_tree(tmp_path / "src", {"tool": b"#!/bin/sh\n", "plain": b"x"})
+    os.chmod(src / "tool", 0o4755)
+    msgs: list[str] = []
+    members = llmarc.pack(src, tmp_path / "a.llma", codec="store", warn=msgs.append)
+    assert {m.name: m.mode for m in members}["tool"] == 0o755
+    assert [m for m in msgs if "setuid" in m] == [
+        f"setuid, setgid and sticky bits are not archived: 1 path loses them, first "
+        f"'{src / 'tool'}'"]
