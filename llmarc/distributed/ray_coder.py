@@ -6,8 +6,9 @@ actors only turn segments into streams and back.  Chunks are whole lockstep grou
 exactly like the local coder builds them (segments sorted longest first, B at a time),
 so even an engine whose rows depended on their companions would code the same groups.
 
-Actors live for one ``encode_segments``/``decode_segments`` call and are killed in a
-``finally`` (so Ctrl-C leaves none behind): a pack or an extraction calls each once.
+Actors live for one ``encode_many``/``decode_many`` call (which may call the segment
+methods several times: decoding goes in bounded slices) and are killed in a ``finally``,
+so Ctrl-C or an error leaves none behind and a finished pack holds no cluster resources.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from llmarc.codecs.llm import (
@@ -103,6 +105,9 @@ class RayCoder(SegmentCoder):
         self.max_workers = workers
         self.portable = engine_of(settings) in PORTABLE_ENGINES
         self.last_run: RunLog | None = None  # what the cluster did in the last call
+        self._actors: list[tuple[str, Any]] = []  # alive during an outermost call only
+        self._depth = 0
+        self.starts = self.runs = 0  # actor sets started, scheduler runs (tests, logs)
         self.ray = connect(self.address)
 
     # ------------------------------------------------------------------ planning
@@ -183,11 +188,12 @@ class RayCoder(SegmentCoder):
                   tokens=sum(lengths[i] for i in slots))
             for n, slots in enumerate(order[s:s + width] for s in range(0, len(order), width))
         ]
-        run = f"llmarc-{uuid.uuid4().hex[:12]}"
-        actors: list[tuple[str, Any]] = []
-        try:
-            actors = self._start(run)
-            scheduler = Scheduler(self.ray, actors, self._check,
+        with self._session():
+            if not self._actors:
+                self._actors = self._start(f"llmarc-{uuid.uuid4().hex[:12]}")
+                self.starts += 1
+            self.runs += 1
+            scheduler = Scheduler(self.ray, self._actors, self._check,
                                   per_worker=PER_WORKER_IN_FLIGHT, max_attempts=MAX_ATTEMPTS,
                                   note=getattr(progress, "note", None))
             self.last_run = scheduler.log
@@ -195,15 +201,34 @@ class RayCoder(SegmentCoder):
                 chunks, lambda actor, chunk: getattr(actor, method).remote(chunk.items, *args),
                 progress,
             )
-        finally:
-            for _name, actor in actors:  # also on Ctrl-C: actors would outlive the driver
-                with contextlib.suppress(Exception):
-                    self.ray.kill(actor, no_restart=True)
         results: list[Any] = [None] * len(items)
         for chunk, output in zip(chunks, outputs, strict=True):
             for slot, value in zip(chunk.slots, output, strict=True):
                 results[slot] = value
         return results
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[None]:
+        """Keep one set of actors for the outermost call; kill them when it ends, however
+        it ends (also on Ctrl-C: actors would outlive the driver)."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                actors, self._actors = self._actors, []
+                for _name, actor in actors:
+                    with contextlib.suppress(Exception):
+                        self.ray.kill(actor, no_restart=True)
+
+    def encode_many(self, *args: Any, **kwargs: Any) -> Any:
+        with self._session():
+            return super().encode_many(*args, **kwargs)
+
+    def decode_many(self, *args: Any, **kwargs: Any) -> Any:
+        with self._session():
+            return super().decode_many(*args, **kwargs)
 
     def encode_segments(
         self,

@@ -31,6 +31,9 @@ log = logging.getLogger("llmarc.distributed")
 
 #: Seconds between checks for Ctrl-C while waiting on the cluster.
 WAIT_SLICE = 1.0
+#: Seconds an actor may take to load its model (a first GGUF conversion, a 7B model
+#: from a network file system) before the run goes on without it.
+START_TIMEOUT = 900.0
 
 
 @dataclass
@@ -193,11 +196,16 @@ class Scheduler:
         checked as a whole (a worker with another model is refused even if the others
         could have finished alone), and one that cannot start is known to be gone."""
         starting = {w.actor.report.remote(): w for w in self.workers}
-        while starting:
+        deadline = time.monotonic() + START_TIMEOUT
+        while starting and time.monotonic() < deadline:
             ready, _ = self.ray.wait(list(starting), num_returns=len(starting),
                                      timeout=WAIT_SLICE)
             for ref in ready:
                 self._probed(ref, starting.pop(ref))
+        for worker in starting.values():  # no resources for it, or a node that hangs
+            worker.state = "dead"
+            self._event(f"{worker.name} did not start within {START_TIMEOUT:.0f} s; "
+                        "going on without it")
         alive = sum(w.state == "alive" for w in self.workers)
         if not alive:
             raise ClusterError(f"none of the {len(self.workers)} Ray workers could start")
