@@ -18,7 +18,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmarc.codecs.llm import (
     CodingSettings,
@@ -31,6 +31,9 @@ from llmarc.distributed import LOCAL, ClusterError, require_ray
 from llmarc.distributed.scheduler import Chunk, RunLog, Scheduler
 from llmarc.distributed.worker import SegmentWorker, WorkerReport, WorkerSpec, engine_of
 from llmarc.errors import CorruptArchiveError, ModelError, ModelMismatchError
+
+if TYPE_CHECKING:
+    from llmarc.codecs.llm_pipeline import LLMOptions
 
 log = logging.getLogger("llmarc.distributed")
 
@@ -85,7 +88,7 @@ def worker_model(source: Any) -> str:
 class RayCoder(SegmentCoder):
     """Codes segments on Ray actors; archives are byte-identical to :class:`LLMCodec`'s."""
 
-    def __init__(self, loaded: Any, settings: CodingSettings, options: Any,
+    def __init__(self, loaded: Any, settings: CodingSettings, options: LLMOptions,
                  *, workers: int | None = None) -> None:
         settings.validate()
         self.loaded = loaded
