@@ -638,7 +638,7 @@ class LLMCodec(SegmentCoder):
             return token
 
         rows = [_Row(slot, len(tokens), list(tokens)) for slot, tokens in enumerate(segments)]
-        if self._lockstep is not None:
+        if self.settings.engine == ENGINE_LOCKSTEP:
             def stepped(row: _Row, t: int, freqs: np.ndarray, logits: Any) -> int:
                 if collect_stats:
                     _add_model_stats(stats[row.slot], logits[None], [row.tokens[t]])
