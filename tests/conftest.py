@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports torch: OpenMP threads wait passively (the tests share busy
+# machines; spinning waits make them crawl).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import hashlib
 import importlib.util
-import os
 import struct
 from pathlib import Path
 from types import ModuleType

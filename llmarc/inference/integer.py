@@ -116,21 +116,59 @@ class IntLinear:
 
         fp32 GEMMs over chunks of the inner dimension small enough that no partial sum
         can reach 2^24, added up in float64 (exact: each chunk sum is below 2^24)."""
+        return self._accumulate(q).to(F64)
+
+    def _accumulate(self, q: torch.Tensor) -> torch.Tensor:
+        """The exact integer product, float32 when one chunk covers the inner dimension
+        (every value is an integer below 2^24, so float32 holds it exactly), else float64."""
         inner = self.weight.shape[0]
         q32 = q.to(torch.float32)
+        if inner <= FP32_EXACT_CHUNK:
+            return torch.matmul(q32, self.weight)
         total: torch.Tensor | None = None
         for begin in range(0, inner, FP32_EXACT_CHUNK):
             part = torch.matmul(
                 q32[..., begin : begin + FP32_EXACT_CHUNK],
                 self.weight[begin : begin + FP32_EXACT_CHUNK],
-            ).to(F64)
-            total = part if total is None else total + part
+            )
+            if total is None:
+                total = part.to(F64)
+            else:
+                total += part  # float64 += float32 integers: exact
         assert total is not None
         return total
 
     def __call__(self, q: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-        """y = acc * (row_scale * scale): the real-valued output for input q * row_scale."""
-        return self.integer_product(q) * (row_scale * self.scale)
+        """y = acc * (row_scale * scale): the real-valued output for input q * row_scale.
+
+        The multiply promotes a float32 accumulator to float64 inside the kernel (exact),
+        then rounds once, as acc.to(float64) * factor would."""
+        acc = self._accumulate(q)
+        if acc.device.type != "cpu":
+            return torch.mul(acc, row_scale * self.scale)
+        out = torch.empty(acc.shape, dtype=F64)
+        self._epilogue(acc, row_scale, out, "scaled")
+        return out
+
+    def _epilogue(self, acc: torch.Tensor, row_scale: torch.Tensor, out: torch.Tensor,
+                  kind: str) -> None:
+        """The CPU kernels after the GEMM: acc * (row_scale * scale) into ``out`` (any
+        float dtype), or added to the residual stream ``out`` as round(y * 2^24)."""
+        kernels = _kernels(acc.numel())
+        cols = acc.shape[-1]
+        getattr(kernels, kind)(
+            acc.reshape(-1, cols).numpy(), row_scale.reshape(-1).contiguous().numpy(),
+            self.scale.contiguous().numpy(), out.view(-1, cols).numpy())
+
+    def add_to_residual(self, q: torch.Tensor, row_scale: torch.Tensor,
+                        h: torch.Tensor) -> torch.Tensor:
+        """h + round_half_even(self(q, row_scale) * 2^24), h updated in place."""
+        acc = self._accumulate(q)
+        if acc.device.type != "cpu":
+            return h.add_(torch.mul(acc, row_scale * self.scale)
+                          .mul_(float(1 << RESIDUAL_BITS)).round_())
+        self._epilogue(acc, row_scale, h, "residual")
+        return h
 
 
 @dataclass
@@ -144,6 +182,32 @@ class IntLayer:
     gate_proj: IntLinear
     up_proj: IntLinear
     down_proj: IntLinear
+    #: q, k and v (and gate and up) side by side: one GEMM; each output column is the
+    #: same exact integer sum as in its own layer, so fusing changes no value.
+    qkv_proj: IntLinear | None = None
+    gate_up_proj: IntLinear | None = None
+
+    def fuse(self) -> None:
+        """Replace q/k/v and gate/up by column views of one fused layer each."""
+        self.qkv_proj = _fused(self.q_proj, self.k_proj, self.v_proj)
+        self.q_proj, self.k_proj, self.v_proj = _split(
+            self.qkv_proj, (self.q_proj, self.k_proj, self.v_proj))
+        self.gate_up_proj = _fused(self.gate_proj, self.up_proj)
+        self.gate_proj, self.up_proj = _split(self.gate_up_proj, (self.gate_proj, self.up_proj))
+
+
+def _fused(*parts: IntLinear) -> IntLinear:
+    return IntLinear(torch.cat([p.weight for p in parts], dim=1).contiguous(),
+                     torch.cat([p.scale for p in parts]))
+
+
+def _split(fused: IntLinear, parts: tuple[IntLinear, ...]) -> tuple[IntLinear, ...]:
+    views, begin = [], 0
+    for part in parts:
+        end = begin + part.weight.shape[1]
+        views.append(IntLinear(fused.weight[:, begin:end], fused.scale[begin:end]))
+        begin = end
+    return tuple(views)
 
 
 class IntegerModel:
@@ -191,17 +255,25 @@ class IntegerModel:
             )
             for layer in decoder.layers
         ]
+        for int_layer in self.layers:
+            int_layer.fuse()
+        self.fused_kernels = self.device.type == "cpu"  # numba kernels; torch ops elsewhere
         self.final_norm = _norm_weight(decoder.norm, self.device)
         self.lm_head = IntLinear.from_float(model.lm_head.weight, self.device)
         self.vocab_size = model.lm_head.weight.shape[0]
         base = float(rope.get("rope_theta") or rope_params.get("rope_theta")
                      or getattr(config, "rope_theta", 10000.0))
-        cos, sin = rope_tables(base, self.head_dim, max_length)
+        self.rope_base = base
+        self.extend(max_length)
+        width = torch.tensor([float(self.head_dim)], dtype=F64, device=self.device)
+        self.attention_scale = _div(1.0, torch.sqrt(width))  # 1/sqrt(head_dim)
+
+    def extend(self, max_length: int) -> None:
+        """Rotary tables for positions 0 .. max_length-1 (the weights stay as they are)."""
+        cos, sin = rope_tables(self.rope_base, self.head_dim, max_length)
         self.cos = torch.tensor(cos, device=self.device)  # [L, head_dim/2]
         self.sin = torch.tensor(sin, device=self.device)
         self.max_length = max_length
-        width = torch.tensor([float(self.head_dim)], dtype=F64, device=self.device)
-        self.attention_scale = _div(1.0, torch.sqrt(width))  # 1/sqrt(head_dim)
 
     # ------------------------------------------------------------------ row operations
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -212,6 +284,13 @@ class IntegerModel:
         self, h: torch.Tensor, weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm(h) * weight, quantized per row for a linear layer: (q, scale)."""
+        if self.fused_kernels:
+            rows = h.reshape(-1, h.shape[-1]).contiguous()
+            q = torch.empty(rows.shape, dtype=torch.float32)
+            scale = torch.empty(rows.shape[0], dtype=F64)
+            _kernels(rows.numel()).norm_quantize(rows.numpy(), weight.numpy(), self.eps, q.numpy(),
+                                     scale.numpy())
+            return q.view(h.shape), scale.view(*h.shape[:-1], 1)
         peak = h.abs().amax(dim=-1, keepdim=True)
         _mantissa, exponent = torch.frexp(peak)  # peak < 2^exponent (0 for peak 0)
         shift = (exponent.to(torch.int64) - NORM_BITS).clamp(min=0)
@@ -231,19 +310,46 @@ class IntegerModel:
         return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
     def residual_add(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return h + torch.round(y * float(1 << RESIDUAL_BITS))
+        """h + round_half_even(y * 2^24); h and y are consumed (updated in place)."""
+        return h.add_(y.mul_(float(1 << RESIDUAL_BITS)).round_())
 
     def mlp(self, layer: IntLayer, h: torch.Tensor) -> torch.Tensor:
         q, scale = self.norm_quantized(h, layer.post_norm)
-        gate = layer.gate_proj(q, scale)
-        up = layer.up_proj(q, scale)
-        product = silu(gate) * up
-        q, scale = quantize_rows(product, LINEAR_LEVELS)
-        return self.residual_add(h, layer.down_proj(q, scale))
+        assert layer.gate_up_proj is not None
+        both = layer.gate_up_proj(q, scale)
+        width = both.shape[-1] // 2
+        gate, up = both[..., :width], both[..., width:]
+        if self.fused_kernels:
+            kernels = _kernels(gate.numel() * 4)
+            rows = gate.reshape(-1, width).contiguous()
+            q = torch.empty(rows.shape, dtype=torch.float32)
+            scale = torch.empty(rows.shape[0], dtype=F64)
+            kernels.swiglu_quantize(rows.numpy(), up.reshape(-1, width).contiguous().numpy(),
+                                    kernels.table, q.numpy(), scale.numpy())
+            q = q.view(*gate.shape)
+            scale = scale.view(*gate.shape[:-1], 1)
+        else:
+            q, scale = quantize_rows(silu(gate) * up, LINEAR_LEVELS)
+        return layer.down_proj.add_to_residual(q, scale, h)
+
+    #: Rows of the lm_head computed at a time: keeps the float64 temporaries of a
+    #: [T, vocabulary] product in tens of megabytes instead of hundreds.
+    LOGIT_ROWS = 64
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         q, scale = self.norm_quantized(h, self.final_norm)
-        return self.lm_head(q, scale).to(torch.float32)
+        shape = q.shape[:-1]
+        q = q.reshape(-1, q.shape[-1])
+        scale = scale.reshape(-1, 1)
+        out = torch.empty(q.shape[0], self.vocab_size, dtype=torch.float32, device=q.device)
+        for begin in range(0, q.shape[0], self.LOGIT_ROWS):
+            end = begin + self.LOGIT_ROWS
+            if self.fused_kernels:  # the float64 product rounded once to float32
+                acc = self.lm_head._accumulate(q[begin:end])
+                self.lm_head._epilogue(acc, scale[begin:end], out[begin:end], "scaled")
+            else:
+                out[begin:end] = self.lm_head(q[begin:end], scale[begin:end])
+        return out.view(*shape, self.vocab_size)
 
     def qkv(
         self, layer: IntLayer, h: torch.Tensor, positions: torch.Tensor
@@ -254,14 +360,47 @@ class IntegerModel:
         [..., T, heads, head_dim], scales [..., T, heads, 1]."""
         q, scale = self.norm_quantized(h, layer.input_norm)
         shape = h.shape[:-1]
-        queries = layer.q_proj(q, scale).view(*shape, self.num_heads, self.head_dim)
-        keys = layer.k_proj(q, scale).view(*shape, self.num_kv_heads, self.head_dim)
-        values = layer.v_proj(q, scale).view(*shape, self.num_kv_heads, self.head_dim)
+        assert layer.qkv_proj is not None
+        fused = layer.qkv_proj(q, scale)
+        if self.fused_kernels:
+            return self._qkv_fused(fused, positions)
+        width_q = self.num_heads * self.head_dim
+        width_kv = self.num_kv_heads * self.head_dim
+        queries = fused[..., :width_q].reshape(*shape, self.num_heads, self.head_dim)
+        keys = fused[..., width_q : width_q + width_kv].reshape(
+            *shape, self.num_kv_heads, self.head_dim)
+        values = fused[..., width_q + width_kv :].reshape(
+            *shape, self.num_kv_heads, self.head_dim)
         queries, query_scale = quantize_rows(self.rotate(queries, positions), ATTENTION_LEVELS)
         keys, key_scale = quantize_rows(self.rotate(keys, positions), ATTENTION_LEVELS)
         values, value_scale = quantize_rows(values, ATTENTION_LEVELS)
         query_scale = query_scale * self.attention_scale
         return queries, query_scale, keys, key_scale, values, value_scale
+
+    def _qkv_fused(self, fused: torch.Tensor, positions: torch.Tensor
+                   ) -> tuple[torch.Tensor, ...]:
+        """:meth:`qkv` after the projection by the CPU kernels; q/k/v as int16."""
+        kernels = _kernels(fused.numel() * 2)
+        shape = fused.shape[:-1]
+        rows = fused.reshape(-1, fused.shape[-1])
+        count = rows.shape[0]
+        heads, kv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        rotated = heads + kv
+        at = positions.to(torch.int64).repeat(count // positions.shape[0])
+        out = torch.empty(count, rotated + kv, dh, dtype=torch.int16)
+        scales = torch.empty(count, rotated + kv, dtype=F64)
+        table_cos, table_sin = self.cos.numpy(), self.sin.numpy()
+        kernels.rope_quantize(rows[:, : rotated * dh].view(count, rotated, dh).numpy(),
+                              at.numpy(), table_cos, table_sin, True,
+                              out[:, :rotated].numpy(), scales[:, :rotated].numpy())
+        kernels.rope_quantize(rows[:, rotated * dh :].view(count, kv, dh).numpy(),
+                              at.numpy(), table_cos, table_sin, False,
+                              out[:, rotated:].numpy(), scales[:, rotated:].numpy())
+        out = out.view(*shape, rotated + kv, dh)
+        scales = scales.view(*shape, rotated + kv, 1)
+        query_scale = scales[..., :heads, :] * self.attention_scale
+        return (out[..., :heads, :], query_scale, out[..., heads:rotated, :],
+                scales[..., heads:rotated, :], out[..., rotated:, :], scales[..., rotated:, :])
 
     def attend(
         self,
@@ -292,11 +431,41 @@ class IntegerModel:
         context = _div(context * p_scale, weights.sum(dim=-1, keepdim=True))
         return context.transpose(1, 2).reshape(n, tq, self.num_heads * dh)
 
+    def attend_rows(
+        self,
+        queries: torch.Tensor,  # [N, T, H, Dh] integers
+        query_scale: torch.Tensor,  # [N, T, H, 1]
+        keys: torch.Tensor,  # int16 [N, Hkv, L, Dh]
+        key_scale: torch.Tensor,  # float64 [N, Hkv, L]
+        values: torch.Tensor,  # int16 [N, Hkv, L, Dh]
+        value_scale: torch.Tensor,  # float64 [N, Hkv, L]
+        first: int,  # position of query 0: query j sees keys 0 .. first + j
+    ) -> torch.Tensor:
+        """:meth:`attend` by the fused CPU kernel, causal without a mask: the keys a
+        query cannot see are never read (their exponential weight would be 0)."""
+        n, t = queries.shape[:2]
+        kernels = _kernels(n * t * self.num_heads * self.head_dim * (first + t))
+        out = torch.empty(n, t, self.num_heads, self.head_dim, dtype=F64)
+        kernels.attend(
+            queries.to(torch.int16).contiguous().numpy(),
+            query_scale.reshape(n, t, self.num_heads).contiguous().numpy(),
+            keys.numpy(), key_scale.numpy(), values.numpy(), value_scale.numpy(),
+            first, kernels.table, out.numpy(),
+        )
+        return out.view(n, t, self.num_heads * self.head_dim)
+
     def attention(
         self, layer: IntLayer, context: torch.Tensor, h: torch.Tensor
     ) -> torch.Tensor:
-        q, scale = quantize_rows(context, LINEAR_LEVELS)
-        return self.residual_add(h, layer.o_proj(q, scale))
+        if self.fused_kernels:
+            rows = context.reshape(-1, context.shape[-1])
+            q = torch.empty(rows.shape, dtype=torch.float32)
+            scale = torch.empty(rows.shape[0], 1, dtype=F64)
+            _kernels(rows.numel()).quantize(rows.numpy(), float(LINEAR_LEVELS), q.numpy(),
+                                scale.view(-1).numpy())
+        else:
+            q, scale = quantize_rows(context, LINEAR_LEVELS)
+        return layer.o_proj.add_to_residual(q, scale, h)
 
     # ------------------------------------------------------------------ whole rows
     @torch.no_grad()
@@ -310,6 +479,14 @@ class IntegerModel:
         h = self.embed(tokens.to(self.device))
         for layer in self.layers:
             q, qs, k, ks, v, vs = self.qkv(layer, h, positions)
+            if self.fused_kernels:
+                context = self.attend_rows(
+                    q, qs, k.to(torch.int16).transpose(1, 2).contiguous(),
+                    ks.squeeze(-1).transpose(1, 2).contiguous(),
+                    v.to(torch.int16).transpose(1, 2).contiguous(),
+                    vs.squeeze(-1).transpose(1, 2).contiguous(), 0)
+                h = self.mlp(layer, self.attention(layer, context, h))
+                continue
             context = self.attend(
                 q.transpose(1, 2), qs.transpose(1, 2), k.transpose(1, 2),
                 ks.squeeze(-1).transpose(1, 2), v.transpose(1, 2),
@@ -326,6 +503,246 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     denominator = w + EXP_ONE
     numerator = torch.where(x >= 0, torch.full_like(w, EXP_ONE), w)
     return x * _div(numerator, denominator)
+
+
+
+# ---------------------------------------------------------------------- fused kernels
+# The attention of one query row and the SwiGLU product with its quantizer, compiled with
+# numba (fastmath off: no FMA contraction, no reassociation; LLVM keeps every binary64
+# operation as written).  They compute exactly the operations of spec/llm-codec.md §5 in
+# its order, one row at a time and in cache, instead of a dozen passes over [heads, T, T]
+# tensors.  Integer sums (q.k, u.v, the exponential weights) are int64: exact, so their
+# order is free and LLVM may vectorize them.
+_NUMBA: Any = None
+
+
+#: Below this many elements of work a kernel runs on the calling thread: waking worker
+#: threads costs more than it saves (milliseconds on a busy machine).
+PARALLEL_WORK = 1 << 18
+
+
+def _kernels(work: int = PARALLEL_WORK) -> Any:
+    """The compiled kernels (compiled on first use, cached on disk by numba): the
+    multi-threaded flavour for ``work`` elements or more when torch has several threads,
+    else the single-threaded one.  Both compute the same values (rows are independent)."""
+    global _NUMBA
+    if _NUMBA is None:
+        try:
+            import numba
+        except ImportError as exc:  # pragma: no cover - numba is in the llm extra
+            raise ModelError("int-v1 needs numba: pip install 'llmarc[llm]'") from exc
+        _NUMBA = _compile(numba)
+    serial, parallel = _NUMBA
+    threads = min(torch.get_num_threads(), parallel.numba.config.NUMBA_NUM_THREADS)
+    if threads <= 1 or work < PARALLEL_WORK:
+        return serial
+    if parallel.numba.get_num_threads() != threads:
+        parallel.numba.set_num_threads(threads)
+    return parallel
+
+
+def _compile(numba: Any) -> Any:
+    import math
+    import types
+
+    import numpy as np
+
+    log2e_scaled = float(LOG2E_SCALED)
+    max_index = MAX_EXP_INDEX
+    levels = float(ATTENTION_LEVELS)
+    linear_levels = float(LINEAR_LEVELS)
+    one = EXP_ONE
+    residual_one = float(1 << RESIDUAL_BITS)
+    residual_down = 2.0**-RESIDUAL_BITS
+    residual_bits = RESIDUAL_BITS
+    norm_bits = NORM_BITS
+
+    def attend(q, q_scale, keys, k_scale, values, v_scale, first, table, out):  # pragma: no cover
+        # q int16 [N, T, H, Dh], q_scale f64 [N, T, H]; keys/values int16 [N, Hkv, L, Dh],
+        # their scales f64 [N, Hkv, L]; query j sees keys 0 .. first + j; out f64 [N, T, H, Dh]
+        n_rows, t_rows, heads, dh = q.shape
+        group = heads // keys.shape[1]
+        for r in numba.prange(n_rows * heads * t_rows):
+            n = r // (heads * t_rows)
+            h = (r // t_rows) % heads
+            j = r % t_rows
+            kv = h // group
+            count = first + j + 1
+            qs = q_scale[n, j, h]
+            z = np.empty(count, dtype=np.float64)
+            top = -np.inf
+            for k in range(count):
+                acc = 0
+                for d in range(dh):
+                    acc += np.int32(q[n, j, h, d]) * np.int32(keys[n, kv, k, d])
+                zk = np.float64(acc) * (qs * k_scale[n, kv, k])
+                z[k] = zk
+                if zk > top:
+                    top = zk
+            total = 0
+            peak = 0.0
+            for k in range(count):
+                e = -np.floor((z[k] - top) * log2e_scaled)
+                if e > max_index:
+                    e = max_index
+                w = table[np.int64(e)]
+                total += w
+                p = np.float64(w) * v_scale[n, kv, k]
+                z[k] = p
+                if p > peak:
+                    peak = p
+            safe = peak if peak > 0.0 else 1.0
+            factor = levels / safe
+            p_scale = peak / levels
+            context = np.zeros(dh, dtype=np.int64)
+            for k in range(count):
+                u = np.int32(np.rint(z[k] * factor))
+                if u != 0:
+                    for d in range(dh):
+                        context[d] += u * np.int32(values[n, kv, k, d])
+            weight_sum = np.float64(total)
+            for d in range(dh):
+                out[n, j, h, d] = (np.float64(context[d]) * p_scale) / weight_sum
+
+    def swiglu_quantize(gate, up, table, q_out, scale_out):  # pragma: no cover
+        # gate, up f64 [R, I] (gate is overwritten); q_out f32 [R, I]; scale_out f64 [R]
+        rows, width = gate.shape
+        for r in numba.prange(rows):
+            peak = 0.0
+            for i in range(width):
+                x = gate[r, i]
+                e = np.floor(np.abs(x) * log2e_scaled)
+                if e > max_index:
+                    e = max_index
+                w = np.float64(table[np.int64(e)])
+                numerator = one if x >= 0.0 else w
+                product = (x * (numerator / (w + one))) * up[r, i]
+                gate[r, i] = product
+                a = np.abs(product)
+                if a > peak:
+                    peak = a
+            safe = peak if peak > 0.0 else 1.0
+            factor = linear_levels / safe
+            for i in range(width):
+                q_out[r, i] = np.float32(np.rint(gate[r, i] * factor))
+            scale_out[r] = peak / linear_levels
+
+    def scaled(acc, row_scale, col_scale, out):  # pragma: no cover
+        # out[r, c] = acc[r, c] * (row_scale[r] * col_scale[c]), rounded to out's dtype
+        rows, cols = acc.shape
+        for r in numba.prange(rows):
+            s = row_scale[r]
+            for c in range(cols):
+                out[r, c] = np.float64(acc[r, c]) * (s * col_scale[c])
+
+    def residual(acc, row_scale, col_scale, h):  # pragma: no cover
+        # h[r, c] += round_half_even(acc[r, c] * (row_scale[r] * col_scale[c]) * 2^24)
+        rows, cols = acc.shape
+        for r in numba.prange(rows):
+            s = row_scale[r]
+            for c in range(cols):
+                y = np.float64(acc[r, c]) * (s * col_scale[c])
+                h[r, c] = h[r, c] + np.rint(y * residual_one)
+
+    def quantize(x, levels_, q_out, scale_out):  # pragma: no cover
+        # quantize_rows: x f64 [R, C] -> q_out [R, C] (any dtype), scale_out f64 [R]
+        rows, cols = x.shape
+        for r in numba.prange(rows):
+            peak = 0.0
+            for c in range(cols):
+                a = np.abs(x[r, c])
+                if a > peak:
+                    peak = a
+            safe = peak if peak > 0.0 else 1.0
+            factor = levels_ / safe
+            for c in range(cols):
+                q_out[r, c] = np.rint(x[r, c] * factor)
+            scale_out[r] = peak / levels_
+
+    def norm_quantize(h, weight, eps, q_out, scale_out):  # pragma: no cover
+        # norm_quantized: RMSNorm(h) * weight quantized per row; q_out f32, scale_out f64
+        rows, cols = h.shape
+        for r in numba.prange(rows):
+            peak = 0.0
+            for c in range(cols):
+                a = np.abs(h[r, c])
+                if a > peak:
+                    peak = a
+            exponent = math.frexp(peak)[1]
+            shift = exponent - norm_bits
+            if shift < 0:
+                shift = 0
+            down = math.ldexp(1.0, -shift)  # 2^-shift, exact
+            squares = 0
+            for c in range(cols):
+                v = np.int64(np.floor(h[r, c] * down))
+                squares += v * v
+            mean = (np.float64(squares) * math.ldexp(1.0, 2 * shift - 2 * residual_bits)) \
+                / np.float64(cols)
+            root = np.sqrt(mean + eps)
+            peak = 0.0
+            for c in range(cols):
+                a = np.abs(h[r, c] * weight[c])
+                if a > peak:
+                    peak = a
+            safe = peak if peak > 0.0 else 1.0
+            factor = linear_levels / safe
+            for c in range(cols):
+                q_out[r, c] = np.rint((h[r, c] * weight[c]) * factor)
+            scale_out[r] = ((peak / linear_levels) * residual_down) / root
+
+    def rope_quantize(x, positions, cos, sin, rotate, q_out, scale_out):  # pragma: no cover
+        # x f64 [R, heads, Dh] (any strides); rotated at positions[R] when rotate, then
+        # quantized per head to +-32767: q_out int16 [R, heads, Dh], scale_out f64 [R, heads]
+        rows, heads, dh = x.shape
+        half = dh // 2
+        for r in numba.prange(rows):
+            pos = positions[r]
+            y = np.empty(dh, dtype=np.float64)
+            for h in range(heads):
+                if rotate:
+                    for i in range(half):
+                        a = x[r, h, i]
+                        b = x[r, h, half + i]
+                        c = cos[pos, i]
+                        s = sin[pos, i]
+                        y[i] = a * c - b * s
+                        y[half + i] = b * c + a * s
+                else:
+                    for i in range(dh):
+                        y[i] = x[r, h, i]
+                peak = 0.0
+                for i in range(dh):
+                    a = np.abs(y[i])
+                    if a > peak:
+                        peak = a
+                safe = peak if peak > 0.0 else 1.0
+                factor = levels / safe
+                for i in range(dh):
+                    q_out[r, h, i] = np.int16(np.rint(y[i] * factor))
+                scale_out[r, h] = peak / levels
+
+    class Kernels:
+        pass
+
+    functions = (attend, swiglu_quantize, scaled, residual, quantize, norm_quantize,
+                 rope_quantize)
+    table = np.ascontiguousarray(WEIGHTS.astype(np.int64))
+    flavours = []
+    for parallel in (False, True):
+        jit = numba.njit(parallel=parallel, fastmath=False, nogil=True, cache=True)
+        kernels = Kernels()
+        kernels.numba = numba
+        kernels.table = table
+        for function in functions:
+            # a copy per flavour, named apart, so numba's disk cache keeps both
+            copy = types.FunctionType(function.__code__, function.__globals__,
+                                      function.__name__, function.__defaults__,
+                                      function.__closure__)
+            copy.__qualname__ = f"{function.__qualname__}_{'parallel' if parallel else 'serial'}"
+            setattr(kernels, function.__name__, jit(copy))
+        flavours.append(kernels)
+    return tuple(flavours)
 
 
 def _norm_weight(norm: Any, device: Any) -> torch.Tensor:
@@ -371,6 +788,12 @@ class IntegerStepper:
             self.values[index][:, :, t] = v[:, 0].to(torch.int16)
             self.key_scales[index][:, :, t] = ks[:, 0, :, 0]
             self.value_scales[index][:, :, t] = vs[:, 0, :, 0]
+            if model.fused_kernels:
+                context = model.attend_rows(
+                    q, qs, self.keys[index], self.key_scales[index], self.values[index],
+                    self.value_scales[index], t)
+                h = model.mlp(layer, model.attention(layer, context, h))
+                continue
             context = model.attend(
                 q.transpose(1, 2), qs.transpose(1, 2),
                 self.keys[index][:, :, : t + 1].to(F64), self.key_scales[index][:, :, : t + 1],

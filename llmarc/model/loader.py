@@ -63,6 +63,10 @@ def _import_torch() -> Any:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own bar
+    # OpenMP threads that spin while waiting collapse a busy machine (issue 9: 862 s of
+    # CPU and no result where one thread took 219 s); passive waiting costs little on an
+    # idle one.  Read once, when torch loads its OpenMP runtime: so before the import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
         import transformers
