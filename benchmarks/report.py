@@ -96,10 +96,13 @@ def markdown(results: dict[str, Any]) -> str:
     out = [f"# llmarc benchmarks ({results['mode']} run)", "",
            f"Measured {_stamp_line(results)}.", "",
            "Reproduce: `make bench` (full) or `make bench-quick`. Model: "
-           f"{results['load'][0]['model']}, segment length {profile['segment_length']} tokens, "
-           f"batch width {profile['batch_width']}, {profile['dtype']} on "
-           f"{profile['device_type']} ({profile.get('cpu_capability', '-')}), "
-           f"{profile['threads']} threads.", "",
+           f"{results['load'][0]['model']}, engine {profile.get('engine', 'lockstep-v1')}, "
+           f"segment length {profile['segment_length']} tokens"
+           + (f", batch width {profile['batch_width']}, {profile['dtype']} on "
+              f"{profile['device_type']} ({profile.get('cpu_capability', '-')}), "
+              f"{profile['threads']} threads" if "batch_width" in profile else
+              " (int-v1: the same logits on any machine, width and thread count)")
+           + ".", "",
            "## Compression, bits per byte (= bits per character for the text8 inputs)", "",
            "| method | " + " | ".join(names) + " |",
            "|---|" + "---:|" * len(names)]
@@ -166,6 +169,10 @@ def markdown(results: dict[str, Any]) -> str:
     for row in sweep["rows"]:
         out.append(f"| {row['segment_length']} | {row['model_bits'] / sweep['bytes']:.4f} | "
                    f"{sweep['tokens'] / row['seconds']:.0f} |")
+    if "engines" in results:
+        from benchmarks import engines
+
+        out += ["", engines.markdown(results["engines"])]
     out += ["", f"Total benchmark time {results['total_seconds'] / 60:.1f} min.", ""]
     return "\n".join(out)
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
+from benchmarks import engines, report
 from benchmarks.classic import Compressor, compressors, reference_compressors, run_classic
 from benchmarks.inputs import (
     CORPUS,
@@ -122,6 +122,8 @@ def run(sizes: Sizes, mode: str) -> dict[str, Any]:
         results["extract"] = run_stage("extract", {
             "archive": str(work / "texts.llma"), "dest": str(work / "texts-out")}, work)
         check_extracted(work / "texts-out", texts)
+        say("engines: lockstep-v1 against int-v1, the 8 KB text, a busy machine, roofline")
+        results["engines"] = engines.run(texts, sizes.segment_length, work)
         say("packing the binaries (fallback path)")
         results["binaries"] = pack_binaries(binaries, work)
         say(f"segment-length sweep {sizes.sweep_lengths} on {sweep.description}")

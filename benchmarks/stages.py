@@ -57,7 +57,9 @@ def stage_pack(args: dict[str, Any]) -> dict[str, Any]:
 
     stats: dict[str, Any] = {}
     clock = _Clock()
-    options = llmarc.LLMOptions(segment_length=args["segment_length"], on_encoded=stats.update)
+    options = llmarc.LLMOptions(segment_length=args["segment_length"], on_encoded=stats.update,
+                                engine=args.get("engine", llmarc.LLMOptions.engine),
+                                threads=args.get("threads"))
     started = time.perf_counter()
     members = llmarc.pack(args["src"], args["archive"], codec=args["codec"], llm=options,
                           progress=clock, warn=lambda message: None)
@@ -89,7 +91,8 @@ def stage_extract(args: dict[str, Any]) -> dict[str, Any]:
 
     clock = _Clock()
     started = time.perf_counter()
-    with llmarc.open(args["archive"], warn=lambda message: None) as archive:
+    with llmarc.open(args["archive"], warn=lambda message: None,
+                     threads=args.get("threads")) as archive:
         archive.extract(args["dest"], progress=clock)
     return {"wall_seconds": time.perf_counter() - started,
             "coding_seconds": clock.coding_seconds}
@@ -153,8 +156,42 @@ def stage_load(args: dict[str, Any]) -> dict[str, Any]:
             "parameters": sum(p.numel() for p in loaded.model.parameters())}
 
 
+def stage_roofline(args: dict[str, Any]) -> dict[str, Any]:
+    """This machine's fp32 GEMM rate and memory bandwidth, and the token-rate bounds they
+    put on SmolLM2 (2 FLOP per parameter per token; at B = 1 every weight byte is read once
+    per token: 4 bytes as float32, 1 as int8)."""
+    import torch
+
+    from llmarc.model.loader import load_model
+
+    torch.set_num_threads(args["threads"])
+    loaded = load_model(None, device="cpu")
+    params = sum(p.numel() for p in loaded.model.parameters())
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.matmul(a, b)
+    best = math.inf
+    for _ in range(5):
+        started = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - started)
+    gflops = 2 * 1024**3 / best / 1e9
+    big = torch.ones(64 << 20)  # 256 MiB
+    out = torch.empty_like(big)
+    best = math.inf
+    for _ in range(3):
+        started = time.perf_counter()
+        out.copy_(big)
+        best = min(best, time.perf_counter() - started)
+    bandwidth = 2 * big.numel() * 4 / best / 1e9  # read + write
+    return {"threads": args["threads"], "parameters": params, "sgemm_gflops": gflops,
+            "copy_gbytes_per_s": bandwidth,
+            "batched_tokens_per_s_bound": gflops * 1e9 / (2 * params),
+            "b1_fp32_tokens_per_s_bound": bandwidth * 1e9 / (4 * params),
+            "b1_int8_tokens_per_s_bound": bandwidth * 1e9 / params}
+
+
 STAGES = {"load": stage_load, "pack": stage_pack, "extract": stage_extract, "sweep": stage_sweep,
-          "width": stage_width}
+          "width": stage_width, "roofline": stage_roofline}
 
 
 def main() -> None:

@@ -1,0 +1,185 @@
+"""int-v1 against lockstep-v1, a small input, a busy machine, and this machine's roofline.
+
+Issue 7 asks int-v1 pack >= 1.5x lockstep-v1 pack tokens/s, extract >= lockstep-v1's,
+peak RSS <= 1.25x and bits/byte within +2 % on every text; issue 9 asks for an 8 KB
+single-text row (pack and extract wall time and tokens/s), a pack under load (a busy
+process on every core) and the fp32/int8 roofline.  Every stage runs in a fresh process
+(``benchmarks.stages``), every archive is extracted and compared byte for byte.
+
+    python -m benchmarks.engines                              # the texts of make bench
+    python -m benchmarks.engines --text-bytes 16384 --texts 2 # a shorter run
+    make bench                                                # includes these rows
+
+On a shared machine compare the rows of one run with each other (ratios), not runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.inputs import CORPUS, FULL, Input, Sizes, text_inputs
+
+ENGINES = ("lockstep-v1", "int-v1")
+SMALL_BYTES = 8000  # issue 9's "8 KB single text"
+SMALL_SOURCE = "lcet10.txt"  # not among the make-bench texts
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def small_input() -> Input:
+    data = (CORPUS / SMALL_SOURCE).read_bytes()[:SMALL_BYTES]
+    return Input("small.txt", data, "text", f"first {SMALL_BYTES:,} bytes of {SMALL_SOURCE}")
+
+
+def _roundtrip(inputs: list[Input], work: Path, tag: str, engine: str, segment_length: int,
+               threads: int | None = None) -> dict[str, Any]:
+    """Pack ``inputs`` with ``engine`` in one fresh process, extract in another, compare."""
+    from benchmarks.run import check_extracted, run_stage, write_inputs
+
+    src, archive, dest = work / f"{tag}-src", work / f"{tag}.llma", work / f"{tag}-out"
+    write_inputs(src, inputs)
+    pack = run_stage("pack", {"src": str(src), "archive": str(archive), "codec": "auto",
+                              "segment_length": segment_length, "engine": engine,
+                              "threads": threads}, work)
+    extract = run_stage("extract", {"archive": str(archive), "dest": str(dest),
+                                    "threads": threads}, work)
+    check_extracted(dest, inputs)
+    tokens = sum(entry["tokens"] for entry in pack["llm"].values())
+    return {"engine": engine, "tokens": tokens, "bytes": sum(len(i.data) for i in inputs),
+            "pack": pack, "extract": extract,
+            "bits_per_byte": {m["name"]: 8 * m["packed_size"] / m["size"]
+                              for m in pack["members"] if m["size"]}}
+
+
+def _busy_cores() -> list[subprocess.Popen[bytes]]:
+    """One process spinning on every core (the competing load of issue 9)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 1)]
+
+
+def run(texts: list[Input], segment_length: int, work: Path) -> dict[str, Any]:
+    from benchmarks.run import run_stage
+
+    results: dict[str, Any] = {"texts": [i.name for i in texts],
+                               "text_bytes": sum(len(i.data) for i in texts)}
+    for engine in ENGINES:
+        say(f"{engine}: pack and extract {len(texts)} texts")
+        results[engine] = _roundtrip(texts, work, f"texts-{engine}", engine, segment_length)
+    small = small_input()
+    for engine in ENGINES:
+        say(f"{engine}: pack and extract the {SMALL_BYTES:,}-byte text")
+        results[f"small {engine}"] = _roundtrip([small], work, f"small-{engine}", engine,
+                                                segment_length)
+    say(f"int-v1: pack the {SMALL_BYTES:,}-byte text with a busy process on every core")
+    busy = _busy_cores()
+    try:
+        time.sleep(1.0)
+        results["small int-v1 loaded"] = _roundtrip([small], work, "small-loaded", "int-v1",
+                                                    segment_length)
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    say("roofline: fp32 GEMM rate and memory bandwidth")
+    results["roofline"] = run_stage("roofline", {"threads": 2}, work)
+    return results
+
+
+def _rate(stage: dict[str, Any], tokens: int) -> str:
+    seconds = stage["coding_seconds"]
+    return f"{tokens / seconds:,.1f}" if seconds else "—"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["## int-v1 against lockstep-v1", "",
+             f"Texts: {', '.join(results['texts'])} ({results['text_bytes']:,} bytes). "
+             "Tokens/s count the LLM coding alone; wall times are whole processes, model load "
+             "included; RSS is each process's peak. Same run, same machine: compare ratios.",
+             "", "| engine | tokens | pack tokens/s | extract tokens/s | pack wall s | "
+             "extract wall s | pack peak RSS MiB | extract peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = [*ENGINES, *(f"small {e}" for e in ENGINES), "small int-v1 loaded"]
+    for key in keys:
+        row = results.get(key)
+        if row is None:
+            continue
+        pack, extract = row["pack"], row["extract"]
+        lines.append(
+            f"| {key} | {row['tokens']:,} | {_rate(pack, row['tokens'])} | "
+            f"{_rate(extract, row['tokens'])} | {pack['process_seconds']:.1f} | "
+            f"{extract['process_seconds']:.1f} | {pack['peak_rss_bytes'] / 2**20:,.0f} | "
+            f"{extract['peak_rss_bytes'] / 2**20:,.0f} |")
+    old, new = results.get(ENGINES[0]), results.get(ENGINES[1])
+    if old and new:
+        lines += ["", "| text | lockstep-v1 bits/byte | int-v1 bits/byte | change |",
+                  "|---|---:|---:|---:|"]
+        for name, before in old["bits_per_byte"].items():
+            after = new["bits_per_byte"].get(name)
+            if after is not None:
+                lines.append(f"| {name} | {before:.4f} | {after:.4f} | "
+                             f"{100 * (after / before - 1):+.2f} % |")
+        ratios = [
+            ("pack tokens/s, int-v1 / lockstep-v1 (issue 7: >= 1.5)",
+             old["pack"]["coding_seconds"] / new["pack"]["coding_seconds"]),
+            ("extract tokens/s, int-v1 / lockstep-v1 (issue 7: >= 1.0)",
+             old["extract"]["coding_seconds"] / new["extract"]["coding_seconds"]),
+            ("peak RSS, int-v1 / lockstep-v1, pack (issue 7: <= 1.25)",
+             new["pack"]["peak_rss_bytes"] / old["pack"]["peak_rss_bytes"]),
+            ("peak RSS, int-v1 / lockstep-v1, extract (issue 7: <= 1.25)",
+             new["extract"]["peak_rss_bytes"] / old["extract"]["peak_rss_bytes"]),
+        ]
+        loaded, small = results.get("small int-v1 loaded"), results.get("small int-v1")
+        if loaded and small:
+            ratios.append(("8 KB pack wall under load / unloaded (issue 9: <= 2.5)",
+                           loaded["pack"]["process_seconds"] / small["pack"]["process_seconds"]))
+        lines += ["", "| ratio | value |", "|---|---:|"]
+        lines += [f"| {label} | {value:.2f} |" for label, value in ratios]
+    roof = results.get("roofline")
+    if roof:
+        lines += ["", f"Roofline ({roof['threads']} threads, measured here): fp32 GEMM "
+                  f"{roof['sgemm_gflops']:.0f} GFLOP/s, copy bandwidth "
+                  f"{roof['copy_gbytes_per_s']:.1f} GB/s; for {roof['parameters'] / 1e6:.0f}M "
+                  f"parameters: batched (compute-bound) <= "
+                  f"{roof['batched_tokens_per_s_bound']:,.0f} tokens/s; B = 1 (weight-read "
+                  f"bound) <= {roof['b1_fp32_tokens_per_s_bound']:,.0f} tokens/s from "
+                  f"float32 weights, <= {roof['b1_int8_tokens_per_s_bound']:,.0f} from int8."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text-bytes", type=int, default=FULL.text_bytes)
+    parser.add_argument("--texts", type=int, default=0, help="only the first N texts")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    options = parser.parse_args(argv)
+    sizes = Sizes(**{**vars(FULL), "text_bytes": options.text_bytes})
+    texts = text_inputs(sizes)
+    if options.texts:
+        texts = texts[: options.texts]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="llmarc-engines-") as tmp:
+        results = run(texts, FULL.segment_length, Path(tmp))
+    results["total_seconds"] = time.perf_counter() - started
+    from benchmarks import report
+
+    results["stamp"] = report.stamp()
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "engines.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = markdown(results)
+    (options.out / "engines.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
