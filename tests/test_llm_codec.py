@@ -178,32 +178,20 @@ def test_coding_statistics_account_for_every_token(tmp_path: Path) -> None:
 def corrupt_payload_byte(out: Path, name: str, model: Path) -> Path:
     """Flip one byte inside a member's stored payload and fix its CRC, so that the
     damage reaches the LLM decoder instead of the container's CRC check."""
-    import zlib
+    from dataclasses import replace
 
-    from llmarc.container import layout
+    from llmarc.container.layout import HEADER_SIZE, assemble, crc32, disassemble
 
-    with llmarc.open(out, model=model) as archive:
-        index = archive._entries
-        entry = next(e for e in index if e.name == name)
-    data = bytearray(out.read_bytes())
-    position = entry.stored_offset + entry.stored_size - 1
-    data[position] ^= 0x5A
-    payload = bytes(data[entry.stored_offset : entry.stored_offset + entry.stored_size])
-    footer = layout.decode_footer(bytes(data[-layout.FOOTER_SIZE :]), len(data))
-    raw = bytes(data[footer.index_offset : footer.index_offset + footer.index_size])
-    idx = layout.decode_index(raw)
-    idx.entries = [
-        e if e.name != name else type(e)(**{**e.__dict__, "crc32": zlib.crc32(payload)})
-        for e in idx.entries
-    ]
-    new_index = layout.encode_index(idx)
-    assert len(new_index) == len(raw)
-    data[footer.index_offset : footer.index_offset + len(new_index)] = new_index
-    data[-layout.FOOTER_SIZE :] = layout.encode_footer(
-        footer.index_offset, len(new_index), layout.crc32(new_index)
-    )
+    data, index = disassemble(out.read_bytes())
+    entry = next(e for e in index.entries if e.name == name)
+    area = bytearray(data)
+    start = entry.stored_offset - HEADER_SIZE
+    area[start + entry.stored_size - 1] ^= 0x5A
+    payload = bytes(area[start : start + entry.stored_size])
+    index.entries = [replace(e, crc32=crc32(payload)) if e is entry else e
+                     for e in index.entries]
     broken = out.with_name("broken.llma")
-    broken.write_bytes(bytes(data))
+    broken.write_bytes(assemble(bytes(area), index))
     return broken
 
 
