@@ -114,6 +114,18 @@ def test_fp32_gemm_path_is_the_exact_integer_product() -> None:
     assert torch.equal(layer.integer_product(q), exact.double())
 
 
+def test_compact_int8_weights_give_the_same_products() -> None:
+    """The GPU storage (int8, widened per chunk) computes what the CPU's float32 does;
+    exercised on the CPU by building the layer as the GPU path does."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(7, FP32_EXACT_CHUNK + 300, generator=generator, dtype=torch.float64)
+    wide = IntLinear.from_float(weight, "cpu")
+    compact = IntLinear(wide.weight.to(torch.int8), wide.scale)
+    q = torch.randint(-127, 128, (3, weight.shape[1]), generator=generator).double()
+    assert compact.weight.dtype == torch.int8
+    assert torch.equal(compact.integer_product(q), wide.integer_product(q))
+
+
 def test_quantizer_and_powers_of_two_follow_the_spec() -> None:
     values = torch.tensor([[0.5, -2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     q, scale = quantize_rows(values, 127)
