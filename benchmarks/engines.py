@@ -72,7 +72,7 @@ def run(texts: list[Input], segment_length: int, work: Path) -> dict[str, Any]:
 
     results: dict[str, Any] = {"texts": [i.name for i in texts],
                                "text_bytes": sum(len(i.data) for i in texts)}
-    for engine in ENGINES:
+    for engine in ENGINES if texts else ():
         say(f"{engine}: pack and extract {len(texts)} texts")
         results[engine] = _roundtrip(texts, work, f"texts-{engine}", engine, segment_length)
     small = small_input()
@@ -102,7 +102,8 @@ def _rate(stage: dict[str, Any], tokens: int) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["## int-v1 against lockstep-v1", "",
-             f"Texts: {', '.join(results['texts'])} ({results['text_bytes']:,} bytes). "
+             f"Texts: {', '.join(results['texts']) or 'none'} ({results['text_bytes']:,} bytes); "
+             f"small: {small_input().description}. "
              "Tokens/s count the LLM coding alone; wall times are whole processes, model load "
              "included; RSS is each process's peak. Same run, same machine: compare ratios.",
              "", "| engine | tokens | pack tokens/s | extract tokens/s | pack wall s | "
@@ -160,12 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-bytes", type=int, default=FULL.text_bytes)
-    parser.add_argument("--texts", type=int, default=0, help="only the first N texts")
+    parser.add_argument("--texts", type=int, default=-1,
+                        help="only the first N texts (0: only the 8 KB, load and roofline rows)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     options = parser.parse_args(argv)
     sizes = Sizes(**{**vars(FULL), "text_bytes": options.text_bytes})
     texts = text_inputs(sizes)
-    if options.texts:
+    if options.texts >= 0:
         texts = texts[: options.texts]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmarc-engines-") as tmp:
