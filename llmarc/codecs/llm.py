@@ -50,6 +50,8 @@ PREFILL_POSITIONS = 1024
 #: Segments decoded per call of decode_segments: bounds the per-segment state that a
 #: payload of millions of one-token segments could otherwise make the reader hold.
 DECODE_CHUNK = 4096
+#: Positions whose frequency tables the prefill encoder holds at once (int64 [rows, V]).
+FREQUENCY_ROWS = 128
 
 ProgressCallback = Callable[[int], None]  # called with the number of tokens just coded
 
@@ -648,12 +650,14 @@ class LLMCodec(SegmentCoder):
         else:
             for batch, logits in self._prefill_batches(rows):
                 for i, row in enumerate(batch):
-                    own = logits[i, : row.length]
-                    freqs = logits_to_frequencies(own.numpy(), precision)
-                    for t in range(row.length):
-                        code_row(row, t, freqs[t], None)
-                    if collect_stats:
-                        _add_model_stats(stats[row.slot], own, row.tokens)
+                    for begin in range(0, row.length, FREQUENCY_ROWS):  # bounded int64 tables
+                        own = logits[i, begin : min(row.length, begin + FREQUENCY_ROWS)]
+                        freqs = logits_to_frequencies(own.numpy(), precision)
+                        for t in range(len(own)):
+                            code_row(row, begin + t, freqs[t], None)
+                        if collect_stats:
+                            _add_model_stats(stats[row.slot], own,
+                                             row.tokens[begin : begin + len(own)])
                     if progress is not None:
                         progress(row.length)
         return [(encoder.finish(), own) for encoder, own in zip(encoders, stats, strict=True)]

@@ -50,6 +50,9 @@ class LoadedModel:
 
         if self._integer is None:
             self._integer = IntegerModel(self.model, length, device=self.device)
+            # The float weights are not needed again (the integer model keeps what it
+            # reads, e.g. the embedding table): free them, keep the config.
+            self.model.to("meta")
         elif self._integer.max_length < length:
             self._integer.extend(length)
         return self._integer
