@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from llmarc.errors import (
     ModelMismatchError,
     UnsupportedFeatureError,
 )
-from llmarc.model.fingerprint import PROFILE_SETTINGS, canonical_json, profile_differences
+from llmarc.model.fingerprint import PROFILE_SETTINGS, profile_differences
 
 ENGINE_LOCKSTEP = "lockstep-v1"  # float, bound to the environment that made it
 ENGINE_INTEGER = "int-v1"  # exact integer arithmetic: the same logits on every machine
@@ -722,17 +721,3 @@ def _add_model_stats(own: CodingStats, logits: Any, tokens: list[int]) -> None:
         own.model_bits += bits
         own.tbyt_bits += max(1, math.ceil(bits))
         own.ranks.append(int(rank))
-
-
-def profile_json(profile: dict[str, Any]) -> str:
-    return canonical_json(profile)
-
-
-def warn_profile(differences: list[str]) -> None:
-    """Warn once that the environment differs; the per-entry SHA-256 will decide."""
-    if differences:
-        warnings.warn(
-            "numerics environment differs from the archive's (decoding will be verified "
-            "by SHA-256): " + "; ".join(differences),
-            stacklevel=2,
-        )
