@@ -14,6 +14,7 @@ from typing import Protocol
 
 from rich import filesize
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -114,7 +115,7 @@ class ByteProgress:
 
     def start(self, total: int, description: str) -> None:
         self.close()
-        self._task = self._ensure().add_task(description, total=total, unit="bytes")
+        self._task = self._ensure().add_task(_literal(description), total=total, unit="bytes")
 
     def advance(self, n: int) -> None:
         if self._progress is not None and self._task is not None:
@@ -123,7 +124,8 @@ class ByteProgress:
     def token_task(self, total: int, description: str) -> TokenTask:
         """A second bar counting tokens (the LLM codec), closed by the caller."""
         progress = self._ensure()
-        return _RichTokenTask(self, progress.add_task(description, total=total, unit="tokens"))
+        return _RichTokenTask(self, progress.add_task(_literal(description), total=total,
+                                                      unit="tokens"))
 
     def note(self, message: str) -> None:
         """A one-line status message (model loading, conversion) above the bars."""
@@ -205,3 +207,9 @@ class _LineTokens:
 
     def close(self) -> None:
         self._owner._tokens_total = 0
+
+
+def _literal(description: str) -> str:
+    """A bar's description as literal text: its column is rendered as rich markup, and
+    it may name a model path holding "[...]" or control characters."""
+    return escape(visible(description))

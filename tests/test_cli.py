@@ -90,3 +90,23 @@ def test_cli_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "llmarc: interrupted"
     assert not Path(tmp_path / "o.llma").exists()
+
+
+def test_progress_descriptions_are_literal_text() -> None:
+    """A model display name with markup or escapes is shown as written, not interpreted."""
+    import io
+
+    from rich.console import Console
+
+    from llmarc.progress import ByteProgress
+
+    out = io.StringIO()
+    bars = ByteProgress(Console(file=out, force_terminal=True, width=200, color_system=None))
+    bars.start(10, "pack [red]x[/red] \x1b[2J")
+    task = bars.token_task(5, "llm coding ([/bold] model)")
+    task.advance(5)
+    task.close()
+    bars.advance(10)
+    bars.close()
+    text = out.getvalue()
+    assert "[red]x[/red]" in text and "[/bold] model" in text and "\x1b[2J" not in text
