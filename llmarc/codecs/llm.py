@@ -220,17 +220,22 @@ def default_batch_width(loaded: Any, segment_length: int, segments: int) -> int:
     return -(-segments // groups)
 
 
-def cuda_batch_ceiling(free_bytes: int, config: Any, segment_length: int, dtype_name: str,
-                       vocab_size: int) -> int:
-    """The widest B whose KV cache and working set fit in 85% of ``free_bytes``."""
+def kv_row_bytes(config: Any, segment_length: int, dtype_name: str) -> int:
+    """One row's float KV cache: 2 * layers * kv_heads * head_dim * L * dtype size."""
     import torch
 
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
     dtype_size = torch.finfo(getattr(torch, dtype_name)).bits // 8
-    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-    kv *= segment_length * dtype_size
+    return (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+            * segment_length * dtype_size)
+
+
+def cuda_batch_ceiling(free_bytes: int, config: Any, segment_length: int, dtype_name: str,
+                       vocab_size: int) -> int:
+    """The widest B whose KV cache and working set fit in 85% of ``free_bytes``."""
+    kv = kv_row_bytes(config, segment_length, dtype_name)
     work = 4 * (vocab_size + 4 * config.hidden_size + 2 * config.intermediate_size)
     width = int(0.85 * free_bytes // (kv + work))
     if width < 1:
@@ -690,13 +695,9 @@ def _check_lockstep_memory(loaded: Any, shape: Any) -> None:
     """Refuse a lockstep-v1 profile whose recorded KV cache cannot fit in memory."""
     import os
 
-    config = loaded.model.config
-    head_dim = getattr(config, "head_dim", None) or (
-        config.hidden_size // config.num_attention_heads
+    need = shape.batch_width * kv_row_bytes(
+        loaded.model.config, shape.segment_length, loaded.dtype_name
     )
-    element = 2 if loaded.dtype_name in ("bfloat16", "float16") else 4
-    need = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-            * shape.batch_width * shape.segment_length * element)
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX

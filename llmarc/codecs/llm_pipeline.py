@@ -199,11 +199,11 @@ class LLMDecoder:
         self.models = models
         self.options = options
         self.warn = warn
-        self._codecs: dict[int, SegmentCoder] = {}
+        self._current: tuple[int, SegmentCoder] | None = None  # one model at a time
 
     def _codec(self, model_index: int, status: Warn | None = None) -> SegmentCoder:
-        if model_index in self._codecs:
-            return self._codecs[model_index]
+        if self._current is not None and self._current[0] == model_index:
+            return self._current[1]
         if model_index >= len(self.models):
             raise CorruptArchiveError(
                 f"llm entry names model {model_index} but the table has {len(self.models)}"
@@ -216,7 +216,7 @@ class LLMDecoder:
             profile, self.options.batch_width or DEFAULT_CPU_BATCH_WIDTH
         )
         lockstep = settings.engine == ENGINE_LOCKSTEP
-        self._codecs.clear()  # one model in memory at a time
+        self._current = None  # the previous model is released before the next loads
         loaded = load_model(
             self.options.model,
             device=self.options.device,
@@ -231,7 +231,8 @@ class LLMDecoder:
                 "the numerics environment differs from the one that made the archive "
                 f"({'; '.join(differences)}); decoding is verified by SHA-256"
             )
-        self._codecs[model_index] = codec = make_coder(loaded, settings, self.options)
+        codec = make_coder(loaded, settings, self.options)
+        self._current = (model_index, codec)
         return codec
 
     def decode(
