@@ -39,6 +39,7 @@ import torch
 
 from llmarc.entropy.quantize import LOG2E_SCALED, MIN_EXPONENT, WEIGHTS
 from llmarc.errors import ModelError
+from llmarc.inference.int8_gemm import int8_gemm_is_exact
 
 #: Fractional bits of the residual stream: h is stored as the integer round(h * 2^24).
 RESIDUAL_BITS = 24
@@ -102,20 +103,27 @@ def _weights_on(device: str) -> torch.Tensor:
 class IntLinear:
     """A linear layer as int8 weights ([in, out]) and a binary64 scale per output channel.
 
-    On the CPU the weights are kept as float32 values (the GEMM reads them directly); on
-    a GPU as int8 (a quarter of the memory: LLaMA-7B's 6.5 G weights take 6.5 GB, not 26),
-    widened to float32 one chunk at a time, which gives the same exact products."""
+    Three storages, one result (the exact integer product): on a CPU whose int8 GEMM is
+    proven exact (:mod:`llmarc.inference.int8_gemm`), int8 in [out, in] layout, fed to
+    ``torch._int_mm`` (int32 sums); on other CPUs float32 values read by chunked fp32
+    GEMMs; on a GPU int8 (a quarter of the memory: LLaMA-7B's 6.5 G weights take 6.5 GB,
+    not 26), widened to float32 one chunk at a time."""
 
     weight: torch.Tensor  # [in, out], integer values in [-127, 127]: float32 or int8
     scale: torch.Tensor  # float64 [out]
+    int8_gemm: bool = False  # weight is an int8 view of [out, in] storage, for _int_mm
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, device: Any) -> IntLinear:
+    def from_float(cls, weight: torch.Tensor, device: Any, int8_gemm: bool = False
+                   ) -> IntLinear:
         """w_q = round_half_even(w * (127 / max|w_row|)), scale = max|w_row| / 127."""
         w = weight.detach().to(torch.float32).to(F64)  # bf16/fp16 -> fp32 is exact
         q, scale = quantize_rows(w, WEIGHT_LEVELS)
+        scale = scale.squeeze(-1).to(device)
+        if int8_gemm:
+            return cls(q.to(torch.int8).to(device).t(), scale, int8_gemm=True)
         storage = COMPACT_STORAGE if torch.device(device).type != "cpu" else torch.float32
-        return cls(q.t().contiguous().to(storage).to(device), scale.squeeze(-1).to(device))
+        return cls(q.t().contiguous().to(storage).to(device), scale)
 
     def integer_product(self, q: torch.Tensor) -> torch.Tensor:
         """sum_j q_j * w_jk exactly (float64 result), for |q| <= 127.
@@ -128,6 +136,9 @@ class IntLinear:
         """The exact integer product, float32 when one chunk covers the inner dimension
         (every value is an integer below 2^24, so float32 holds it exactly), else float64."""
         inner = self.weight.shape[0]
+        if self.int8_gemm:  # int32 sums, proven exact on this host
+            rows = q.reshape(-1, inner).to(torch.int8)
+            return torch._int_mm(rows, self.weight).view(*q.shape[:-1], -1)
         q32 = q.to(torch.float32)
         if inner <= FP32_EXACT_CHUNK:
             return torch.matmul(q32, self.weight.to(torch.float32))
@@ -203,15 +214,18 @@ class IntLayer:
 
 
 def _fused(*parts: IntLinear) -> IntLinear:
-    return IntLinear(torch.cat([p.weight for p in parts], dim=1).contiguous(),
-                     torch.cat([p.scale for p in parts]))
+    scale = torch.cat([p.scale for p in parts])
+    if parts[0].int8_gemm:  # keep the [out, in] storage
+        return IntLinear(torch.cat([p.weight.t() for p in parts]).t(), scale, int8_gemm=True)
+    return IntLinear(torch.cat([p.weight for p in parts], dim=1).contiguous(), scale)
 
 
 def _split(fused: IntLinear, parts: tuple[IntLinear, ...]) -> tuple[IntLinear, ...]:
     views, begin = [], 0
     for part in parts:
         end = begin + part.weight.shape[1]
-        views.append(IntLinear(fused.weight[:, begin:end], fused.scale[begin:end]))
+        views.append(IntLinear(fused.weight[:, begin:end], fused.scale[begin:end],
+                               fused.int8_gemm))
         begin = end
     return tuple(views)
 
@@ -247,17 +261,25 @@ class IntegerModel:
         self.eps = float(config.rms_norm_eps)
         self.device = torch.device(device) if device is not None else model.device
         self.embedding = decoder.embed_tokens.weight.detach().to(self.device, torch.float32)
+        self.int8_gemm = self.device.type == "cpu" and int8_gemm_is_exact(
+            _linear_shapes(config, self.head_dim))
+        #: What the CPU kernels write quantized linear inputs as: the GEMM's operand type.
+        self.activation_dtype = torch.int8 if self.int8_gemm else torch.float32
+
+        def linear(weight: torch.Tensor) -> IntLinear:
+            return IntLinear.from_float(weight, self.device, self.int8_gemm)
+
         self.layers = [
             IntLayer(
                 input_norm=_norm_weight(layer.input_layernorm, self.device),
-                q_proj=IntLinear.from_float(layer.self_attn.q_proj.weight, self.device),
-                k_proj=IntLinear.from_float(layer.self_attn.k_proj.weight, self.device),
-                v_proj=IntLinear.from_float(layer.self_attn.v_proj.weight, self.device),
-                o_proj=IntLinear.from_float(layer.self_attn.o_proj.weight, self.device),
+                q_proj=linear(layer.self_attn.q_proj.weight),
+                k_proj=linear(layer.self_attn.k_proj.weight),
+                v_proj=linear(layer.self_attn.v_proj.weight),
+                o_proj=linear(layer.self_attn.o_proj.weight),
                 post_norm=_norm_weight(layer.post_attention_layernorm, self.device),
-                gate_proj=IntLinear.from_float(layer.mlp.gate_proj.weight, self.device),
-                up_proj=IntLinear.from_float(layer.mlp.up_proj.weight, self.device),
-                down_proj=IntLinear.from_float(layer.mlp.down_proj.weight, self.device),
+                gate_proj=linear(layer.mlp.gate_proj.weight),
+                up_proj=linear(layer.mlp.up_proj.weight),
+                down_proj=linear(layer.mlp.down_proj.weight),
             )
             for layer in decoder.layers
         ]
@@ -265,7 +287,7 @@ class IntegerModel:
             int_layer.fuse()
         self.fused_kernels = self.device.type == "cpu"  # numba kernels; torch ops elsewhere
         self.final_norm = _norm_weight(decoder.norm, self.device)
-        self.lm_head = IntLinear.from_float(model.lm_head.weight, self.device)
+        self.lm_head = linear(model.lm_head.weight)
         self.vocab_size = model.lm_head.weight.shape[0]
         base = float(rope.get("rope_theta") or rope_params.get("rope_theta")
                      or getattr(config, "rope_theta", 10000.0))
@@ -292,7 +314,7 @@ class IntegerModel:
         """RMSNorm(h) * weight, quantized per row for a linear layer: (q, scale)."""
         if self.fused_kernels:
             rows = h.reshape(-1, h.shape[-1]).contiguous()
-            q = torch.empty(rows.shape, dtype=torch.float32)
+            q = torch.empty(rows.shape, dtype=self.activation_dtype)
             scale = torch.empty(rows.shape[0], dtype=F64)
             _kernels(rows.numel()).norm_quantize(rows.numpy(), weight.numpy(), self.eps, q.numpy(),
                                      scale.numpy())
@@ -328,7 +350,7 @@ class IntegerModel:
         if self.fused_kernels:
             kernels = _kernels(gate.numel() * 4)
             rows = gate.reshape(-1, width).contiguous()
-            q = torch.empty(rows.shape, dtype=torch.float32)
+            q = torch.empty(rows.shape, dtype=self.activation_dtype)
             scale = torch.empty(rows.shape[0], dtype=F64)
             kernels.swiglu_quantize(rows.numpy(), up.reshape(-1, width).contiguous().numpy(),
                                     kernels.table, q.numpy(), scale.numpy())
@@ -460,12 +482,58 @@ class IntegerModel:
         )
         return out.view(n, t, self.num_heads * self.head_dim)
 
+    #: Query positions per block of :meth:`attend_causal`: block b's scores are a
+    #: [heads, PREFILL_BLOCK, keys up to the block's end] float64 tensor (~10 MB at 1024).
+    PREFILL_BLOCK = 128
+
+    def attend_causal(
+        self,
+        queries: torch.Tensor,  # int16 [N, T, H, Dh]
+        query_scale: torch.Tensor,  # float64 [N, T, H, 1]
+        keys: torch.Tensor,  # int16 [N, T, Hkv, Dh]
+        key_scale: torch.Tensor,  # float64 [N, T, Hkv, 1]
+        values: torch.Tensor,  # int16 [N, T, Hkv, Dh]
+        value_scale: torch.Tensor,  # float64 [N, T, Hkv, 1]
+    ) -> torch.Tensor:
+        """:meth:`attend_rows` for whole rows (query j sees keys 0..j), with the two
+        integer sums as float64 GEMMs: q.k (|products| < 2^30, 64 of them) and u.v
+        (< 2^30 each, at most 2^13 of them) are integers below 2^53, so any GEMM's
+        result is exact whatever its order; the kernel between them is the same
+        sequence of binary64 operations as :meth:`attend_rows`'.  Causal blocks of
+        queries skip the keys no query of the block can see."""
+        n, t, heads, dh = queries.shape
+        kv, g = self.num_kv_heads, self.group
+        # [N, Hkv, g, T, Dh]: the g query heads that share a key head, as one GEMM operand
+        q64 = queries.view(n, t, kv, g, dh).permute(0, 2, 3, 1, 4).to(F64)
+        qs = query_scale.view(n, t, kv, g).permute(0, 2, 3, 1).contiguous()
+        k64 = keys.permute(0, 2, 1, 3).to(F64)  # [N, Hkv, T, Dh]
+        v64 = values.permute(0, 2, 1, 3).to(F64)
+        ks = key_scale.view(n, t, kv).transpose(1, 2).contiguous()  # [N, Hkv, T]
+        vs = value_scale.view(n, t, kv).transpose(1, 2).contiguous()
+        out = torch.empty(n, t, kv, g, dh, dtype=F64)
+        kernels = _kernels(n * heads * t * t)
+        for begin in range(0, t, self.PREFILL_BLOCK):
+            end = min(t, begin + self.PREFILL_BLOCK)
+            rows = end - begin
+            block = q64[:, :, :, begin:end].reshape(n, kv, g * rows, dh)
+            scores = torch.matmul(block, k64[:, :, :end].transpose(-1, -2))
+            p_scale = torch.empty(n, kv, g, rows, dtype=F64)
+            weight_sum = torch.empty(n, kv, g, rows, dtype=F64)
+            kernels.causal_weights(
+                scores.view(n, kv, g, rows, end).numpy(), qs[..., begin:end].numpy(),
+                ks.numpy(), vs.numpy(), begin, kernels.table, p_scale.numpy(),
+                weight_sum.numpy())
+            context = torch.matmul(scores, v64[:, :, :end]).view(n, kv, g, rows, dh)
+            context = _div(context * p_scale[..., None], weight_sum[..., None])
+            out[:, begin:end] = context.permute(0, 3, 1, 2, 4)
+        return out.view(n, t, heads * dh)
+
     def attention(
         self, layer: IntLayer, context: torch.Tensor, h: torch.Tensor
     ) -> torch.Tensor:
         if self.fused_kernels:
             rows = context.reshape(-1, context.shape[-1])
-            q = torch.empty(rows.shape, dtype=torch.float32)
+            q = torch.empty(rows.shape, dtype=self.activation_dtype)
             scale = torch.empty(rows.shape[0], 1, dtype=F64)
             _kernels(rows.numel()).quantize(rows.numpy(), float(LINEAR_LEVELS), q.numpy(),
                                 scale.view(-1).numpy())
@@ -486,11 +554,7 @@ class IntegerModel:
         for layer in self.layers:
             q, qs, k, ks, v, vs = self.qkv(layer, h, positions)
             if self.fused_kernels:
-                context = self.attend_rows(
-                    q, qs, k.to(torch.int16).transpose(1, 2).contiguous(),
-                    ks.squeeze(-1).transpose(1, 2).contiguous(),
-                    v.to(torch.int16).transpose(1, 2).contiguous(),
-                    vs.squeeze(-1).transpose(1, 2).contiguous(), 0)
+                context = self.attend_causal(q, qs, k, ks, v, vs)
                 h = self.mlp(layer, self.attention(layer, context, h))
                 continue
             context = self.attend(
@@ -610,8 +674,51 @@ def _compile(numba: Any) -> Any:
             for d in range(dh):
                 out[n, j, h, d] = (np.float64(context[d]) * p_scale) / weight_sum
 
+    def causal_weights(scores, q_scale, k_scale, v_scale, first, table, p_scale,
+                       weight_sum):  # pragma: no cover
+        # scores f64 [N, Hkv, g, T, K]: the exact q.k sums of queries first .. first+T-1
+        # (query j sees keys 0 .. first + j), overwritten with the quantized weights u
+        # (0 where a key is not visible); q_scale f64 [N, Hkv, g, T] (times 1/sqrt(Dh)),
+        # k_scale, v_scale f64 [N, Hkv, L]; p_scale, weight_sum f64 [N, Hkv, g, T].
+        # The operations of attend, in its order, for one query row each.
+        n_rows, kv_heads, group, t_rows, width = scores.shape
+        for r in numba.prange(n_rows * kv_heads * group * t_rows):
+            n = r // (kv_heads * group * t_rows)
+            kv = (r // (group * t_rows)) % kv_heads
+            g = (r // t_rows) % group
+            j = r % t_rows
+            count = first + j + 1
+            qs = q_scale[n, kv, g, j]
+            row = scores[n, kv, g, j]
+            top = -np.inf
+            for k in range(count):
+                zk = row[k] * (qs * k_scale[n, kv, k])
+                row[k] = zk
+                if zk > top:
+                    top = zk
+            total = 0
+            peak = 0.0
+            for k in range(count):
+                e = -np.floor((row[k] - top) * log2e_scaled)
+                if e > max_index:
+                    e = max_index
+                w = table[np.int64(e)]
+                total += w
+                p = np.float64(w) * v_scale[n, kv, k]
+                row[k] = p
+                if p > peak:
+                    peak = p
+            safe = peak if peak > 0.0 else 1.0
+            factor = levels / safe
+            for k in range(count):
+                row[k] = np.rint(row[k] * factor)
+            for k in range(count, width):
+                row[k] = 0.0
+            p_scale[n, kv, g, j] = peak / levels
+            weight_sum[n, kv, g, j] = np.float64(total)
+
     def swiglu_quantize(gate, up, table, q_out, scale_out):  # pragma: no cover
-        # gate, up f64 [R, I] (gate is overwritten); q_out f32 [R, I]; scale_out f64 [R]
+        # gate, up f64 [R, I] (gate is overwritten); q_out [R, I] int8/f32; scale_out f64 [R]
         rows, width = gate.shape
         for r in numba.prange(rows):
             peak = 0.0
@@ -630,7 +737,7 @@ def _compile(numba: Any) -> Any:
             safe = peak if peak > 0.0 else 1.0
             factor = linear_levels / safe
             for i in range(width):
-                q_out[r, i] = np.float32(np.rint(gate[r, i] * factor))
+                q_out[r, i] = np.rint(gate[r, i] * factor)
             scale_out[r] = peak / linear_levels
 
     def scaled(acc, row_scale, col_scale, out):  # pragma: no cover
@@ -666,7 +773,7 @@ def _compile(numba: Any) -> Any:
             scale_out[r] = peak / levels_
 
     def norm_quantize(h, weight, eps, q_out, scale_out):  # pragma: no cover
-        # norm_quantized: RMSNorm(h) * weight quantized per row; q_out f32, scale_out f64
+        # norm_quantized: RMSNorm(h) * weight quantized per row; q_out int8/f32, scale_out f64
         rows, cols = h.shape
         for r in numba.prange(rows):
             peak = 0.0
@@ -731,7 +838,7 @@ def _compile(numba: Any) -> Any:
     class Kernels:
         pass
 
-    functions = (attend, swiglu_quantize, scaled, residual, quantize, norm_quantize,
+    functions = (attend, causal_weights, swiglu_quantize, scaled, residual, quantize, norm_quantize,
                  rope_quantize)
     table = np.ascontiguousarray(WEIGHTS.astype(np.int64))
     flavours = []
@@ -749,6 +856,14 @@ def _compile(numba: Any) -> Any:
             setattr(kernels, function.__name__, jit(copy))
         flavours.append(kernels)
     return tuple(flavours)
+
+
+def _linear_shapes(config: Any, head_dim: int) -> list[tuple[int, int]]:
+    """(inner, outer) of every GEMM the model runs (fused q/k/v and gate/up)."""
+    hidden, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    inter = config.intermediate_size
+    return [(hidden, (heads + 2 * kv) * head_dim), (heads * head_dim, hidden),
+            (hidden, 2 * inter), (inter, hidden), (hidden, config.vocab_size)]
 
 
 def _norm_weight(norm: Any, device: Any) -> torch.Tensor:

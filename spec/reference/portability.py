@@ -6,7 +6,9 @@
 One pack (int-v1) in this process's default environment; then one fresh process per
 environment extracts the archive and compares every byte: PyTorch's CPU kernels
 (``ATEN_CPU_CAPABILITY`` default / avx2 / avx512 where the CPU has it), MKL's
-conditional-numerical-reproducibility and instruction-set switches, 1 and 2 threads,
+conditional-numerical-reproducibility and instruction-set switches, oneDNN limited to
+AVX2 (no VNNI: the int8 GEMM probe fails, fp32 GEMMs run) and the fp32 GEMMs forced
+(``LLMARC_INT8_GEMM=off``), 1 and 2 threads,
 decoding batch widths 1, 3 and 32, and the NumPy implementation of spec/llm-codec.md §5
 (spec/reference/decode_numpy.py, no torch).  Prints a table; exits 1 if any row differs.
 """
@@ -32,6 +34,9 @@ MATRIX: list[tuple[str, dict[str, str], list[str]]] = [
     ("avx512 kernels", {"ATEN_CPU_CAPABILITY": "avx512"}, []),
     ("MKL_CBWR=COMPATIBLE", {"MKL_CBWR": "COMPATIBLE"}, []),
     ("MKL SSE4_2 only", {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}, []),
+    # oneDNN without VNNI: its int8 GEMM saturates, the probe sees it, fp32 GEMMs run
+    ("oneDNN AVX2 (no VNNI)", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, []),
+    ("fp32 GEMMs forced", {"LLMARC_INT8_GEMM": "off"}, []),
     ("1 thread", {}, ["--threads", "1"]),
     ("2 threads", {}, ["--threads", "2"]),
     ("batch width 1", {}, ["--batch-width", "1"]),
