@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmarc.inference import int8_gemm
 from llmarc.inference.integer import (
     FP32_EXACT_CHUNK,
     IntegerModel,
@@ -124,6 +125,48 @@ def test_compact_int8_weights_give_the_same_products() -> None:
     q = torch.randint(-127, 128, (3, weight.shape[1]), generator=generator).double()
     assert compact.weight.dtype == torch.int8
     assert torch.equal(compact.integer_product(q), wide.integer_product(q))
+
+
+def test_int8_and_fp32_gemm_paths_give_the_same_logits(monkeypatch) -> None:
+    """The int8 GEMM (where the probe proved it exact on this host) and the chunked fp32
+    GEMMs compute the same exact sums, so the logits agree bit for bit."""
+    loaded = load_model(str(MODELS["bpe"]), device="cpu")
+    tokens = tokens_for(11, 2, 20)
+    fast = IntegerModel(loaded.model, 32)
+    monkeypatch.setenv(int8_gemm.ENVIRONMENT_SWITCH, "off")
+    plain = IntegerModel(loaded.model, 32)
+    assert not plain.int8_gemm and plain.lm_head.weight.dtype == torch.float32
+    assert torch.equal(fast.prefill(tokens), plain.prefill(tokens))
+    assert torch.equal(step_all(fast, tokens), step_all(plain, tokens))
+
+
+def _pair_saturating_int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An int8 GEMM as oneDNN computes it without VNNI: a + 128 as u8, u8 x s8 products
+    added in pairs with int16 saturation (vpmaddubsw), then the shift taken back."""
+    shifted = a.long() + 128
+    wide = w.long()
+    inner = a.shape[1]
+    total = torch.zeros(a.shape[0], w.shape[1], dtype=torch.long)
+    for k in range(0, inner, 2):
+        pair = shifted[:, k, None] * wide[k]
+        if k + 1 < inner:
+            pair = pair + shifted[:, k + 1, None] * wide[k + 1]
+        total += pair.clamp(-32768, 32767)
+    return (total - 128 * wide.sum(dim=0)).to(torch.int32)
+
+
+def test_the_int8_gemm_probe_refuses_a_saturating_kernel(monkeypatch) -> None:
+    shapes = [(8, 6), (12, 5)]
+    exact = lambda a, w: (a.long() @ w.long()).to(torch.int32)  # noqa: E731
+    try:
+        monkeypatch.setattr(torch, "_int_mm", exact)
+        int8_gemm._probe.cache_clear()
+        assert int8_gemm.int8_gemm_is_exact(shapes)
+        monkeypatch.setattr(torch, "_int_mm", _pair_saturating_int_mm)
+        int8_gemm._probe.cache_clear()
+        assert not int8_gemm.int8_gemm_is_exact(shapes)
+    finally:
+        int8_gemm._probe.cache_clear()
 
 
 def test_quantizer_and_powers_of_two_follow_the_spec() -> None:

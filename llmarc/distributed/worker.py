@@ -67,9 +67,11 @@ class SegmentWorker:
     surfacing Ray's actor-creation traceback."""
 
     def __init__(self, spec: WorkerSpec) -> None:
-        # Before torch is imported: idle OpenMP threads must not spin against the other
-        # actors on a shared machine, and the thread count is part of the numerics.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Before torch is imported: idle OpenMP threads must not spin long against the
+        # other actors on a shared machine.
+        from llmarc.model.loader import set_openmp_waiting
+
+        set_openmp_waiting()
         os.environ["OMP_NUM_THREADS"] = str(spec.threads)
         self.spec = spec
         self.codec: Any = None

@@ -629,50 +629,63 @@ def _compile(numba: Any) -> Any:
 
     def attend(q, q_scale, keys, k_scale, values, v_scale, first, table, out):  # pragma: no cover
         # q int16 [N, T, H, Dh], q_scale f64 [N, T, H]; keys/values int16 [N, Hkv, L, Dh],
-        # their scales f64 [N, Hkv, L]; query j sees keys 0 .. first + j; out f64 [N, T, H, Dh]
+        # their scales f64 [N, Hkv, L]; query j sees keys 0 .. first + j; out f64 [N, T, H, Dh].
+        # One task per (row, key head): its keys stay in cache for the heads that share
+        # them.  Integer sums are int64 (exact, so LLVM may vectorize them freely).
         n_rows, t_rows, heads, dh = q.shape
-        group = heads // keys.shape[1]
-        for r in numba.prange(n_rows * heads * t_rows):
-            n = r // (heads * t_rows)
-            h = (r // t_rows) % heads
-            j = r % t_rows
-            kv = h // group
-            count = first + j + 1
-            qs = q_scale[n, j, h]
-            z = np.empty(count, dtype=np.float64)
-            top = -np.inf
-            for k in range(count):
-                acc = 0
-                for d in range(dh):
-                    acc += np.int32(q[n, j, h, d]) * np.int32(keys[n, kv, k, d])
-                zk = np.float64(acc) * (qs * k_scale[n, kv, k])
-                z[k] = zk
-                if zk > top:
-                    top = zk
-            total = 0
-            peak = 0.0
-            for k in range(count):
-                e = -np.floor((z[k] - top) * log2e_scaled)
-                if e > max_index:
-                    e = max_index
-                w = table[np.int64(e)]
-                total += w
-                p = np.float64(w) * v_scale[n, kv, k]
-                z[k] = p
-                if p > peak:
-                    peak = p
-            safe = peak if peak > 0.0 else 1.0
-            factor = levels / safe
-            p_scale = peak / levels
-            context = np.zeros(dh, dtype=np.int64)
-            for k in range(count):
-                u = np.int32(np.rint(z[k] * factor))
-                if u != 0:
+        kv_heads = keys.shape[1]
+        group = heads // kv_heads
+        for r in numba.prange(n_rows * kv_heads):
+            n = r // kv_heads
+            kv = r % kv_heads
+            key_rows = keys[n, kv]
+            value_rows = values[n, kv]
+            ks = k_scale[n, kv]
+            vs = v_scale[n, kv]
+            z = np.empty(first + t_rows, dtype=np.float64)
+            query = np.empty(dh, dtype=np.int32)
+            context = np.empty(dh, dtype=np.int64)
+            for j in range(t_rows):
+                count = first + j + 1
+                for h in range(kv * group, (kv + 1) * group):
                     for d in range(dh):
-                        context[d] += u * np.int32(values[n, kv, k, d])
-            weight_sum = np.float64(total)
-            for d in range(dh):
-                out[n, j, h, d] = (np.float64(context[d]) * p_scale) / weight_sum
+                        query[d] = q[n, j, h, d]
+                    qs = q_scale[n, j, h]
+                    top = -np.inf
+                    for k in range(count):
+                        key = key_rows[k]
+                        acc = 0
+                        for d in range(dh):
+                            acc += query[d] * np.int32(key[d])
+                        zk = np.float64(acc) * (qs * ks[k])
+                        z[k] = zk
+                        if zk > top:
+                            top = zk
+                    total = 0
+                    peak = 0.0
+                    for k in range(count):
+                        e = -np.floor((z[k] - top) * log2e_scaled)
+                        if e > max_index:
+                            e = max_index
+                        w = table[np.int64(e)]
+                        total += w
+                        p = np.float64(w) * vs[k]
+                        z[k] = p
+                        if p > peak:
+                            peak = p
+                    safe = peak if peak > 0.0 else 1.0
+                    factor = levels / safe
+                    p_scale = peak / levels
+                    context[:] = 0
+                    for k in range(count):
+                        u = np.int32(np.rint(z[k] * factor))
+                        if u != 0:
+                            value = value_rows[k]
+                            for d in range(dh):
+                                context[d] += u * np.int32(value[d])
+                    weight_sum = np.float64(total)
+                    for d in range(dh):
+                        out[n, j, h, d] = (np.float64(context[d]) * p_scale) / weight_sum
 
     def causal_weights(scores, q_scale, k_scale, v_scale, first, table, p_scale,
                        weight_sum):  # pragma: no cover

@@ -58,6 +58,21 @@ class LoadedModel:
         return self._integer
 
 
+#: Spin iterations before an idle OpenMP thread sleeps (libgomp; numba's pool reads it too).
+OPENMP_SPIN = "10000"
+
+
+def set_openmp_waiting() -> None:
+    """Short spinning for OpenMP threads, set before torch (or numba) loads its runtime.
+
+    Endless spinning collapses a busy machine (issue 9: 862 s of CPU and no result where
+    one thread took 219 s); no spinning at all (``OMP_WAIT_POLICY=PASSIVE``) makes each
+    of a decoding step's ~150 small parallel regions wake sleeping threads: 0.43 s a step
+    at batch width 32 against 0.30 s with a short spin, and 0.19 s against 0.12 s at width
+    2 with a busy process on every core (benchmarks/README.md).  A short spin serves both."""
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN)
+
+
 def _import_torch() -> Any:
     # Never reach for a hub, and keep the libraries' own progress bars and advice off
     # llmarc's stderr (ours show the work).
@@ -66,10 +81,7 @@ def _import_torch() -> Any:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own bar
-    # OpenMP threads that spin while waiting collapse a busy machine (issue 9: 862 s of
-    # CPU and no result where one thread took 219 s); passive waiting costs little on an
-    # idle one.  Read once, when torch loads its OpenMP runtime: so before the import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_waiting()
     try:
         import torch
         import transformers
