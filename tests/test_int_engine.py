@@ -169,6 +169,20 @@ def test_the_int8_gemm_probe_refuses_a_saturating_kernel(monkeypatch) -> None:
         int8_gemm._probe.cache_clear()
 
 
+def test_rotary_tables_equal_the_references_directly_evaluated_ones() -> None:
+    """The engine's fixed-point rotation recurrence against the NumPy reference's
+    per-value mpmath evaluation (spec §5.5): every double identical, far positions too."""
+    from intv1_numpy import rope_tables as evaluated
+
+    from llmarc.inference.integer import rope_tables
+
+    for base, head_dim, length in ((10000.0, 16, 600), (500000.0, 8, 3000)):
+        ours = rope_tables(base, head_dim, length)
+        theirs = evaluated(base, head_dim, length)
+        for a, b in zip(ours, theirs, strict=True):
+            assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
+
+
 def test_quantizer_and_powers_of_two_follow_the_spec() -> None:
     values = torch.tensor([[0.5, -2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     q, scale = quantize_rows(values, 127)
