@@ -49,7 +49,8 @@ PREFILL_POSITIONS = 1024
 #: Segments decoded per call of decode_segments: bounds the per-segment state that a
 #: payload of millions of one-token segments could otherwise make the reader hold.
 DECODE_CHUNK = 4096
-#: Positions whose frequency tables the prefill encoder holds at once (int64 [rows, V]).
+#: Positions the prefill encoder codes per call (bounds the statistics' float64
+#: [rows, V] temporaries; the interval kernel itself holds one int64 row per thread).
 FREQUENCY_ROWS = 128
 
 ProgressCallback = Callable[[int], None]  # called with the number of tokens just coded
@@ -569,13 +570,13 @@ class LLMCodec(SegmentCoder):
         progress: ProgressCallback | None,
     ) -> None:
         """Step the engine over all rows; ``code_row`` codes one token of a row from its
-        frequency table (and float logits) and returns the token fed next.
+        cumulative frequency table (and float logits) and returns the token fed next.
 
         A row whose ``code_row`` raises CorruptArchiveError keeps its error and is fed
         padding from then on, so one bad segment cannot spoil its companions."""
         import torch
 
-        from llmarc.entropy.quantize import logits_to_frequencies
+        from llmarc.entropy.fast import frequency_tables
 
         if not rows:
             return
@@ -590,11 +591,12 @@ class LLMCodec(SegmentCoder):
                 if not active:
                     break
                 picked = logits[active]
-                freqs = logits_to_frequencies(picked.cpu().numpy(), self.settings.precision)
+                ends = frequency_tables(picked.cpu().numpy(), self.settings.precision,
+                                        cumulative=True)
                 next_feed = [start] * width
                 for i, r in enumerate(active):
                     try:
-                        next_feed[r] = code_row(group[r], t, freqs[i], picked[i])
+                        next_feed[r] = code_row(group[r], t, ends[i], picked[i])
                     except CorruptArchiveError as exc:
                         group[r].error = exc
                 feed = torch.tensor(next_feed, dtype=torch.long)
@@ -628,7 +630,7 @@ class LLMCodec(SegmentCoder):
         progress: ProgressCallback | None = None,
         collect_stats: bool = False,
     ) -> list[tuple[bytes, CodingStats]]:
-        from llmarc.entropy.quantize import logits_to_frequencies
+        from llmarc.entropy.fast import token_intervals
         from llmarc.entropy.rangecoder import RangeEncoder
 
         precision = self.settings.precision
@@ -636,11 +638,14 @@ class LLMCodec(SegmentCoder):
         stats = [CodingStats(tokens=len(tokens)) for tokens in segments]
         total = float(1 << precision)
 
-        def code_row(row: _Row, t: int, freqs: np.ndarray, logits: Any) -> int:
-            token = row.tokens[t]
-            freq = int(freqs[token])
-            encoders[row.slot].encode(int(freqs[:token].sum()), freq)
+        def code(row: _Row, start: int, freq: int) -> None:
+            encoders[row.slot].encode(start, freq)
             stats[row.slot].coded_bits -= math.log2(freq / total)
+
+        def code_row(row: _Row, t: int, ends: np.ndarray, logits: Any) -> int:
+            token = row.tokens[t]
+            start = int(ends[token - 1]) if token else 0
+            code(row, start, int(ends[token]) - start)
             return token
 
         rows = [_Row(slot, len(tokens), list(tokens)) for slot, tokens in enumerate(segments)]
@@ -654,11 +659,12 @@ class LLMCodec(SegmentCoder):
         else:
             for batch, logits in self._prefill_batches(rows):
                 for i, row in enumerate(batch):
-                    for begin in range(0, row.length, FREQUENCY_ROWS):  # bounded int64 tables
+                    for begin in range(0, row.length, FREQUENCY_ROWS):
                         own = logits[i, begin : min(row.length, begin + FREQUENCY_ROWS)]
-                        freqs = logits_to_frequencies(own.numpy(), precision)
-                        for t in range(len(own)):
-                            code_row(row, begin + t, freqs[t], None)
+                        tokens = np.asarray(row.tokens[begin : begin + len(own)])
+                        starts, freqs = token_intervals(own.numpy(), tokens, precision)
+                        for start, freq in zip(starts.tolist(), freqs.tolist(), strict=True):
+                            code(row, start, freq)
                         if collect_stats:
                             _add_model_stats(stats[row.slot], own,
                                              row.tokens[begin : begin + len(own)])
@@ -674,8 +680,8 @@ class LLMCodec(SegmentCoder):
         precision, table = self.settings.precision, self.table
         decoders = [RangeDecoder(job.stream, precision) for job in jobs]
 
-        def code_row(row: _Row, t: int, freqs: np.ndarray, logits: Any) -> int:
-            token = decoders[row.slot].decode(freqs)
+        def code_row(row: _Row, t: int, ends: np.ndarray, logits: Any) -> int:
+            token = decoders[row.slot].decode_cumulative(ends)
             piece = table[token]
             if piece is None:
                 raise CorruptArchiveError(f"llm stream decoded the non-text token {token}")
