@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -112,18 +112,29 @@ class IntLinear:
     weight: torch.Tensor  # [in, out], integer values in [-127, 127]: float32 or int8
     scale: torch.Tensor  # float64 [out]
     int8_gemm: bool = False  # weight is an int8 view of [out, in] storage, for _int_mm
+    #: Weight rows quantized per block in :meth:`from_float`.
+    DERIVE_ROWS: ClassVar[int] = 4096
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, device: Any, int8_gemm: bool = False
                    ) -> IntLinear:
-        """w_q = round_half_even(w * (127 / max|w_row|)), scale = max|w_row| / 127."""
-        w = weight.detach().to(torch.float32).to(F64)  # bf16/fp16 -> fp32 is exact
-        q, scale = quantize_rows(w, WEIGHT_LEVELS)
-        scale = scale.squeeze(-1).to(device)
+        """w_q = round_half_even(w * (127 / max|w_row|)), scale = max|w_row| / 127.
+
+        Rows are quantized a block at a time (each row on its own, so blocks change no
+        value): the float64 temporaries of a 49,152-row lm_head stay at tens of MB."""
+        rows = weight.shape[0]
+        on_cpu = torch.device(device).type == "cpu"
+        storage = torch.int8 if int8_gemm else torch.float32 if on_cpu else COMPACT_STORAGE
+        q = torch.empty(weight.shape, dtype=storage)
+        scale = torch.empty(rows, dtype=F64)
+        for begin in range(0, rows, cls.DERIVE_ROWS):
+            block = weight[begin : begin + cls.DERIVE_ROWS].detach()
+            values, factor = quantize_rows(block.to(torch.float32).to(F64), WEIGHT_LEVELS)
+            q[begin : begin + cls.DERIVE_ROWS] = values  # integers in [-127, 127]: exact
+            scale[begin : begin + cls.DERIVE_ROWS] = factor.squeeze(-1)
         if int8_gemm:
-            return cls(q.to(torch.int8).to(device).t(), scale, int8_gemm=True)
-        storage = COMPACT_STORAGE if torch.device(device).type != "cpu" else torch.float32
-        return cls(q.t().contiguous().to(storage).to(device), scale)
+            return cls(q.to(device).t(), scale.to(device), int8_gemm=True)
+        return cls(q.t().contiguous().to(device), scale.to(device))
 
     def integer_product(self, q: torch.Tensor) -> torch.Tensor:
         """sum_j q_j * w_jk exactly (float64 result), for |q| <= 127.
@@ -175,7 +186,12 @@ class IntLinear:
         cols = acc.shape[-1]
         getattr(kernels, kind)(
             acc.reshape(-1, cols).numpy(), row_scale.reshape(-1).contiguous().numpy(),
-            self.scale.contiguous().numpy(), out.view(-1, cols).numpy())
+            self._scale_host, out.view(-1, cols).numpy())
+
+    @functools.cached_property
+    def _scale_host(self) -> Any:
+        """The scales as a NumPy array for the CPU kernels (made once, not per call)."""
+        return self.scale.contiguous().numpy()
 
     def add_to_residual(self, q: torch.Tensor, row_scale: torch.Tensor,
                         h: torch.Tensor) -> torch.Tensor:
@@ -301,6 +317,7 @@ class IntegerModel:
         cos, sin = rope_tables(self.rope_base, self.head_dim, max_length)
         self.cos = torch.tensor(cos, device=self.device)  # [L, head_dim/2]
         self.sin = torch.tensor(sin, device=self.device)
+        self._cos_host, self._sin_host = cos, sin  # read-only NumPy, for the CPU kernels
         self.max_length = max_length
 
     # ------------------------------------------------------------------ row operations
@@ -417,7 +434,7 @@ class IntegerModel:
         at = positions.to(torch.int64).repeat(count // positions.shape[0])
         out = torch.empty(count, rotated + kv, dh, dtype=torch.int16)
         scales = torch.empty(count, rotated + kv, dtype=F64)
-        table_cos, table_sin = self.cos.numpy(), self.sin.numpy()
+        table_cos, table_sin = self._cos_host, self._sin_host
         kernels.rope_quantize(rows[:, : rotated * dh].view(count, rotated, dh).numpy(),
                               at.numpy(), table_cos, table_sin, True,
                               out[:, :rotated].numpy(), scales[:, :rotated].numpy())
@@ -603,8 +620,10 @@ def _kernels(work: int = PARALLEL_WORK) -> Any:
             raise ModelError("int-v1 needs numba: pip install 'llmarc[llm]'") from exc
         _NUMBA = _compile(numba)
     serial, parallel = _NUMBA
+    if work < PARALLEL_WORK:
+        return serial
     threads = min(torch.get_num_threads(), parallel.numba.config.NUMBA_NUM_THREADS)
-    if threads <= 1 or work < PARALLEL_WORK:
+    if threads <= 1:
         return serial
     if parallel.numba.get_num_threads() != threads:
         parallel.numba.set_num_threads(threads)
