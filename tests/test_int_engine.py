@@ -183,6 +183,38 @@ def test_rotary_tables_equal_the_references_directly_evaluated_ones() -> None:
             assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
 
 
+def test_the_vector_dot_kernel_is_exact_at_the_extremes() -> None:
+    """The LLVM-IR int16 dot product (pairs summed in int32) against int64 arithmetic,
+    with every product at +-32767^2 (the largest pair sum int32 must hold) and random
+    values, for lengths with and without a scalar tail."""
+    from llmarc.inference.integer import _kernels
+
+    dot = _kernels(0).dot
+    generator = np.random.default_rng(0)
+    for length in (0, 1, 31, 32, 33, 64, 100, 1000):
+        for a, b in (
+            (np.full(length, 32767, np.int16), np.full(length, 32767, np.int16)),
+            (np.full(length, -32767, np.int16), np.full(length, 32767, np.int16)),
+            (generator.integers(-32767, 32768, length).astype(np.int16),
+             generator.integers(-32767, 32768, length).astype(np.int16)),
+        ):
+            assert dot(a, b, length) == int(a.astype(np.int64) @ b.astype(np.int64))
+
+
+def test_stepping_equals_prefill_with_64_wide_heads() -> None:
+    """SmolLM2's head width (64): the vector kernel's whole-block path, which the 16-wide
+    fixture heads never reach, against prefill's float64 GEMMs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=64, max_position_embeddings=128)
+    engine = IntegerModel(LlamaForCausalLM(config).eval(), 80)
+    tokens = tokens_for(5, 3, 70)
+    assert torch.equal(step_all(engine, tokens), engine.prefill(tokens))
+
+
 def test_quantizer_and_powers_of_two_follow_the_spec() -> None:
     values = torch.tensor([[0.5, -2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     q, scale = quantize_rows(values, 127)

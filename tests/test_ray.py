@@ -232,7 +232,8 @@ def test_a_group_that_keeps_failing_ends_the_run(runtime, monkeypatch):
     settings = CodingSettings(batch_width=2, segment_length=16)
     coder = ray_coder.RayCoder(loaded, settings, LLMOptions(ray=runtime))
     # A token id past the vocabulary makes the worker's coder raise on every attempt.
-    with pytest.raises(ClusterError, match=r"failed 3 times; last error: .*IndexError"):
+    last_error = r"failed 3 times; last error: .*ValueError: one token per row"
+    with pytest.raises(ClusterError, match=last_error):
         coder.encode_segments([[3, 4], [10**7]])
     assert coder.last_run.retried == 2
     assert live_llmarc_actors() == []

@@ -482,7 +482,7 @@ class IntegerModel:
         query_scale: torch.Tensor,  # [N, T, H, 1]
         keys: torch.Tensor,  # int16 [N, Hkv, L, Dh]
         key_scale: torch.Tensor,  # float64 [N, Hkv, L]
-        values: torch.Tensor,  # int16 [N, Hkv, L, Dh]
+        values: torch.Tensor,  # int16 [N, Hkv, Dh, L]: d-major
         value_scale: torch.Tensor,  # float64 [N, Hkv, L]
         first: int,  # position of query 0: query j sees keys 0 .. first + j
     ) -> torch.Tensor:
@@ -630,6 +630,64 @@ def _kernels(work: int = PARALLEL_WORK) -> Any:
     return parallel
 
 
+#: int16 products per vector step of the dot-product kernel (:func:`_int16_dot_blocks`).
+DOT_BLOCK = 32
+
+
+def _int16_dot_blocks(numba: Any) -> Any:
+    """A numba intrinsic: the exact sum of ``32 * blocks`` int16 x int16 products (int64).
+
+    Written in LLVM IR because numba's own code for this loop widens every product to
+    int64 (one multiply-add per cycle).  The IR says what is exact and nothing more:
+    products as int32 (|q|, |k| <= 32767: below 2^30), adjacent pairs added in int32
+    (below 2^31), the pairs widened to int64 and summed in a vector accumulator,
+    reduced once at the end.  LLVM maps the pair step to
+    ``vpmaddwd`` where the CPU has it and to plain integer ops elsewhere; integer
+    arithmetic has one answer on every target, so the result is the same everywhere.
+    Measured here: 2.3x the plain loop for the 64-wide q.k of SmolLM2."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    lanes = DOT_BLOCK
+    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    half = ir.VectorType(i32, lanes // 2)
+    reduce_type = ir.FunctionType(i64, [ir.VectorType(i64, lanes // 2)])
+
+    wide = ir.VectorType(i64, lanes // 2)
+
+    @intrinsic
+    def dot_blocks(typingctx, a, ia, b, ib, blocks):  # pragma: no cover - code generation
+        def codegen(context, builder, signature, args):
+            a_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            b_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+
+            def load(data, index):
+                pointer = builder.bitcast(builder.gep(data, [index]),
+                                          ir.VectorType(i16, lanes).as_pointer())
+                return builder.sext(builder.load(pointer, align=2), ir.VectorType(i32, lanes))
+
+            accumulator = cgutils.alloca_once_value(builder, ir.Constant(wide, None))
+            with cgutils.for_range(builder, args[4]) as loop:
+                offset = builder.mul(loop.index, ir.Constant(loop.index.type, lanes))
+                products = builder.mul(load(a_data, builder.add(args[1], offset)),
+                                       load(b_data, builder.add(args[3], offset)))
+                even = ir.Constant(half, list(range(0, lanes, 2)))
+                odd = ir.Constant(half, list(range(1, lanes, 2)))
+                pairs = builder.add(builder.shuffle_vector(products, products, even),
+                                    builder.shuffle_vector(products, products, odd))
+                builder.store(builder.add(builder.load(accumulator), builder.sext(pairs, wide)),
+                              accumulator)
+            reduce = cgutils.get_or_insert_function(
+                builder.module, reduce_type, f"llvm.vector.reduce.add.v{lanes // 2}i64")
+            return builder.call(reduce, [builder.load(accumulator)])
+
+        return types.int64(a, ia, b, ib, blocks), codegen
+
+    return dot_blocks
+
+
 def _compile(numba: Any) -> Any:
     import math
     import types
@@ -646,11 +704,26 @@ def _compile(numba: Any) -> Any:
     residual_bits = RESIDUAL_BITS
     norm_bits = NORM_BITS
 
-    def attend(q, q_scale, keys, k_scale, values, v_scale, first, table, out):  # pragma: no cover
-        # q int16 [N, T, H, Dh], q_scale f64 [N, T, H]; keys/values int16 [N, Hkv, L, Dh],
-        # their scales f64 [N, Hkv, L]; query j sees keys 0 .. first + j; out f64 [N, T, H, Dh].
-        # One task per (row, key head): its keys stay in cache for the heads that share
-        # them.  Integer sums are int64 (exact, so LLVM may vectorize them freely).
+    dot_blocks = _int16_dot_blocks(numba)
+    block = DOT_BLOCK
+
+    @numba.njit(fastmath=False, nogil=True, cache=True)
+    def dot(a, b, count):  # pragma: no cover
+        # exact sum of a[i] * b[i], i < count (1-D int16 arrays): blocks of DOT_BLOCK by
+        # the vector kernel, the rest one product at a time
+        full = count - count % block
+        total = dot_blocks(a, 0, b, 0, full // block)
+        for i in range(full, count):
+            total += np.int64(a[i]) * np.int64(b[i])
+        return total
+
+    def attend(q, q_scale, keys, k_scale, values_t, v_scale, first, table, out):  # pragma: no cover
+        # q int16 [N, T, H, Dh], q_scale f64 [N, T, H]; keys int16 [N, Hkv, L, Dh] and
+        # values_t int16 [N, Hkv, Dh, L'] (d-major: u.v is a dot product along L; L' is L
+        # rounded up to DOT_BLOCK), their scales f64 [N, Hkv, L]; query j sees keys
+        # 0 .. first + j; out f64 [N, T, H, Dh].  One task per (row, key head): its keys
+        # stay in cache for the heads sharing them.  u is zero past the visible keys, so
+        # u.v runs over whole blocks (whatever values lie there, their products are 0).
         n_rows, t_rows, heads, dh = q.shape
         kv_heads = keys.shape[1]
         group = heads // kv_heads
@@ -658,12 +731,12 @@ def _compile(numba: Any) -> Any:
             n = r // kv_heads
             kv = r % kv_heads
             key_rows = keys[n, kv]
-            value_rows = values[n, kv]
+            value_cols = values_t[n, kv]
             ks = k_scale[n, kv]
             vs = v_scale[n, kv]
             z = np.empty(first + t_rows, dtype=np.float64)
-            query = np.empty(dh, dtype=np.int32)
-            context = np.empty(dh, dtype=np.int64)
+            u = np.zeros(value_cols.shape[1], dtype=np.int16)
+            query = np.empty(dh, dtype=np.int16)
             for j in range(t_rows):
                 count = first + j + 1
                 for h in range(kv * group, (kv + 1) * group):
@@ -672,11 +745,7 @@ def _compile(numba: Any) -> Any:
                     qs = q_scale[n, j, h]
                     top = -np.inf
                     for k in range(count):
-                        key = key_rows[k]
-                        acc = 0
-                        for d in range(dh):
-                            acc += query[d] * np.int32(key[d])
-                        zk = np.float64(acc) * (qs * ks[k])
+                        zk = np.float64(dot(query, key_rows[k], dh)) * (qs * ks[k])
                         z[k] = zk
                         if zk > top:
                             top = zk
@@ -695,16 +764,13 @@ def _compile(numba: Any) -> Any:
                     safe = peak if peak > 0.0 else 1.0
                     factor = levels / safe
                     p_scale = peak / levels
-                    context[:] = 0
                     for k in range(count):
-                        u = np.int32(np.rint(z[k] * factor))
-                        if u != 0:
-                            value = value_rows[k]
-                            for d in range(dh):
-                                context[d] += u * np.int32(value[d])
+                        u[k] = np.int16(np.rint(z[k] * factor))
                     weight_sum = np.float64(total)
+                    whole = -(-count // block) * block
                     for d in range(dh):
-                        out[n, j, h, d] = (np.float64(context[d]) * p_scale) / weight_sum
+                        context = dot(u, value_cols[d], whole)
+                        out[n, j, h, d] = (np.float64(context) * p_scale) / weight_sum
 
     def causal_weights(scores, q_scale, k_scale, v_scale, first, table, p_scale,
                        weight_sum):  # pragma: no cover
@@ -879,6 +945,7 @@ def _compile(numba: Any) -> Any:
         kernels = Kernels()
         kernels.numba = numba
         kernels.table = table
+        kernels.dot = dot  # the exact int16 dot product (tests reach it here)
         for function in functions:
             # a copy per flavour, named apart, so numba's disk cache keeps both
             copy = types.FunctionType(function.__code__, function.__globals__,
@@ -916,7 +983,13 @@ class IntegerStepper:
         count = len(model.layers)
         device = model.device
         self.keys = [torch.zeros(shape, dtype=torch.int16, device=device) for _ in range(count)]
-        self.values = [torch.zeros(shape, dtype=torch.int16, device=device) for _ in range(count)]
+        #: the CPU kernel reads values d-major ([.., Dh, L]: u.v is a dot product along L)
+        self.values_d_major = model.fused_kernels
+        padded = -(-length // DOT_BLOCK) * DOT_BLOCK
+        value_shape = ((width, model.num_kv_heads, model.head_dim, padded)
+                       if self.values_d_major else shape)
+        self.values = [torch.zeros(value_shape, dtype=torch.int16, device=device)
+                       for _ in range(count)]
         scale_shape = (width, model.num_kv_heads, length)
         self.key_scales = [torch.zeros(scale_shape, dtype=F64, device=device)
                            for _ in range(count)]
@@ -938,7 +1011,10 @@ class IntegerStepper:
         for index, layer in enumerate(model.layers):
             q, qs, k, ks, v, vs = model.qkv(layer, h, positions)
             self.keys[index][:, :, t] = k[:, 0].to(torch.int16)
-            self.values[index][:, :, t] = v[:, 0].to(torch.int16)
+            if self.values_d_major:
+                self.values[index][:, :, :, t] = v[:, 0].to(torch.int16)
+            else:
+                self.values[index][:, :, t] = v[:, 0].to(torch.int16)
             self.key_scales[index][:, :, t] = ks[:, 0, :, 0]
             self.value_scales[index][:, :, t] = vs[:, 0, :, 0]
             if model.fused_kernels:
