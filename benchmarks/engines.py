@@ -67,16 +67,17 @@ def _busy_cores() -> list[subprocess.Popen[bytes]]:
             for _ in range(os.cpu_count() or 1)]
 
 
-def run(texts: list[Input], segment_length: int, work: Path) -> dict[str, Any]:
+def run(texts: list[Input], segment_length: int, work: Path,
+        engines: tuple[str, ...] = ENGINES) -> dict[str, Any]:
     from benchmarks.run import run_stage
 
     results: dict[str, Any] = {"texts": [i.name for i in texts],
                                "text_bytes": sum(len(i.data) for i in texts)}
-    for engine in ENGINES if texts else ():
+    for engine in engines if texts else ():
         say(f"{engine}: pack and extract {len(texts)} texts")
         results[engine] = _roundtrip(texts, work, f"texts-{engine}", engine, segment_length)
     small = small_input()
-    for engine in ENGINES:
+    for engine in engines:
         say(f"{engine}: pack and extract the {SMALL_BYTES:,}-byte text")
         results[f"small {engine}"] = _roundtrip([small], work, f"small-{engine}", engine,
                                                 segment_length)
@@ -115,8 +116,9 @@ def markdown(results: dict[str, Any]) -> str:
         if row is None:
             continue
         pack, extract = row["pack"], row["extract"]
+        label = f"{key} (run of {row['from_run']['date']})" if row.get("from_run") else key
         lines.append(
-            f"| {key} | {row['tokens']:,} | {_rate(pack, row['tokens'])} | "
+            f"| {label} | {row['tokens']:,} | {_rate(pack, row['tokens'])} | "
             f"{_rate(extract, row['tokens'])} | {pack['process_seconds']:.1f} | "
             f"{extract['process_seconds']:.1f} | {pack['peak_rss_bytes'] / 2**20:,.0f} | "
             f"{extract['peak_rss_bytes'] / 2**20:,.0f} |")
@@ -164,15 +166,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--texts", type=int, default=-1,
                         help="only the first N texts (0: only the 8 KB, load and roofline rows)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="run only these engines (comma-separated); rows of the others "
+                             "are kept from the previous engines.json in --out")
     options = parser.parse_args(argv)
+    engines = tuple(options.engines.split(","))
     sizes = Sizes(**{**vars(FULL), "text_bytes": options.text_bytes})
     texts = text_inputs(sizes)
     if options.texts >= 0:
         texts = texts[: options.texts]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmarc-engines-") as tmp:
-        results = run(texts, FULL.segment_length, Path(tmp))
+        results = run(texts, FULL.segment_length, Path(tmp), engines)
     results["total_seconds"] = time.perf_counter() - started
+    previous = options.out / "engines.json"
+    if set(engines) != set(ENGINES) and previous.exists():
+        kept = json.loads(previous.read_text())
+        for engine in set(ENGINES) - set(engines):
+            for key in (engine, f"small {engine}"):
+                if key in kept:
+                    results[key] = {**kept[key], "from_run": kept.get("stamp")}
     from benchmarks import report
 
     results["stamp"] = report.stamp()

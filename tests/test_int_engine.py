@@ -186,19 +186,24 @@ def test_rotary_tables_equal_the_references_directly_evaluated_ones() -> None:
 def test_the_vector_dot_kernel_is_exact_at_the_extremes() -> None:
     """The LLVM-IR int16 dot product (pairs summed in int32) against int64 arithmetic,
     with every product at +-32767^2 (the largest pair sum int32 must hold) and random
-    values, for lengths with and without a scalar tail."""
-    from llmarc.inference.integer import _kernels
+    values, from unaligned offsets."""
+    import numba
 
-    dot = _kernels(0).dot
+    from llmarc.inference.integer import DOT_BLOCK, _int16_dot_blocks
+
+    dot_blocks = _int16_dot_blocks(numba)
+    dot = numba.njit(lambda a, ia, b, ib, blocks: dot_blocks(a, ia, b, ib, blocks))
     generator = np.random.default_rng(0)
-    for length in (0, 1, 31, 32, 33, 64, 100, 1000):
+    for blocks in (0, 1, 2, 3, 32):
+        length = blocks * DOT_BLOCK
         for a, b in (
-            (np.full(length, 32767, np.int16), np.full(length, 32767, np.int16)),
-            (np.full(length, -32767, np.int16), np.full(length, 32767, np.int16)),
-            (generator.integers(-32767, 32768, length).astype(np.int16),
-             generator.integers(-32767, 32768, length).astype(np.int16)),
+            (np.full(length + 5, 32767, np.int16), np.full(length + 9, 32767, np.int16)),
+            (np.full(length + 5, -32767, np.int16), np.full(length + 9, 32767, np.int16)),
+            (generator.integers(-32767, 32768, length + 5).astype(np.int16),
+             generator.integers(-32767, 32768, length + 9).astype(np.int16)),
         ):
-            assert dot(a, b, length) == int(a.astype(np.int64) @ b.astype(np.int64))
+            exact = int(a[5:].astype(np.int64) @ b[9:].astype(np.int64))
+            assert dot(a, 5, b, 9, blocks) == exact  # offsets: unaligned starts
 
 
 def test_stepping_equals_prefill_with_64_wide_heads() -> None:
