@@ -76,6 +76,7 @@ def run(texts: list[Input], segment_length: int, work: Path,
     for engine in engines if texts else ():
         say(f"{engine}: pack and extract {len(texts)} texts")
         results[engine] = _roundtrip(texts, work, f"texts-{engine}", engine, segment_length)
+        results[engine]["texts"] = [i.name for i in texts]
     small = small_input()
     for engine in engines:
         say(f"{engine}: pack and extract the {SMALL_BYTES:,}-byte text")
@@ -116,7 +117,9 @@ def markdown(results: dict[str, Any]) -> str:
         if row is None:
             continue
         pack, extract = row["pack"], row["extract"]
-        label = f"{key} (run of {row['from_run']['date']})" if row.get("from_run") else key
+        label = key + (f" ({len(row['texts'])} texts)" if "texts" in row else "")
+        if row.get("from_run"):
+            label += f" (run of {row['from_run']['date']})"
         lines.append(
             f"| {label} | {row['tokens']:,} | {_rate(pack, row['tokens'])} | "
             f"{_rate(extract, row['tokens'])} | {pack['process_seconds']:.1f} | "
@@ -131,11 +134,14 @@ def markdown(results: dict[str, Any]) -> str:
             if after is not None:
                 lines.append(f"| {name} | {before:.4f} | {after:.4f} | "
                              f"{100 * (after / before - 1):+.2f} % |")
+        def rate(row: dict[str, Any], stage: str) -> float:
+            return row["tokens"] / row[stage]["coding_seconds"]
+
         ratios = [
             ("pack tokens/s, int-v1 / lockstep-v1 (issue 7: >= 1.5)",
-             old["pack"]["coding_seconds"] / new["pack"]["coding_seconds"]),
+             rate(new, "pack") / rate(old, "pack")),
             ("extract tokens/s, int-v1 / lockstep-v1 (issue 7: >= 1.0)",
-             old["extract"]["coding_seconds"] / new["extract"]["coding_seconds"]),
+             rate(new, "extract") / rate(old, "extract")),
             ("peak RSS, int-v1 / lockstep-v1, pack (issue 7: <= 1.25)",
              new["pack"]["peak_rss_bytes"] / old["pack"]["peak_rss_bytes"]),
             ("peak RSS, int-v1 / lockstep-v1, extract (issue 7: <= 1.25)",
