@@ -706,6 +706,24 @@ def _compile(numba: Any) -> Any:
     dot_blocks = _int16_dot_blocks(numba)
     block = DOT_BLOCK
 
+    @numba.njit(fastmath=False, nogil=True, cache=True)
+    def weigh(z, count, top, v_scale, table):  # pragma: no cover
+        # z[k] <- p_k = WEIGHTS[min(-floor((z_k - top) * K), 10240)] * v_scale[k] for
+        # k < count; returns (sum of the weights as an integer, max p)
+        total = 0
+        peak = 0.0
+        for k in range(count):
+            e = -np.floor((z[k] - top) * log2e_scaled)
+            if e > max_index:
+                e = max_index
+            w = table[np.int64(e)]
+            total += w
+            p = np.float64(w) * v_scale[k]
+            z[k] = p
+            if p > peak:
+                peak = p
+        return total, peak
+
     def attend(q, q_scale, keys, k_scale, values_t, v_scale, first, table, out):  # pragma: no cover
         # q int16 [N, T, H, Dh], q_scale f64 [N, T, H]; keys int16 [N, Hkv, L, Dh] and
         # values_t int16 [N, Hkv, Dh, L'] (d-major: u.v is a dot product along L; L' is L
@@ -751,19 +769,7 @@ def _compile(numba: Any) -> Any:
                 for g in range(group):
                     h = kv * group + g
                     z = scores[g]
-                    top = tops[g]
-                    total = 0
-                    peak = 0.0
-                    for k in range(count):
-                        e = -np.floor((z[k] - top) * log2e_scaled)
-                        if e > max_index:
-                            e = max_index
-                        w = table[np.int64(e)]
-                        total += w
-                        p = np.float64(w) * vs[k]
-                        z[k] = p
-                        if p > peak:
-                            peak = p
+                    total, peak = weigh(z, count, tops[g], vs, table)
                     safe = peak if peak > 0.0 else 1.0
                     factor = levels / safe
                     p_scale = peak / levels
@@ -797,18 +803,7 @@ def _compile(numba: Any) -> Any:
                 row[k] = zk
                 if zk > top:
                     top = zk
-            total = 0
-            peak = 0.0
-            for k in range(count):
-                e = -np.floor((row[k] - top) * log2e_scaled)
-                if e > max_index:
-                    e = max_index
-                w = table[np.int64(e)]
-                total += w
-                p = np.float64(w) * v_scale[n, kv, k]
-                row[k] = p
-                if p > peak:
-                    peak = p
+            total, peak = weigh(row, count, top, v_scale[n, kv], table)
             safe = peak if peak > 0.0 else 1.0
             factor = levels / safe
             for k in range(count):
