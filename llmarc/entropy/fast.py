@@ -154,57 +154,47 @@ def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not
             r -= total
         return q + 1
 
+    @jit
+    def frequencies_of(row, precision, table, probe, out):
+        # out <- the row's frequency table (spec §2); returns the row's status
+        vocab = row.shape[0]
+        total, first, state = weights_of(row, table, probe, out)
+        if state != OK:
+            return state
+        spare = (np.int64(1) << precision) - vocab
+        inverse = 1.0 / np.float64(total)
+        used = 0
+        for v in range(vocab):
+            f = frequency(out[v], spare, total, inverse)
+            out[v] = f
+            used += f
+        out[first] += (np.int64(1) << precision) - used
+        return OK
+
     @numba.njit(fastmath=False, nogil=True, cache=True, parallel=True)
     def tables(z, precision, cumulative, table, probe, out, status):
-        rows, vocab = z.shape
-        spare = (np.int64(1) << precision) - vocab
-        for r in numba.prange(rows):
+        for r in numba.prange(z.shape[0]):
             row_out = out[r]
-            total, first, state = weights_of(z[r], table, probe, row_out)
-            status[r] = state
-            if state != OK:
-                continue
-            inverse = 1.0 / np.float64(total)
-            used = 0
-            for v in range(vocab):
-                f = frequency(row_out[v], spare, total, inverse)
-                row_out[v] = f
-                used += f
-            row_out[first] += (np.int64(1) << precision) - used
-            if cumulative:
+            status[r] = frequencies_of(z[r], precision, table, probe, row_out)
+            if cumulative and status[r] == OK:
                 running = 0
-                for v in range(vocab):
+                for v in range(row_out.shape[0]):
                     running += row_out[v]
                     row_out[v] = running
 
     @numba.njit(fastmath=False, nogil=True, cache=True, parallel=True)
     def intervals(z, symbols, precision, table, probe, start, freq, status):
-        rows, vocab = z.shape
-        spare = (np.int64(1) << precision) - vocab
-        for r in numba.prange(rows):
-            weights = np.empty(vocab, dtype=np.int64)
-            total, first, state = weights_of(z[r], table, probe, weights)
-            status[r] = state
-            if state != OK:
+        for r in numba.prange(z.shape[0]):
+            row_out = np.empty(z.shape[1], dtype=np.int64)
+            status[r] = frequencies_of(z[r], precision, table, probe, row_out)
+            if status[r] != OK:
                 continue
-            inverse = 1.0 / np.float64(total)
-            used = 0
-            below = 0
             symbol = symbols[r]
-            for v in range(vocab):
-                f = frequency(weights[v], spare, total, inverse)
-                used += f
-                if v < symbol:
-                    below += f
-                weights[v] = f
-            remainder = (np.int64(1) << precision) - used
-            own = weights[symbol]
-            if first == symbol:
-                own += remainder
-            elif first < symbol:
-                below += remainder
+            below = 0
+            for v in range(symbol):
+                below += row_out[v]
             start[r] = below
-            freq[r] = own
+            freq[r] = row_out[symbol]
 
     class Kernels:
         pass
