@@ -64,6 +64,21 @@ def test_a_row_is_the_same_at_any_batch_width(model, width: int) -> None:
     assert torch.equal(step_all(engine, tokens)[:1], alone)
 
 
+def test_the_torch_operations_path_gives_the_cpu_kernels_logits(model) -> None:
+    """The path a GPU takes (the spec's operations as torch ops) against the CPU's
+    compiled kernels, run here on the CPU by switching the kernels off."""
+    _name, engine = model
+    tokens = tokens_for(9, 2, 24)
+    kernels = engine.prefill(tokens)
+    assert torch.equal(step_all(engine, tokens), kernels)
+    engine.fused_kernels = False
+    try:
+        assert torch.equal(engine.prefill(tokens), kernels)
+        assert torch.equal(step_all(engine, tokens), kernels)
+    finally:
+        engine.fused_kernels = True
+
+
 def test_thread_count_does_not_change_logits(model) -> None:
     _name, engine = model
     tokens = tokens_for(7, 4, 32)

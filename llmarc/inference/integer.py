@@ -32,6 +32,7 @@ reduced-precision reductions are off on CUDA (int8 values are exact in TF32 anyw
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -143,12 +144,15 @@ class IntLinear:
         can reach 2^24, added up in float64 (exact: each chunk sum is below 2^24)."""
         return self._accumulate(q).to(F64)
 
-    def _accumulate(self, q: torch.Tensor) -> torch.Tensor:
+    def _accumulate(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The exact integer product, float32 when one chunk covers the inner dimension
-        (every value is an integer below 2^24, so float32 holds it exactly), else float64."""
+        (every value is an integer below 2^24, so float32 holds it exactly), else float64;
+        int32 from the int8 GEMM, written into ``out`` ([rows, outputs]) when given."""
         inner = self.weight.shape[0]
         if self.int8_gemm:  # int32 sums, proven exact on this host
             rows = q.reshape(-1, inner).to(torch.int8)
+            if out is not None:
+                return torch._int_mm(rows, self.weight, out=out)
             return torch._int_mm(rows, self.weight).view(*q.shape[:-1], -1)
         q32 = q.to(torch.float32)
         if inner <= FP32_EXACT_CHUNK:
@@ -321,6 +325,8 @@ class IntegerModel:
         self.max_length = max_length
 
     # ------------------------------------------------------------------ row operations
+    # The spec's operations as torch ops: the path off the CPU (a GPU), and the statement
+    # the CPU kernels (the fused path below) must match bit for bit.
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """h = round_half_even(E[token] * 2^24), float64 integers."""
         return torch.round(self.embedding[tokens].to(F64) * float(1 << RESIDUAL_BITS))
@@ -329,13 +335,6 @@ class IntegerModel:
         self, h: torch.Tensor, weight: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """RMSNorm(h) * weight, quantized per row for a linear layer: (q, scale)."""
-        if self.fused_kernels:
-            rows = h.reshape(-1, h.shape[-1]).contiguous()
-            q = torch.empty(rows.shape, dtype=self.activation_dtype)
-            scale = torch.empty(rows.shape[0], dtype=F64)
-            _kernels(rows.numel()).norm_quantize(rows.numpy(), weight.numpy(), self.eps, q.numpy(),
-                                     scale.numpy())
-            return q.view(h.shape), scale.view(*h.shape[:-1], 1)
         peak = h.abs().amax(dim=-1, keepdim=True)
         _mantissa, exponent = torch.frexp(peak)  # peak < 2^exponent (0 for peak 0)
         shift = (exponent.to(torch.int64) - NORM_BITS).clamp(min=0)
@@ -354,27 +353,12 @@ class IntegerModel:
         first, second = x[..., :half], x[..., half:]
         return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
-    def residual_add(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """h + round_half_even(y * 2^24); h and y are consumed (updated in place)."""
-        return h.add_(y.mul_(float(1 << RESIDUAL_BITS)).round_())
-
     def mlp(self, layer: IntLayer, h: torch.Tensor) -> torch.Tensor:
         q, scale = self.norm_quantized(h, layer.post_norm)
         assert layer.gate_up_proj is not None
         both = layer.gate_up_proj(q, scale)
         width = both.shape[-1] // 2
-        gate, up = both[..., :width], both[..., width:]
-        if self.fused_kernels:
-            kernels = _kernels(gate.numel() * 4)
-            rows = gate.reshape(-1, width).contiguous()
-            q = torch.empty(rows.shape, dtype=self.activation_dtype)
-            scale = torch.empty(rows.shape[0], dtype=F64)
-            kernels.swiglu_quantize(rows.numpy(), up.reshape(-1, width).contiguous().numpy(),
-                                    kernels.table, q.numpy(), scale.numpy())
-            q = q.view(*gate.shape)
-            scale = scale.view(*gate.shape[:-1], 1)
-        else:
-            q, scale = quantize_rows(silu(gate) * up, LINEAR_LEVELS)
+        q, scale = quantize_rows(silu(both[..., :width]) * both[..., width:], LINEAR_LEVELS)
         return layer.down_proj.add_to_residual(q, scale, h)
 
     #: Rows of the lm_head computed at a time: keeps the float64 temporaries of a
@@ -383,6 +367,10 @@ class IntegerModel:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         q, scale = self.norm_quantized(h, self.final_norm)
+        return self.lm_head_logits(q, scale)
+
+    def lm_head_logits(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """float32 logits [..., V] of the final norm's quantized rows (q, scale)."""
         shape = q.shape[:-1]
         q = q.reshape(-1, q.shape[-1])
         scale = scale.reshape(-1, 1)
@@ -407,8 +395,6 @@ class IntegerModel:
         shape = h.shape[:-1]
         assert layer.qkv_proj is not None
         fused = layer.qkv_proj(q, scale)
-        if self.fused_kernels:
-            return self._qkv_fused(fused, positions)
         width_q = self.num_heads * self.head_dim
         width_kv = self.num_kv_heads * self.head_dim
         queries = fused[..., :width_q].reshape(*shape, self.num_heads, self.head_dim)
@@ -421,31 +407,6 @@ class IntegerModel:
         values, value_scale = quantize_rows(values, ATTENTION_LEVELS)
         query_scale = query_scale * self.attention_scale
         return queries, query_scale, keys, key_scale, values, value_scale
-
-    def _qkv_fused(self, fused: torch.Tensor, positions: torch.Tensor
-                   ) -> tuple[torch.Tensor, ...]:
-        """:meth:`qkv` after the projection by the CPU kernels; q/k/v as int16."""
-        kernels = _kernels(fused.numel() * 2)
-        shape = fused.shape[:-1]
-        rows = fused.reshape(-1, fused.shape[-1])
-        count = rows.shape[0]
-        heads, kv, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        rotated = heads + kv
-        at = positions.to(torch.int64).repeat(count // positions.shape[0])
-        out = torch.empty(count, rotated + kv, dh, dtype=torch.int16)
-        scales = torch.empty(count, rotated + kv, dtype=F64)
-        table_cos, table_sin = self._cos_host, self._sin_host
-        kernels.rope_quantize(rows[:, : rotated * dh].view(count, rotated, dh).numpy(),
-                              at.numpy(), table_cos, table_sin, True,
-                              out[:, :rotated].numpy(), scales[:, :rotated].numpy())
-        kernels.rope_quantize(rows[:, rotated * dh :].view(count, kv, dh).numpy(),
-                              at.numpy(), table_cos, table_sin, False,
-                              out[:, rotated:].numpy(), scales[:, rotated:].numpy())
-        out = out.view(*shape, rotated + kv, dh)
-        scales = scales.view(*shape, rotated + kv, 1)
-        query_scale = scales[..., :heads, :] * self.attention_scale
-        return (out[..., :heads, :], query_scale, out[..., heads:rotated, :],
-                scales[..., heads:rotated, :], out[..., rotated:, :], scales[..., rotated:, :])
 
     def attend(
         self,
@@ -476,57 +437,79 @@ class IntegerModel:
         context = _div(context * p_scale, weights.sum(dim=-1, keepdim=True))
         return context.transpose(1, 2).reshape(n, tq, self.num_heads * dh)
 
-    def attend_rows(
-        self,
-        queries: torch.Tensor,  # [N, T, H, Dh] integers
-        query_scale: torch.Tensor,  # [N, T, H, 1]
-        keys: torch.Tensor,  # int16 [N, Hkv, L, Dh]
-        key_scale: torch.Tensor,  # float64 [N, Hkv, L]
-        values: torch.Tensor,  # int16 [N, Hkv, Dh, L]: d-major
-        value_scale: torch.Tensor,  # float64 [N, Hkv, L]
-        first: int,  # position of query 0: query j sees keys 0 .. first + j
+    def attention(
+        self, layer: IntLayer, context: torch.Tensor, h: torch.Tensor
     ) -> torch.Tensor:
-        """:meth:`attend` by the fused CPU kernel, causal without a mask: the keys a
-        query cannot see are never read (their exponential weight would be 0)."""
-        n, t = queries.shape[:2]
-        kernels = _kernels(n * t * self.num_heads * self.head_dim * (first + t))
-        out = torch.empty(n, t, self.num_heads, self.head_dim, dtype=F64)
-        kernels.attend(
-            queries.to(torch.int16).contiguous().numpy(),
-            query_scale.reshape(n, t, self.num_heads).contiguous().numpy(),
-            keys.numpy(), key_scale.numpy(), values.numpy(), value_scale.numpy(),
-            first, kernels.table, out.numpy(),
-        )
-        return out.view(n, t, self.num_heads * self.head_dim)
+        q, scale = quantize_rows(context, LINEAR_LEVELS)
+        return layer.o_proj.add_to_residual(q, scale, h)
+
+    # ------------------------------------------------------------------ the CPU path
+    # The same operations, each layer as its four GEMMs with one compiled kernel between
+    # each pair (spec order, one row at a time, in cache), into buffers made once: a
+    # decoding step at batch width 1-2 was mostly the Python and dispatch overhead of
+    # about forty small torch operations per layer.
+    def forward_fused(
+        self, h: torch.Tensor, positions: torch.Tensor, attend: AttendRows,
+        work: Workspace,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer over rows h [R, D] at ``positions`` [R] (h is updated in place);
+        returns the final norm's quantized rows (q, scale) for :meth:`lm_head_logits`.
+        ``attend(layer index, qkv [R, H + 2 Hkv, Dh] int16, scales [R, H + 2 Hkv])``
+        gives the context rows [R, H * Dh] (float64) from the rotated, quantized
+        queries, keys and values."""
+        inner = self.layers[0].down_proj.weight.shape[0]
+        kernels = _kernels(h.shape[0] * 2 * inner)  # the widest kernel's elements
+        h_host, at = h.numpy(), positions.numpy()
+        q, scale = work.quantized(self.hidden)
+        kernels.norm_quantize(h_host, self.layers[0].input_norm.numpy(), self.eps, q[1],
+                              scale[1])
+        for index, layer in enumerate(self.layers):
+            assert layer.qkv_proj is not None and layer.gate_up_proj is not None
+            acc = work.product(layer.qkv_proj, q[0])
+            qkv, qkv_scale = work.qkv
+            kernels.qkv_rope(acc, scale[1], layer.qkv_proj._scale_host, at, self._cos_host,
+                             self._sin_host, self.num_heads + self.num_kv_heads, qkv[1],
+                             qkv_scale[1])
+            context = attend(index, qkv[0], qkv_scale[0])
+            q, scale = work.quantized(context.shape[-1])
+            kernels.quantize(context.numpy(), float(LINEAR_LEVELS), q[1], scale[1])
+            acc = work.product(layer.o_proj, q[0])
+            q, scale = work.quantized(self.hidden)
+            kernels.residual_norm(acc, scale[1], layer.o_proj._scale_host, h_host,
+                                  layer.post_norm.numpy(), self.eps, q[1], scale[1])
+            acc = work.product(layer.gate_up_proj, q[0])
+            down_q, down_scale = work.quantized(inner)
+            kernels.swiglu_quantize(acc, scale[1], layer.gate_up_proj._scale_host,
+                                    kernels.table, down_q[1], down_scale[1])
+            acc = work.product(layer.down_proj, down_q[0])
+            norm = (self.layers[index + 1].input_norm if index + 1 < len(self.layers)
+                    else self.final_norm)
+            kernels.residual_norm(acc, down_scale[1], layer.down_proj._scale_host, h_host,
+                                  norm.numpy(), self.eps, q[1], scale[1])
+        return q[0], scale[0]
 
     #: Query positions per block of :meth:`attend_causal`: block b's scores are a
     #: [heads, PREFILL_BLOCK, keys up to the block's end] float64 tensor (~10 MB at 1024).
     PREFILL_BLOCK = 128
 
-    def attend_causal(
-        self,
-        queries: torch.Tensor,  # int16 [N, T, H, Dh]
-        query_scale: torch.Tensor,  # float64 [N, T, H, 1]
-        keys: torch.Tensor,  # int16 [N, T, Hkv, Dh]
-        key_scale: torch.Tensor,  # float64 [N, T, Hkv, 1]
-        values: torch.Tensor,  # int16 [N, T, Hkv, Dh]
-        value_scale: torch.Tensor,  # float64 [N, T, Hkv, 1]
-    ) -> torch.Tensor:
-        """:meth:`attend_rows` for whole rows (query j sees keys 0..j), with the two
+    def attend_causal(self, qkv: torch.Tensor, qkv_scale: torch.Tensor) -> torch.Tensor:
+        """The context rows [N, T, H * Dh] of whole rows (query j sees keys 0..j) from
+        :meth:`forward_fused`'s qkv [N, T, H + 2 Hkv, Dh] and scales, with the two
         integer sums as float64 GEMMs: q.k (|products| < 2^30, 64 of them) and u.v
         (< 2^30 each, at most 2^13 of them) are integers below 2^53, so any GEMM's
         result is exact whatever its order; the kernel between them is the same
-        sequence of binary64 operations as :meth:`attend_rows`'.  Causal blocks of
+        sequence of binary64 operations as the stepping kernel's.  Causal blocks of
         queries skip the keys no query of the block can see."""
-        n, t, heads, dh = queries.shape
-        kv, g = self.num_kv_heads, self.group
+        n, t = qkv.shape[:2]
+        heads, kv, g, dh = self.num_heads, self.num_kv_heads, self.group, self.head_dim
         # [N, Hkv, g, T, Dh]: the g query heads that share a key head, as one GEMM operand
-        q64 = queries.view(n, t, kv, g, dh).permute(0, 2, 3, 1, 4).to(F64)
-        qs = query_scale.view(n, t, kv, g).permute(0, 2, 3, 1).contiguous()
-        k64 = keys.permute(0, 2, 1, 3).to(F64)  # [N, Hkv, T, Dh]
-        v64 = values.permute(0, 2, 1, 3).to(F64)
-        ks = key_scale.view(n, t, kv).transpose(1, 2).contiguous()  # [N, Hkv, T]
-        vs = value_scale.view(n, t, kv).transpose(1, 2).contiguous()
+        q64 = qkv[:, :, :heads].view(n, t, kv, g, dh).permute(0, 2, 3, 1, 4).to(F64)
+        qs = (qkv_scale[:, :, :heads] * self.attention_scale).view(n, t, kv, g)
+        qs = qs.permute(0, 2, 3, 1).contiguous()
+        k64 = qkv[:, :, heads : heads + kv].permute(0, 2, 1, 3).to(F64)  # [N, Hkv, T, Dh]
+        v64 = qkv[:, :, heads + kv :].permute(0, 2, 1, 3).to(F64)
+        ks = qkv_scale[:, :, heads : heads + kv].transpose(1, 2).contiguous()  # [N, Hkv, T]
+        vs = qkv_scale[:, :, heads + kv :].transpose(1, 2).contiguous()
         out = torch.empty(n, t, kv, g, dh, dtype=F64)
         kernels = _kernels(n * heads * t * t)
         for begin in range(0, t, self.PREFILL_BLOCK):
@@ -545,35 +528,28 @@ class IntegerModel:
             out[:, begin:end] = context.permute(0, 3, 1, 2, 4)
         return out.view(n, t, heads * dh)
 
-    def attention(
-        self, layer: IntLayer, context: torch.Tensor, h: torch.Tensor
-    ) -> torch.Tensor:
-        if self.fused_kernels:
-            rows = context.reshape(-1, context.shape[-1])
-            q = torch.empty(rows.shape, dtype=self.activation_dtype)
-            scale = torch.empty(rows.shape[0], 1, dtype=F64)
-            _kernels(rows.numel()).quantize(rows.numpy(), float(LINEAR_LEVELS), q.numpy(),
-                                scale.view(-1).numpy())
-        else:
-            q, scale = quantize_rows(context, LINEAR_LEVELS)
-        return layer.o_proj.add_to_residual(q, scale, h)
-
     # ------------------------------------------------------------------ whole rows
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, T, V] for rows of tokens [N, T] fed at positions 0..T-1."""
-        t = tokens.shape[1]
+        n, t = tokens.shape
         if t > self.max_length:
             raise ValueError(f"{t} positions exceed the engine's {self.max_length}")
         positions = torch.arange(t, device=self.device)
-        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
         h = self.embed(tokens.to(self.device))
+        if self.fused_kernels:
+            rows = h.view(n * t, self.hidden)
+
+            def attend(_index: int, qkv: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+                return self.attend_causal(qkv.view(n, t, *qkv.shape[1:]),
+                                          scale.view(n, t, -1)).view(n * t, -1)
+
+            q, scale = self.forward_fused(rows, positions.repeat(n), attend,
+                                          Workspace(self, n * t))
+            return self.lm_head_logits(q, scale).view(n, t, self.vocab_size)
+        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
         for layer in self.layers:
             q, qs, k, ks, v, vs = self.qkv(layer, h, positions)
-            if self.fused_kernels:
-                context = self.attend_causal(q, qs, k, ks, v, vs)
-                h = self.mlp(layer, self.attention(layer, context, h))
-                continue
             context = self.attend(
                 q.transpose(1, 2), qs.transpose(1, 2), k.transpose(1, 2),
                 ks.squeeze(-1).transpose(1, 2), v.transpose(1, 2),
@@ -581,6 +557,46 @@ class IntegerModel:
             )
             h = self.mlp(layer, self.attention(layer, context, h))
         return self.logits(h)
+
+
+#: The attention of :meth:`IntegerModel.forward_fused`: (layer, qkv, scales) -> context.
+AttendRows = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Workspace:
+    """The CPU path's buffers for ``rows`` rows, made once per shape and reused by every
+    layer (and, in a stepper, every step): each as a torch tensor (the GEMMs' operand or
+    output) paired with a NumPy view of the same memory (the kernels' argument), so no
+    step allocates or converts them again."""
+
+    def __init__(self, model: IntegerModel, rows: int) -> None:
+        self.model, self.rows = model, rows
+        self._buffers: dict[tuple[Any, ...], tuple[torch.Tensor, Any]] = {}
+        total = model.num_heads + 2 * model.num_kv_heads
+        self.qkv = (self._buffer("qkv", (rows, total, model.head_dim), torch.int16),
+                    self._buffer("qkv_scale", (rows, total), F64))
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
+                ) -> tuple[torch.Tensor, Any]:
+        key = (name, shape, dtype)
+        if key not in self._buffers:
+            tensor = torch.empty(shape, dtype=dtype)
+            self._buffers[key] = (tensor, tensor.numpy())
+        return self._buffers[key]
+
+    def quantized(self, width: int) -> tuple[tuple[torch.Tensor, Any], tuple[torch.Tensor, Any]]:
+        """((q, q_host), (scale, scale_host)): a linear layer's quantized input rows
+        [rows, width] and their scales [rows], one pair per width."""
+        return (self._buffer(f"q{width}", (self.rows, width), self.model.activation_dtype),
+                self._buffer(f"scale{width}", (self.rows,), F64))
+
+    def product(self, layer: IntLinear, q: torch.Tensor) -> Any:
+        """The layer's exact integer product of q as a NumPy array (int32 into a reused
+        buffer on the int8 GEMM; float32 or float64 from the chunked fp32 GEMMs)."""
+        out = None
+        if layer.int8_gemm:
+            out = self._buffer("acc", (self.rows, layer.weight.shape[1]), torch.int32)[0]
+        return layer._accumulate(q, out).numpy()
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -605,7 +621,7 @@ _NUMBA: Any = None
 
 #: Below this many elements of work a kernel runs on the calling thread: waking worker
 #: threads costs more than it saves (milliseconds on a busy machine).
-PARALLEL_WORK = 1 << 18
+PARALLEL_WORK = 1 << 16
 
 
 def _kernels(work: int = PARALLEL_WORK) -> Any:
@@ -724,62 +740,109 @@ def _compile(numba: Any) -> Any:
                 peak = p
         return total, peak
 
-    def attend(q, q_scale, keys, k_scale, values_t, v_scale, first, table, out):  # pragma: no cover
-        # q int16 [N, T, H, Dh], q_scale f64 [N, T, H]; keys int16 [N, Hkv, L, Dh] and
-        # values_t int16 [N, Hkv, Dh, L'] (d-major: u.v is a dot product along L; L' is L
-        # rounded up to DOT_BLOCK), their scales f64 [N, Hkv, L]; query j sees keys
-        # 0 .. first + j; out f64 [N, T, H, Dh].  One task per (row, key head): its keys
-        # stay in cache for the heads sharing them.  u is zero past the visible keys, so
-        # u.v runs over whole blocks (whatever values lie there, their products are 0).
-        n_rows, t_rows, heads, dh = q.shape
+    @numba.njit(fastmath=False, nogil=True, cache=True)
+    def norm_row(h, weight, eps, q_out):  # pragma: no cover
+        # RMSNorm(h) * weight of one row quantized to +-127 into q_out; returns its scale
+        cols = h.shape[0]
+        peak = 0.0
+        for c in range(cols):
+            a = np.abs(h[c])
+            if a > peak:
+                peak = a
+        exponent = math.frexp(peak)[1]
+        shift = exponent - norm_bits
+        if shift < 0:
+            shift = 0
+        down = math.ldexp(1.0, -shift)  # 2^-shift, exact
+        squares = 0
+        for c in range(cols):
+            v = np.int64(np.floor(h[c] * down))
+            squares += v * v
+        mean = (np.float64(squares) * math.ldexp(1.0, 2 * shift - 2 * residual_bits)) \
+            / np.float64(cols)
+        root = np.sqrt(mean + eps)
+        peak = 0.0
+        for c in range(cols):
+            a = np.abs(h[c] * weight[c])
+            if a > peak:
+                peak = a
+        safe = peak if peak > 0.0 else 1.0
+        factor = linear_levels / safe
+        for c in range(cols):
+            q_out[c] = np.rint((h[c] * weight[c]) * factor)
+        return ((peak / linear_levels) * residual_down) / root
+
+    def attend_step(qkv, scales, attention_scale, keys, k_scale, values_t, v_scale, t,
+                    table, context):  # pragma: no cover
+        # Position t of every row: qkv int16 [N, H + 2 Hkv, Dh] (queries, keys, values of
+        # the position) and their scales f64 [N, H + 2 Hkv].  The key and value are
+        # stored in the caches first: keys int16 [N, Hkv, L, Dh], values_t int16
+        # [N, Hkv, Dh, L'] (d-major: u.v is a dot product along L; L' is L rounded up to
+        # DOT_BLOCK), scales f64 [N, Hkv, L]; then the query sees keys 0 .. t; context
+        # f64 [N, H * Dh].  One task per (row, key head): its keys stay in cache for the
+        # heads sharing them, and each value row serves those heads while in cache.  u is
+        # zero past the visible keys, so u.v runs over whole blocks (whatever values lie
+        # there, their products are 0).
+        n_rows, columns, dh = qkv.shape
         kv_heads = keys.shape[1]
+        heads = columns - 2 * kv_heads
         group = heads // kv_heads
         padded = values_t.shape[3]
-        whole_blocks = dh % block == 0
+        count = t + 1
+        blocks = -(-count // block)
         for r in numba.prange(n_rows * kv_heads):
             n = r // kv_heads
             kv = r % kv_heads
+            for d in range(dh):
+                keys[n, kv, t, d] = qkv[n, heads + kv, d]
+                values_t[n, kv, d, t] = qkv[n, heads + kv_heads + kv, d]
+            k_scale[n, kv, t] = scales[n, heads + kv]
+            v_scale[n, kv, t] = scales[n, heads + kv_heads + kv]
+            queries = qkv[n]
             key_rows = keys[n, kv]
             value_cols = values_t[n, kv]
             ks = k_scale[n, kv]
-            vs = v_scale[n, kv]
-            scores = np.empty((group, first + t_rows), dtype=np.float64)
-            tops = np.empty(group, dtype=np.float64)
-            u = np.zeros(value_cols.shape[1], dtype=np.int16)
-            queries = np.empty((group, dh), dtype=np.int16)
-            for j in range(t_rows):
-                count = first + j + 1
+            scores = np.empty((group, count), dtype=np.float64)
+            tops = np.full(group, -np.inf)
+            q_scale = np.empty(group, dtype=np.float64)
+            for g in range(group):
+                q_scale[g] = scales[n, kv * group + g] * attention_scale
+            # q.k for the heads of the group, each key read once (the usual head widths
+            # get a constant block count: LLVM unrolls the dot product)
+            for k in range(count):
                 for g in range(group):
-                    for d in range(dh):
-                        queries[g, d] = q[n, j, kv * group + g, d]
-                    tops[g] = -np.inf
-                # q.k for the heads of the group, each key read once
+                    at = (kv * group + g) * dh
+                    if dh == 64:
+                        acc = dot_blocks(queries, at, key_rows, k * 64, 2)
+                    elif dh == 128:
+                        acc = dot_blocks(queries, at, key_rows, k * 128, 4)
+                    elif dh % block == 0:
+                        acc = dot_blocks(queries, at, key_rows, k * dh, dh // block)
+                    else:
+                        acc = 0
+                        for d in range(dh):
+                            acc += np.int64(queries[kv * group + g, d]) * np.int64(key_rows[k, d])
+                    zk = np.float64(acc) * (q_scale[g] * ks[k])
+                    scores[g, k] = zk
+                    if zk > tops[g]:
+                        tops[g] = zk
+            u = np.zeros((group, padded), dtype=np.int16)
+            p_scale = np.empty(group, dtype=np.float64)
+            weight_sum = np.empty(group, dtype=np.float64)
+            for g in range(group):
+                z = scores[g]
+                total, peak = weigh(z, count, tops[g], v_scale[n, kv], table)
+                safe = peak if peak > 0.0 else 1.0
+                factor = levels / safe
+                p_scale[g] = peak / levels
+                weight_sum[g] = np.float64(total)
                 for k in range(count):
-                    for g in range(group):
-                        if whole_blocks:
-                            acc = dot_blocks(queries, g * dh, key_rows, k * dh, dh // block)
-                        else:
-                            acc = 0
-                            for d in range(dh):
-                                acc += np.int64(queries[g, d]) * np.int64(key_rows[k, d])
-                        zk = np.float64(acc) * (q_scale[n, j, kv * group + g] * ks[k])
-                        scores[g, k] = zk
-                        if zk > tops[g]:
-                            tops[g] = zk
+                    u[g, k] = np.int16(np.rint(z[k] * factor))
+            for d in range(dh):
                 for g in range(group):
-                    h = kv * group + g
-                    z = scores[g]
-                    total, peak = weigh(z, count, tops[g], vs, table)
-                    safe = peak if peak > 0.0 else 1.0
-                    factor = levels / safe
-                    p_scale = peak / levels
-                    for k in range(count):
-                        u[k] = np.int16(np.rint(z[k] * factor))
-                    weight_sum = np.float64(total)
-                    blocks = -(-count // block)
-                    for d in range(dh):
-                        context = dot_blocks(u, 0, value_cols, d * padded, blocks)
-                        out[n, j, h, d] = (np.float64(context) * p_scale) / weight_sum
+                    acc = dot_blocks(u, g * padded, value_cols, d * padded, blocks)
+                    context[n, (kv * group + g) * dh + d] = \
+                        (np.float64(acc) * p_scale[g]) / weight_sum[g]
 
     def causal_weights(scores, q_scale, k_scale, v_scale, first, table, p_scale,
                        weight_sum):  # pragma: no cover
@@ -813,27 +876,33 @@ def _compile(numba: Any) -> Any:
             p_scale[n, kv, g, j] = peak / levels
             weight_sum[n, kv, g, j] = np.float64(total)
 
-    def swiglu_quantize(gate, up, table, q_out, scale_out):  # pragma: no cover
-        # gate, up f64 [R, I] (gate is overwritten); q_out [R, I] int8/f32; scale_out f64 [R]
-        rows, width = gate.shape
+    def swiglu_quantize(acc, row_scale, col_scale, table, q_out, scale_out):  # pragma: no cover
+        # acc [R, 2I]: the fused gate/up projection's integer sums (any dtype); gate and
+        # up are acc * (row_scale * col_scale); silu(gate) * up quantized per row:
+        # q_out [R, I] int8/f32, scale_out f64 [R]
+        rows = acc.shape[0]
+        width = acc.shape[1] // 2
         for r in numba.prange(rows):
+            s = row_scale[r]
+            products = np.empty(width, dtype=np.float64)
             peak = 0.0
             for i in range(width):
-                x = gate[r, i]
+                x = np.float64(acc[r, i]) * (s * col_scale[i])
+                up = np.float64(acc[r, width + i]) * (s * col_scale[width + i])
                 e = np.floor(np.abs(x) * log2e_scaled)
                 if e > max_index:
                     e = max_index
                 w = np.float64(table[np.int64(e)])
                 numerator = one if x >= 0.0 else w
-                product = (x * (numerator / (w + one))) * up[r, i]
-                gate[r, i] = product
+                product = (x * (numerator / (w + one))) * up
+                products[i] = product
                 a = np.abs(product)
                 if a > peak:
                     peak = a
             safe = peak if peak > 0.0 else 1.0
             factor = linear_levels / safe
             for i in range(width):
-                q_out[r, i] = np.rint(gate[r, i] * factor)
+                q_out[r, i] = np.rint(products[i] * factor)
             scale_out[r] = peak / linear_levels
 
     def scaled(acc, row_scale, col_scale, out):  # pragma: no cover
@@ -870,56 +939,50 @@ def _compile(numba: Any) -> Any:
 
     def norm_quantize(h, weight, eps, q_out, scale_out):  # pragma: no cover
         # norm_quantized: RMSNorm(h) * weight quantized per row; q_out int8/f32, scale_out f64
+        for r in numba.prange(h.shape[0]):
+            scale_out[r] = norm_row(h[r], weight, eps, q_out[r])
+
+    def residual_norm(acc, row_scale, col_scale, h, weight, eps, q_out,
+                      scale_out):  # pragma: no cover
+        # h[r, c] += round_half_even(acc[r, c] * (row_scale[r] * col_scale[c]) * 2^24),
+        # then norm_quantize of the new row (row_scale is read before scale_out is
+        # written: they may be one buffer)
         rows, cols = h.shape
         for r in numba.prange(rows):
-            peak = 0.0
+            s = row_scale[r]
             for c in range(cols):
-                a = np.abs(h[r, c])
-                if a > peak:
-                    peak = a
-            exponent = math.frexp(peak)[1]
-            shift = exponent - norm_bits
-            if shift < 0:
-                shift = 0
-            down = math.ldexp(1.0, -shift)  # 2^-shift, exact
-            squares = 0
-            for c in range(cols):
-                v = np.int64(np.floor(h[r, c] * down))
-                squares += v * v
-            mean = (np.float64(squares) * math.ldexp(1.0, 2 * shift - 2 * residual_bits)) \
-                / np.float64(cols)
-            root = np.sqrt(mean + eps)
-            peak = 0.0
-            for c in range(cols):
-                a = np.abs(h[r, c] * weight[c])
-                if a > peak:
-                    peak = a
-            safe = peak if peak > 0.0 else 1.0
-            factor = linear_levels / safe
-            for c in range(cols):
-                q_out[r, c] = np.rint((h[r, c] * weight[c]) * factor)
-            scale_out[r] = ((peak / linear_levels) * residual_down) / root
+                y = np.float64(acc[r, c]) * (s * col_scale[c])
+                h[r, c] = h[r, c] + np.rint(y * residual_one)
+            scale_out[r] = norm_row(h[r], weight, eps, q_out[r])
 
-    def rope_quantize(x, positions, cos, sin, rotate, q_out, scale_out):  # pragma: no cover
-        # x f64 [R, heads, Dh] (any strides); rotated at positions[R] when rotate, then
-        # quantized per head to +-32767: q_out int16 [R, heads, Dh], scale_out f64 [R, heads]
-        rows, heads, dh = x.shape
+    def qkv_rope(acc, row_scale, col_scale, positions, cos, sin, rotated, q_out,
+                 scale_out):  # pragma: no cover
+        # acc [R, heads * Dh]: the fused q/k/v projection's integer sums (any dtype); the
+        # values acc * (row_scale * col_scale), the first ``rotated`` heads rotated at
+        # positions[R], each head quantized to +-32767: q_out int16 [R, heads, Dh],
+        # scale_out f64 [R, heads]
+        rows, heads, dh = q_out.shape
         half = dh // 2
         for r in numba.prange(rows):
+            s = row_scale[r]
             pos = positions[r]
+            x = np.empty(dh, dtype=np.float64)
             y = np.empty(dh, dtype=np.float64)
             for h in range(heads):
-                if rotate:
+                base = h * dh
+                for i in range(dh):
+                    x[i] = np.float64(acc[r, base + i]) * (s * col_scale[base + i])
+                if h < rotated:
                     for i in range(half):
-                        a = x[r, h, i]
-                        b = x[r, h, half + i]
+                        a = x[i]
+                        b = x[half + i]
                         c = cos[pos, i]
-                        s = sin[pos, i]
-                        y[i] = a * c - b * s
-                        y[half + i] = b * c + a * s
+                        si = sin[pos, i]
+                        y[i] = a * c - b * si
+                        y[half + i] = b * c + a * si
                 else:
                     for i in range(dh):
-                        y[i] = x[r, h, i]
+                        y[i] = x[i]
                 peak = 0.0
                 for i in range(dh):
                     a = np.abs(y[i])
@@ -934,8 +997,8 @@ def _compile(numba: Any) -> Any:
     class Kernels:
         pass
 
-    functions = (attend, causal_weights, swiglu_quantize, scaled, residual, quantize, norm_quantize,
-                 rope_quantize)
+    functions = (attend_step, causal_weights, swiglu_quantize, scaled, residual, quantize,
+                 norm_quantize, residual_norm, qkv_rope)
     table = np.ascontiguousarray(WEIGHTS.astype(np.int64))
     flavours = []
     for parallel in (False, True):
@@ -993,6 +1056,8 @@ class IntegerStepper:
         self.value_scales = [torch.zeros(scale_shape, dtype=F64, device=device)
                              for _ in range(count)]
         self.position = 0
+        self._work: Workspace | None = None  # the CPU path's buffers, made on first step
+        self._caches: list[tuple[Any, ...]] = []  # NumPy views of the caches, for the kernel
 
     def reset(self) -> None:
         self.position = 0
@@ -1003,23 +1068,48 @@ class IntegerStepper:
         model, t = self.model, self.position
         if t >= self.length:
             raise RuntimeError("segment length exceeded: call reset() first")
+        step = self._step_fused if model.fused_kernels else self._step_torch
+        logits = step(tokens, t)
+        self.position = t + 1
+        return logits
+
+    def _step_fused(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """The CPU path: :meth:`IntegerModel.forward_fused` with the stepping kernel,
+        which stores position t's key and value in the cache and attends over 0..t."""
+        model = self.model
+        if self._work is None:
+            self._work = Workspace(model, self.width)
+            self._caches = [(k.numpy(), ks.numpy(), v.numpy(), vs.numpy()) for k, ks, v, vs
+                            in zip(self.keys, self.key_scales, self.values, self.value_scales,
+                                   strict=True)]
+        work = self._work
+        context, context_host = work._buffer(
+            "context", (self.width, model.num_heads * model.head_dim), F64)
+        kernels = _kernels(context_host.size * (t + 1))
+        scale_by = float(model.attention_scale.item())
+
+        def attend(index: int, qkv: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            keys, key_scales, values, value_scales = self._caches[index]
+            kernels.attend_step(qkv.numpy(), scale.numpy(), scale_by, keys, key_scales,
+                                values, value_scales, t, kernels.table, context_host)
+            return context
+
+        h = model.embed(tokens.to(model.device))
+        positions = torch.full((self.width,), t, dtype=torch.int64)
+        q, scale = model.forward_fused(h, positions, attend, work)
+        return model.lm_head_logits(q, scale)
+
+    def _step_torch(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Off the CPU: the spec's operations as torch ops over the cache."""
+        model = self.model
         positions = torch.tensor([t], device=model.device)
         h = model.embed(tokens.to(model.device))[:, None, :]  # [B, 1, D]
         for index, layer in enumerate(model.layers):
             q, qs, k, ks, v, vs = model.qkv(layer, h, positions)
             self.keys[index][:, :, t] = k[:, 0].to(torch.int16)
-            if self.values_d_major:
-                self.values[index][:, :, :, t] = v[:, 0].to(torch.int16)
-            else:
-                self.values[index][:, :, t] = v[:, 0].to(torch.int16)
+            self.values[index][:, :, t] = v[:, 0].to(torch.int16)
             self.key_scales[index][:, :, t] = ks[:, 0, :, 0]
             self.value_scales[index][:, :, t] = vs[:, 0, :, 0]
-            if model.fused_kernels:
-                context = model.attend_rows(
-                    q, qs, self.keys[index], self.key_scales[index], self.values[index],
-                    self.value_scales[index], t)
-                h = model.mlp(layer, model.attention(layer, context, h))
-                continue
             context = model.attend(
                 q.transpose(1, 2), qs.transpose(1, 2),
                 self.keys[index][:, :, : t + 1].to(F64), self.key_scales[index][:, :, : t + 1],
@@ -1027,7 +1117,6 @@ class IntegerStepper:
                 self.value_scales[index][:, :, : t + 1], None,
             )
             h = model.mlp(layer, model.attention(layer, context, h))
-        self.position = t + 1
         return model.logits(h)[:, 0]
 
 
