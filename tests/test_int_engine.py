@@ -221,6 +221,24 @@ def test_the_vector_dot_kernel_is_exact_at_the_extremes() -> None:
             assert dot(a, 5, b, 9, blocks) == exact  # offsets: unaligned starts
 
 
+def test_the_few_rows_int8_kernel_is_exact_at_the_extremes() -> None:
+    """``int8_rows`` (one or two rows: int8 pairs summed in int32) against int64
+    arithmetic with every product at +-127^2 over a 1,536-wide row, and random values."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randint(-127, 128, (40, 1536), generator=generator).double()
+    weight[:20] = 127.0
+    layer = IntLinear.from_float(weight, "cpu", int8_gemm=True)
+    for rows in (1, 2):
+        q = torch.randint(-127, 128, (rows, 1536), generator=generator, dtype=torch.int8)
+        q[0] = 127 if rows == 1 else -127
+        assert layer.few_rows(rows)
+        out = np.empty((rows, 40), dtype=np.int32)
+        layer.rows_product(q.numpy(), out)
+        exact = q.long() @ layer.weight.long()
+        assert np.array_equal(out, exact.numpy())
+        assert int(exact.abs().max()) == 127 * 127 * 1536
+
+
 def test_stepping_equals_prefill_with_64_wide_heads() -> None:
     """SmolLM2's head width (64): the vector kernel's whole-block path, which the 16-wide
     fixture heads never reach, against prefill's float64 GEMMs."""

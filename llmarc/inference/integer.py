@@ -53,6 +53,10 @@ WEIGHT_LEVELS = 127
 ATTENTION_LEVELS = 32767
 #: Inner-dimension chunk for which an fp32 GEMM of int8 values is exact: 127*127*1040 < 2^24.
 FP32_EXACT_CHUNK = 1040
+#: Up to this many rows, an int8 linear layer runs on the compiled kernel ``int8_rows``
+#: (each weight row read once for all rows, at memory speed) instead of oneDNN's GEMM,
+#: which spends more on dispatch and thread hand-offs than on arithmetic at 1-2 rows.
+SMALL_GEMM_ROWS = 2
 #: Weight storage off the CPU (the value 127 fits; widening to float32 is exact).
 COMPACT_STORAGE = torch.int8
 #: 2^31: the weight of the top score in the exponential table (EXP2_TABLE[0]).
@@ -151,6 +155,11 @@ class IntLinear:
         inner = self.weight.shape[0]
         if self.int8_gemm:  # int32 sums, proven exact on this host
             rows = q.reshape(-1, inner).to(torch.int8)
+            if self.few_rows(rows.shape[0]):
+                if out is None:
+                    out = torch.empty(rows.shape[0], self.weight.shape[1], dtype=torch.int32)
+                self.rows_product(rows.numpy(), out.numpy())
+                return out.view(*q.shape[:-1], -1)
             if out is not None:
                 return torch._int_mm(rows, self.weight, out=out)
             return torch._int_mm(rows, self.weight).view(*q.shape[:-1], -1)
@@ -191,6 +200,20 @@ class IntLinear:
         getattr(kernels, kind)(
             acc.reshape(-1, cols).numpy(), row_scale.reshape(-1).contiguous().numpy(),
             self._scale_host, out.view(-1, cols).numpy())
+
+    def few_rows(self, rows: int) -> bool:
+        """Whether a product of ``rows`` rows goes to :meth:`rows_product`."""
+        return (self.int8_gemm and rows <= SMALL_GEMM_ROWS
+                and self.weight.shape[0] % DOT_BLOCK == 0)
+
+    def rows_product(self, q: Any, out: Any) -> None:
+        """out = q @ w by the compiled ``int8_rows`` (NumPy int8 q [M, in], int32 out)."""
+        _kernels().int8_rows(q, self._rows_host, out)
+
+    @functools.cached_property
+    def _rows_host(self) -> Any:
+        """The int8 weights as a NumPy [out, in] array (the storage the GEMM reads)."""
+        return self.weight.t().numpy()
 
     @functools.cached_property
     def _scale_host(self) -> Any:
@@ -465,7 +488,7 @@ class IntegerModel:
                               scale[1])
         for index, layer in enumerate(self.layers):
             assert layer.qkv_proj is not None and layer.gate_up_proj is not None
-            acc = work.product(layer.qkv_proj, q[0])
+            acc = work.product(layer.qkv_proj, q)
             qkv, qkv_scale = work.qkv
             kernels.qkv_rope(acc, scale[1], layer.qkv_proj._scale_host, at, self._cos_host,
                              self._sin_host, self.num_heads + self.num_kv_heads, qkv[1],
@@ -473,15 +496,15 @@ class IntegerModel:
             context = attend(index, qkv[0], qkv_scale[0])
             q, scale = work.quantized(context.shape[-1])
             kernels.quantize(context.numpy(), float(LINEAR_LEVELS), q[1], scale[1])
-            acc = work.product(layer.o_proj, q[0])
+            acc = work.product(layer.o_proj, q)
             q, scale = work.quantized(self.hidden)
             kernels.residual_norm(acc, scale[1], layer.o_proj._scale_host, h_host,
                                   layer.post_norm.numpy(), self.eps, q[1], scale[1])
-            acc = work.product(layer.gate_up_proj, q[0])
+            acc = work.product(layer.gate_up_proj, q)
             down_q, down_scale = work.quantized(inner)
             kernels.swiglu_quantize(acc, scale[1], layer.gate_up_proj._scale_host,
                                     kernels.table, down_q[1], down_scale[1])
-            acc = work.product(layer.down_proj, down_q[0])
+            acc = work.product(layer.down_proj, down_q)
             norm = (self.layers[index + 1].input_norm if index + 1 < len(self.layers)
                     else self.final_norm)
             kernels.residual_norm(acc, down_scale[1], layer.down_proj._scale_host, h_host,
@@ -590,13 +613,19 @@ class Workspace:
         return (self._buffer(f"q{width}", (self.rows, width), self.model.activation_dtype),
                 self._buffer(f"scale{width}", (self.rows,), F64))
 
-    def product(self, layer: IntLinear, q: torch.Tensor) -> Any:
-        """The layer's exact integer product of q as a NumPy array (int32 into a reused
-        buffer on the int8 GEMM; float32 or float64 from the chunked fp32 GEMMs)."""
-        out = None
-        if layer.int8_gemm:
-            out = self._buffer("acc", (self.rows, layer.weight.shape[1]), torch.int32)[0]
-        return layer._accumulate(q, out).numpy()
+    def product(self, layer: IntLinear, q: tuple[torch.Tensor, Any]) -> Any:
+        """The layer's exact integer product of the quantized rows ``q`` (tensor, host
+        view) as a NumPy array: int32 into a reused buffer from the int8 weights (the
+        compiled ``int8_rows`` up to SMALL_GEMM_ROWS rows, else oneDNN's GEMM), or
+        float32/float64 from the chunked fp32 GEMMs."""
+        if not layer.int8_gemm:
+            return layer._accumulate(q[0]).numpy()
+        out, out_host = self._buffer("acc", (self.rows, layer.weight.shape[1]), torch.int32)
+        if layer.few_rows(self.rows):
+            layer.rows_product(q[1], out_host)
+        else:
+            layer._accumulate(q[0], out)
+        return out_host
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -661,16 +690,28 @@ def _int16_dot_blocks(numba: Any) -> Any:
     plain integer ops elsewhere; integer arithmetic has one answer on every target, so
     the result is the same everywhere.
     Measured here: 2.3x the plain loop for the 64-wide q.k of SmolLM2."""
+    return _dot_blocks(16, 64)
+
+
+def _int8_dot_blocks(numba: Any) -> Any:
+    """The same for int8 x int8 products of linear layers (|q|, |w| <= 127), summed in
+    int32: each pair is below 2^15 and a row of up to 2^17 products below 2^31."""
+    return _dot_blocks(8, 32)
+
+
+@functools.cache
+def _dot_blocks(element_bits: int, sum_bits: int) -> Any:
     from llvmlite import ir
     from numba import types
     from numba.core import cgutils
     from numba.extending import intrinsic
 
     lanes = DOT_BLOCK
-    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+    element, i32, total = ir.IntType(element_bits), ir.IntType(32), ir.IntType(sum_bits)
     half = ir.VectorType(i32, lanes // 2)
-    wide = ir.VectorType(i64, lanes // 2)
-    reduce_type = ir.FunctionType(i64, [wide])
+    wide = ir.VectorType(total, lanes // 2)
+    reduce_type = ir.FunctionType(total, [wide])
+    result_type = types.int64 if sum_bits == 64 else types.int32
 
     @intrinsic
     def dot_blocks(typingctx, a, ia, b, ib, blocks):  # pragma: no cover - code generation
@@ -680,8 +721,9 @@ def _int16_dot_blocks(numba: Any) -> Any:
 
             def load(data, index):
                 pointer = builder.bitcast(builder.gep(data, [index]),
-                                          ir.VectorType(i16, lanes).as_pointer())
-                return builder.sext(builder.load(pointer, align=2), ir.VectorType(i32, lanes))
+                                          ir.VectorType(element, lanes).as_pointer())
+                return builder.sext(builder.load(pointer, align=element_bits // 8),
+                                    ir.VectorType(i32, lanes))
 
             accumulator = cgutils.alloca_once_value(builder, ir.Constant(wide, None))
             with cgutils.for_range(builder, args[4]) as loop:
@@ -692,13 +734,14 @@ def _int16_dot_blocks(numba: Any) -> Any:
                 odd = ir.Constant(half, list(range(1, lanes, 2)))
                 pairs = builder.add(builder.shuffle_vector(products, products, even),
                                     builder.shuffle_vector(products, products, odd))
-                builder.store(builder.add(builder.load(accumulator), builder.sext(pairs, wide)),
-                              accumulator)
+                if sum_bits != 32:
+                    pairs = builder.sext(pairs, wide)
+                builder.store(builder.add(builder.load(accumulator), pairs), accumulator)
             reduce = cgutils.get_or_insert_function(
-                builder.module, reduce_type, f"llvm.vector.reduce.add.v{lanes // 2}i64")
+                builder.module, reduce_type, f"llvm.vector.reduce.add.v{lanes // 2}i{sum_bits}")
             return builder.call(reduce, [builder.load(accumulator)])
 
-        return types.int64(a, ia, b, ib, blocks), codegen
+        return result_type(a, ia, b, ib, blocks), codegen
 
     return dot_blocks
 
@@ -720,7 +763,18 @@ def _compile(numba: Any) -> Any:
     norm_bits = NORM_BITS
 
     dot_blocks = _int16_dot_blocks(numba)
+    dot8 = _int8_dot_blocks(numba)
     block = DOT_BLOCK
+
+    def int8_rows(q, weight, out):  # pragma: no cover
+        # out[r, o] = sum_i q[r, i] * weight[o, i]: q int8 [M, in], weight int8 [out, in]
+        # (in a multiple of DOT_BLOCK), out int32 [M, out]; exact in int32 (|sum| <=
+        # 127^2 * in < 2^31); each weight row is read once for the M rows
+        rows, inner = q.shape
+        blocks = inner // block
+        for o in numba.prange(weight.shape[0]):
+            for r in range(rows):
+                out[r, o] = dot8(q, r * inner, weight, o * inner, blocks)
 
     @numba.njit(fastmath=False, nogil=True, cache=True)
     def weigh(z, count, top, v_scale, table):  # pragma: no cover
@@ -997,8 +1051,8 @@ def _compile(numba: Any) -> Any:
     class Kernels:
         pass
 
-    functions = (attend_step, causal_weights, swiglu_quantize, scaled, residual, quantize,
-                 norm_quantize, residual_norm, qkv_rope)
+    functions = (int8_rows, attend_step, causal_weights, swiglu_quantize, scaled, residual,
+                 quantize, norm_quantize, residual_norm, qkv_rope)
     table = np.ascontiguousarray(WEIGHTS.astype(np.int64))
     flavours = []
     for parallel in (False, True):
@@ -1043,11 +1097,10 @@ class IntegerStepper:
         count = len(model.layers)
         device = model.device
         self.keys = [torch.zeros(shape, dtype=torch.int16, device=device) for _ in range(count)]
-        #: the CPU kernel reads values d-major ([.., Dh, L]: u.v is a dot product along L)
-        self.values_d_major = model.fused_kernels
+        # the CPU kernel reads values d-major ([.., Dh, L]: u.v is a dot product along L)
         padded = -(-length // DOT_BLOCK) * DOT_BLOCK
         value_shape = ((width, model.num_kv_heads, model.head_dim, padded)
-                       if self.values_d_major else shape)
+                       if model.fused_kernels else shape)
         self.values = [torch.zeros(value_shape, dtype=torch.int16, device=device)
                        for _ in range(count)]
         scale_shape = (width, model.num_kv_heads, length)
