@@ -34,6 +34,9 @@ from llmarc.entropy.quantize import (
 )
 
 _KERNELS: Any = None
+_weights_of: Any = None  # the helpers of _compile
+_frequency: Any = None
+_frequencies_of: Any = None
 #: Status codes of a row: fine, NaN/+inf, only -inf, subnormals flushed.
 OK, NOT_FINITE, ALL_NEG_INF, FLUSHED = 0, 1, 2, 3
 _PROBE = np.array([2.0**-148, 2.0**-149], dtype=np.float32)
@@ -104,6 +107,10 @@ def _kernels() -> Any:
 
 
 def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not traced
+    # The helpers are module globals, not closure cells: numba keys its disk cache on a
+    # hash of a kernel's closure, and a compiled function pickles differently in every
+    # process, so as cells they forced a recompilation (seconds) in every process.
+    global _weights_of, _frequency, _frequencies_of
     scale = float(LOG2E_SCALED)
     floor_exponent = float(MIN_EXPONENT)
     jit = numba.njit(fastmath=False, nogil=True, cache=True)
@@ -158,24 +165,26 @@ def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not
     def frequencies_of(row, precision, table, probe, out):
         # out <- the row's frequency table (spec §2); returns the row's status
         vocab = row.shape[0]
-        total, first, state = weights_of(row, table, probe, out)
+        total, first, state = _weights_of(row, table, probe, out)
         if state != OK:
             return state
         spare = (np.int64(1) << precision) - vocab
         inverse = 1.0 / np.float64(total)
         used = 0
         for v in range(vocab):
-            f = frequency(out[v], spare, total, inverse)
+            f = _frequency(out[v], spare, total, inverse)
             out[v] = f
             used += f
         out[first] += (np.int64(1) << precision) - used
         return OK
 
+    _weights_of, _frequency, _frequencies_of = weights_of, frequency, frequencies_of
+
     @numba.njit(fastmath=False, nogil=True, cache=True, parallel=True)
     def tables(z, precision, cumulative, table, probe, out, status):
         for r in numba.prange(z.shape[0]):
             row_out = out[r]
-            status[r] = frequencies_of(z[r], precision, table, probe, row_out)
+            status[r] = _frequencies_of(z[r], precision, table, probe, row_out)
             if cumulative and status[r] == OK:
                 running = 0
                 for v in range(row_out.shape[0]):
@@ -186,7 +195,7 @@ def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not
     def intervals(z, symbols, precision, table, probe, start, freq, status):
         for r in numba.prange(z.shape[0]):
             row_out = np.empty(z.shape[1], dtype=np.int64)
-            status[r] = frequencies_of(z[r], precision, table, probe, row_out)
+            status[r] = _frequencies_of(z[r], precision, table, probe, row_out)
             if status[r] != OK:
                 continue
             symbol = symbols[r]

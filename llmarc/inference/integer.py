@@ -646,6 +646,10 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 # tensors.  Integer sums (q.k, u.v, the exponential weights) are int64: exact, so their
 # order is free and LLVM may vectorize them.
 _NUMBA: Any = None
+_dot16: Any = None  # the intrinsics and helpers of _compile
+_dot8: Any = None
+_weigh: Any = None
+_norm_row: Any = None
 
 
 #: Below this many elements of work a kernel runs on the calling thread: waking worker
@@ -762,8 +766,11 @@ def _compile(numba: Any) -> Any:
     residual_bits = RESIDUAL_BITS
     norm_bits = NORM_BITS
 
-    dot_blocks = _int16_dot_blocks(numba)
-    dot8 = _int8_dot_blocks(numba)
+    # The intrinsics and helpers are module globals, not closure cells: numba keys its
+    # disk cache on a hash of a kernel's closure, and they pickle differently in every
+    # process, so as cells they forced a recompilation (seconds) in every process.
+    global _dot16, _dot8, _weigh, _norm_row
+    _dot16, _dot8 = _int16_dot_blocks(numba), _int8_dot_blocks(numba)
     block = DOT_BLOCK
 
     def int8_rows(q, weight, out):  # pragma: no cover
@@ -774,7 +781,7 @@ def _compile(numba: Any) -> Any:
         blocks = inner // block
         for o in numba.prange(weight.shape[0]):
             for r in range(rows):
-                out[r, o] = dot8(q, r * inner, weight, o * inner, blocks)
+                out[r, o] = _dot8(q, r * inner, weight, o * inner, blocks)
 
     @numba.njit(fastmath=False, nogil=True, cache=True)
     def weigh(z, count, top, v_scale, table):  # pragma: no cover
@@ -826,6 +833,8 @@ def _compile(numba: Any) -> Any:
             q_out[c] = np.rint((h[c] * weight[c]) * factor)
         return ((peak / linear_levels) * residual_down) / root
 
+    _weigh, _norm_row = weigh, norm_row
+
     def attend_step(qkv, scales, attention_scale, keys, k_scale, values_t, v_scale, t,
                     table, context):  # pragma: no cover
         # Position t of every row: qkv int16 [N, H + 2 Hkv, Dh] (queries, keys, values of
@@ -867,11 +876,11 @@ def _compile(numba: Any) -> Any:
                 for g in range(group):
                     at = (kv * group + g) * dh
                     if dh == 64:
-                        acc = dot_blocks(queries, at, key_rows, k * 64, 2)
+                        acc = _dot16(queries, at, key_rows, k * 64, 2)
                     elif dh == 128:
-                        acc = dot_blocks(queries, at, key_rows, k * 128, 4)
+                        acc = _dot16(queries, at, key_rows, k * 128, 4)
                     elif dh % block == 0:
-                        acc = dot_blocks(queries, at, key_rows, k * dh, dh // block)
+                        acc = _dot16(queries, at, key_rows, k * dh, dh // block)
                     else:
                         acc = 0
                         for d in range(dh):
@@ -885,7 +894,7 @@ def _compile(numba: Any) -> Any:
             weight_sum = np.empty(group, dtype=np.float64)
             for g in range(group):
                 z = scores[g]
-                total, peak = weigh(z, count, tops[g], v_scale[n, kv], table)
+                total, peak = _weigh(z, count, tops[g], v_scale[n, kv], table)
                 safe = peak if peak > 0.0 else 1.0
                 factor = levels / safe
                 p_scale[g] = peak / levels
@@ -894,7 +903,7 @@ def _compile(numba: Any) -> Any:
                     u[g, k] = np.int16(np.rint(z[k] * factor))
             for d in range(dh):
                 for g in range(group):
-                    acc = dot_blocks(u, g * padded, value_cols, d * padded, blocks)
+                    acc = _dot16(u, g * padded, value_cols, d * padded, blocks)
                     context[n, (kv * group + g) * dh + d] = \
                         (np.float64(acc) * p_scale[g]) / weight_sum[g]
 
@@ -920,7 +929,7 @@ def _compile(numba: Any) -> Any:
                 row[k] = zk
                 if zk > top:
                     top = zk
-            total, peak = weigh(row, count, top, v_scale[n, kv], table)
+            total, peak = _weigh(row, count, top, v_scale[n, kv], table)
             safe = peak if peak > 0.0 else 1.0
             factor = levels / safe
             for k in range(count):
@@ -994,7 +1003,7 @@ def _compile(numba: Any) -> Any:
     def norm_quantize(h, weight, eps, q_out, scale_out):  # pragma: no cover
         # norm_quantized: RMSNorm(h) * weight quantized per row; q_out int8/f32, scale_out f64
         for r in numba.prange(h.shape[0]):
-            scale_out[r] = norm_row(h[r], weight, eps, q_out[r])
+            scale_out[r] = _norm_row(h[r], weight, eps, q_out[r])
 
     def residual_norm(acc, row_scale, col_scale, h, weight, eps, q_out,
                       scale_out):  # pragma: no cover
@@ -1007,7 +1016,7 @@ def _compile(numba: Any) -> Any:
             for c in range(cols):
                 y = np.float64(acc[r, c]) * (s * col_scale[c])
                 h[r, c] = h[r, c] + np.rint(y * residual_one)
-            scale_out[r] = norm_row(h[r], weight, eps, q_out[r])
+            scale_out[r] = _norm_row(h[r], weight, eps, q_out[r])
 
     def qkv_rope(acc, row_scale, col_scale, positions, cos, sin, rotated, q_out,
                  scale_out):  # pragma: no cover
