@@ -596,11 +596,12 @@ class Workspace:
         self.model, self.rows = model, rows
         self._buffers: dict[tuple[Any, ...], tuple[torch.Tensor, Any]] = {}
         total = model.num_heads + 2 * model.num_kv_heads
-        self.qkv = (self._buffer("qkv", (rows, total, model.head_dim), torch.int16),
-                    self._buffer("qkv_scale", (rows, total), F64))
+        self.qkv = (self.buffer("qkv", (rows, total, model.head_dim), torch.int16),
+                    self.buffer("qkv_scale", (rows, total), F64))
 
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
-                ) -> tuple[torch.Tensor, Any]:
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
+               ) -> tuple[torch.Tensor, Any]:
+        """(tensor, host view) of the buffer ``name``, made on first use."""
         key = (name, shape, dtype)
         if key not in self._buffers:
             tensor = torch.empty(shape, dtype=dtype)
@@ -610,8 +611,8 @@ class Workspace:
     def quantized(self, width: int) -> tuple[tuple[torch.Tensor, Any], tuple[torch.Tensor, Any]]:
         """((q, q_host), (scale, scale_host)): a linear layer's quantized input rows
         [rows, width] and their scales [rows], one pair per width."""
-        return (self._buffer(f"q{width}", (self.rows, width), self.model.activation_dtype),
-                self._buffer(f"scale{width}", (self.rows,), F64))
+        return (self.buffer(f"q{width}", (self.rows, width), self.model.activation_dtype),
+                self.buffer(f"scale{width}", (self.rows,), F64))
 
     def product(self, layer: IntLinear, q: tuple[torch.Tensor, Any]) -> Any:
         """The layer's exact integer product of the quantized rows ``q`` (tensor, host
@@ -620,7 +621,7 @@ class Workspace:
         float32/float64 from the chunked fp32 GEMMs."""
         if not layer.int8_gemm:
             return layer._accumulate(q[0]).numpy()
-        out, out_host = self._buffer("acc", (self.rows, layer.weight.shape[1]), torch.int32)
+        out, out_host = self.buffer("acc", (self.rows, layer.weight.shape[1]), torch.int32)
         if layer.few_rows(self.rows):
             layer.rows_product(q[1], out_host)
         else:
@@ -1145,7 +1146,7 @@ class IntegerStepper:
                             in zip(self.keys, self.key_scales, self.values, self.value_scales,
                                    strict=True)]
         work = self._work
-        context, context_host = work._buffer(
+        context, context_host = work.buffer(
             "context", (self.width, model.num_heads * model.head_dim), F64)
         kernels = _kernels(context_host.size * (t + 1))
         scale_by = float(model.attention_scale.item())
