@@ -239,6 +239,26 @@ def test_the_few_rows_int8_kernel_is_exact_at_the_extremes() -> None:
         assert int(exact.abs().max()) == 127 * 127 * 1536
 
 
+def test_compiled_kernels_close_over_constants_only() -> None:
+    """numba keys its disk cache on a hash of a kernel's closure; a compiled function or
+    an intrinsic held there pickles differently in every process, so each pack and
+    extract would compile the kernels again (7-8 s measured).  Modules, numbers and
+    flags pickle the same everywhere."""
+    import types
+
+    from llmarc.entropy import fast
+    from llmarc.inference.integer import _kernels
+
+    flavours = (_kernels(0), _kernels(1 << 30), fast._kernels())
+    kernels = [kernel for flavour in flavours for kernel in vars(flavour).values()
+               if hasattr(kernel, "py_func")]
+    assert len(kernels) >= 20
+    for kernel in kernels:
+        for cell in kernel.py_func.__closure__ or ():
+            assert isinstance(cell.cell_contents, (int, float, bool, types.ModuleType)), (
+                kernel.py_func.__qualname__, cell.cell_contents)
+
+
 def test_stepping_equals_prefill_with_64_wide_heads() -> None:
     """SmolLM2's head width (64): the vector kernel's whole-block path, which the 16-wide
     fixture heads never reach, against prefill's float64 GEMMs."""
