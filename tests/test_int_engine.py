@@ -206,7 +206,7 @@ def test_the_vector_dot_kernel_is_exact_at_the_extremes() -> None:
 
     from llmarc.inference.integer import DOT_BLOCK, _int16_dot_blocks
 
-    dot_blocks = _int16_dot_blocks(numba)
+    dot_blocks = _int16_dot_blocks()
     dot = numba.njit(lambda a, ia, b, ib, blocks: dot_blocks(a, ia, b, ib, blocks))
     generator = np.random.default_rng(0)
     for blocks in (0, 1, 2, 3, 32):

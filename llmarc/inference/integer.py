@@ -684,7 +684,7 @@ def _kernels(work: int = PARALLEL_WORK) -> Any:
 DOT_BLOCK = 32
 
 
-def _int16_dot_blocks(numba: Any) -> Any:
+def _int16_dot_blocks() -> Any:
     """A numba intrinsic: the exact sum of ``32 * blocks`` int16 x int16 products (int64).
 
     Written in LLVM IR because numba's own code for this loop widens every product to
@@ -698,7 +698,7 @@ def _int16_dot_blocks(numba: Any) -> Any:
     return _dot_blocks(16, 64)
 
 
-def _int8_dot_blocks(numba: Any) -> Any:
+def _int8_dot_blocks() -> Any:
     """The same for int8 x int8 products of linear layers (|q|, |w| <= 127), summed in
     int32: each pair is below 2^15 and a row of up to 2^17 products below 2^31."""
     return _dot_blocks(8, 32)
@@ -771,7 +771,7 @@ def _compile(numba: Any) -> Any:
     # disk cache on a hash of a kernel's closure, and they pickle differently in every
     # process, so as cells they forced a recompilation (seconds) in every process.
     global _dot16, _dot8, _weigh, _norm_row
-    _dot16, _dot8 = _int16_dot_blocks(numba), _int8_dot_blocks(numba)
+    _dot16, _dot8 = _int16_dot_blocks(), _int8_dot_blocks()
     block = DOT_BLOCK
 
     def int8_rows(q, weight, out):  # pragma: no cover
