@@ -198,27 +198,39 @@ def test_rotary_tables_equal_the_references_directly_evaluated_ones() -> None:
             assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
 
 
-def test_the_vector_dot_kernel_is_exact_at_the_extremes() -> None:
-    """The LLVM-IR int16 dot product (pairs summed in int32) against int64 arithmetic,
-    with every product at +-32767^2 (the largest pair sum int32 must hold) and random
-    values, from unaligned offsets."""
+def test_the_pair_dot_kernel_is_exact_at_the_extremes() -> None:
+    """The LLVM-IR kernel of 16 int16 dot products (pairs summed in int32, then int64)
+    against int64 arithmetic, with every product at +-32767^2 (the largest pair sum int32
+    must hold) and random values, from unaligned offsets and with a stride."""
     import numba
 
-    from llmarc.inference.integer import DOT_BLOCK, _int16_dot_blocks
+    from llmarc.inference.integer import PAIR_LANES, _int16_pair_dots
 
-    dot_blocks = _int16_dot_blocks()
-    dot = numba.njit(lambda a, ia, b, ib, blocks: dot_blocks(a, ia, b, ib, blocks))
+    pair_dots = _int16_pair_dots()
+
+    @numba.njit
+    def dots(a, ia, w, iw, steps, stride, out, io):
+        pair_dots(a, ia, w, iw, steps, stride, out, io)
+
     generator = np.random.default_rng(0)
-    for blocks in (0, 1, 2, 3, 32):
-        length = blocks * DOT_BLOCK
-        for a, b in (
-            (np.full(length + 5, 32767, np.int16), np.full(length + 9, 32767, np.int16)),
-            (np.full(length + 5, -32767, np.int16), np.full(length + 9, 32767, np.int16)),
-            (generator.integers(-32767, 32768, length + 5).astype(np.int16),
-             generator.integers(-32767, 32768, length + 9).astype(np.int16)),
+    lanes, stride = PAIR_LANES, 2 * PAIR_LANES + 6
+    for steps in (0, 1, 2, 3, 600):
+        size_a, size_w = 2 * steps + 5, steps * stride + 9
+        for a, w in (
+            (np.full(size_a, 32767, np.int16), np.full(size_w, 32767, np.int16)),
+            (np.full(size_a, -32767, np.int16), np.full(size_w, 32767, np.int16)),
+            (generator.integers(-32767, 32768, size_a).astype(np.int16),
+             generator.integers(-32767, 32768, size_w).astype(np.int16)),
         ):
-            exact = int(a[5:].astype(np.int64) @ b[9:].astype(np.int64))
-            assert dot(a, 5, b, 9, blocks) == exact  # offsets: unaligned starts
+            out = np.full(lanes + 3, 7, np.int64)
+            dots(a, 5, w, 9, steps, stride, out, 2)
+            pairs = a[5 : 5 + 2 * steps].astype(np.int64)
+            rows = np.stack([w[9 + s * stride : 9 + s * stride + 2 * lanes]
+                             for s in range(steps)]).astype(np.int64) if steps else (
+                np.zeros((0, 2 * lanes), np.int64))
+            exact = pairs[0::2] @ rows[:, 0::2] + pairs[1::2] @ rows[:, 1::2]
+            assert out[2 : 2 + lanes].tolist() == exact.tolist()
+            assert out[:2].tolist() == [7, 7] and out[-1] == 7  # nothing outside written
 
 
 def test_the_few_rows_int8_kernel_is_exact_at_the_extremes() -> None:
@@ -270,6 +282,20 @@ def test_stepping_equals_prefill_with_64_wide_heads() -> None:
                          head_dim=64, max_position_embeddings=128)
     engine = IntegerModel(LlamaForCausalLM(config).eval(), 80)
     tokens = tokens_for(5, 3, 70)
+    assert torch.equal(step_all(engine, tokens), engine.prefill(tokens))
+
+
+def test_stepping_equals_prefill_with_heads_padded_to_the_tiles() -> None:
+    """A head width that is not a multiple of the stepping kernel's 16-wide tiles (24:
+    zero-padded columns) and segments that end inside a tile of keys."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=24, max_position_embeddings=64)
+    engine = IntegerModel(LlamaForCausalLM(config).eval(), 37)
+    tokens = tokens_for(7, 2, 37)
     assert torch.equal(step_all(engine, tokens), engine.prefill(tokens))
 
 

