@@ -233,6 +233,29 @@ def test_the_pair_dot_kernel_is_exact_at_the_extremes() -> None:
             assert out[:2].tolist() == [7, 7] and out[-1] == 7  # nothing outside written
 
 
+def test_the_integer_max_helpers_equal_the_float_max() -> None:
+    """``_peak`` (max |v|) and ``_top`` (max v) take the max of int64 bit patterns so that
+    LLVM vectorizes them; they must give the float max on signs, zeros of both signs,
+    -inf, subnormals and huge values (``_top`` may answer +0 for a -0 maximum that a
+    +0 ties: z - top then differs only in the sign of a zero, which floor ignores)."""
+    from llmarc.inference import integer
+
+    integer._kernels()
+    generator = np.random.default_rng(3)
+    cases = [
+        np.array([-0.0]), np.array([0.0, -0.0]), np.array([-3.5, -0.5, -2.0]),
+        np.array([-np.inf, -1e300, -5e-324]), np.array([5e-324, 0.0, -7.0]),
+        np.array([1e308, -1.7976931348623157e308]), generator.standard_normal(1000) * 1e3,
+        -np.abs(generator.standard_normal(37)),
+    ]
+    for values in cases:
+        assert integer._peak(values) == np.max(np.abs(values))
+        top = integer._top(values)
+        assert top == np.max(values)
+        if top == 0 and np.signbit(top):  # -0 only when no +0 ties it
+            assert np.signbit(values[values == 0]).all()
+
+
 def test_the_few_rows_int8_kernel_is_exact_at_the_extremes() -> None:
     """``int8_rows`` (one or two rows: int8 pairs summed in int32) against int64
     arithmetic with every product at +-127^2 over a 1,536-wide row, and random values."""
