@@ -294,31 +294,21 @@ def test_compiled_kernels_close_over_constants_only() -> None:
                 kernel.py_func.__qualname__, cell.cell_contents)
 
 
-def test_stepping_equals_prefill_with_64_wide_heads() -> None:
-    """SmolLM2's head width (64): the vector kernel's whole-block path, which the 16-wide
-    fixture heads never reach, against prefill's float64 GEMMs."""
+@pytest.mark.parametrize(("head_dim", "rows", "length", "seed"), [(64, 3, 70, 0), (24, 2, 37, 1)])
+def test_stepping_equals_prefill_at_other_head_widths(head_dim: int, rows: int, length: int,
+                                                      seed: int) -> None:
+    """SmolLM2's head width (64: u.v in four 16-column runs) and one that is not a multiple
+    of the stepping kernel's 16-wide tiles (24: zero-padded columns), with segments that
+    end inside a tile of keys, against prefill's float64 GEMMs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=64, max_position_embeddings=128)
-    engine = IntegerModel(LlamaForCausalLM(config).eval(), 80)
-    tokens = tokens_for(5, 3, 70)
-    assert torch.equal(step_all(engine, tokens), engine.prefill(tokens))
-
-
-def test_stepping_equals_prefill_with_heads_padded_to_the_tiles() -> None:
-    """A head width that is not a multiple of the stepping kernel's 16-wide tiles (24:
-    zero-padded columns) and segments that end inside a tile of keys."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=24, max_position_embeddings=64)
-    engine = IntegerModel(LlamaForCausalLM(config).eval(), 37)
-    tokens = tokens_for(7, 2, 37)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=2 * head_dim,
+                         intermediate_size=4 * head_dim, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
+                         max_position_embeddings=128)
+    engine = IntegerModel(LlamaForCausalLM(config).eval(), length)
+    tokens = tokens_for(seed + 5, rows, length)
     assert torch.equal(step_all(engine, tokens), engine.prefill(tokens))
 
 

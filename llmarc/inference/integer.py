@@ -935,7 +935,7 @@ def _compile(numba: Any) -> Any:
         # length rounded up to 16, padding zero): keys int16 [N, Hkv, L'/16, Dp/2, 16,
         # 2] (key t, column d at [t/16, d/2, t%16, d%2]: a tile is q.k for 16 keys),
         # values int16 [N, Hkv, L'/2, Dp, 2] (value t, column d at [t/2, d, t%2]: a run
-        # of 16 columns is u.v for them), scales f64 [N, Hkv, L'].  Then the query sees
+        # of 16 columns is u.v for them), scales f64 [N, Hkv, L].  Then the query sees
         # keys 0 .. t; context f64 [N, H * Dh].  One task per (row, key head): its keys
         # and values stay in cache for the heads sharing them.  u is zero past the
         # visible keys, so u.v runs over whole pairs (a padding value's product is 0).
@@ -1186,11 +1186,10 @@ class IntegerStepper:
         device = model.device
         key_shape = value_shape = shape
         if model.fused_kernels:  # the tiles of the CPU kernel (``attend_step``)
-            length = -(-length // PAIR_LANES) * PAIR_LANES
+            tiles = -(-length // PAIR_LANES)
             columns = -(-model.head_dim // PAIR_LANES) * PAIR_LANES
-            key_shape = (width, model.num_kv_heads, length // PAIR_LANES, columns // 2,
-                         PAIR_LANES, 2)
-            value_shape = (width, model.num_kv_heads, length // 2, columns, 2)
+            key_shape = (width, model.num_kv_heads, tiles, columns // 2, PAIR_LANES, 2)
+            value_shape = (width, model.num_kv_heads, tiles * PAIR_LANES // 2, columns, 2)
         self.keys = [torch.zeros(key_shape, dtype=torch.int16, device=device)
                      for _ in range(count)]
         self.values = [torch.zeros(value_shape, dtype=torch.int16, device=device)
