@@ -225,9 +225,8 @@ def test_the_pair_dot_kernel_is_exact_at_the_extremes() -> None:
             out = np.full(lanes + 3, 7, np.int64)
             dots(a, 5, w, 9, steps, stride, out, 2)
             pairs = a[5 : 5 + 2 * steps].astype(np.int64)
-            rows = np.stack([w[9 + s * stride : 9 + s * stride + 2 * lanes]
-                             for s in range(steps)]).astype(np.int64) if steps else (
-                np.zeros((0, 2 * lanes), np.int64))
+            rows = np.array([w[9 + s * stride : 9 + s * stride + 2 * lanes]
+                             for s in range(steps)], dtype=np.int64).reshape(steps, 2 * lanes)
             exact = pairs[0::2] @ rows[:, 0::2] + pairs[1::2] @ rows[:, 1::2]
             assert out[2 : 2 + lanes].tolist() == exact.tolist()
             assert out[:2].tolist() == [7, 7] and out[-1] == 7  # nothing outside written
