@@ -46,7 +46,7 @@ def open(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None =
     (default: the embedded SmolLM2) must have the fingerprint recorded in the archive;
     the segment length and precision are adopted from the archive (lockstep-v1 archives
     also impose batch width, dtype and threads).  ``threads`` and ``batch_width`` are
-    this process's choice for int-v1 archives (None: the defaults).
+    this process's choice for int-v1/v2 archives (None: the defaults).
     ``warn`` receives warnings such as a differing numerics environment.  ``ray``
     decodes LLM segments on Ray actors: "local" starts a runtime here, else a cluster
     address (``ray://host:port`` or ``auto``); the result is the same bytes."""

@@ -45,7 +45,7 @@ ModelOption = Annotated[str | None, typer.Option(
          "(default: $LLMARC_MODEL, else smollm2).")]
 DeviceOption = Annotated[str, typer.Option(help="LLM: auto, cpu or cuda[:N].")]
 ThreadsOption = Annotated[int | None, typer.Option(
-    help="LLM: CPU threads (default: the cores torch sees). A runtime choice: int-v1 "
+    help="LLM: CPU threads (default: the cores torch sees). A runtime choice: int-v1/v2 "
          "archives decode the same with any count.", min=1, max=1024)]
 WidthOption = Annotated[int | None, typer.Option(
     help="LLM: rows decoded together (default: sized from memory and the input).",
@@ -110,8 +110,9 @@ def pack_cmd(
     model: ModelOption = None,
     device: DeviceOption = "auto",
     engine: Annotated[str, typer.Option(
-        help="LLM engine: int-v1 (integer-exact: the archive opens on any machine) or "
-             "lockstep-v1 (float, bound to this machine's numerics).")] = DEFAULT_ENGINE,
+        help="LLM engine: int-v2 (integer-exact: the archive opens on any machine), "
+             "int-v1 (its 16-bit-attention predecessor, slower) or lockstep-v1 (float, "
+             "bound to this machine's numerics).")] = DEFAULT_ENGINE,
     dtype: Annotated[str | None, typer.Option(
         help="lockstep-v1 only: float32|bfloat16|float16 (default: float32 on CPU, "
              "bfloat16 on CUDA).")] = None,
@@ -119,7 +120,7 @@ def pack_cmd(
         help="Maximum tokens per independently coded segment.")] = DEFAULT_SEGMENT_LENGTH,
     batch_width: Annotated[int | None, typer.Option(
         help="lockstep-v1: rows stepped together, recorded (default: sized from memory "
-             "and the input). int-v1 encodes whole segments at once.")] = None,
+             "and the input). int-v1/v2 encode whole segments at once.")] = None,
     threads: Annotated[int | None, typer.Option(
         help="CPU threads for the model (default: the cores torch sees). lockstep-v1 "
              "records it and extraction must use the same.")] = None,

@@ -1,9 +1,12 @@
-"""The portable engine int-v1: exact, order-free, and the same as the spec's NumPy twin.
+"""The portable engines int-v1 and int-v2: exact, order-free, and the same as the
+spec's NumPy twin.
 
-Its promise is that a row's logits depend on nothing but the row's tokens: not on batch
-width, companions, full-forward versus step-by-step evaluation, or thread count.  These
-tests check that bit for bit, and compare against spec/reference/intv1_numpy.py, a
-second implementation written from the spec with int64 arithmetic and no torch.
+Their promise is that a row's logits depend on nothing but the row's tokens: not on
+batch width, companions, full-forward versus step-by-step evaluation, or thread count.
+These tests check that bit for bit for both engines (they differ only in the width of
+the attention's integers, so in kernels and cache types), and compare against
+spec/reference/int_numpy.py, a second implementation written from the spec with int64
+arithmetic and no torch.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from llmarc.inference import int8_gemm
 from llmarc.inference.integer import (
+    ATTENTION_LEVELS,
     FP32_EXACT_CHUNK,
     IntegerModel,
     IntegerStepper,
@@ -28,16 +32,19 @@ from llmarc.model.loader import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "spec" / "reference"))
-from intv1_numpy import IntV1Reference  # noqa: E402
+from int_numpy import IntReference  # noqa: E402
 
 FIXTURES = ROOT / "fixtures"
 MODELS = {"bpe": FIXTURES / "tiny-llama-bpe", "sp": FIXTURES / "tiny-llama-sp"}
+ENGINES = sorted(ATTENTION_LEVELS)
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
-def model(request) -> tuple[str, IntegerModel]:
-    loaded = load_model(str(MODELS[request.param]), device="cpu")
-    return request.param, loaded.integer_model(64)
+@pytest.fixture(scope="module", params=[(m, e) for m in sorted(MODELS) for e in ENGINES],
+                ids=lambda p: "-".join(p))
+def model(request) -> tuple[str, str, IntegerModel]:
+    name, engine = request.param
+    loaded = load_model(str(MODELS[name]), device="cpu")
+    return name, engine, loaded.integer_model(64, engine)
 
 
 def tokens_for(seed: int, rows: int, length: int) -> torch.Tensor:
@@ -50,14 +57,14 @@ def step_all(engine: IntegerModel, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def test_stepping_equals_prefill_bit_for_bit(model) -> None:
-    _name, engine = model
+    _name, _engine, engine = model
     tokens = tokens_for(1, 3, 40)
     assert torch.equal(step_all(engine, tokens), engine.prefill(tokens))
 
 
 @pytest.mark.parametrize("width", [1, 3, 8])
 def test_a_row_is_the_same_at_any_batch_width(model, width: int) -> None:
-    _name, engine = model
+    _name, _engine, engine = model
     tokens = tokens_for(width, width, 24)
     alone = engine.prefill(tokens[:1])
     assert torch.equal(engine.prefill(tokens)[:1], alone)
@@ -67,7 +74,7 @@ def test_a_row_is_the_same_at_any_batch_width(model, width: int) -> None:
 def test_the_torch_operations_path_gives_the_cpu_kernels_logits(model) -> None:
     """The path a GPU takes (the spec's operations as torch ops) against the CPU's
     compiled kernels, run here on the CPU by switching the kernels off."""
-    _name, engine = model
+    _name, _engine, engine = model
     tokens = tokens_for(9, 2, 24)
     kernels = engine.prefill(tokens)
     assert torch.equal(step_all(engine, tokens), kernels)
@@ -80,7 +87,7 @@ def test_the_torch_operations_path_gives_the_cpu_kernels_logits(model) -> None:
 
 
 def test_thread_count_does_not_change_logits(model) -> None:
-    _name, engine = model
+    _name, _engine, engine = model
     tokens = tokens_for(7, 4, 32)
     before = torch.get_num_threads()
     try:
@@ -94,10 +101,11 @@ def test_thread_count_does_not_change_logits(model) -> None:
 
 
 def test_the_numpy_reference_gives_the_same_logits(model) -> None:
-    name, engine = model
+    name, engine_name, engine = model
     tokens = tokens_for(3, 1, 30)
     ours = engine.prefill(tokens)[0].numpy()
-    theirs = IntV1Reference(MODELS[name], max_length=64).logits(tokens[0].tolist())
+    theirs = IntReference(MODELS[name], max_length=64, engine=engine_name).logits(
+        tokens[0].tolist())
     assert theirs.dtype == np.float32
     assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
 
@@ -106,14 +114,15 @@ def test_the_numpy_reference_agrees_on_smollm2_first_tokens() -> None:
     """The embedded model: 135M parameters, 30 layers, GQA, tied embeddings."""
     loaded = load_model("smollm2", device="cpu")
     tokens = [loaded.start_token, 504, 3135, 282, 260]
-    ours = loaded.integer_model(8).prefill(torch.tensor([tokens]))[0].numpy()
     folder = Path(loaded.source.path)
     if folder.suffix == ".gguf":
         from llmarc.model.sources import converted_gguf_folder
 
         folder = converted_gguf_folder(folder)
-    theirs = IntV1Reference(folder, max_length=8).logits(tokens)
-    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+    for engine in ENGINES:
+        ours = loaded.integer_model(8, engine).prefill(torch.tensor([tokens]))[0].numpy()
+        theirs = IntReference(folder, max_length=8, engine=engine).logits(tokens)
+        assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), engine
 
 
 def test_fp32_gemm_path_is_the_exact_integer_product() -> None:
@@ -142,15 +151,20 @@ def test_compact_int8_weights_give_the_same_products() -> None:
     assert torch.equal(compact.integer_product(q), wide.integer_product(q))
 
 
-def test_int8_and_fp32_gemm_paths_give_the_same_logits(monkeypatch) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_int8_and_fp32_gemm_paths_give_the_same_logits(monkeypatch, engine: str) -> None:
     """The int8 GEMM (where the probe proved it exact on this host) and the chunked fp32
-    GEMMs compute the same exact sums, so the logits agree bit for bit."""
+    GEMMs compute the same exact sums, so the logits agree bit for bit; for int-v2's
+    prefill attention, int8 GEMMs against float64 ones."""
     loaded = load_model(str(MODELS["bpe"]), device="cpu")
     tokens = tokens_for(11, 2, 20)
-    fast = IntegerModel(loaded.model, 32)
+    levels = ATTENTION_LEVELS[engine]
+    fast = IntegerModel(loaded.model, 32, attention_levels=levels)
+    assert fast.int8_attention == (levels == 127 and fast.int8_gemm)
     monkeypatch.setenv(int8_gemm.ENVIRONMENT_SWITCH, "off")
-    plain = IntegerModel(loaded.model, 32)
+    plain = IntegerModel(loaded.model, 32, attention_levels=levels)
     assert not plain.int8_gemm and plain.lm_head.weight.dtype == torch.float32
+    assert not plain.int8_attention
     assert torch.equal(fast.prefill(tokens), plain.prefill(tokens))
     assert torch.equal(step_all(fast, tokens), step_all(plain, tokens))
 
@@ -187,7 +201,7 @@ def test_the_int8_gemm_probe_refuses_a_saturating_kernel(monkeypatch) -> None:
 def test_rotary_tables_equal_the_references_directly_evaluated_ones() -> None:
     """The engine's fixed-point rotation recurrence against the NumPy reference's
     per-value mpmath evaluation (spec §5.5): every double identical, far positions too."""
-    from intv1_numpy import rope_tables as evaluated
+    from int_numpy import rope_tables as evaluated
 
     from llmarc.inference.integer import rope_tables
 
@@ -198,15 +212,19 @@ def test_rotary_tables_equal_the_references_directly_evaluated_ones() -> None:
             assert np.array_equal(a.view(np.uint64), b.view(np.uint64))
 
 
-def test_the_pair_dot_kernel_is_exact_at_the_extremes() -> None:
-    """The LLVM-IR kernel of 16 int16 dot products (pairs summed in int32, then int64)
-    against int64 arithmetic, with every product at +-32767^2 (the largest pair sum int32
-    must hold) and random values, from unaligned offsets and with a stride."""
+@pytest.mark.parametrize("dtype", [np.int16, np.int8])
+def test_the_pair_dot_kernel_is_exact_at_the_extremes(dtype) -> None:
+    """The LLVM-IR kernel of 16 dot products (int16: pairs summed in int32, then int64;
+    int8: pairs and their sums in int32, widened at the end) against int64 arithmetic,
+    with every product at the extreme (+-32767^2, +-127^2: the largest sums the int32
+    lanes must hold; 32,768 int8 steps, the most the stepper makes) and random values,
+    from unaligned offsets and with a stride."""
     import numba
 
-    from llmarc.inference.integer import PAIR_LANES, _int16_pair_dots
+    from llmarc.inference.integer import PAIR_LANES, _pair_dots
 
-    pair_dots = _int16_pair_dots()
+    pair_dots = _pair_dots()
+    top = int(np.iinfo(dtype).max)
 
     @numba.njit
     def dots(a, ia, w, iw, steps, stride, out, io):
@@ -214,13 +232,13 @@ def test_the_pair_dot_kernel_is_exact_at_the_extremes() -> None:
 
     generator = np.random.default_rng(0)
     lanes, stride = PAIR_LANES, 2 * PAIR_LANES + 6
-    for steps in (0, 1, 2, 3, 600):
+    for steps in (0, 1, 2, 3, 600, 32768 if dtype == np.int8 else 4):
         size_a, size_w = 2 * steps + 5, steps * stride + 9
         for a, w in (
-            (np.full(size_a, 32767, np.int16), np.full(size_w, 32767, np.int16)),
-            (np.full(size_a, -32767, np.int16), np.full(size_w, 32767, np.int16)),
-            (generator.integers(-32767, 32768, size_a).astype(np.int16),
-             generator.integers(-32767, 32768, size_w).astype(np.int16)),
+            (np.full(size_a, top, dtype), np.full(size_w, top, dtype)),
+            (np.full(size_a, -top, dtype), np.full(size_w, top, dtype)),
+            (generator.integers(-top, top + 1, size_a).astype(dtype),
+             generator.integers(-top, top + 1, size_w).astype(dtype)),
         ):
             out = np.full(lanes + 3, 7, np.int64)
             dots(a, 5, w, 9, steps, stride, out, 2)
@@ -293,12 +311,13 @@ def test_compiled_kernels_close_over_constants_only() -> None:
                 kernel.py_func.__qualname__, cell.cell_contents)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(("head_dim", "rows", "length", "seed"), [(64, 3, 70, 0), (24, 2, 37, 1)])
 def test_stepping_equals_prefill_at_other_head_widths(head_dim: int, rows: int, length: int,
-                                                      seed: int) -> None:
+                                                      seed: int, engine: str) -> None:
     """SmolLM2's head width (64: u.v in four 16-column runs) and one that is not a multiple
     of the stepping kernel's 16-wide tiles (24: zero-padded columns), with segments that
-    end inside a tile of keys, against prefill's float64 GEMMs."""
+    end inside a tile of keys, against prefill's GEMMs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -306,9 +325,28 @@ def test_stepping_equals_prefill_at_other_head_widths(head_dim: int, rows: int, 
                          intermediate_size=4 * head_dim, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
                          max_position_embeddings=128)
-    engine = IntegerModel(LlamaForCausalLM(config).eval(), length)
+    model = IntegerModel(LlamaForCausalLM(config).eval(), length,
+                         attention_levels=ATTENTION_LEVELS[engine])
     tokens = tokens_for(seed + 5, rows, length)
-    assert torch.equal(step_all(engine, tokens), engine.prefill(tokens))
+    assert torch.equal(step_all(model, tokens), model.prefill(tokens))
+
+
+def test_the_attention_products_off_the_cpu_are_exact_past_one_fp32_chunk() -> None:
+    """The torch path's attention sums (a GPU's): int-v2's 8-bit operands go through fp32
+    GEMMs in chunks of 1,040 keys, added in float64; with every product at +-127^2 over
+    2,085 keys one unchunked fp32 GEMM would round, the chunked one must not."""
+    loaded = load_model(str(MODELS["bpe"]), device="cpu")
+    model = loaded.integer_model(8, "int-v2")
+    generator = torch.Generator().manual_seed(4)
+    keys = 2 * FP32_EXACT_CHUNK + 5
+    u = torch.randint(-127, 128, (2, 3, keys), generator=generator).double()
+    v = torch.randint(-127, 128, (2, keys, 5), generator=generator).double()
+    u[..., :] = 127
+    v[:, :, 0] = 127
+    v[:, :, 1] = -127
+    exact = (u.long() @ v.long()).double()
+    assert exact.abs().max() == 127 * 127 * keys > 2**24
+    assert torch.equal(model._integer_matmul(u, v), exact)
 
 
 def test_quantizer_and_powers_of_two_follow_the_spec() -> None:

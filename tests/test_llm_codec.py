@@ -60,7 +60,7 @@ def test_edge_cases_roundtrip_byte_for_byte(tmp_path: Path, model: Path) -> None
         assert (tmp_path / "dest" / name).read_bytes() == data
 
 
-@pytest.mark.parametrize("engine", ["int-v1", "lockstep-v1"])
+@pytest.mark.parametrize("engine", ["int-v2", "int-v1", "lockstep-v1"])
 def test_many_segments_and_files_share_rows(tmp_path: Path, engine: str) -> None:
     """Files spanning many segments, coded 4 rows at a time, decode one member alone."""
     text = (FIXTURES / "tiny-training.txt").read_bytes()
@@ -70,8 +70,8 @@ def test_many_segments_and_files_share_rows(tmp_path: Path, engine: str) -> None
     pack_llm(src, out, segment_length=32, batch_width=4, engine=engine)
     with llmarc.open(out, model=TINY_BPE, device="cpu", batch_width=3) as archive:
         profile = json.loads(archive.models[0].profile)
-        if engine == "int-v1":  # only what changes the numbers is recorded
-            assert profile == {"engine": "int-v1", "precision": 24, "segment_length": 32}
+        if engine != "lockstep-v1":  # only what changes the numbers is recorded
+            assert profile == {"engine": engine, "precision": 24, "segment_length": 32}
         else:  # the float engine's numbers depend on B, dtype, threads: recorded
             assert profile["batch_width"] == 4 and profile["segment_length"] == 32
         assert archive.read("part3.txt") == files["part3.txt"]  # decoded on its own
@@ -221,10 +221,11 @@ def test_unknown_engine_is_unsupported(tmp_path: Path) -> None:
     [{"segment_length": 0}, {"segment_length": True}, {"precision": 11}, {"precision": 2.5},
      {"segment_length": None}],
 )
-def test_hostile_int_v1_profiles_are_rejected(profile: dict) -> None:
+@pytest.mark.parametrize("engine", ["int-v1", "int-v2"])
+def test_hostile_integer_profiles_are_rejected(profile: dict, engine: str) -> None:
     from llmarc.codecs.llm import settings_from_profile
 
-    base = {"engine": "int-v1", "segment_length": 8, "precision": 24}
+    base = {"engine": engine, "segment_length": 8, "precision": 24}
     assert settings_from_profile(base).segment_length == 8
     with pytest.raises(CorruptArchiveError):
         settings_from_profile({**base, **profile})

@@ -1,6 +1,6 @@
 """Every LLM codec archive vector in spec/vectors/llm/ behaves as its manifest says.
 
-The int-v1 vectors must pass on every machine.  The legacy lockstep-v1 vectors were made
+The int-v1 and int-v2 vectors must pass on every machine.  The legacy lockstep-v1 vectors were made
 by the float engine and decode only in the environment they record; elsewhere they are
 skipped with the reason (spec/llm-codec.md §5.9)."""
 
@@ -81,8 +81,8 @@ def check_legacy(name: str, spec: dict, model: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_model_components_and_logits_digest(model: str) -> None:
-    """models.json's fingerprint components and int-v1 logits digest are what this
-    implementation computes (and so what spec/reference/intv1_numpy.py must match)."""
+    """models.json's fingerprint components and int-v1 and int-v2 logits digests are what
+    this implementation computes (and so what spec/reference/int_numpy.py must match)."""
     import torch
 
     from llmarc.model.fingerprint import architecture_of, canonical_json, model_fingerprint
@@ -100,7 +100,9 @@ def test_model_components_and_logits_digest(model: str) -> None:
         expected["weights_digest"], bytes.fromhex(expected["table_digest"]),
         json.loads(expected["architecture_json"]), expected["start_token"],
     ).hex() == expected["fingerprint"] == loaded.fingerprint.hex()
-    tokens = expected["int_v1_logits"]["tokens"]
-    logits = loaded.integer_model(len(tokens)).prefill(torch.tensor([tokens]))[0]
-    raw = logits.numpy().astype("<f4").tobytes()
-    assert hashlib.sha256(raw).hexdigest() == expected["int_v1_logits"]["sha256_float32_le"]
+    for engine in ("int-v1", "int-v2"):
+        digest = expected[f"int_{engine[-2:]}_logits"]
+        tokens = digest["tokens"]
+        logits = loaded.integer_model(len(tokens), engine).prefill(torch.tensor([tokens]))[0]
+        raw = logits.numpy().astype("<f4").tobytes()
+        assert hashlib.sha256(raw).hexdigest() == digest["sha256_float32_le"], engine

@@ -119,7 +119,7 @@ def coders(monkeypatch: pytest.MonkeyPatch) -> list[ray_coder.RayCoder]:
 
 
 @pytest.mark.parametrize(("engine", "workers"),
-                         [("int-v1", 1), ("int-v1", 2), ("lockstep-v1", 2)])
+                         [("int-v2", 1), ("int-v2", 2), ("int-v1", 2), ("lockstep-v1", 2)])
 def test_ray_pack_is_byte_identical_and_extracts_without_ray(
     runtime, tree, local_archives, coders, tmp_path, monkeypatch, engine, workers
 ):
@@ -146,7 +146,7 @@ def test_local_archive_extracts_and_tests_on_ray(runtime, tree, local_archives, 
 
     monkeypatch.setattr(llm, "DECODE_CHUNK", 8)  # decoding goes in several slices...
     path = tmp_path / "local.llma"
-    path.write_bytes(local_archives["int-v1"])
+    path.write_bytes(local_archives["int-v2"])
     with llmarc.open(path, model=TINY_BPE, ray=runtime) as archive:
         archive.extract(tmp_path / "out")
     assert snapshot(tmp_path / "out") == snapshot(tree)
@@ -193,7 +193,7 @@ def test_killed_actor_is_restarted_and_the_archive_is_identical(
     out = tmp_path / "killed.llma"
     llmarc.pack(tree, out, codec="llm", progress=sink, llm=LLMOptions(ray=runtime, **SETTINGS))
     assert sink.killed, "the kill never happened"
-    assert out.read_bytes() == local_archives["int-v1"]
+    assert out.read_bytes() == local_archives["int-v2"]  # the default engine
     run = coders[0].last_run
     # Its in-flight groups came back either re-run by Ray on the new process or failed
     # and re-queued by the scheduler: one of the two must show.
@@ -277,7 +277,8 @@ def test_ctrl_c_leaves_no_archive_and_no_actors(runtime, tmp_path):
     assert live_llmarc_actors() == []
 
 
-def test_lockstep_refuses_a_different_environment_and_int_v1_accepts_it(runtime):
+def test_lockstep_refuses_a_different_environment_and_the_integer_engines_accept_it(
+        runtime):
     from dataclasses import replace
 
     from llmarc.distributed.worker import WorkerReport
@@ -296,7 +297,8 @@ def test_lockstep_refuses_a_different_environment_and_int_v1_accepts_it(runtime)
     lockstep._check(replace(elsewhere, environment=dict(loaded.environment)))
     with pytest.raises(ClusterError, match="threads"):
         lockstep._check(replace(elsewhere, environment=dict(loaded.environment), threads=4))
-    portable = ray_coder.RayCoder(loaded, CodingSettings(2, 16, engine="int-v1"), options)
-    portable._check(elsewhere)  # int-v1 computes the same numbers anywhere
-    with pytest.raises(ModelMismatchError, match="worker 3"):
-        portable._check(replace(elsewhere, fingerprint=bytes(32)))
+    for engine in ("int-v1", "int-v2"):
+        portable = ray_coder.RayCoder(loaded, CodingSettings(2, 16, engine=engine), options)
+        portable._check(elsewhere)  # the same numbers anywhere
+        with pytest.raises(ModelMismatchError, match="worker 3"):
+            portable._check(replace(elsewhere, fingerprint=bytes(32)))

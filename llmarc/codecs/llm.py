@@ -33,8 +33,12 @@ from llmarc.errors import (
 from llmarc.model.fingerprint import PROFILE_SETTINGS, profile_differences
 
 ENGINE_LOCKSTEP = "lockstep-v1"  # float, bound to the environment that made it
-ENGINE_INTEGER = "int-v1"  # exact integer arithmetic: the same logits on every machine
-ENGINES = (ENGINE_INTEGER, ENGINE_LOCKSTEP)
+# Exact integer arithmetic: the same logits on every machine.  int-v2 (8-bit attention)
+# is int-v1 (16-bit attention) made faster at the same ratio; int-v1 stays readable.
+ENGINE_INTEGER = "int-v2"
+ENGINE_INTEGER_V1 = "int-v1"
+INTEGER_ENGINES = (ENGINE_INTEGER, ENGINE_INTEGER_V1)
+ENGINES = (*INTEGER_ENGINES, ENGINE_LOCKSTEP)
 DEFAULT_ENGINE = ENGINE_INTEGER
 DEFAULT_SEGMENT_LENGTH = 1024
 DEFAULT_CPU_BATCH_WIDTH = 32
@@ -43,7 +47,7 @@ MAX_BATCH_WIDTH = 1024
 MAX_SEGMENT_LENGTH = 1 << 16
 MAX_VARINT_BYTES = 10
 MAX_THREADS = 1024
-#: int-v1 encodes by prefill: segments are stacked into batches of about this many
+#: int-v1/v2 encode by prefill: segments are stacked into batches of about this many
 #: positions (a bigger batch gives bigger GEMMs; the attention scores grow with it).
 PREFILL_POSITIONS = 1024
 #: Segments decoded per call of decode_segments: bounds the per-segment state that a
@@ -95,7 +99,8 @@ class CodingSettings:
 
     ``segment_length``, ``precision`` and ``engine`` are recorded and adopted by the
     decoder.  ``batch_width`` (rows stepped together) is adopted too for lockstep-v1,
-    whose numbers depend on it; for int-v1 it is only this process's ceiling."""
+    whose numbers depend on it; for the integer engines it is only this process's
+    ceiling."""
 
     batch_width: int
     segment_length: int
@@ -122,12 +127,13 @@ class CodingSettings:
 def build_profile(loaded: Any, settings: CodingSettings) -> dict[str, Any]:
     """The numerics profile recorded in the model table.
 
-    int-v1 records only what changes the numbers (engine, L, P): its logits do not
-    depend on the machine, batch width or thread count.  lockstep-v1 also records the
-    settings the decoder must reproduce (B, dtype, threads) and the environment."""
-    if settings.engine == ENGINE_INTEGER:
+    The integer engines record only what changes the numbers (engine, L, P): their
+    logits do not depend on the machine, batch width or thread count.  lockstep-v1 also
+    records the settings the decoder must reproduce (B, dtype, threads) and the
+    environment."""
+    if settings.engine in INTEGER_ENGINES:
         return {
-            "engine": ENGINE_INTEGER,
+            "engine": settings.engine,
             "segment_length": settings.segment_length,
             "precision": settings.precision,
         }
@@ -156,7 +162,7 @@ def settings_from_profile(
 ) -> CodingSettings:
     """Read and validate the adopted settings of a recorded profile.
 
-    ``batch_width`` is the reader's own ceiling, used for int-v1 (lockstep-v1 adopts
+    ``batch_width`` is the reader's own ceiling, used for int-v1/v2 (lockstep-v1 adopts
     the recorded one)."""
     engine = profile.get("engine")
     if engine not in ENGINES:
@@ -262,7 +268,7 @@ Escapes = list[tuple[int, int]]  # (offset in the original bytes, byte value), a
 
 
 def build_payload(token_count: int, streams: list[bytes], escapes: Escapes | None = None) -> bytes:
-    """The payload: token count, [escapes (int-v1)], segment lengths, streams."""
+    """The payload: token count, [escapes (int-v1/v2)], segment lengths, streams."""
     head = bytearray(write_varint(token_count))
     if escapes is not None:
         head += write_varint(len(escapes))
@@ -428,7 +434,7 @@ class SegmentCoder:
     ) -> tuple[list[bytes], list[CodingStats]]:
         """Code each token list into an llm payload; return payloads and per-entry stats.
 
-        ``escapes`` (int-v1 payloads) are the bytes cut out of each entry before it was
+        ``escapes`` (int-v1/v2 payloads) are the bytes cut out of each entry before it was
         tokenized; None writes the lockstep-v1 layout, which has no escape list."""
         length = self.settings.segment_length
         owners: list[int] = []
@@ -462,7 +468,7 @@ class SegmentCoder:
         caller's SHA-256.
         """
         length, table = self.settings.segment_length, self.table
-        with_escapes = self.settings.engine == ENGINE_INTEGER
+        with_escapes = self.settings.engine in INTEGER_ENGINES
         jobs = list(jobs)
         results: list[bytes | CorruptArchiveError] = [b""] * len(jobs)
         escapes: list[Escapes] = [[] for _ in jobs]
@@ -527,9 +533,9 @@ class LLMCodec(SegmentCoder):
     """Codes segments in this process with a loaded model and fixed coding settings.
 
     lockstep-v1 encodes and decodes by the same fixed-width stepping (its float logits
-    depend on the batch shape).  int-v1's logits do not, so the encoder runs one
-    parallel forward pass per batch of segments (prefill) and the decoder steps as many
-    rows as it has segments, up to ``settings.batch_width``."""
+    depend on the batch shape).  The integer engines' logits do not, so the encoder runs
+    one parallel forward pass per batch of segments (prefill) and the decoder steps as
+    many rows as it has segments, up to ``settings.batch_width``."""
 
     def __init__(self, loaded: Any, settings: CodingSettings) -> None:
         settings.validate()
@@ -539,15 +545,16 @@ class LLMCodec(SegmentCoder):
         self._lockstep: Any = None  # lockstep-v1's engine, made when first needed
 
     def _integer(self, positions: int) -> Any:
-        """The int-v1 model, with rotary tables for at least ``positions`` (the longest
-        segment at hand, not the profile's L: a hostile L costs nothing)."""
-        return self.loaded.integer_model(positions)
+        """The integer model of this engine, with rotary tables for at least
+        ``positions`` (the longest segment at hand, not the profile's L: a hostile L
+        costs nothing)."""
+        return self.loaded.integer_model(positions, self.settings.engine)
 
     def _stepper(self, rows: int, positions: int) -> tuple[Any, int]:
         """(engine, width) for stepping ``rows`` segments of at most ``positions`` tokens.
 
-        Made only after the payloads were validated, and sized by the work: int-v1's
-        cache holds ``min(rows, batch_width)`` rows of ``positions``; lockstep-v1's shape
+        Made only after the payloads were validated, and sized by the work: an integer
+        engine's cache holds ``min(rows, batch_width)`` rows of ``positions``; lockstep-v1's shape
         is recorded in the archive (its numbers depend on it), so its memory is checked
         against the machine's before anything is allocated."""
         if self.settings.engine == ENGINE_LOCKSTEP:
@@ -604,7 +611,8 @@ class LLMCodec(SegmentCoder):
                     progress(len(active))
 
     def _prefill_batches(self, rows: list[_Row]) -> Iterator[tuple[list[_Row], Any]]:
-        """(rows, float32 logits [N, T, V]) for batches of known segments, int-v1 only.
+        """(rows, float32 logits [N, T, V]) for batches of known segments, integer
+        engines only.
 
         Rows are sorted longest first and stacked while N * T <= PREFILL_POSITIONS (one
         row at least); shorter rows are padded with the start token at their end, whose

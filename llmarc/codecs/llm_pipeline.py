@@ -17,8 +17,8 @@ from llmarc.codecs.llm import (
     DEFAULT_CPU_BATCH_WIDTH,
     DEFAULT_ENGINE,
     DEFAULT_SEGMENT_LENGTH,
-    ENGINE_INTEGER,
     ENGINE_LOCKSTEP,
+    INTEGER_ENGINES,
     CodingSettings,
     CodingStats,
     LLMCodec,
@@ -47,11 +47,11 @@ class LLMOptions:
     engine: str = DEFAULT_ENGINE  # pack only; extraction adopts the archive's
     dtype: str | None = None  # lockstep-v1 pack only; extraction adopts the archive's
     #: CPU threads for the model; None: the library default.  A runtime choice with
-    #: int-v1; lockstep-v1 records it and its extraction adopts the archive's.
+    #: int-v1/v2; lockstep-v1 records it and its extraction adopts the archive's.
     threads: int | None = None
     segment_length: int = DEFAULT_SEGMENT_LENGTH
     #: Rows stepped together; None: sized from memory and workload.  Recorded by
-    #: lockstep-v1; with int-v1 a runtime ceiling for decoding (encoding is prefill).
+    #: lockstep-v1; with int-v1/v2 a runtime ceiling for decoding (encoding is prefill).
     batch_width: int | None = None
     #: Code segments on a Ray cluster: "local" starts a local runtime, else an address
     #: (``ray://host:port`` or ``auto``).  None: in this process.
@@ -148,7 +148,7 @@ def encode_text_entries(
             f"segment length {length} is outside 1..{loaded.model.config.max_position_embeddings}"
         )
     tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
-    escaping = options.engine == ENGINE_INTEGER  # int-v1 payloads carry escaped bytes
+    escaping = options.engine in INTEGER_ENGINES  # their payloads carry escaped bytes
     token_lists: list[list[int] | None] = []
     escape_lists: list[list[tuple[int, int]]] = []
     for data in datas:

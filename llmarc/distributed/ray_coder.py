@@ -40,7 +40,7 @@ log = logging.getLogger("llmarc.distributed")
 #: Engines whose streams are the same on any hardware and library version.  With any
 #: other engine (the float ``lockstep-v1``) every worker must share the driver's
 #: numerics environment, or the cluster is refused.
-PORTABLE_ENGINES = frozenset({"int-v1"})
+PORTABLE_ENGINES = frozenset({"int-v1", "int-v2"})
 #: Caps the number of actors (default: one per GPU, or per ``threads`` CPU cores).
 WORKERS_ENV = "LLMARC_RAY_WORKERS"
 #: Ray restarts a dead actor this many times, re-running its in-flight chunks once.

@@ -1,16 +1,17 @@
 """Whether this host's int8 GEMM (``torch._int_mm``) returns exact integer sums.
 
-int-v1's linear layers need the exact sum of int8 x int8 products.  Any kernel that
-returns it gives the same numbers, so the fastest exact one may be used: on a CPU with
-AVX-512 VNNI, oneDNN's int8 GEMM is about three times an fp32 GEMM and reads a quarter
-of the bytes.  But that kernel is not exact everywhere: without VNNI, oneDNN multiplies
-u8 x s8 pairs with ``vpmaddubsw``, whose int16 pair sums saturate (measured here with
-``ONEDNN_MAX_CPU_ISA=AVX2``: wrong sums even on random data).  So the kernel is *proven*
-on this host before it is used: for every GEMM shape the model has and several row
-counts, worst-case operands (every product at +-127*127, the patterns that saturate an
-int16 pair sum) and random ones are compared with the exact product.  A host that fails
-any probe uses the fp32 path (exact by construction); the logits are the same either way,
-only the speed differs.  ``LLMARC_INT8_GEMM=off`` forces the fp32 path.
+The integer engines' linear layers (and int-v2's attention) need the exact sum of int8 x
+int8 products.  Any kernel that returns it gives the same numbers, so the fastest exact
+one may be used: on a CPU with AVX-512 VNNI, oneDNN's int8 GEMM is about three times an
+fp32 GEMM and reads a quarter of the bytes.  But that kernel is not exact everywhere:
+without VNNI, oneDNN multiplies u8 x s8 pairs with ``vpmaddubsw``, whose int16 pair sums
+saturate (measured here with ``ONEDNN_MAX_CPU_ISA=AVX2``: wrong sums even on random
+data).  So the kernel is *proven* on this host before it is used: for every GEMM shape
+the model has and several row counts, worst-case operands (every product at +-127*127,
+the patterns that saturate an int16 pair sum) and random ones are compared with the
+exact product.  A host that fails any probe uses the fp32 path (float64 for the
+attention; exact by construction); the logits are the same either way, only the speed
+differs.  ``LLMARC_INT8_GEMM=off`` forces the fp32 path.
 """
 
 from __future__ import annotations

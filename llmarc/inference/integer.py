@@ -1,4 +1,5 @@
-"""The portable engine ``int-v1``: logits that are the same bit for bit on every machine.
+"""The portable engines ``int-v1`` and ``int-v2``: logits that are the same bit for bit on
+every machine.
 
 A float engine's logits depend on the order in which a BLAS, a CPU generation or a GPU
 adds things up, so an archive made on one machine may not open on another.  This engine
@@ -7,7 +8,8 @@ fixed by their inputs alone (spec/llm-codec.md §5 defines each one):
 
 * every *sum* is a sum of integers whose partial sums are exactly representable, so the
   order of addition cannot matter: the linear layers multiply int8 weights by int8 (or
-  int16) activations, the attention multiplies int16 by int16;
+  int16) activations, the attention multiplies int16 by int16 (int-v1) or int8 by int8
+  (int-v2, the only difference between the two: :data:`ATTENTION_LEVELS`);
 * every other operation is one IEEE 754 binary64 operation (+, -, *, /, sqrt, floor,
   round-half-even, max) on its own, which every conforming CPU and GPU rounds the same
   way: elementwise, never fused, never reassociated;
@@ -31,6 +33,7 @@ reduced-precision reductions are off on CUDA (int8 values are exact in TF32 anyw
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,8 +52,13 @@ NORM_BITS = 20
 #: Largest magnitude of a linear layer's quantized input, and of a weight.
 LINEAR_LEVELS = 127
 WEIGHT_LEVELS = 127
-#: Largest magnitude of quantized queries, keys, values and attention weights.
-ATTENTION_LEVELS = 32767
+#: Largest magnitude of quantized queries, keys, values and attention weights, per
+#: engine (spec/llm-codec.md §5.6).  int-v2's int8 attention halves the decoder's cache
+#: and makes the attention's integer sums int8 GEMMs (five times the float64 ones here).
+ATTENTION_LEVELS = {"int-v1": 32767, "int-v2": 127}
+#: Shapes (inner, outer) beside the linear layers' on which the int8 GEMM is proven
+#: before int-v2's prefill attention uses it: q.k (inner: a head) and u.v (inner: keys).
+ATTENTION_PROBE_KEYS = (128, 1024)
 #: Inner-dimension chunk for which an fp32 GEMM of int8 values is exact: 127*127*1040 < 2^24.
 FP32_EXACT_CHUNK = 1040
 #: Up to this many rows, an int8 linear layer runs on the compiled kernel ``int8_rows``
@@ -280,28 +288,31 @@ class IntegerModel:
     logits of whole rows at once, :class:`IntegerStepper` one position at a time; both
     give identical float32 logits."""
 
-    def __init__(self, model: Any, max_length: int, device: Any = None) -> None:
+    def __init__(self, model: Any, max_length: int, device: Any = None,
+                 attention_levels: int = ATTENTION_LEVELS["int-v1"]) -> None:
         config = model.config
         if getattr(config, "model_type", None) != "llama":
-            raise ModelError(f"model type {config.model_type!r} is not supported by int-v1")
+            raise ModelError(f"model type {config.model_type!r} is not supported by int-v1/v2")
         rope = getattr(config, "rope_scaling", None) or {}
         rope_params = getattr(config, "rope_parameters", None) or {}
         rope_type = rope.get("rope_type", rope.get("type")) or rope_params.get("rope_type")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ModelError(f"rope type {rope_type!r} is not supported by int-v1")
+            raise ModelError(f"rope type {rope_type!r} is not supported by int-v1/v2")
         if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-            raise ModelError("biased attention or MLP layers are not supported by int-v1")
+            raise ModelError("biased attention or MLP layers are not supported by int-v1/v2")
         if getattr(config, "hidden_act", "silu") != "silu":
-            raise ModelError(f"activation {config.hidden_act!r} is not supported by int-v1")
+            raise ModelError(f"activation {config.hidden_act!r} is not supported by int-v1/v2")
         decoder = model.model
         self.hidden = config.hidden_size
         if self.hidden > 1 << 13:
-            raise ModelError("int-v1 supports hidden sizes up to 8192")
+            raise ModelError("int-v1/v2 support hidden sizes up to 8192")
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.num_heads
         self.group = self.num_heads // self.num_kv_heads
         self.eps = float(config.rms_norm_eps)
+        #: N of the attention's quantizers: what makes this int-v1 or int-v2.
+        self.attention_levels = attention_levels
         self.device = torch.device(device) if device is not None else model.device
         self.embedding = decoder.embed_tokens.weight.detach().to(self.device, torch.float32)
         self.int8_gemm = self.device.type == "cpu" and int8_gemm_is_exact(
@@ -338,6 +349,25 @@ class IntegerModel:
         self.extend(max_length)
         width = torch.tensor([float(self.head_dim)], dtype=F64, device=self.device)
         self.attention_scale = _div(1.0, torch.sqrt(width))  # 1/sqrt(head_dim)
+
+    def with_attention_levels(self, levels: int) -> IntegerModel:
+        """This model with another engine's attention quantizer (int-v1 or int-v2): a
+        shallow copy sharing every weight, so one archive may hold members of both."""
+        other = copy.copy(self)
+        other.attention_levels = levels
+        return other
+
+    @property
+    def int8_attention(self) -> bool:
+        """Whether the prefill's attention sums are int8 GEMMs: int-v2's 8-bit operands
+        on a host whose int8 GEMM is proven exact on the attention's shapes too."""
+        return self.attention_levels <= LINEAR_LEVELS and self._attention_gemm_exact
+
+    @functools.cached_property
+    def _attention_gemm_exact(self) -> bool:
+        return self.int8_gemm and int8_gemm_is_exact(
+            [(self.head_dim, keys) for keys in ATTENTION_PROBE_KEYS]
+            + [(keys, self.head_dim) for keys in ATTENTION_PROBE_KEYS])
 
     def extend(self, max_length: int) -> None:
         """Rotary tables for positions 0 .. max_length-1 (the weights stay as they are)."""
@@ -425,9 +455,10 @@ class IntegerModel:
             *shape, self.num_kv_heads, self.head_dim)
         values = fused[..., width_q + width_kv :].reshape(
             *shape, self.num_kv_heads, self.head_dim)
-        queries, query_scale = quantize_rows(self.rotate(queries, positions), ATTENTION_LEVELS)
-        keys, key_scale = quantize_rows(self.rotate(keys, positions), ATTENTION_LEVELS)
-        values, value_scale = quantize_rows(values, ATTENTION_LEVELS)
+        levels = self.attention_levels
+        queries, query_scale = quantize_rows(self.rotate(queries, positions), levels)
+        keys, key_scale = quantize_rows(self.rotate(keys, positions), levels)
+        values, value_scale = quantize_rows(values, levels)
         query_scale = query_scale * self.attention_scale
         return queries, query_scale, keys, key_scale, values, value_scale
 
@@ -445,7 +476,7 @@ class IntegerModel:
         n, _h, tq, dh = queries.shape
         g = self.group
         q = queries.reshape(n, self.num_kv_heads, g * tq, dh)
-        scores = torch.matmul(q, keys.transpose(-1, -2)).view(n, self.num_heads, tq, -1)
+        scores = self._integer_matmul(q, keys.transpose(-1, -2)).view(n, self.num_heads, tq, -1)
         factor = query_scale * key_scale.repeat_interleave(g, dim=1)[:, :, None, :]
         z = scores * factor
         if mask is not None:
@@ -454,11 +485,26 @@ class IntegerModel:
         exponent = -torch.floor((z - top) * LOG2E_SCALED)  # >= 0; +inf where masked
         weights = exp_weights(exponent)
         p = weights * value_scale.repeat_interleave(g, dim=1)[:, :, None, :]
-        u, p_scale = quantize_rows(p, ATTENTION_LEVELS)
+        u, p_scale = quantize_rows(p, self.attention_levels)
         u = u.view(n, self.num_kv_heads, g * tq, -1)
-        context = torch.matmul(u, values).view(n, self.num_heads, tq, dh)
+        context = self._integer_matmul(u, values).view(n, self.num_heads, tq, dh)
         context = _div(context * p_scale, weights.sum(dim=-1, keepdim=True))
         return context.transpose(1, 2).reshape(n, tq, self.num_heads * dh)
+
+    def _integer_matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b exactly for float64 tensors of attention integers: one float64 GEMM
+        (int-v1: products below 2^30, sums below 2^53); for int-v2's 8-bit operands fp32
+        GEMMs over inner chunks of :data:`FP32_EXACT_CHUNK` (sums below 2^24), added in
+        float64: the path for GPUs, whose float64 rate is a small fraction of fp32's."""
+        if self.attention_levels > LINEAR_LEVELS:
+            return torch.matmul(a, b)
+        inner = a.shape[-1]
+        total = torch.zeros((*a.shape[:-1], b.shape[-1]), dtype=F64, device=a.device)
+        for begin in range(0, inner, FP32_EXACT_CHUNK):
+            end = begin + FP32_EXACT_CHUNK
+            total += torch.matmul(a[..., begin:end].to(torch.float32),
+                                  b[..., begin:end, :].to(torch.float32))
+        return total
 
     def attention(
         self, layer: IntLayer, context: torch.Tensor, h: torch.Tensor
@@ -479,7 +525,7 @@ class IntegerModel:
         returns the final norm's quantized rows (q, scale) for :meth:`lm_head_logits`.
         ``attend(layer index, qkv [R, H + 2 Hkv, Dh] int16, scales [R, H + 2 Hkv])``
         gives the context rows [R, H * Dh] (float64) from the rotated, quantized
-        queries, keys and values."""
+        queries, keys and values (int16 for int-v1, int8 for int-v2)."""
         inner = self.layers[0].down_proj.weight.shape[0]
         kernels = _kernels(h.shape[0] * 2 * inner)  # the widest kernel's elements
         h_host, at = h.numpy(), positions.numpy()
@@ -493,8 +539,8 @@ class IntegerModel:
             assert layer.qkv_proj is not None and layer.gate_up_proj is not None
             acc = work.product(layer.qkv_proj, q)
             kernels.qkv_rope(acc, scale[1], layer.qkv_proj._scale_host, at, self._cos_host,
-                             self._sin_host, self.num_heads + self.num_kv_heads, qkv[1],
-                             qkv_scale[1])
+                             self._sin_host, self.num_heads + self.num_kv_heads,
+                             float(self.attention_levels), qkv[1], qkv_scale[1])
             context = attend(index, qkv, qkv_scale)
             kernels.quantize(context, float(LINEAR_LEVELS), context_q[1], context_scale[1])
             acc = work.product(layer.o_proj, context_q)
@@ -521,20 +567,21 @@ class IntegerModel:
 
     def attend_causal(self, qkv: torch.Tensor, qkv_scale: torch.Tensor) -> torch.Tensor:
         """The context rows [N, T, H * Dh] of whole rows (query j sees keys 0..j) from
-        :meth:`forward_fused`'s qkv [N, T, H + 2 Hkv, Dh] and scales, with the two
-        integer sums as float64 GEMMs: q.k (|products| < 2^30, 64 of them) and u.v
-        (< 2^30 each, at most 2^13 of them) are integers below 2^53, so any GEMM's
-        result is exact whatever its order; the kernel between them is the same
-        sequence of binary64 operations as the stepping kernel's.  Causal blocks of
-        queries skip the keys no query of the block can see."""
+        :meth:`forward_fused`'s qkv [N, T, H + 2 Hkv, Dh] and scales.  The two integer
+        sums are GEMMs whose every result is exact whatever their order: int8 GEMMs
+        (int32 sums) for int-v2 where proven exact, else float64 GEMMs (q.k and u.v are
+        integers below 2^53); the kernel between them is the same sequence of binary64
+        operations as the stepping kernel's.  Causal blocks of queries skip the keys no
+        query of the block can see."""
         n, t = qkv.shape[:2]
         heads, kv, g, dh = self.num_heads, self.num_kv_heads, self.group, self.head_dim
+        operand = torch.int8 if self.int8_attention else F64
         # [N, Hkv, g, T, Dh]: the g query heads that share a key head, as one GEMM operand
-        q64 = qkv[:, :, :heads].view(n, t, kv, g, dh).permute(0, 2, 3, 1, 4).to(F64)
+        queries = qkv[:, :, :heads].view(n, t, kv, g, dh).permute(0, 2, 3, 1, 4).to(operand)
         qs = (qkv_scale[:, :, :heads] * self.attention_scale).view(n, t, kv, g)
         qs = qs.permute(0, 2, 3, 1).contiguous()
-        k64 = qkv[:, :, heads : heads + kv].permute(0, 2, 1, 3).to(F64)  # [N, Hkv, T, Dh]
-        v64 = qkv[:, :, heads + kv :].permute(0, 2, 1, 3).to(F64)
+        keys = qkv[:, :, heads : heads + kv].permute(0, 2, 1, 3).to(operand)  # [N, Hkv, T, Dh]
+        values = qkv[:, :, heads + kv :].permute(0, 2, 1, 3).to(operand).contiguous()
         ks = qkv_scale[:, :, heads : heads + kv].transpose(1, 2).contiguous()  # [N, Hkv, T]
         vs = qkv_scale[:, :, heads + kv :].transpose(1, 2).contiguous()
         out = torch.empty(n, t, kv, g, dh, dtype=F64)
@@ -542,16 +589,17 @@ class IntegerModel:
         for begin in range(0, t, self.PREFILL_BLOCK):
             end = min(t, begin + self.PREFILL_BLOCK)
             rows = end - begin
-            block = q64[:, :, :, begin:end].reshape(n, kv, g * rows, dh)
-            scores = torch.matmul(block, k64[:, :, :end].transpose(-1, -2))
+            block = queries[:, :, :, begin:end].reshape(n, kv, g * rows, dh)
+            scores = _batched_product(block, keys[:, :, :end].transpose(-1, -2))
+            weights = torch.empty(scores.shape, dtype=operand) if self.int8_attention else scores
             p_scale = torch.empty(n, kv, g, rows, dtype=F64)
             weight_sum = torch.empty(n, kv, g, rows, dtype=F64)
             kernels.causal_weights(
                 scores.view(n, kv, g, rows, end).numpy(), qs[..., begin:end].numpy(),
-                ks.numpy(), vs.numpy(), begin, kernels.table, p_scale.numpy(),
-                weight_sum.numpy())
-            context = torch.matmul(scores, v64[:, :, :end]).view(n, kv, g, rows, dh)
-            context = _div(context * p_scale[..., None], weight_sum[..., None])
+                ks.numpy(), vs.numpy(), begin, kernels.table, float(self.attention_levels),
+                weights.view(n, kv, g, rows, end).numpy(), p_scale.numpy(), weight_sum.numpy())
+            context = _batched_product(weights, values[:, :, :end]).view(n, kv, g, rows, dh)
+            context = _div(context.to(F64) * p_scale[..., None], weight_sum[..., None])
             out[:, begin:end] = context.permute(0, 3, 1, 2, 4)
         return out.view(n, t, heads * dh)
 
@@ -593,6 +641,18 @@ class IntegerModel:
 AttendRows = Callable[[int, tuple[torch.Tensor, Any], tuple[torch.Tensor, Any]], Any]
 
 
+def _batched_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b over the leading two axes: float64 by torch.matmul, int8 (int32 sums) by
+    one ``torch._int_mm`` per matrix (it takes 2-D operands only)."""
+    if a.dtype != torch.int8:
+        return torch.matmul(a, b)
+    out = torch.empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            torch._int_mm(a[i, j], b[i, j], out=out[i, j])
+    return out
+
+
 class Workspace:
     """The CPU path's buffers for ``rows`` rows, made once per shape and reused by every
     layer (and, in a stepper, every step): each as a torch tensor (the GEMMs' operand or
@@ -603,7 +663,8 @@ class Workspace:
         self.model, self.rows = model, rows
         self._buffers: dict[tuple[Any, ...], tuple[torch.Tensor, Any]] = {}
         total = model.num_heads + 2 * model.num_kv_heads
-        self.qkv = (self.buffer("qkv", (rows, total, model.head_dim), torch.int16),
+        self.qkv = (self.buffer("qkv", (rows, total, model.head_dim),
+                                attention_dtype(model.attention_levels)),
                     self.buffer("qkv_scale", (rows, total), F64))
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
@@ -636,6 +697,11 @@ class Workspace:
         return out_host
 
 
+def attention_dtype(levels: int) -> torch.dtype:
+    """The narrowest integer type of quantized attention operands: int8 for int-v2."""
+    return torch.int8 if levels <= LINEAR_LEVELS else torch.int16
+
+
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x) with e^-|x| from the exponential table: w = WEIGHTS[floor(|x| K)],
     sigmoid = 2^31 / (2^31 + w) for x >= 0, w / (2^31 + w) for x < 0."""
@@ -662,7 +728,7 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 # * a float max (not reorderable without fast-math): the max of the int64 bit patterns,
 #   whose order is the numbers' (_peak, _top).
 _NUMBA: Any = None
-_pair16: Any = None  # the intrinsics and helpers of _compile
+_pairs: Any = None  # the intrinsics and helpers of _compile
 _dot8: Any = None
 _peak: Any = None
 _top: Any = None
@@ -684,7 +750,7 @@ def _kernels(work: int = PARALLEL_WORK) -> Any:
         try:
             import numba
         except ImportError as exc:  # pragma: no cover - numba is in the llm extra
-            raise ModelError("int-v1 needs numba: pip install 'llmarc[llm]'") from exc
+            raise ModelError("int-v1/v2 need numba: pip install 'llmarc[llm]'") from exc
         _NUMBA = _compile(numba)
     serial, parallel = _NUMBA
     if work < PARALLEL_WORK:
@@ -699,7 +765,7 @@ def _kernels(work: int = PARALLEL_WORK) -> Any:
 
 #: int8 products per vector step of the few-rows kernel (:func:`_int8_dot_blocks`).
 DOT_BLOCK = 32
-#: Results per call of :func:`_int16_pair_dots`: the stepping kernel's caches are laid
+#: Results per call of :func:`_pair_dots`: the stepping kernel's caches are laid
 #: out in tiles of this many keys (q.k) and value columns (u.v).
 PAIR_LANES = 16
 
@@ -752,17 +818,20 @@ def _int8_dot_blocks() -> Any:
 
 
 @functools.cache
-def _int16_pair_dots() -> Any:
-    """A numba intrinsic: 16 exact int16 dot products at once, as int64, into ``out``.
+def _pair_dots() -> Any:
+    """A numba intrinsic: 16 exact dot products of int16 (int-v1) or int8 (int-v2)
+    vectors at once, as int64, into ``out``.
 
     ``pair_dots(a, ia, w, iw, steps, stride, out, io)``: for lane i < 16,
     ``out[io + i] = sum over s < steps of a[ia+2s] * w[iw+s*stride+2i]
     + a[ia+2s+1] * w[iw+s*stride+2i+1]``.  The pair of ``a`` is broadcast to every lane;
-    ``w`` holds, per step, 16 lanes of two interleaved int16.  The stepping kernel lays
-    its caches out so that one call is q.k for 16 keys (steps along the head's width) or
-    u.v for 16 value columns (steps along the keys): no per-result reduction, which cost
-    more than the products for 64-wide heads.  Each pair sum is below 2^31 (|a|, |w| <=
-    32767), widened to int64 and summed: exact for any count.  LLVM maps the pair step to
+    ``w`` holds, per step, 16 lanes of two interleaved integers.  The stepping kernel
+    lays its caches out so that one call is q.k for 16 keys (steps along the head's
+    width) or u.v for 16 value columns (steps along the keys): no per-result reduction,
+    which cost more than the products for 64-wide heads.  int16: each pair sum is below
+    2^31 (|a|, |w| <= 32767), widened to int64 and summed: exact for any count.  int8:
+    pair sums below 2^15 add up in int32 (exact below 65,536 steps: the stepper makes at
+    most 32,768, half the longest segment) and widen once.  LLVM maps the pair step to
     ``vpmaddwd`` where the CPU has it; integer arithmetic has one answer on every target."""
     from llvmlite import ir
     from numba import types
@@ -770,37 +839,46 @@ def _int16_pair_dots() -> Any:
     from numba.extending import intrinsic
 
     lanes = PAIR_LANES
-    i16, i32, i64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
-    words = ir.VectorType(i16, 2 * lanes)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
     wide = ir.VectorType(i32, 2 * lanes)
-    pairs_type, sums_type = ir.VectorType(i32, lanes), ir.VectorType(i64, lanes)
+    sums_type = ir.VectorType(i64, lanes)
 
     @intrinsic
     def pair_dots(typingctx, a, ia, w, iw, steps, stride, out,
                   io):  # pragma: no cover - code generation
+        bits = a.dtype.bitwidth  # 8 or 16; w has a's type
+        element = ir.IntType(bits)
+        words = ir.VectorType(element, 2 * lanes)
+        pairs_type = ir.VectorType(ir.IntType(2 * bits), lanes)
+        partial_type = ir.VectorType(i32 if bits == 8 else i64, lanes)
+
         def codegen(context, builder, signature, args):
             a_data = context.make_array(signature.args[0])(context, builder, args[0]).data
             w_data = context.make_array(signature.args[2])(context, builder, args[2]).data
             out_data = context.make_array(signature.args[6])(context, builder, args[6]).data
-            accumulator = cgutils.alloca_once_value(builder, ir.Constant(sums_type, None))
+            accumulator = cgutils.alloca_once_value(builder, ir.Constant(partial_type, None))
             with cgutils.for_range(builder, args[4]) as loop:
                 step = loop.index
                 at = builder.add(args[1], builder.mul(step, ir.Constant(step.type, 2)))
                 pair = builder.load(builder.bitcast(builder.gep(a_data, [at]),
-                                                    i32.as_pointer()), align=2)
+                                                    pairs_type.element.as_pointer()), align=1)
                 splat = builder.insert_element(ir.Constant(pairs_type, None), pair,
                                                ir.Constant(i32, 0))
                 splat = builder.shuffle_vector(splat, splat,
-                                               ir.Constant(pairs_type, [0] * lanes))
+                                               ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
                 broadcast = builder.sext(builder.bitcast(splat, words), wide)
                 row = builder.gep(w_data, [builder.add(args[3], builder.mul(step, args[5]))])
                 loaded = builder.sext(builder.load(builder.bitcast(row, words.as_pointer()),
-                                                   align=2), wide)
-                products = builder.mul(broadcast, loaded)
-                sums = builder.sext(_pair_sums(builder, products, 2 * lanes), sums_type)
+                                                   align=1), wide)
+                sums = _pair_sums(builder, builder.mul(broadcast, loaded), 2 * lanes)
+                if bits == 16:
+                    sums = builder.sext(sums, sums_type)
                 builder.store(builder.add(builder.load(accumulator), sums), accumulator)
+            total = builder.load(accumulator)
+            if bits == 8:
+                total = builder.sext(total, sums_type)
             target = builder.bitcast(builder.gep(out_data, [args[7]]), sums_type.as_pointer())
-            builder.store(builder.load(accumulator), target, align=8)
+            builder.store(total, target, align=8)
             return context.get_dummy_value()
 
         return types.void(a, ia, w, iw, steps, stride, out, io), codegen
@@ -827,7 +905,6 @@ def _compile(numba: Any) -> Any:
 
     log2e_scaled = float(LOG2E_SCALED)
     max_index = MAX_EXP_INDEX
-    levels = float(ATTENTION_LEVELS)
     linear_levels = float(LINEAR_LEVELS)
     one = EXP_ONE
     residual_one = float(1 << RESIDUAL_BITS)
@@ -839,8 +916,8 @@ def _compile(numba: Any) -> Any:
     # The intrinsics and helpers are module globals, not closure cells: numba keys its
     # disk cache on a hash of a kernel's closure, and they pickle differently in every
     # process, so as cells they forced a recompilation (seconds) in every process.
-    global _pair16, _dot8, _peak, _top, _weigh, _norm_row
-    _pair16, _dot8 = _int16_pair_dots(), _int8_dot_blocks()
+    global _pairs, _dot8, _peak, _top, _weigh, _norm_row
+    _pairs, _dot8 = _pair_dots(), _int8_dot_blocks()
     block = DOT_BLOCK
     lanes = PAIR_LANES
 
@@ -928,17 +1005,18 @@ def _compile(numba: Any) -> Any:
     _peak, _top, _weigh, _norm_row = peak_of, top_of, weigh, norm_row
 
     def attend_step(qkv, scales, attention_scale, keys, k_scale, values, v_scale, t,
-                    table, context):  # pragma: no cover
-        # Position t of every row: qkv int16 [N, H + 2 Hkv, Dh] (queries, keys, values of
-        # the position) and their scales f64 [N, H + 2 Hkv].  The key and value are
-        # stored in the caches first, tiled for _pair16 (Dp: Dh rounded up to 16, L' the
-        # length rounded up to 16, padding zero): keys int16 [N, Hkv, L'/16, Dp/2, 16,
-        # 2] (key t, column d at [t/16, d/2, t%16, d%2]: a tile is q.k for 16 keys),
-        # values int16 [N, Hkv, L'/2, Dp, 2] (value t, column d at [t/2, d, t%2]: a run
-        # of 16 columns is u.v for them), scales f64 [N, Hkv, L].  Then the query sees
-        # keys 0 .. t; context f64 [N, H * Dh].  One task per (row, key head): its keys
-        # and values stay in cache for the heads sharing them.  u is zero past the
-        # visible keys, so u.v runs over whole pairs (a padding value's product is 0).
+                    table, levels, context):  # pragma: no cover
+        # Position t of every row: qkv [N, H + 2 Hkv, Dh] (queries, keys, values of the
+        # position, quantized to +-levels: int16 or int8, the caches' type) and their
+        # scales f64 [N, H + 2 Hkv].  The key and value are stored in the caches first,
+        # tiled for _pairs (Dp: Dh rounded up to 16, L' the length rounded up to 16,
+        # padding zero): keys [N, Hkv, L'/16, Dp/2, 16, 2] (key t, column d at [t/16,
+        # d/2, t%16, d%2]: a tile is q.k for 16 keys), values [N, Hkv, L'/2, Dp, 2]
+        # (value t, column d at [t/2, d, t%2]: a run of 16 columns is u.v for them),
+        # scales f64 [N, Hkv, L].  Then the query sees keys 0 .. t; context f64 [N, H *
+        # Dh].  One task per (row, key head): its keys and values stay in cache for the
+        # heads sharing them.  u is zero past the visible keys, so u.v runs over whole
+        # pairs (a padding value's product is 0).
         n_rows, columns, dh = qkv.shape
         kv_heads = keys.shape[1]
         padded = keys.shape[3] * 2
@@ -959,16 +1037,16 @@ def _compile(numba: Any) -> Any:
             key_tiles = keys[n, kv].reshape(-1)
             value_pairs = values[n, kv].reshape(-1)
             ks = k_scale[n, kv]
-            queries = np.zeros(group * padded, dtype=np.int16)
+            queries = np.zeros(group * padded, dtype=keys.dtype)
             for g in range(group):
                 for d in range(dh):
                     queries[g * padded + d] = qkv[n, kv * group + g, d]
             sums = np.empty(group * width, dtype=np.int64)
             for tile in range(tiles):  # a tile of keys serves every head of the group
                 for g in range(group):
-                    _pair16(queries, g * padded, key_tiles, tile * lanes * padded,
-                            padded // 2, 2 * lanes, sums, g * width + tile * lanes)
-            u = np.zeros(group * width, dtype=np.int16)
+                    _pairs(queries, g * padded, key_tiles, tile * lanes * padded,
+                           padded // 2, 2 * lanes, sums, g * width + tile * lanes)
+            u = np.zeros(group * width, dtype=values.dtype)
             z = np.empty(count, dtype=np.float64)
             index = np.empty(count, dtype=np.int64)
             p_scale = np.empty(group, dtype=np.float64)
@@ -983,24 +1061,25 @@ def _compile(numba: Any) -> Any:
                 p_scale[g] = peak / levels
                 weight_sum[g] = np.float64(total)
                 for k in range(count):
-                    u[g * width + k] = np.int16(np.rint(z[k] * factor))
+                    u[g * width + k] = np.rint(z[k] * factor)
             c = np.empty(group * padded, dtype=np.int64)
             for run in range(padded // lanes):  # u.v for 16 columns of every head
                 for g in range(group):
-                    _pair16(u, g * width, value_pairs, run * 2 * lanes, steps, 2 * padded,
-                            c, g * padded + run * lanes)
+                    _pairs(u, g * width, value_pairs, run * 2 * lanes, steps, 2 * padded,
+                           c, g * padded + run * lanes)
             for g in range(group):
                 for d in range(dh):
                     context[n, (kv * group + g) * dh + d] = \
                         (np.float64(c[g * padded + d]) * p_scale[g]) / weight_sum[g]
 
-    def causal_weights(scores, q_scale, k_scale, v_scale, first, table, p_scale,
-                       weight_sum):  # pragma: no cover
-        # scores f64 [N, Hkv, g, T, K]: the exact q.k sums of queries first .. first+T-1
-        # (query j sees keys 0 .. first + j), overwritten with the quantized weights u
-        # (0 where a key is not visible); q_scale f64 [N, Hkv, g, T] (times 1/sqrt(Dh)),
-        # k_scale, v_scale f64 [N, Hkv, L]; p_scale, weight_sum f64 [N, Hkv, g, T].
-        # The operations of attend, in its order, for one query row each.
+    def causal_weights(scores, q_scale, k_scale, v_scale, first, table, levels, u_out,
+                       p_scale, weight_sum):  # pragma: no cover
+        # scores [N, Hkv, g, T, K] (f64 or int32): the exact q.k sums of queries first ..
+        # first+T-1 (query j sees keys 0 .. first + j); u_out [N, Hkv, g, T, K] (f64 or
+        # int8; may be scores itself): the weights quantized to +-levels (0 where a key
+        # is not visible); q_scale f64 [N, Hkv, g, T] (times 1/sqrt(Dh)), k_scale,
+        # v_scale f64 [N, Hkv, L]; p_scale, weight_sum f64 [N, Hkv, g, T].  The
+        # operations of attend, in its order, for one query row each.
         n_rows, kv_heads, group, t_rows, width = scores.shape
         for r in numba.prange(n_rows * kv_heads * group * t_rows):
             n = r // (kv_heads * group * t_rows)
@@ -1010,16 +1089,18 @@ def _compile(numba: Any) -> Any:
             count = first + j + 1
             qs = q_scale[n, kv, g, j]
             row = scores[n, kv, g, j]
+            z = np.empty(count, dtype=np.float64)
             for k in range(count):
-                row[k] = row[k] * (qs * k_scale[n, kv, k])
-            total, peak = _weigh(row, count, _top(row[:count]), v_scale[n, kv], table,
+                z[k] = np.float64(row[k]) * (qs * k_scale[n, kv, k])
+            total, peak = _weigh(z, count, _top(z), v_scale[n, kv], table,
                                  np.empty(count, dtype=np.int64))
             safe = peak if peak > 0.0 else 1.0
             factor = levels / safe
+            u = u_out[n, kv, g, j]
             for k in range(count):
-                row[k] = np.rint(row[k] * factor)
+                u[k] = np.rint(z[k] * factor)
             for k in range(count, width):
-                row[k] = 0.0
+                u[k] = 0
             p_scale[n, kv, g, j] = peak / levels
             weight_sum[n, kv, g, j] = np.float64(total)
 
@@ -1100,11 +1181,11 @@ def _compile(numba: Any) -> Any:
                 h[r, c] = h[r, c] + np.rint(y * residual_one)
             scale_out[r] = _norm_row(h[r], weight, eps, q_out[r])
 
-    def qkv_rope(acc, row_scale, col_scale, positions, cos, sin, rotated, q_out,
+    def qkv_rope(acc, row_scale, col_scale, positions, cos, sin, rotated, levels, q_out,
                  scale_out):  # pragma: no cover
         # acc [R, heads * Dh]: the fused q/k/v projection's integer sums (any dtype); the
         # values acc * (row_scale * col_scale), the first ``rotated`` heads rotated at
-        # positions[R], each head quantized to +-32767: q_out int16 [R, heads, Dh],
+        # positions[R], each head quantized to +-levels: q_out int16/int8 [R, heads, Dh],
         # scale_out f64 [R, heads]
         rows, heads, dh = q_out.shape
         half = dh // 2
@@ -1132,7 +1213,7 @@ def _compile(numba: Any) -> Any:
                 safe = peak if peak > 0.0 else 1.0
                 factor = levels / safe
                 for i in range(dh):
-                    q_out[r, h, i] = np.int16(np.rint(y[i] * factor))
+                    q_out[r, h, i] = np.rint(y[i] * factor)
                 scale_out[r, h] = peak / levels
 
     class Kernels:
@@ -1174,8 +1255,9 @@ def _norm_weight(norm: Any, device: Any) -> torch.Tensor:
 class IntegerStepper:
     """The decoder's side: ``width`` rows advanced one position per :meth:`step`.
 
-    The key/value cache holds the integer keys and values (int16) and their per-head
-    scales, so a step only computes the new position; its logits equal prefill's."""
+    The key/value cache holds the integer keys and values (int16 for int-v1, int8 for
+    int-v2) and their per-head scales, so a step only computes the new position; its
+    logits equal prefill's."""
 
     def __init__(self, model: IntegerModel, width: int, length: int) -> None:
         if length > model.max_length:
@@ -1190,9 +1272,9 @@ class IntegerStepper:
             columns = -(-model.head_dim // PAIR_LANES) * PAIR_LANES
             key_shape = (width, model.num_kv_heads, tiles, columns // 2, PAIR_LANES, 2)
             value_shape = (width, model.num_kv_heads, tiles * PAIR_LANES // 2, columns, 2)
-        self.keys = [torch.zeros(key_shape, dtype=torch.int16, device=device)
-                     for _ in range(count)]
-        self.values = [torch.zeros(value_shape, dtype=torch.int16, device=device)
+        dtype = attention_dtype(model.attention_levels)
+        self.keys = [torch.zeros(key_shape, dtype=dtype, device=device) for _ in range(count)]
+        self.values = [torch.zeros(value_shape, dtype=dtype, device=device)
                        for _ in range(count)]
         scale_shape = (width, model.num_kv_heads, length)
         self.key_scales = [torch.zeros(scale_shape, dtype=F64, device=device)
@@ -1231,12 +1313,13 @@ class IntegerStepper:
             "context", (self.width, model.num_heads * model.head_dim), F64)
         kernels = _kernels(context_host.size * (t + 1))
         scale_by = float(model.attention_scale.item())
+        levels = float(model.attention_levels)
 
         def attend(index: int, qkv: tuple[torch.Tensor, Any],
                    scale: tuple[torch.Tensor, Any]) -> Any:
             keys, key_scales, values, value_scales = self._caches[index]
             kernels.attend_step(qkv[1], scale[1], scale_by, keys, key_scales, values,
-                                value_scales, t, kernels.table, context_host)
+                                value_scales, t, kernels.table, levels, context_host)
             return context_host
 
         h = model.embed(tokens.to(model.device))
@@ -1251,8 +1334,8 @@ class IntegerStepper:
         h = model.embed(tokens.to(model.device))[:, None, :]  # [B, 1, D]
         for index, layer in enumerate(model.layers):
             q, qs, k, ks, v, vs = model.qkv(layer, h, positions)
-            self.keys[index][:, :, t] = k[:, 0].to(torch.int16)
-            self.values[index][:, :, t] = v[:, 0].to(torch.int16)
+            self.keys[index][:, :, t] = k[:, 0].to(self.keys[index].dtype)
+            self.values[index][:, :, t] = v[:, 0].to(self.values[index].dtype)
             self.key_scales[index][:, :, t] = ks[:, 0, :, 0]
             self.value_scales[index][:, :, t] = vs[:, 0, :, 0]
             context = model.attend(

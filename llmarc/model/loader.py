@@ -43,10 +43,11 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return len(self.table)
 
-    def integer_model(self, length: int) -> Any:
-        """The int-v1 form of this model for segments up to ``length`` positions, derived
-        once from the float32 weights (the rotary tables grow with ``length``)."""
-        from llmarc.inference.integer import IntegerModel
+    def integer_model(self, length: int, engine: str = "int-v2") -> Any:
+        """The integer form of this model for ``engine`` (int-v1 or int-v2) and segments
+        up to ``length`` positions, derived once from the float32 weights (the rotary
+        tables grow with ``length``; the engines share the weights)."""
+        from llmarc.inference.integer import ATTENTION_LEVELS, IntegerModel
 
         if self._integer is None:
             self._integer = IntegerModel(self.model, length, device=self.device)
@@ -55,7 +56,7 @@ class LoadedModel:
             self.model.to("meta")
         elif self._integer.max_length < length:
             self._integer.extend(length)
-        return self._integer
+        return self._integer.with_attention_levels(ATTENTION_LEVELS[engine])
 
 
 #: Spin iterations before an idle OpenMP thread sleeps (libgomp; numba's pool reads it too).
@@ -160,11 +161,11 @@ def load_model(
     dtype: str | None = None,
     threads: int | None = None,
     status: Callable[[str], None] | None = None,
-    engine: str = "int-v1",
+    engine: str = "int-v2",
 ) -> LoadedModel:
     """Resolve, load and fingerprint a model; never downloads anything.
 
-    For int-v1 the float network is always loaded in float32 on the CPU (the integer
+    For int-v1/v2 the float network is always loaded in float32 on the CPU (the integer
     model is derived from float32 weights, bit for bit, and then lives on ``device``);
     ``dtype`` applies to lockstep-v1 only."""
     torch = _import_torch()
@@ -174,10 +175,11 @@ def load_model(
 
     source = resolve(model)
     torch_device = pick_device(device)
-    if engine == "int-v1":
+    integer = engine in ("int-v1", "int-v2")
+    if integer:
         if dtype not in (None, "float32"):
             raise ModelError(f"--dtype {dtype} applies to the lockstep-v1 engine only "
-                             "(int-v1 computes in integers)")
+                             f"({engine} computes in integers)")
         dtype = "float32"
     dtype_name = dtype or ("bfloat16" if torch_device.type == "cuda" else "float32")
     if dtype_name not in DTYPES:
@@ -201,7 +203,7 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {source.display_name}: {exc}") from exc
-    network = network.to(torch_device if engine != "int-v1" else torch.device("cpu")).eval()
+    network = network.to(torch.device("cpu") if integer else torch_device).eval()
 
     logits_width = network.lm_head.out_features
     table = list(build_token_bytes(tokenizer))

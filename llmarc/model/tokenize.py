@@ -245,7 +245,7 @@ class LosslessTokenizer:
 
     def set_escaped(self, values: frozenset[int]) -> None:
         """Choose the byte values :meth:`split_escapes` cuts out.  By default those with
-        no single-byte token: int-v1 payloads carry them as escapes (spec/llm-codec.md
+        no single-byte token: int-v1/v2 payloads carry them as escapes (spec/llm-codec.md
         §3.2), so the rest of the text can still be LLM-coded.  Cutting out more is
         still lossless (tests use it on vocabularies that lack no byte)."""
         self.escaped = values

@@ -1,9 +1,9 @@
-"""Decode the int-v1 LLM members of an archive with the NumPy engine (no torch at all).
+"""Decode the int-v1 and int-v2 LLM members of an archive with the NumPy engine (no torch at all).
 
     python spec/reference/decode_numpy.py ARCHIVE MODEL_FOLDER DEST
 
 The container is read with llmarc's reader and the model-free layers (entropy.md) come
-from llmarc; the logits come from :class:`intv1_numpy.IntV1Reference`, the independent
+from llmarc; the logits come from :class:`int_numpy.IntReference`, the independent
 implementation of spec/llm-codec.md §5.  Each decoded member is checked against its
 SHA-256 and written below DEST.  It recomputes the whole prefix at every position
 (quadratic), so it is meant for the small archives of the portability check.
@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from intv1_numpy import IntV1Reference  # noqa: E402
+from int_numpy import ATTENTION_LEVELS, IntReference  # noqa: E402
 
 
 def decode(archive: Path, folder: Path, dest: Path) -> int:
@@ -39,12 +39,12 @@ def decode(archive: Path, folder: Path, dest: Path) -> int:
             entry = reader._entries[reader._index(member)]
             record = reader.models[decode_params(entry.codec_params)]
             profile = parse_profile(record.profile)
-            if profile["engine"] != "int-v1":
-                raise SystemExit(f"{member.name}: engine {profile['engine']} is not int-v1")
+            if profile["engine"] not in ATTENTION_LEVELS:
+                raise SystemExit(f"{member.name}: engine {profile['engine']} is not int-v1/v2")
             length, precision = profile["segment_length"], profile["precision"]
             payload = reader._llm_payload(member)
             n, escapes, streams = parse_payload(payload, member.size, length, True)
-            engine = IntV1Reference(folder, max_length=length)
+            engine = IntReference(folder, max_length=length, engine=profile["engine"])
             width = engine.linear["lm_head"][0].shape[0]
             padded = table + [None] * (width - len(table))
             start = reader_start_token(folder)

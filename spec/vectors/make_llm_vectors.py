@@ -4,11 +4,13 @@
     python spec/vectors/make_llm_vectors.py
 
 The tiny models' weights ship in fixtures/, so anyone can rerun these.  The vectors use
-the portable engine int-v1 (spec/llm-codec.md §5): they decode bit-exactly on any
-machine.  Files are written with fixed names, bytes and mtimes; manifest.json lists each
-vector with the model to decode it with and the expected member SHA-256s or error class.
-models.json gives, per fixture model, every component of its fingerprint (§2.1) and the
-SHA-256 of its int-v1 logits for a fixed token sequence (§5), for implementers.
+the portable engines (spec/llm-codec.md §5): int-v1 for most (they predate int-v2 and
+stay byte for byte what they were), int-v2 for the ``good-int-v2-*`` ones; all decode
+bit-exactly on any machine.  Files are written with fixed names, bytes and mtimes;
+manifest.json lists each vector with the model to decode it with and the expected member
+SHA-256s or error class.  models.json gives, per fixture model, every component of its
+fingerprint (§2.1) and the SHA-256 of its int-v1 and int-v2 logits for a fixed token
+sequence (§5), for implementers.
 
 The ``legacy-lockstep-*`` vectors were made with the float engine lockstep-v1 and are not
 regenerated here: they decode only in the numerics environment recorded in their profile
@@ -43,17 +45,17 @@ FILES = {
 }
 
 
-def pack_tiny(model: str, workdir: Path) -> bytes:
-    src = workdir / f"src-{model}"
+def pack_tiny(model: str, workdir: Path, engine: str = "int-v1") -> bytes:
+    src = workdir / f"src-{model}-{engine}"
     for name, data in FILES.items():
         path = src / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         os.utime(path, ns=(MTIME_NS, MTIME_NS))
     os.utime(src / "notes", ns=(MTIME_NS, MTIME_NS))
-    out = workdir / f"{model}.llma"
+    out = workdir / f"{model}-{engine}.llma"
     options = llmarc.LLMOptions(model=str(ROOT / MODELS[model]), device="cpu",
-                                segment_length=48)
+                                segment_length=48, engine=engine)
     llmarc.pack(src, out, codec="llm", llm=options, warn=lambda message: None)
     return out.read_bytes()
 
@@ -77,7 +79,7 @@ def pack_with_escapes(workdir: Path) -> bytes:
         os.utime(src / "bytes.txt", ns=(MTIME_NS, MTIME_NS))
         out = workdir / "escapes.llma"
         options = llmarc.LLMOptions(model=str(ROOT / MODELS["bpe"]), device="cpu",
-                                    segment_length=48)
+                                    segment_length=48, engine="int-v1")
         llmarc.pack(src, out, codec="llm", llm=options, warn=lambda message: None)
         return out.read_bytes()
     finally:
@@ -89,7 +91,8 @@ LOGIT_TOKENS = [5, 17, 300, 42, 42, 7, 255, 100, 1, 64, 199, 3]
 
 
 def model_components(model: str) -> dict:
-    """Every input of the fingerprint, and the int-v1 logits digest, for one model."""
+    """Every input of the fingerprint, and the int-v1 and int-v2 logits digests, for one
+    model."""
     import torch
 
     from llmarc.model.fingerprint import architecture_of, canonical_json
@@ -99,8 +102,17 @@ def model_components(model: str) -> dict:
     folder = ROOT / MODELS[model]
     loaded = load_model(str(folder), device="cpu")
     tokens = [loaded.start_token, *LOGIT_TOKENS]
-    logits = loaded.integer_model(len(tokens)).prefill(torch.tensor([tokens]))[0]
-    raw = logits.numpy().astype("<f4").tobytes()
+
+    def digest(engine: str) -> dict:
+        logits = loaded.integer_model(len(tokens), engine).prefill(torch.tensor([tokens]))[0]
+        return {
+            "tokens": tokens,
+            "sha256_float32_le": hashlib.sha256(logits.numpy().astype("<f4").tobytes())
+            .hexdigest(),
+            "first_row_first_8": [float(x) for x in logits[0, :8]],
+            "last_row_argmax": int(logits[-1].argmax()),
+        }
+
     return {
         "folder": MODELS[model],
         "weights_digest": weights_digest(folder),
@@ -108,12 +120,8 @@ def model_components(model: str) -> dict:
         "architecture_json": canonical_json(architecture_of(loaded.model.config)),
         "start_token": loaded.start_token,
         "fingerprint": loaded.fingerprint.hex(),
-        "int_v1_logits": {
-            "tokens": tokens,
-            "sha256_float32_le": hashlib.sha256(raw).hexdigest(),
-            "first_row_first_8": [float(x) for x in logits[0, :8]],
-            "last_row_argmax": int(logits[-1].argmax()),
-        },
+        "int_v1_logits": digest("int-v1"),
+        "int_v2_logits": digest("int-v2"),
     }
 
 
@@ -168,6 +176,7 @@ def main() -> None:
     lines = [f"* `{name}` — {entry['why']}" for name, entry in sorted(legacy.items())]
     with tempfile.TemporaryDirectory() as tmp:
         made = {m: pack_tiny(m, Path(tmp)) for m in MODELS}
+        made_v2 = {m: pack_tiny(m, Path(tmp), "int-v2") for m in MODELS}
         escaped = pack_with_escapes(Path(tmp))
     members = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
     vectors = {
@@ -176,6 +185,12 @@ def main() -> None:
                                "tiny model"),
         "good-tiny-sp.llma": (made["sp"], "sp", None,
                               "the same members coded with the SentencePiece tiny model"),
+        "good-int-v2-tiny-bpe.llma": (made_v2["bpe"], "bpe", None,
+                                      "the same members coded with engine int-v2 (8-bit "
+                                      "attention, §5.6), byte-level BPE tiny model"),
+        "good-int-v2-tiny-sp.llma": (made_v2["sp"], "sp", None,
+                                     "the same members coded with engine int-v2, "
+                                     "SentencePiece tiny model"),
         "good-escapes.llma": (escaped, "bpe", None,
                               "bytes.txt with its 0x00, 0xFE and 0xFF bytes carried as escapes "
                               "(§3.2)"),
@@ -225,12 +240,14 @@ def main() -> None:
         "# LLM codec archive vectors",
         "",
         "Generated by `python spec/vectors/make_llm_vectors.py` with the tiny seeded LLaMA "
-        "models in `fixtures/` (their weights are in the repository), engine int-v1, L = 48. "
+        "models in `fixtures/` (their weights are in the repository), L = 48, engine int-v1 "
+        "but for the `good-int-v2-` vectors (engine int-v2). "
         "They decode bit-exactly on any machine. `manifest.json` gives, per file, the model "
         "folder to decode with and either the SHA-256 of every member or the error class; "
         "`tests/test_llm_vectors.py` runs them all. `models.json` gives every component of "
-        "each model's fingerprint (spec/llm-codec.md §2.1) and the SHA-256 of the int-v1 "
-        "logits (float32, little-endian, row by row) for a fixed token sequence (§5), so an "
+        "each model's fingerprint (spec/llm-codec.md §2.1) and the SHA-256 of the int-v1 and "
+        "int-v2 logits (float32, little-endian, row by row) for a fixed token sequence (§5), "
+        "so an "
         "implementation can be checked layer by layer before any archive. The `legacy-` "
         "vectors were made by the float engine lockstep-v1 and decode only in the "
         "environment their manifest entry records; the tests skip them elsewhere.",

@@ -1,4 +1,5 @@
-"""A second implementation of the int-v1 engine (spec/llm-codec.md §5), NumPy only.
+"""A second implementation of the int-v1 and int-v2 engines (spec/llm-codec.md §5),
+NumPy only.
 
 Written from the spec, not from llmarc's engine, and deliberately different in every
 place the spec leaves free: integer products are int64 ``matmul`` (no BLAS, no float),
@@ -8,7 +9,8 @@ time.  It is slow and small on purpose: its job is to prove that the spec is
 implementable and that llmarc's logits follow it bit for bit (tests/test_int_reference.py
 compares the two on the fixture models and on SmolLM2).
 
-Usage: ``logits = IntV1Reference(folder).logits(tokens)`` -> float32 [T, V].
+Usage: ``logits = IntReference(folder, engine="int-v2").logits(tokens)`` -> float32
+[T, V].
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 RESIDUAL_BITS = 24
 NORM_BITS = 20
 LINEAR_LEVELS = 127
-ATTENTION_LEVELS = 32767
+#: §5.6: N of the attention's quantizers, the one difference between the two engines.
+ATTENTION_LEVELS = {"int-v1": 32767, "int-v2": 127}
 LOG2E_SCALED = float.fromhex("0x1.71547652b82fep+8")  # entropy.md §2: 256 * log2(e)
 
 
@@ -73,12 +76,15 @@ def rope_tables(base: float, head_dim: int, length: int) -> tuple[np.ndarray, np
     return cos, sin
 
 
-class IntV1Reference:
-    """The int-v1 forward pass of a LLaMA model folder (float32/16 safetensors)."""
+class IntReference:
+    """The int-v1 or int-v2 forward pass of a LLaMA model folder (float32/16
+    safetensors)."""
 
-    def __init__(self, folder: str | Path, max_length: int = 64) -> None:
+    def __init__(self, folder: str | Path, max_length: int = 64, engine: str = "int-v2"
+                 ) -> None:
         from safetensors.numpy import load_file
 
+        self.attention_levels = ATTENTION_LEVELS[engine]
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
         tensors = load_file(str(folder / "model.safetensors"))
@@ -141,9 +147,10 @@ class IntV1Reference:
                 a, b = x[..., :half], x[..., half:]
                 return np.concatenate((a * c - b * si, b * c + a * si), axis=-1)
 
-            qq, sq = quantize(rot(qs), ATTENTION_LEVELS)
-            kq, sk = quantize(rot(ks), ATTENTION_LEVELS)
-            vq, sv = quantize(vs, ATTENTION_LEVELS)
+            levels = self.attention_levels
+            qq, sq = quantize(rot(qs), levels)
+            kq, sk = quantize(rot(ks), levels)
+            vq, sv = quantize(vs, levels)
             sq = sq * scale
             context = np.zeros((n, self.heads, self.dh))
             for t in range(n):  # one query position at a time
@@ -154,7 +161,7 @@ class IntV1Reference:
                     x = np.floor((z - np.max(z)) * LOG2E_SCALED)
                     w = exp_weight(-x)
                     pw = w.astype(np.float64) * sv[: t + 1, kv, 0]
-                    u, su = quantize(pw, ATTENTION_LEVELS)
+                    u, su = quantize(pw, levels)
                     c = u @ vq[: t + 1, kv]  # exact int64
                     context[t, head] = (c.astype(np.float64) * su) / np.float64(np.sum(w))
             q, s = quantize(context.reshape(n, -1), LINEAR_LEVELS)
