@@ -143,7 +143,7 @@ def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not
             weights[v] = np.int64(-max(np.floor(np.float64(d) * scale), floor_exponent))
         total = 0
         for v in range(vocab):
-            w = table[weights[v]]
+            w = table[np.uint64(weights[v])]  # unsigned: no negative-index test
             weights[v] = w
             total += w
         return total, first, OK

@@ -723,8 +723,10 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 # * numba's Python error model tests every float divisor for zero (to raise
 #   ZeroDivisionError), a branch per element: error_model="numpy" (no divisor here can
 #   be zero: each is a peak > 0, 2^31 + w, a weight sum >= 2^31 or a count);
-# * a lookup in the exponential table (LLVM emits no gathers here): it gets a loop of its
-#   own, the arithmetic around it goes in loops without one;
+# * a lookup in the exponential table (LLVM emits no gathers here, and a hand-written
+#   vpgatherqq was 2x slower than scalar loads): it gets a loop of its own, the arithmetic
+#   around it goes in loops without one, and its index is cast to unsigned (a signed one
+#   costs a test and a select per element for NumPy's negative indexes);
 # * a float max (not reorderable without fast-math): the max of the int64 bit patterns,
 #   whose order is the numbers' (_peak, _top).
 _NUMBA: Any = None
@@ -765,6 +767,12 @@ def _kernels(work: int = PARALLEL_WORK) -> Any:
 
 #: int8 products per vector step of the few-rows kernel (:func:`_int8_dot_blocks`).
 DOT_BLOCK = 32
+#: Query rows per task of the prefill's ``causal_weights`` (their scratch is allocated
+#: once): enough tasks to balance two threads even for one segment's 9 heads.
+CAUSAL_ROWS_PER_TASK = 16
+#: Tasks of the stepping kernel's parallel loop (each a run of (row, key head) pairs
+#: sharing scratch arrays): a few per thread, not one allocation set per pair.
+STEP_CHUNKS = 16
 #: Results per call of :func:`_pair_dots`: the stepping kernel's caches are laid
 #: out in tiles of this many keys (q.k) and value columns (u.v).
 PAIR_LANES = 16
@@ -920,6 +928,8 @@ def _compile(numba: Any) -> Any:
     _pairs, _dot8 = _pair_dots(), _int8_dot_blocks()
     block = DOT_BLOCK
     lanes = PAIR_LANES
+    rows_per_task = CAUSAL_ROWS_PER_TASK
+    step_chunks = STEP_CHUNKS
 
     def int8_rows(q, weight, out):  # pragma: no cover
         # out[r, o] = sum_i q[r, i] * weight[o, i]: q int8 [M, in], weight int8 [out, in]
@@ -971,7 +981,7 @@ def _compile(numba: Any) -> Any:
             index[k] = np.int64(min(-np.floor((z[k] - top) * log2e_scaled), max_index))
         total = 0
         for k in range(count):
-            w = table[index[k]]
+            w = table[np.uint64(index[k])]  # unsigned: no test for a negative index
             total += w
             z[k] = np.float64(w) * v_scale[k]
         return total, _peak(z[:count])
@@ -1014,7 +1024,7 @@ def _compile(numba: Any) -> Any:
         # d/2, t%16, d%2]: a tile is q.k for 16 keys), values [N, Hkv, L'/2, Dp, 2]
         # (value t, column d at [t/2, d, t%2]: a run of 16 columns is u.v for them),
         # scales f64 [N, Hkv, L].  Then the query sees keys 0 .. t; context f64 [N, H *
-        # Dh].  One task per (row, key head): its keys and values stay in cache for the
+        # Dh].  One (row, key head) at a time: its keys and values stay in cache for the
         # heads sharing them.  u is zero past the visible keys, so u.v runs over whole
         # pairs (a padding value's product is 0).
         n_rows, columns, dh = qkv.shape
@@ -1026,51 +1036,56 @@ def _compile(numba: Any) -> Any:
         tiles = -(-count // lanes)
         width = tiles * lanes
         steps = -(-count // 2)
-        for r in numba.prange(n_rows * kv_heads):
-            n = r // kv_heads
-            kv = r % kv_heads
-            for d in range(dh):
-                keys[n, kv, t // lanes, d // 2, t % lanes, d % 2] = qkv[n, heads + kv, d]
-                values[n, kv, t // 2, d, t % 2] = qkv[n, heads + kv_heads + kv, d]
-            k_scale[n, kv, t] = scales[n, heads + kv]
-            v_scale[n, kv, t] = scales[n, heads + kv_heads + kv]
-            key_tiles = keys[n, kv].reshape(-1)
-            value_pairs = values[n, kv].reshape(-1)
-            ks = k_scale[n, kv]
+        tasks = n_rows * kv_heads
+        per_chunk = -(-tasks // step_chunks)  # tasks sharing one set of scratch arrays
+        for chunk in numba.prange(-(-tasks // per_chunk)):
+            # scratch; its zeros past a head's width and past the visible keys are never
+            # overwritten, so every task of the chunk sees them
             queries = np.zeros(group * padded, dtype=keys.dtype)
-            for g in range(group):
-                for d in range(dh):
-                    queries[g * padded + d] = qkv[n, kv * group + g, d]
             sums = np.empty(group * width, dtype=np.int64)
-            for tile in range(tiles):  # a tile of keys serves every head of the group
-                for g in range(group):
-                    _pairs(queries, g * padded, key_tiles, tile * lanes * padded,
-                           padded // 2, 2 * lanes, sums, g * width + tile * lanes)
             u = np.zeros(group * width, dtype=values.dtype)
             z = np.empty(count, dtype=np.float64)
             index = np.empty(count, dtype=np.int64)
             p_scale = np.empty(group, dtype=np.float64)
             weight_sum = np.empty(group, dtype=np.float64)
-            for g in range(group):
-                q_scale = scales[n, kv * group + g] * attention_scale
-                for k in range(count):
-                    z[k] = np.float64(sums[g * width + k]) * (q_scale * ks[k])
-                total, peak = _weigh(z, count, _top(z), v_scale[n, kv], table, index)
-                safe = peak if peak > 0.0 else 1.0
-                factor = levels / safe
-                p_scale[g] = peak / levels
-                weight_sum[g] = np.float64(total)
-                for k in range(count):
-                    u[g * width + k] = np.rint(z[k] * factor)
             c = np.empty(group * padded, dtype=np.int64)
-            for run in range(padded // lanes):  # u.v for 16 columns of every head
-                for g in range(group):
-                    _pairs(u, g * width, value_pairs, run * 2 * lanes, steps, 2 * padded,
-                           c, g * padded + run * lanes)
-            for g in range(group):
+            for r in range(chunk * per_chunk, min(tasks, (chunk + 1) * per_chunk)):
+                n = r // kv_heads
+                kv = r % kv_heads
                 for d in range(dh):
-                    context[n, (kv * group + g) * dh + d] = \
-                        (np.float64(c[g * padded + d]) * p_scale[g]) / weight_sum[g]
+                    keys[n, kv, t // lanes, d // 2, t % lanes, d % 2] = qkv[n, heads + kv, d]
+                    values[n, kv, t // 2, d, t % 2] = qkv[n, heads + kv_heads + kv, d]
+                k_scale[n, kv, t] = scales[n, heads + kv]
+                v_scale[n, kv, t] = scales[n, heads + kv_heads + kv]
+                key_tiles = keys[n, kv].reshape(-1)
+                value_pairs = values[n, kv].reshape(-1)
+                ks = k_scale[n, kv]
+                for g in range(group):
+                    for d in range(dh):
+                        queries[g * padded + d] = qkv[n, kv * group + g, d]
+                for tile in range(tiles):  # a tile of keys serves every head of the group
+                    for g in range(group):
+                        _pairs(queries, g * padded, key_tiles, tile * lanes * padded,
+                               padded // 2, 2 * lanes, sums, g * width + tile * lanes)
+                for g in range(group):
+                    q_scale = scales[n, kv * group + g] * attention_scale
+                    for k in range(count):
+                        z[k] = np.float64(sums[g * width + k]) * (q_scale * ks[k])
+                    total, peak = _weigh(z, count, _top(z), v_scale[n, kv], table, index)
+                    safe = peak if peak > 0.0 else 1.0
+                    factor = levels / safe
+                    p_scale[g] = peak / levels
+                    weight_sum[g] = np.float64(total)
+                    for k in range(count):
+                        u[g * width + k] = np.rint(z[k] * factor)
+                for run in range(padded // lanes):  # u.v for 16 columns of every head
+                    for g in range(group):
+                        _pairs(u, g * width, value_pairs, run * 2 * lanes, steps, 2 * padded,
+                               c, g * padded + run * lanes)
+                for g in range(group):
+                    for d in range(dh):
+                        context[n, (kv * group + g) * dh + d] = \
+                            (np.float64(c[g * padded + d]) * p_scale[g]) / weight_sum[g]
 
     def causal_weights(scores, q_scale, k_scale, v_scale, first, table, levels, u_out,
                        p_scale, weight_sum):  # pragma: no cover
@@ -1080,29 +1095,33 @@ def _compile(numba: Any) -> Any:
         # is not visible); q_scale f64 [N, Hkv, g, T] (times 1/sqrt(Dh)), k_scale,
         # v_scale f64 [N, Hkv, L]; p_scale, weight_sum f64 [N, Hkv, g, T].  The
         # operations of attend, in its order, for one query row each.
+        # Tasks of ROWS_PER_TASK query rows share their scratch (one allocation each).
         n_rows, kv_heads, group, t_rows, width = scores.shape
-        for r in numba.prange(n_rows * kv_heads * group * t_rows):
-            n = r // (kv_heads * group * t_rows)
-            kv = (r // (group * t_rows)) % kv_heads
-            g = (r // t_rows) % group
-            j = r % t_rows
-            count = first + j + 1
-            qs = q_scale[n, kv, g, j]
-            row = scores[n, kv, g, j]
-            z = np.empty(count, dtype=np.float64)
-            for k in range(count):
-                z[k] = np.float64(row[k]) * (qs * k_scale[n, kv, k])
-            total, peak = _weigh(z, count, _top(z), v_scale[n, kv], table,
-                                 np.empty(count, dtype=np.int64))
-            safe = peak if peak > 0.0 else 1.0
-            factor = levels / safe
-            u = u_out[n, kv, g, j]
-            for k in range(count):
-                u[k] = np.rint(z[k] * factor)
-            for k in range(count, width):
-                u[k] = 0
-            p_scale[n, kv, g, j] = peak / levels
-            weight_sum[n, kv, g, j] = np.float64(total)
+        chunks = -(-t_rows // rows_per_task)
+        for r in numba.prange(n_rows * kv_heads * group * chunks):
+            n = r // (kv_heads * group * chunks)
+            kv = (r // (group * chunks)) % kv_heads
+            g = (r // chunks) % group
+            begin = (r % chunks) * rows_per_task
+            z = np.empty(width, dtype=np.float64)
+            index = np.empty(width, dtype=np.int64)
+            ks = k_scale[n, kv]
+            for j in range(begin, min(begin + rows_per_task, t_rows)):
+                count = first + j + 1
+                qs = q_scale[n, kv, g, j]
+                row = scores[n, kv, g, j]
+                for k in range(count):
+                    z[k] = np.float64(row[k]) * (qs * ks[k])
+                total, peak = _weigh(z, count, _top(z[:count]), v_scale[n, kv], table, index)
+                safe = peak if peak > 0.0 else 1.0
+                factor = levels / safe
+                u = u_out[n, kv, g, j]
+                for k in range(count):
+                    u[k] = np.rint(z[k] * factor)
+                for k in range(count, width):
+                    u[k] = 0
+                p_scale[n, kv, g, j] = peak / levels
+                weight_sum[n, kv, g, j] = np.float64(total)
 
     def swiglu_quantize(acc, row_scale, col_scale, table, q_out, scale_out):  # pragma: no cover
         # acc [R, 2I]: the fused gate/up projection's integer sums (any dtype); gate and
@@ -1121,7 +1140,7 @@ def _compile(numba: Any) -> Any:
                 gate[i] = x
                 index[i] = np.int64(min(np.floor(np.abs(x) * log2e_scaled), max_index))
             for i in range(width):
-                products[i] = np.float64(table[index[i]])
+                products[i] = np.float64(table[np.uint64(index[i])])
             for i in range(width):
                 x = gate[i]
                 w = products[i]
