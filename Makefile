@@ -48,10 +48,12 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run --quick
 
-# Pack once with int-v1, extract bit-exactly under every numerics environment (ISA kernels,
-# MKL switches, threads, batch widths, the NumPy engine): tiny models (CI), or SmolLM2.
+# Pack once per integer engine, extract bit-exactly under every numerics environment (ISA
+# kernels, MKL switches, threads, batch widths, the NumPy engine): tiny models (CI), or
+# SmolLM2 (the default engine).
 portability: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py --engine int-v2
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py --engine int-v1
 
 portability-smollm2: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py --smollm2

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=CORPUS, help="folder of alice29.txt")
     parser.add_argument("--segment-length", type=int, default=256)
     parser.add_argument("--batch-width", type=int, default=8)
-    parser.add_argument("--engine", default="int-v1")
+    parser.add_argument("--engine", default="int-v2")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 

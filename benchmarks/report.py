@@ -101,7 +101,7 @@ def markdown(results: dict[str, Any]) -> str:
            + (f", batch width {profile['batch_width']}, {profile['dtype']} on "
               f"{profile['device_type']} ({profile.get('cpu_capability', '-')}), "
               f"{profile['threads']} threads" if "batch_width" in profile else
-              " (int-v1: the same logits on any machine, width and thread count)")
+              " (an integer engine: the same logits on any machine, width and thread count)")
            + ".", "",
            "## Compression, bits per byte (= bits per character for the text8 inputs)", "",
            "| method | " + " | ".join(names) + " |",

@@ -122,7 +122,7 @@ def run(sizes: Sizes, mode: str) -> dict[str, Any]:
         results["extract"] = run_stage("extract", {
             "archive": str(work / "texts.llma"), "dest": str(work / "texts-out")}, work)
         check_extracted(work / "texts-out", texts)
-        say("engines: lockstep-v1 against int-v1, the 8 KB text, a busy machine, roofline")
+        say("engines: int-v2, int-v1 and lockstep-v1, the 8 KB text, a busy machine, roofline")
         results["engines"] = engines.run(texts, sizes.segment_length, work)
         say("packing the binaries (fallback path)")
         results["binaries"] = pack_binaries(binaries, work)

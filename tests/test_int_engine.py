@@ -218,17 +218,22 @@ def test_the_pair_dot_kernel_is_exact_at_the_extremes(dtype) -> None:
     int8: pairs and their sums in int32, widened at the end) against int64 arithmetic,
     with every product at the extreme (+-32767^2, +-127^2: the largest sums the int32
     lanes must hold; 32,768 int8 steps, the most the stepper makes) and random values,
-    from unaligned offsets and with a stride."""
+    from unaligned offsets and with a stride; and the listed variant (u.v over the key
+    pairs with a weight) over every third step."""
     import numba
 
     from llmarc.inference.integer import PAIR_LANES, _pair_dots
 
-    pair_dots = _pair_dots()
+    pair_dots, listed_pair_dots = _pair_dots(), _pair_dots(listed=True)
     top = int(np.iinfo(dtype).max)
 
     @numba.njit
     def dots(a, ia, w, iw, steps, stride, out, io):
         pair_dots(a, ia, w, iw, steps, stride, out, io)
+
+    @numba.njit
+    def listed_dots(a, ia, w, iw, at, first, count, stride, out, io):
+        listed_pair_dots(a, ia, w, iw, at, first, count, stride, out, io)
 
     generator = np.random.default_rng(0)
     lanes, stride = PAIR_LANES, 2 * PAIR_LANES + 6
@@ -248,6 +253,12 @@ def test_the_pair_dot_kernel_is_exact_at_the_extremes(dtype) -> None:
             exact = pairs[0::2] @ rows[:, 0::2] + pairs[1::2] @ rows[:, 1::2]
             assert out[2 : 2 + lanes].tolist() == exact.tolist()
             assert out[:2].tolist() == [7, 7] and out[-1] == 7  # nothing outside written
+            chosen = np.arange(0, steps, 3, dtype=np.int64)
+            at = np.concatenate([np.full(4, -1, np.int64), chosen])  # read from 4 on
+            listed_dots(a, 5, w, 9, at, 4, len(chosen), stride, out, 2)
+            exact = (pairs[0::2][chosen] @ rows[chosen][:, 0::2]
+                     + pairs[1::2][chosen] @ rows[chosen][:, 1::2])
+            assert out[2 : 2 + lanes].tolist() == exact.tolist()
 
 
 def test_the_integer_max_helpers_equal_the_float_max() -> None:

@@ -2,16 +2,17 @@
 
     python spec/reference/portability.py                  # tiny fixture models (CI, ~2 min)
     python spec/reference/portability.py --smollm2        # SmolLM2 on alice29.txt's first 16 KB
+    python spec/reference/portability.py --engine int-v1  # the other integer engine
 
-One pack (int-v1) in this process's default environment; then one fresh process per
-environment extracts the archive and compares every byte: PyTorch's CPU kernels
-(``ATEN_CPU_CAPABILITY`` default / avx2 / avx512 where the CPU has it), MKL's
+One pack (int-v2 unless ``--engine``) in this process's default environment; then one
+fresh process per environment extracts the archive and compares every byte: PyTorch's CPU
+kernels (``ATEN_CPU_CAPABILITY`` default / avx2 / avx512 where the CPU has it), MKL's
 conditional-numerical-reproducibility and instruction-set switches, oneDNN limited to
 AVX2 (no VNNI: the int8 GEMM probe fails, fp32 GEMMs run) and the fp32 GEMMs forced
 (``LLMARC_INT8_GEMM=off``), the compiled (numba) kernels generated for a generic x86-64
-CPU and for AVX2 (``NUMBA_CPU_NAME``), 1 and 2 threads,
-decoding batch widths 1, 3 and 32, and the NumPy implementation of spec/llm-codec.md §5
-(spec/reference/decode_numpy.py, no torch).  Prints a table; exits 1 if any row differs.
+CPU and for AVX2 (``NUMBA_CPU_NAME``), 1 and 2 threads, decoding batch widths 1, 3 and
+32, and the NumPy implementation of spec/llm-codec.md §5 (spec/reference/decode_numpy.py,
+no torch).  Prints a table; exits 1 if any row differs.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def same_tree(a: Path, b: Path) -> bool:
     return files == got and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
 
 
-def run(smollm2: bool, workdir: Path) -> int:
+def run(smollm2: bool, workdir: Path, engine: str) -> int:
     model = "smollm2" if smollm2 else str(ROOT / "fixtures" / "tiny-llama-bpe")
     length = "256" if smollm2 else "48"
     src = workdir / "src"
@@ -88,11 +89,12 @@ def run(smollm2: bool, workdir: Path) -> int:
     archive = workdir / "portable.llma"
     started = time.perf_counter()
     packed = cli("pack", str(src), str(archive), "--codec", "llm", "--model", model,
-                 "--device", "cpu", "--segment-length", length, "--quiet")
+                 "--device", "cpu", "--segment-length", length, "--engine", engine, "--quiet")
     if packed.returncode:
         print(packed.stderr, file=sys.stderr)
         return 1
-    print(f"packed {src} -> {archive.stat().st_size} B in {time.perf_counter() - started:.1f} s")
+    print(f"packed {src} -> {archive.stat().st_size} B ({engine}) in "
+          f"{time.perf_counter() - started:.1f} s")
     rows = [row for row in MATRIX if row[0] != "avx512 kernels" or cpu_has_avx512()]
     failures = 0
     for label, env, options in rows:
@@ -125,9 +127,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smollm2", action="store_true",
                         help="the embedded model on alice29.txt's first 16 KB")
+    parser.add_argument("--engine", choices=("int-v2", "int-v1"), default="int-v2")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmarc-portability-") as tmp:
-        return run(args.smollm2, Path(tmp))
+        return run(args.smollm2, Path(tmp), args.engine)
 
 
 if __name__ == "__main__":
