@@ -36,8 +36,10 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Benchmarks (benchmarks/README.md): the full run writes benchmarks/results/ (~17 min
-# on 2 CPU cores); the quick run checks the whole pipeline in under 3 minutes.
+# Benchmarks (benchmarks/README.md): the full run writes benchmarks/results/ (last timed
+# at 17 min on 2 CPU cores, 2026-11-27; its engines stage now compares three engines and
+# alone takes ~25 min for the two integer ones here, more with lockstep-v1); the quick
+# run checks the whole pipeline on small inputs.
 $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[llm,test,bench]'
 	touch $(BENCH_STAMP)
