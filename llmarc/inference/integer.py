@@ -171,21 +171,7 @@ class IntLinear:
             if out is not None:
                 return torch._int_mm(rows, self.weight, out=out)
             return torch._int_mm(rows, self.weight).view(*q.shape[:-1], -1)
-        q32 = q.to(torch.float32)
-        if inner <= FP32_EXACT_CHUNK:
-            return torch.matmul(q32, self.weight.to(torch.float32))
-        total: torch.Tensor | None = None
-        for begin in range(0, inner, FP32_EXACT_CHUNK):
-            part = torch.matmul(
-                q32[..., begin : begin + FP32_EXACT_CHUNK],
-                self.weight[begin : begin + FP32_EXACT_CHUNK].to(torch.float32),
-            )
-            if total is None:
-                total = part.to(F64)
-            else:
-                total += part  # float64 += float32 integers: exact
-        assert total is not None
-        return total
+        return _chunked_product(q, self.weight)
 
     def __call__(self, q: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
         """y = acc * (row_scale * scale): the real-valued output for input q * row_scale.
@@ -498,13 +484,7 @@ class IntegerModel:
         float64: the path for GPUs, whose float64 rate is a small fraction of fp32's."""
         if self.attention_levels > LINEAR_LEVELS:
             return torch.matmul(a, b)
-        inner = a.shape[-1]
-        total = torch.zeros((*a.shape[:-1], b.shape[-1]), dtype=F64, device=a.device)
-        for begin in range(0, inner, FP32_EXACT_CHUNK):
-            end = begin + FP32_EXACT_CHUNK
-            total += torch.matmul(a[..., begin:end].to(torch.float32),
-                                  b[..., begin:end, :].to(torch.float32))
-        return total
+        return _chunked_product(a, b).to(F64)
 
     def attention(
         self, layer: IntLayer, context: torch.Tensor, h: torch.Tensor
@@ -639,6 +619,24 @@ class IntegerModel:
 #: The attention of :meth:`IntegerModel.forward_fused`: (layer, qkv, scales) -> context
 #: rows (float64, NumPy); qkv and scales as Workspace pairs (tensor, NumPy view).
 AttendRows = Callable[[int, tuple[torch.Tensor, Any], tuple[torch.Tensor, Any]], Any]
+
+
+def _chunked_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b exactly for integer operands of at most 127 in magnitude (any float or int
+    dtype, b [..., inner, out]): fp32 GEMMs over inner chunks of :data:`FP32_EXACT_CHUNK`
+    (every partial sum below 2^24); float32 when one chunk covers the inner dimension,
+    else the chunks added in float64 (exact: each is an integer below 2^24)."""
+    inner = a.shape[-1]
+    if inner <= FP32_EXACT_CHUNK:
+        return torch.matmul(a.to(torch.float32), b.to(torch.float32))
+    total: torch.Tensor | None = None
+    for begin in range(0, inner, FP32_EXACT_CHUNK):
+        end = begin + FP32_EXACT_CHUNK
+        part = torch.matmul(a[..., begin:end].to(torch.float32),
+                            b[..., begin:end, :].to(torch.float32))
+        total = part.to(F64) if total is None else total.add_(part)
+    assert total is not None
+    return total
 
 
 def _batched_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
