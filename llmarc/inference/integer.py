@@ -503,9 +503,9 @@ class IntegerModel:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer over rows h [R, D] at ``positions`` [R] (h is updated in place);
         returns the final norm's quantized rows (q, scale) for :meth:`lm_head_logits`.
-        ``attend(layer index, qkv [R, H + 2 Hkv, Dh] int16, scales [R, H + 2 Hkv])``
-        gives the context rows [R, H * Dh] (float64) from the rotated, quantized
-        queries, keys and values (int16 for int-v1, int8 for int-v2)."""
+        ``attend(layer index, qkv [R, H + 2 Hkv, Dh], scales [R, H + 2 Hkv])`` gives the
+        context rows [R, H * Dh] (float64) from the rotated, quantized queries, keys and
+        values (int16 for int-v1, int8 for int-v2)."""
         inner = self.layers[0].down_proj.weight.shape[0]
         kernels = _kernels(h.shape[0] * 2 * inner)  # the widest kernel's elements
         h_host, at = h.numpy(), positions.numpy()
