@@ -43,6 +43,7 @@ import torch
 
 from llmarc.entropy.quantize import LOG2E_SCALED, MIN_EXPONENT, WEIGHTS
 from llmarc.errors import ModelError
+from llmarc.inference import vnni
 from llmarc.inference.int8_gemm import int8_gemm_is_exact
 
 #: Fractional bits of the residual stream: h is stored as the integer round(h * 2^24).
@@ -196,13 +197,31 @@ class IntLinear:
             self._scale_host, out.view(-1, cols).numpy())
 
     def few_rows(self, rows: int) -> bool:
-        """Whether a product of ``rows`` rows goes to :meth:`rows_product`."""
-        return (self.int8_gemm and rows <= SMALL_GEMM_ROWS
-                and self.weight.shape[0] % DOT_BLOCK == 0)
+        """Whether a product of ``rows`` rows goes to :meth:`rows_product`: oneDNN's GEMM
+        is tuned for many rows (a decoding step has one per segment)."""
+        return self.int8_gemm and (self._dot_rows(rows) or self._vnni_rows(rows))
+
+    def _dot_rows(self, rows: int) -> bool:
+        return rows <= SMALL_GEMM_ROWS and self.weight.shape[0] % DOT_BLOCK == 0
+
+    def _vnni_rows(self, rows: int) -> bool:
+        return rows <= vnni.MAX_ROWS and self.weight.shape[0] <= vnni.MAX_INNER \
+            and vnni.available()
 
     def rows_product(self, q: Any, out: Any) -> None:
-        """out = q @ w by the compiled ``int8_rows`` (NumPy int8 q [M, in], int32 out)."""
-        _kernels().int8_rows(q, self._rows_host, out)
+        """out = q @ w (NumPy int8 q [M, in], int32 out) by a compiled kernel for few
+        rows: ``int8_rows`` up to SMALL_GEMM_ROWS, else the VNNI tiles of
+        :mod:`llmarc.inference.vnni`."""
+        if self._dot_rows(q.shape[0]):
+            _kernels().int8_rows(q, self._rows_host, out)
+        else:
+            vnni.kernel()(q, *self._vnni_packed, out)
+
+    @functools.cached_property
+    def _vnni_packed(self) -> tuple[Any, Any]:
+        """The weights in the VNNI kernel's layout and their compensation, made on first
+        use (a decoder's first step): only processes that step pay their memory."""
+        return vnni.pack(self._rows_host)
 
     @functools.cached_property
     def _rows_host(self) -> Any:
@@ -683,7 +702,8 @@ class Workspace:
     def product(self, layer: IntLinear, q: tuple[torch.Tensor, Any]) -> Any:
         """The layer's exact integer product of the quantized rows ``q`` (tensor, host
         view) as a NumPy array: int32 into a reused buffer from the int8 weights (the
-        compiled ``int8_rows`` up to SMALL_GEMM_ROWS rows, else oneDNN's GEMM), or
+        compiled kernels of :meth:`IntLinear.rows_product` for few rows, else oneDNN's
+        GEMM), or
         float32/float64 from the chunked fp32 GEMMs."""
         if not layer.int8_gemm:
             return layer._accumulate(q[0]).numpy()
@@ -1093,20 +1113,25 @@ def _compile(numba: Any) -> Any:
                         _pairs(queries, g * padded, key_tiles, tile * lanes * padded,
                                padded // 2, 2 * lanes, sums, g * width + tile * lanes)
                 for g in range(group):
+                    # views of this head's scratch: loops over them index from 0, which
+                    # numba knows is not negative, so they vectorize as plain loads
+                    head_sums = sums[g * width:(g + 1) * width]
+                    head_u = u[g * width:(g + 1) * width]
+                    head_pairs = pairs[g * steps:(g + 1) * steps]
                     q_scale = scales[n, kv * group + g] * attention_scale
                     for k in range(count):
-                        z[k] = np.float64(sums[g * width + k]) * (q_scale * ks[k])
+                        z[k] = np.float64(head_sums[k]) * (q_scale * ks[k])
                     total, peak = _weigh(z, count, _top(z), v_scale[n, kv], table, index)
                     safe = peak if peak > 0.0 else 1.0
                     factor = levels / safe
                     p_scale[g] = peak / levels
                     weight_sum[g] = np.float64(total)
                     for k in range(count):
-                        u[g * width + k] = np.rint(z[k] * factor)
+                        head_u[k] = np.rint(z[k] * factor)
                     found = 0  # the pairs with a weight that is not 0 (without branches)
                     for s in range(steps):
-                        pairs[g * steps + found] = s
-                        found += (u[g * width + 2 * s] != 0) | (u[g * width + 2 * s + 1] != 0)
+                        head_pairs[found] = s
+                        found += (head_u[2 * s] != 0) | (head_u[2 * s + 1] != 0)
                     listed[g] = found
                 for run in range(padded // lanes):  # u.v for 16 columns of every head
                     for g in range(group):
@@ -1114,9 +1139,10 @@ def _compile(numba: Any) -> Any:
                                       g * steps, listed[g], 2 * padded, c,
                                       g * padded + run * lanes)
                 for g in range(group):
+                    head_c = c[g * padded:g * padded + dh]
+                    head_context = context[n, (kv * group + g) * dh:(kv * group + g + 1) * dh]
                     for d in range(dh):
-                        context[n, (kv * group + g) * dh + d] = \
-                            (np.float64(c[g * padded + d]) * p_scale[g]) / weight_sum[g]
+                        head_context[d] = (np.float64(head_c[d]) * p_scale[g]) / weight_sum[g]
 
     def causal_weights(scores, q_scale, k_scale, v_scale, first, table, levels, u_out,
                        p_scale, weight_sum):  # pragma: no cover
@@ -1161,13 +1187,15 @@ def _compile(numba: Any) -> Any:
         # own, so that the others vectorize (2.4x the single loop, measured).
         rows = acc.shape[0]
         width = acc.shape[1] // 2
+        gate_scale, up_scale = col_scale[:width], col_scale[width:]
         for r in numba.prange(rows):
             s = row_scale[r]
+            gate_acc, up_acc = acc[r, :width], acc[r, width:]  # views: see attend_step
             gate = np.empty(width, dtype=np.float64)
             index = np.empty(width, dtype=np.int64)
             products = np.empty(width, dtype=np.float64)
             for i in range(width):
-                x = np.float64(acc[r, i]) * (s * col_scale[i])
+                x = np.float64(gate_acc[i]) * (s * gate_scale[i])
                 gate[i] = x
                 index[i] = np.int64(min(np.floor(np.abs(x) * log2e_scaled), max_index))
             for i in range(width):
@@ -1175,7 +1203,7 @@ def _compile(numba: Any) -> Any:
             for i in range(width):
                 x = gate[i]
                 w = products[i]
-                up = np.float64(acc[r, width + i]) * (s * col_scale[width + i])
+                up = np.float64(up_acc[i]) * (s * up_scale[i])
                 numerator = one if x >= 0.0 else w
                 products[i] = (x * (numerator / (w + one))) * up
             peak = _peak(products)
@@ -1245,9 +1273,10 @@ def _compile(numba: Any) -> Any:
             x = np.empty(dh, dtype=np.float64)
             y = np.empty(dh, dtype=np.float64)
             for h in range(heads):
-                base = h * dh
+                head_acc = acc[r, h * dh:(h + 1) * dh]  # views: see attend_step
+                head_scale = col_scale[h * dh:(h + 1) * dh]
                 for i in range(dh):
-                    x[i] = np.float64(acc[r, base + i]) * (s * col_scale[base + i])
+                    x[i] = np.float64(head_acc[i]) * (s * head_scale[i])
                 if h < rotated:
                     for i in range(half):
                         a = x[i]

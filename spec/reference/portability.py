@@ -9,7 +9,8 @@ fresh process per environment extracts the archive and compares every byte: PyTo
 kernels (``ATEN_CPU_CAPABILITY`` default / avx2 / avx512 where the CPU has it), MKL's
 conditional-numerical-reproducibility and instruction-set switches, oneDNN limited to
 AVX2 (no VNNI: the int8 GEMM probe fails, fp32 GEMMs run) and the fp32 GEMMs forced
-(``LLMARC_INT8_GEMM=off``), the compiled (numba) kernels generated for a generic x86-64
+(``LLMARC_INT8_GEMM=off``), the decoding step's VNNI kernel off (``LLMARC_VNNI=off``:
+oneDNN's GEMM instead), the compiled (numba) kernels generated for a generic x86-64
 CPU and for AVX2 (``NUMBA_CPU_NAME``), 1 and 2 threads, decoding batch widths 1, 3 and
 32, and the NumPy implementation of spec/llm-codec.md §5 (spec/reference/decode_numpy.py,
 no torch).  Prints a table; exits 1 if any row differs.
@@ -39,6 +40,8 @@ MATRIX: list[tuple[str, dict[str, str], list[str]]] = [
     # oneDNN without VNNI: its int8 GEMM saturates, the probe sees it, fp32 GEMMs run
     ("oneDNN AVX2 (no VNNI)", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, []),
     ("fp32 GEMMs forced", {"LLMARC_INT8_GEMM": "off"}, []),
+    # the step's few-row GEMMs by oneDNN instead of the VNNI kernel
+    ("VNNI kernel off", {"LLMARC_VNNI": "off"}, []),
     # the compiled kernels generated for other CPUs: baseline x86-64 (SSE2, no vector
     # int64 multiply, no gathers) and AVX2 without AVX-512
     ("kernels for generic x86-64", {"NUMBA_CPU_NAME": "generic"}, []),
