@@ -261,6 +261,46 @@ def test_the_pair_dot_kernel_is_exact_at_the_extremes(dtype) -> None:
             assert out[2 : 2 + lanes].tolist() == exact.tolist()
 
 
+@pytest.mark.parametrize("vnni_instructions", [False, True])
+def test_the_quad_dot_kernel_is_exact_at_the_extremes(vnni_instructions: bool) -> None:
+    """int-v2's q.k kernel (int8 queries, keys stored as k + 128 in unsigned bytes, 4
+    columns per lane) against int64 arithmetic, with VNNI's vpdpbusd where this CPU has
+    it and with plain vector ops: every product at the extremes (127 x 255, -127 x 255,
+    127 x 1), random values, unaligned offsets and a stride."""
+    import numba
+
+    from llmarc.inference import vnni
+    from llmarc.inference.integer import PAIR_LANES, _quad_dots
+
+    if vnni_instructions and not vnni.available():
+        pytest.skip("this CPU has no AVX-512 VNNI: the stepper uses the plain form")
+    quad_dots = _quad_dots(vnni_instructions)
+
+    @numba.njit
+    def dots(a, ia, w, iw, steps, stride, out, io):
+        quad_dots(a, ia, w, iw, steps, stride, out, io)
+
+    generator = np.random.default_rng(0)
+    lanes, stride = PAIR_LANES, 4 * PAIR_LANES + 6
+    for steps in (0, 1, 2, 16, 600):
+        size_a, size_w = 4 * steps + 5, steps * stride + 9
+        for a, w in (
+            (np.full(size_a, 127, np.int8), np.full(size_w, 255, np.uint8)),
+            (np.full(size_a, -127, np.int8), np.full(size_w, 255, np.uint8)),
+            (np.full(size_a, 127, np.int8), np.full(size_w, 1, np.uint8)),
+            (generator.integers(-127, 128, size_a).astype(np.int8),
+             generator.integers(1, 256, size_w).astype(np.uint8)),
+        ):
+            out = np.full(lanes + 3, 7, np.int64)
+            dots(a, 5, w, 9, steps, stride, out, 2)
+            queries = a[5 : 5 + 4 * steps].astype(np.int64).reshape(steps, 4)
+            keys = np.array([w[9 + s * stride : 9 + s * stride + 4 * lanes]
+                             for s in range(steps)], dtype=np.int64).reshape(steps, lanes, 4)
+            exact = np.einsum("sj,slj->l", queries, keys)
+            assert out[2 : 2 + lanes].tolist() == exact.tolist()
+            assert out[:2].tolist() == [7, 7] and out[-1] == 7  # nothing outside written
+
+
 def test_the_integer_max_helpers_equal_the_float_max() -> None:
     """``_peak`` (max |v|) and ``_top`` (max v) take the max of int64 bit patterns so that
     LLVM vectorizes them; they must give the float max on signs, zeros of both signs,

@@ -937,6 +937,84 @@ def _pair_dots(listed: bool = False) -> Any:
     return listed_pair_dots
 
 
+@functools.cache
+def _quad_dots(vnni_instructions: bool) -> Any:
+    """A numba intrinsic: int-v2's q.k for 16 keys at once, 4 columns per step.
+
+    ``quad_dots(a, ia, w, iw, steps, stride, out, io)``: for lane i < 16, ``out[io + i] =
+    sum over s < steps, j < 4 of a[ia+4s+j] * w[iw+s*stride+4i+j]`` (int64), where ``a``
+    holds int8 queries and ``w`` the keys offset to unsigned bytes (k + 128): the sum is
+    q.k + 128 * sum(q), and the caller takes the second term back.  With
+    ``vnni_instructions`` (a CPU with AVX-512 VNNI) one ``vpdpbusd`` is a step (64
+    products; it wraps, never saturates; every int32 sum is below 255 * 127 * Dh);
+    without, the same integers are multiplied and added in int32 by plain vector ops.
+    int-v1's operand types (int16) compile to the plain form in int64: numba compiles
+    both branches of the stepping kernel, which never calls this one with them."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    lanes = PAIR_LANES
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    dot_type = ir.FunctionType(ir.VectorType(i32, lanes), [ir.VectorType(i32, lanes)] * 3)
+
+    @intrinsic
+    def quad_dots(typingctx, a, ia, w, iw, steps, stride, out,
+                  io):  # pragma: no cover - code generation
+        a_bits, w_bits = a.dtype.bitwidth, w.dtype.bitwidth
+        bytes_only = a_bits == 8 and w_bits == 8 and not w.dtype.signed
+        use_vnni = bytes_only and vnni_instructions
+
+        def codegen(context, builder, signature, args):
+            a_data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            w_data = context.make_array(signature.args[2])(context, builder, args[2]).data
+            out_data = context.make_array(signature.args[6])(context, builder, args[6]).data
+            sum_type = i32 if bytes_only else i64
+            partial_type = ir.VectorType(sum_type, lanes)
+            quad = ir.IntType(4 * a_bits)
+            accumulator = cgutils.alloca_once_value(builder, ir.Constant(partial_type, None))
+            with cgutils.for_range(builder, args[4]) as loop:
+                step = loop.index
+                at = builder.add(args[1], builder.mul(step, ir.Constant(step.type, 4)))
+                word = builder.load(builder.bitcast(builder.gep(a_data, [at]),
+                                                    quad.as_pointer()), align=1)
+                splat = builder.insert_element(ir.Constant(ir.VectorType(quad, lanes), None),
+                                               word, ir.Constant(i32, 0))
+                splat = builder.shuffle_vector(
+                    splat, splat, ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                row = builder.gep(w_data, [builder.add(args[3], builder.mul(step, args[5]))])
+                keys = builder.load(builder.bitcast(
+                    row, ir.VectorType(ir.IntType(w_bits), 4 * lanes).as_pointer()), align=1)
+                total = builder.load(accumulator)
+                if use_vnni:
+                    dot = cgutils.get_or_insert_function(builder.module, dot_type,
+                                                         "llvm.x86.avx512.vpdpbusd.512")
+                    vector = ir.VectorType(i32, lanes)
+                    total = builder.call(dot, [total, builder.bitcast(keys, vector),
+                                               builder.bitcast(splat, vector)])
+                else:
+                    wide = ir.VectorType(sum_type, 4 * lanes)
+                    queries = builder.sext(builder.bitcast(
+                        splat, ir.VectorType(ir.IntType(a_bits), 4 * lanes)), wide)
+                    extend = builder.sext if w.dtype.signed else builder.zext
+                    products = builder.mul(queries, extend(keys, wide))
+                    total = builder.add(total, _pair_sums(
+                        builder, _pair_sums(builder, products, 4 * lanes), 2 * lanes))
+                builder.store(total, accumulator)
+            total = builder.load(accumulator)
+            if bytes_only:
+                total = builder.sext(total, ir.VectorType(i64, lanes))
+            target = builder.bitcast(builder.gep(out_data, [args[7]]),
+                                     ir.VectorType(i64, lanes).as_pointer())
+            builder.store(total, target, align=8)
+            return context.get_dummy_value()
+
+        return types.void(a, ia, w, iw, steps, stride, out, io), codegen
+
+    return quad_dots
+
+
 def _pair_sums(builder: Any, products: Any, lanes: int) -> Any:
     """Adjacent lanes of ``products`` (``lanes`` of int32) added: the ``vpmaddwd`` shape."""
     from llvmlite import ir
@@ -967,8 +1045,9 @@ def _compile(numba: Any) -> Any:
     # The intrinsics and helpers are module globals, not closure cells: numba keys its
     # disk cache on a hash of a kernel's closure, and they pickle differently in every
     # process, so as cells they forced a recompilation (seconds) in every process.
-    global _pairs, _listed_pairs, _dot8, _peak, _top, _weigh, _norm_row
-    _pairs, _listed_pairs, _dot8 = _pair_dots(), _pair_dots(listed=True), _int8_dot_blocks()
+    global _pairs, _quads, _listed_pairs, _dot8, _peak, _top, _weigh, _norm_row
+    _pairs, _quads = _pair_dots(), _quad_dots(vnni.available())
+    _listed_pairs, _dot8 = _pair_dots(listed=True), _int8_dot_blocks()
     block = DOT_BLOCK
     lanes = PAIR_LANES
     rows_per_task = CAUSAL_ROWS_PER_TASK
@@ -1062,9 +1141,10 @@ def _compile(numba: Any) -> Any:
         # Position t of every row: qkv [N, H + 2 Hkv, Dh] (queries, keys, values of the
         # position, quantized to +-levels: int16 or int8, the caches' type) and their
         # scales f64 [N, H + 2 Hkv].  The key and value are stored in the caches first,
-        # tiled for _pairs (Dp: Dh rounded up to 16, L' the length rounded up to 16,
-        # padding zero): keys [N, Hkv, L'/16, Dp/2, 16, 2] (key t, column d at [t/16,
-        # d/2, t%16, d%2]: a tile is q.k for 16 keys), values [N, Hkv, L'/2, Dp, 2]
+        # tiled (Dp: Dh rounded up to 16, L' the length rounded up to 16, padding zero):
+        # int16 keys [N, Hkv, L'/16, Dp/2, 16, 2] for _pairs (key t, column d at [t/16,
+        # d/2, t%16, d%2]: a tile is q.k for 16 keys), or int8 keys offset to unsigned
+        # bytes (k + 128) [N, Hkv, L'/16, Dp/4, 16, 4] for _quads; values [N, Hkv, L'/2, Dp, 2]
         # (value t, column d at [t/2, d, t%2]: a run of 16 columns is u.v for them),
         # scales f64 [N, Hkv, L].  Then the query sees keys 0 .. t; context f64 [N, H *
         # Dh].  One (row, key head) at a time: its keys and values stay in cache for the
@@ -1072,7 +1152,9 @@ def _compile(numba: Any) -> Any:
         # as whole pairs (u is zero past the visible keys; a padding value's product is 0).
         n_rows, columns, dh = qkv.shape
         kv_heads = keys.shape[1]
-        padded = keys.shape[3] * 2
+        per = keys.shape[5]  # columns of a key side by side: 2 (_pairs) or 4 (_quads)
+        key_offset = 128 if per == 4 else 0
+        padded = keys.shape[3] * per
         heads = columns - 2 * kv_heads
         group = heads // kv_heads
         count = t + 1
@@ -1084,7 +1166,8 @@ def _compile(numba: Any) -> Any:
         for chunk in numba.prange(-(-tasks // per_chunk)):
             # scratch; its zeros past a head's width and past the visible keys are never
             # overwritten, so every task of the chunk sees them
-            queries = np.zeros(group * padded, dtype=keys.dtype)
+            queries = np.zeros(group * padded, dtype=values.dtype)
+            offsets = np.empty(group, dtype=np.int64)  # key_offset * sum(q): _quads' excess
             sums = np.empty(group * width, dtype=np.int64)
             u = np.zeros(group * width, dtype=values.dtype)
             z = np.empty(count, dtype=np.float64)
@@ -1098,7 +1181,8 @@ def _compile(numba: Any) -> Any:
                 n = r // kv_heads
                 kv = r % kv_heads
                 for d in range(dh):
-                    keys[n, kv, t // lanes, d // 2, t % lanes, d % 2] = qkv[n, heads + kv, d]
+                    keys[n, kv, t // lanes, d // per, t % lanes, d % per] = \
+                        qkv[n, heads + kv, d] + key_offset
                     values[n, kv, t // 2, d, t % 2] = qkv[n, heads + kv_heads + kv, d]
                 k_scale[n, kv, t] = scales[n, heads + kv]
                 v_scale[n, kv, t] = scales[n, heads + kv_heads + kv]
@@ -1106,12 +1190,19 @@ def _compile(numba: Any) -> Any:
                 value_pairs = values[n, kv].reshape(-1)
                 ks = k_scale[n, kv]
                 for g in range(group):
+                    query_sum = 0
                     for d in range(dh):
                         queries[g * padded + d] = qkv[n, kv * group + g, d]
+                        query_sum += qkv[n, kv * group + g, d]
+                    offsets[g] = key_offset * query_sum
                 for tile in range(tiles):  # a tile of keys serves every head of the group
                     for g in range(group):
-                        _pairs(queries, g * padded, key_tiles, tile * lanes * padded,
-                               padded // 2, 2 * lanes, sums, g * width + tile * lanes)
+                        if per == 4:
+                            _quads(queries, g * padded, key_tiles, tile * lanes * padded,
+                                   padded // 4, 4 * lanes, sums, g * width + tile * lanes)
+                        else:
+                            _pairs(queries, g * padded, key_tiles, tile * lanes * padded,
+                                   padded // 2, 2 * lanes, sums, g * width + tile * lanes)
                 for g in range(group):
                     # views of this head's scratch: loops over them index from 0, which
                     # numba knows is not negative, so they vectorize as plain loads
@@ -1120,7 +1211,7 @@ def _compile(numba: Any) -> Any:
                     head_pairs = pairs[g * steps:(g + 1) * steps]
                     q_scale = scales[n, kv * group + g] * attention_scale
                     for k in range(count):
-                        z[k] = np.float64(head_sums[k]) * (q_scale * ks[k])
+                        z[k] = np.float64(head_sums[k] - offsets[g]) * (q_scale * ks[k])
                     total, peak = _weigh(z, count, _top(z), v_scale[n, kv], table, index)
                     safe = peak if peak > 0.0 else 1.0
                     factor = levels / safe
@@ -1302,6 +1393,7 @@ def _compile(numba: Any) -> Any:
                  quantize, norm_quantize, residual_norm, qkv_rope)
     table = np.ascontiguousarray(WEIGHTS.astype(np.int64))
     flavours = []
+    isa = "_vnni" if vnni.available() else ""
     for parallel in (False, True):
         jit = numba.njit(parallel=parallel, fastmath=False, error_model="numpy", nogil=True,
                          cache=True)
@@ -1313,7 +1405,10 @@ def _compile(numba: Any) -> Any:
             copy = types.FunctionType(function.__code__, function.__globals__,
                                       function.__name__, function.__defaults__,
                                       function.__closure__)
-            copy.__qualname__ = f"{function.__qualname__}_{'parallel' if parallel else 'serial'}"
+            # and one per VNNI choice: it is compiled into _quads, and numba's cache would
+            # otherwise hand a process with LLMARC_VNNI=off the other one's code
+            copy.__qualname__ = (f"{function.__qualname__}_"
+                                 f"{'parallel' if parallel else 'serial'}{isa}")
             setattr(kernels, function.__name__, jit(copy))
         flavours.append(kernels)
     return tuple(flavours)
@@ -1346,13 +1441,16 @@ class IntegerStepper:
         count = len(model.layers)
         device = model.device
         key_shape = value_shape = shape
+        dtype = key_dtype = attention_dtype(model.attention_levels)
         if model.fused_kernels:  # the tiles of the CPU kernel (``attend_step``)
             tiles = -(-length // PAIR_LANES)
             columns = -(-model.head_dim // PAIR_LANES) * PAIR_LANES
-            key_shape = (width, model.num_kv_heads, tiles, columns // 2, PAIR_LANES, 2)
+            per = 4 if dtype == torch.int8 else 2  # int8 keys as k + 128, for _quad_dots
+            key_dtype = torch.uint8 if dtype == torch.int8 else dtype
+            key_shape = (width, model.num_kv_heads, tiles, columns // per, PAIR_LANES, per)
             value_shape = (width, model.num_kv_heads, tiles * PAIR_LANES // 2, columns, 2)
-        dtype = attention_dtype(model.attention_levels)
-        self.keys = [torch.zeros(key_shape, dtype=dtype, device=device) for _ in range(count)]
+        self.keys = [torch.zeros(key_shape, dtype=key_dtype, device=device)
+                     for _ in range(count)]
         self.values = [torch.zeros(value_shape, dtype=dtype, device=device)
                        for _ in range(count)]
         scale_shape = (width, model.num_kv_heads, length)
