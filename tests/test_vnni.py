@@ -50,8 +50,9 @@ def test_the_switch_and_a_foreign_cpu_name_turn_the_kernel_off(monkeypatch) -> N
 @pytest.mark.parametrize(("rows", "inner", "outputs"),
                          [(3, 20, 70), (4, 576, 64), (5, 6, 17), (32, 1536, 200), (31, 130, 640)])
 def test_the_kernel_is_exact_at_the_extremes(rows: int, inner: int, outputs: int) -> None:
-    """Against int64 arithmetic: every product at +127^2 and -127^2 (the largest offset
-    sums, 255 x 127 per product), alternating signs, and random values."""
+    """Against int64 arithmetic, both flavours (threads, and the calling thread alone):
+    every product at +127^2 and -127^2 (the largest offset sums, 255 x 127 per product),
+    alternating signs, and random values."""
     rng = np.random.default_rng(rows * inner)
     cases = [
         (np.full((rows, inner), 127), np.full((outputs, inner), 127)),
@@ -63,18 +64,23 @@ def test_the_kernel_is_exact_at_the_extremes(rows: int, inner: int, outputs: int
     ]
     for q, weight in cases:
         q, weight = q.astype(np.int8), weight.astype(np.int8)
-        out = np.full((rows, outputs), 7, dtype=np.int32)
-        vnni.kernel()(q, *vnni.pack(weight), out)
-        assert np.array_equal(out, q.astype(np.int64) @ weight.astype(np.int64).T)
+        for parallel in (True, False):
+            out = np.full((rows, outputs), 7, dtype=np.int32)
+            vnni.kernel(parallel)(q, *vnni.pack(weight), out)
+            assert np.array_equal(out, q.astype(np.int64) @ weight.astype(np.int64).T)
 
 
 @needs_vnni
-def test_layers_give_three_to_32_rows_to_the_kernel_and_more_to_onednn() -> None:
+def test_steps_give_three_to_32_rows_to_the_kernel_and_the_rest_to_onednn() -> None:
     generator = torch.Generator().manual_seed(3)
     weight = torch.randint(-127, 128, (96, 192), generator=generator).double()
     layer = IntLinear.from_float(weight, "cpu", int8_gemm=True)
-    assert layer.few_rows(3) and layer.few_rows(vnni.MAX_ROWS)
-    assert not layer.few_rows(vnni.MAX_ROWS + 1)
+    assert layer.few_rows(3, stepping=True) and layer.few_rows(vnni.MAX_ROWS, stepping=True)
+    assert not layer.few_rows(vnni.MAX_ROWS + 1, stepping=True)
+    assert not layer.few_rows(3)  # a prefill's few rows: oneDNN, and no packed copy
+    q = torch.randint(-127, 128, (3, 192), generator=generator, dtype=torch.int8)
+    assert torch.equal(layer._accumulate(q).long(), q.long() @ layer.weight.long())
+    assert "_vnni_packed" not in vars(layer)
     for rows in (3, 17, vnni.MAX_ROWS):
         q = torch.randint(-127, 128, (rows, 192), generator=generator, dtype=torch.int8)
         out = np.empty((rows, 96), dtype=np.int32)
@@ -87,5 +93,6 @@ def test_the_kernel_closes_over_constants_only() -> None:
     differently in every process would recompile the kernel in every process."""
     import types
 
-    for cell in vnni.kernel().py_func.__closure__ or ():
-        assert isinstance(cell.cell_contents, (int, float, bool, types.ModuleType))
+    for parallel in (True, False):
+        for cell in vnni.kernel(parallel).py_func.__closure__ or ():
+            assert isinstance(cell.cell_contents, (int, float, bool, types.ModuleType))

@@ -157,14 +157,16 @@ class IntLinear:
         can reach 2^24, added up in float64 (exact: each chunk sum is below 2^24)."""
         return self._accumulate(q).to(F64)
 
-    def _accumulate(self, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def _accumulate(self, q: torch.Tensor, out: torch.Tensor | None = None,
+                    stepping: bool = False) -> torch.Tensor:
         """The exact integer product, float32 when one chunk covers the inner dimension
         (every value is an integer below 2^24, so float32 holds it exactly), else float64;
-        int32 from the int8 GEMM, written into ``out`` ([rows, outputs]) when given."""
+        int32 from the int8 GEMM, written into ``out`` ([rows, outputs]) when given.
+        ``stepping``: a decoder's step (see :meth:`few_rows`)."""
         inner = self.weight.shape[0]
         if self.int8_gemm:  # int32 sums, proven exact on this host
             rows = q.reshape(-1, inner).to(torch.int8)
-            if self.few_rows(rows.shape[0]):
+            if self.few_rows(rows.shape[0], stepping):
                 if out is None:
                     out = torch.empty(rows.shape[0], self.weight.shape[1], dtype=torch.int32)
                 self.rows_product(rows.numpy(), out.numpy())
@@ -196,10 +198,13 @@ class IntLinear:
             acc.reshape(-1, cols).numpy(), row_scale.reshape(-1).contiguous().numpy(),
             self._scale_host, out.view(-1, cols).numpy())
 
-    def few_rows(self, rows: int) -> bool:
+    def few_rows(self, rows: int, stepping: bool = False) -> bool:
         """Whether a product of ``rows`` rows goes to :meth:`rows_product`: oneDNN's GEMM
-        is tuned for many rows (a decoding step has one per segment)."""
-        return self.int8_gemm and (self._dot_rows(rows) or self._vnni_rows(rows))
+        is tuned for many rows.  The VNNI kernel serves only a decoder's steps (one row
+        per segment): it packs the weights on first use (+134 MB for SmolLM2), which an
+        encoder's occasional short segment or last block of logits would not repay."""
+        return self.int8_gemm and (self._dot_rows(rows)
+                                   or (stepping and self._vnni_rows(rows)))
 
     def _dot_rows(self, rows: int) -> bool:
         return rows <= SMALL_GEMM_ROWS and self.weight.shape[0] % DOT_BLOCK == 0
@@ -214,8 +219,9 @@ class IntLinear:
         :mod:`llmarc.inference.vnni`."""
         if self._dot_rows(q.shape[0]):
             _kernels().int8_rows(q, self._rows_host, out)
-        else:
-            vnni.kernel()(q, *self._vnni_packed, out)
+        else:  # on torch's thread count, as the other kernels (see _kernels)
+            parallel = _kernels(q.shape[0] * out.shape[1]).parallel
+            vnni.kernel(parallel)(q, *self._vnni_packed, out)
 
     @functools.cached_property
     def _vnni_packed(self) -> tuple[Any, Any]:
@@ -427,8 +433,10 @@ class IntegerModel:
         q, scale = self.norm_quantized(h, self.final_norm)
         return self.lm_head_logits(q, scale)
 
-    def lm_head_logits(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """float32 logits [..., V] of the final norm's quantized rows (q, scale)."""
+    def lm_head_logits(self, q: torch.Tensor, scale: torch.Tensor, stepping: bool = False
+                       ) -> torch.Tensor:
+        """float32 logits [..., V] of the final norm's quantized rows (q, scale);
+        ``stepping``: a decoder's step (see :meth:`IntLinear.few_rows`)."""
         shape = q.shape[:-1]
         q = q.reshape(-1, q.shape[-1])
         scale = scale.reshape(-1, 1)
@@ -436,7 +444,7 @@ class IntegerModel:
         for begin in range(0, q.shape[0], self.LOGIT_ROWS):
             end = begin + self.LOGIT_ROWS
             if self.fused_kernels:  # the float64 product rounded once to float32
-                acc = self.lm_head._accumulate(q[begin:end])
+                acc = self.lm_head._accumulate(q[begin:end], stepping=stepping)
                 self.lm_head._epilogue(acc, scale[begin:end], out[begin:end], "scaled")
             else:
                 out[begin:end] = self.lm_head(q[begin:end], scale[begin:end])
@@ -676,8 +684,8 @@ class Workspace:
     output) paired with a NumPy view of the same memory (the kernels' argument), so no
     step allocates or converts them again."""
 
-    def __init__(self, model: IntegerModel, rows: int) -> None:
-        self.model, self.rows = model, rows
+    def __init__(self, model: IntegerModel, rows: int, stepping: bool = False) -> None:
+        self.model, self.rows, self.stepping = model, rows, stepping
         self._buffers: dict[tuple[Any, ...], tuple[torch.Tensor, Any]] = {}
         total = model.num_heads + 2 * model.num_kv_heads
         self.qkv = (self.buffer("qkv", (rows, total, model.head_dim),
@@ -703,12 +711,11 @@ class Workspace:
         """The layer's exact integer product of the quantized rows ``q`` (tensor, host
         view) as a NumPy array: int32 into a reused buffer from the int8 weights (the
         compiled kernels of :meth:`IntLinear.rows_product` for few rows, else oneDNN's
-        GEMM), or
-        float32/float64 from the chunked fp32 GEMMs."""
+        GEMM), or float32/float64 from the chunked fp32 GEMMs."""
         if not layer.int8_gemm:
             return layer._accumulate(q[0]).numpy()
         out, out_host = self.buffer("acc", (self.rows, layer.weight.shape[1]), torch.int32)
-        if layer.few_rows(self.rows):
+        if layer.few_rows(self.rows, self.stepping):
             layer.rows_product(q[1], out_host)
         else:
             torch._int_mm(q[0], layer.weight, out=out)
@@ -1399,6 +1406,7 @@ def _compile(numba: Any) -> Any:
                          cache=True)
         kernels = Kernels()
         kernels.numba = numba
+        kernels.parallel = parallel
         kernels.table = table
         for function in functions:
             # a copy per flavour, named apart, so numba's disk cache keeps both
@@ -1481,7 +1489,7 @@ class IntegerStepper:
         which stores position t's key and value in the cache and attends over 0..t."""
         model = self.model
         if self._work is None:
-            self._work = Workspace(model, self.width)
+            self._work = Workspace(model, self.width, stepping=True)
             self._caches = [(k.numpy(), ks.numpy(), v.numpy(), vs.numpy()) for k, ks, v, vs
                             in zip(self.keys, self.key_scales, self.values, self.value_scales,
                                    strict=True)]
@@ -1502,7 +1510,7 @@ class IntegerStepper:
         h = model.embed(tokens.to(model.device))
         positions = torch.full((self.width,), t, dtype=torch.int64)
         q, scale = model.forward_fused(h, positions, attend, work)
-        return model.lm_head_logits(q, scale)
+        return model.lm_head_logits(q, scale, stepping=True)
 
     def _step_torch(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         """Off the CPU: the spec's operations as torch ops over the cache."""

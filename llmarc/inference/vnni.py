@@ -147,9 +147,12 @@ def _tile_intrinsic() -> Any:
 
 
 @functools.cache
-def kernel() -> Any:
+def kernel(parallel: bool = True) -> Any:
     """The compiled ``rows(q, packed, compensation, out)``: out = q @ w exactly, for q
-    int8 [M, K] (|q| <= 127), (packed, compensation) from :func:`pack`, out int32 [M, N]."""
+    int8 [M, K] (|q| <= 127), (packed, compensation) from :func:`pack`, out int32 [M, N].
+    ``parallel=False`` runs on the calling thread (``--threads 1``)."""
+    import types
+
     import numba
 
     global _tile
@@ -157,7 +160,6 @@ def kernel() -> Any:
     rows_per_tile, columns, chunk_groups = TILE_ROWS, TILE_COLUMNS, CHUNK_GROUPS
     few_blocks = FEW_BLOCKS
 
-    @numba.njit(parallel=True, fastmath=False, error_model="numpy", nogil=True, cache=True)
     def rows(q, packed, compensation, out):  # pragma: no cover - compiled
         count, inner = q.shape
         outputs = out.shape[1]
@@ -198,7 +200,12 @@ def kernel() -> Any:
                 for c in range(last_column):
                     target[c] = tile_row[c] - offsets[c]
 
-    return rows
+    # one copy per flavour, named apart, so numba's disk cache keeps both
+    flavour = types.FunctionType(rows.__code__, rows.__globals__, rows.__name__,
+                                 rows.__defaults__, rows.__closure__)
+    flavour.__qualname__ = f"rows_{'parallel' if parallel else 'serial'}"
+    return numba.njit(parallel=parallel, fastmath=False, error_model="numpy", nogil=True,
+                      cache=True)(flavour)
 
 
 _tile: Any = None
