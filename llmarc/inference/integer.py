@@ -964,7 +964,6 @@ def _quad_dots(vnni_instructions: bool) -> Any:
 
     lanes = PAIR_LANES
     i32, i64 = ir.IntType(32), ir.IntType(64)
-    dot_type = ir.FunctionType(ir.VectorType(i32, lanes), [ir.VectorType(i32, lanes)] * 3)
 
     @intrinsic
     def quad_dots(typingctx, a, ia, w, iw, steps, stride, out,
@@ -995,11 +994,9 @@ def _quad_dots(vnni_instructions: bool) -> Any:
                     row, ir.VectorType(ir.IntType(w_bits), 4 * lanes).as_pointer()), align=1)
                 total = builder.load(accumulator)
                 if use_vnni:
-                    dot = cgutils.get_or_insert_function(builder.module, dot_type,
-                                                         "llvm.x86.avx512.vpdpbusd.512")
                     vector = ir.VectorType(i32, lanes)
-                    total = builder.call(dot, [total, builder.bitcast(keys, vector),
-                                               builder.bitcast(splat, vector)])
+                    total = builder.call(vnni.dot_instruction(builder), [
+                        total, builder.bitcast(keys, vector), builder.bitcast(splat, vector)])
                 else:
                     wide = ir.VectorType(sum_type, 4 * lanes)
                     queries = builder.sext(builder.bitcast(

@@ -79,6 +79,18 @@ def pack(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return packed, compensation
 
 
+def dot_instruction(builder: Any) -> Any:
+    """The LLVM function of ``vpdpbusd`` on 512 bits in ``builder``'s module: (int32 x 16
+    accumulator, 64 unsigned bytes, 64 signed bytes), in its LLVM 14-era form (vectors
+    of i32), which newer LLVMs upgrade."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    lanes = ir.VectorType(ir.IntType(32), 16)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
+                                          "llvm.x86.avx512.vpdpbusd.512")
+
+
 def _tile_intrinsic() -> Any:
     """``tile(a, ia, stride, w, iw, groups, out)``: out[r * 64 + c] (int32, r < 4, c < 64)
     = sum over g < groups of the 4 unsigned bytes a[ia + r * stride + 4g ..] times the
@@ -91,7 +103,6 @@ def _tile_intrinsic() -> Any:
     i32 = ir.IntType(32)
     lanes = ir.VectorType(i32, 16)
     vectors = TILE_COLUMNS // 16
-    dot_type = ir.FunctionType(lanes, [lanes, lanes, lanes])
 
     @intrinsic
     def tile(typingctx, a, ia, stride, w, iw, groups, out):  # pragma: no cover - codegen
@@ -100,9 +111,7 @@ def _tile_intrinsic() -> Any:
             w_data = context.make_array(signature.args[3])(context, builder, args[3]).data
             out_data = context.make_array(signature.args[6])(context, builder, args[6]).data
             a_start, a_stride, w_start = args[1], args[2], args[4]
-            # the LLVM 14-era form (i32 vectors) of the intrinsic: newer LLVMs upgrade it
-            dot = cgutils.get_or_insert_function(builder.module, dot_type,
-                                                 "llvm.x86.avx512.vpdpbusd.512")
+            dot = dot_instruction(builder)
             index_type = a_start.type
 
             def out_vector(r: int, v: int) -> Any:
