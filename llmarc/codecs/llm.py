@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -520,11 +521,20 @@ class _Row:
     error: CorruptArchiveError | None = None  # a decoding failure stops only this row
 
 
-def _groups(rows: list[_Row], width: int) -> Iterator[list[_Row]]:
+def _groups(rows: list[_Row], width: int) -> list[list[_Row]]:
     """Rows sorted longest first (short segments waste few steps), ``width`` at a time."""
     ordered = sorted(rows, key=lambda row: (-row.length, row.slot))
-    for start in range(0, len(ordered), width):
-        yield ordered[start : start + width]
+    return [ordered[start : start + width] for start in range(0, len(ordered), width)]
+
+
+def _group_width(rows: int, batch_width: int, workers: int) -> int:
+    """Rows per stepped group: at most ``batch_width`` in flight across the ``workers``
+    threads, in a multiple of ``workers`` groups of about equal size (so no thread steps
+    the last group alone while the others idle)."""
+    per_worker = max(1, batch_width // workers)
+    groups = -(-rows // per_worker)
+    groups = -(-groups // workers) * workers
+    return max(1, -(-rows // groups))
 
 
 class LLMCodec(SegmentCoder):
@@ -548,25 +558,17 @@ class LLMCodec(SegmentCoder):
         costs nothing)."""
         return self.loaded.integer_model(positions, self.settings.engine)
 
-    def _stepper(self, rows: int, positions: int) -> tuple[Any, int]:
-        """(engine, width) for stepping ``rows`` segments of at most ``positions`` tokens.
+    def _lockstep_engine(self) -> Any:
+        """lockstep-v1's engine, made when first needed.  Its shape is recorded in the
+        archive (its numbers depend on it), so its memory is checked against the
+        machine's before anything is allocated."""
+        if self._lockstep is None:
+            from llmarc.inference.engine import EngineShape, LockstepEngine
 
-        Made only after the payloads were validated, and sized by the work: an integer
-        engine's cache holds ``min(rows, batch_width)`` rows of ``positions``;
-        lockstep-v1's shape is recorded in the archive (its numbers depend on it), so its
-        memory is checked against the machine's before anything is allocated."""
-        if self.settings.engine == ENGINE_LOCKSTEP:
-            if self._lockstep is None:
-                from llmarc.inference.engine import EngineShape, LockstepEngine
-
-                shape = EngineShape(self.settings.batch_width, self.settings.segment_length)
-                _check_lockstep_memory(self.loaded, shape)
-                self._lockstep = LockstepEngine(self.loaded.model, shape)
-            return self._lockstep, self.settings.batch_width
-        from llmarc.inference.integer import IntegerStepper
-
-        width = max(1, min(rows, self.settings.batch_width))
-        return IntegerStepper(self._integer(positions), width, positions), width
+            shape = EngineShape(self.settings.batch_width, self.settings.segment_length)
+            _check_lockstep_memory(self.loaded, shape)
+            self._lockstep = LockstepEngine(self.loaded.model, shape)
+        return self._lockstep
 
     def _run_groups(
         self,
@@ -577,40 +579,80 @@ class LLMCodec(SegmentCoder):
         """Step the engine over all rows; ``code_row`` codes one token of a row from its
         cumulative frequency table (and float logits) and returns the token fed next.
 
-        A row whose ``code_row`` raises CorruptArchiveError keeps its error and is fed
-        padding from then on, so one bad segment cannot spoil its companions."""
+        lockstep-v1 steps groups of its recorded width.  An integer engine is made only
+        after the payloads were validated, and sized by the work: at most
+        ``batch_width`` rows of the longest segment's positions in all, in groups split
+        among worker threads (:mod:`llmarc.inference.threads`), each with its own cache."""
+        if not rows:
+            return
+        if self.settings.engine == ENGINE_LOCKSTEP:
+            engine = self._lockstep_engine()
+            for group in _groups(rows, self.settings.batch_width):
+                self._step_group(engine, self.settings.batch_width, group, code_row, progress,
+                                 None)
+            return
+        from llmarc.inference import threads
+        from llmarc.inference.integer import IntegerStepper
+
+        positions = max(row.length for row in rows)
+        model = self._integer(positions)
+        workers = threads.worker_count(model, min(len(rows), self.settings.batch_width),
+                                       threads.STEP_ROWS_PER_THREAD)
+        width = _group_width(len(rows), self.settings.batch_width, workers)
+        report = threads.locked(progress) if workers > 1 else progress
+        steppers = threading.local()  # one cache per thread, reused by its groups
+
+        def step(group: list[_Row], stop: threading.Event) -> None:
+            stepper = getattr(steppers, "engine", None)
+            if stepper is None:
+                stepper = steppers.engine = IntegerStepper(model, width, positions)
+            self._step_group(stepper, width, group, code_row, report, stop)
+
+        threads.run_split(_groups(rows, width), step, workers)
+
+    def _step_group(
+        self,
+        engine: Any,
+        width: int,
+        group: list[_Row],
+        code_row: Callable[[_Row, int, np.ndarray, Any], int],
+        progress: ProgressCallback | None,
+        stop: threading.Event | None,
+    ) -> None:
+        """One group of rows (at most ``width``, the engine's) from position 0 to its
+        longest row's end.  A row whose ``code_row`` raises CorruptArchiveError keeps its
+        error and is fed padding from then on, so one bad segment cannot spoil its
+        companions."""
         import torch
 
         from llmarc.entropy.fast import frequency_tables
+        from llmarc.inference.threads import Cancelled
 
-        if not rows:
-            return
-        engine, width = self._stepper(len(rows), max(row.length for row in rows))
         start = self.loaded.start_token
-        for group in _groups(rows, width):
-            engine.reset()
-            feed = torch.full((width,), start, dtype=torch.long)
-            for t in range(group[0].length):
-                logits = engine.step(feed)
-                active = [r for r, row in enumerate(group) if t < row.length and row.error is None]
-                if not active:
-                    break
-                picked = logits[active]
-                ends = frequency_tables(picked.cpu().numpy(), self.settings.precision,
-                                        cumulative=True)
-                next_feed = [start] * width
-                for i, r in enumerate(active):
-                    try:
-                        next_feed[r] = code_row(group[r], t, ends[i], picked[i])
-                    except CorruptArchiveError as exc:
-                        group[r].error = exc
-                feed = torch.tensor(next_feed, dtype=torch.long)
-                if progress is not None:
-                    progress(len(active))
+        engine.reset()
+        feed = torch.full((width,), start, dtype=torch.long)
+        for t in range(group[0].length):
+            if stop is not None and stop.is_set():
+                raise Cancelled
+            logits = engine.step(feed)
+            active = [r for r, row in enumerate(group) if t < row.length and row.error is None]
+            if not active:
+                break
+            picked = logits[active]
+            ends = frequency_tables(picked.cpu().numpy(), self.settings.precision,
+                                    cumulative=True)
+            next_feed = [start] * width
+            for i, r in enumerate(active):
+                try:
+                    next_feed[r] = code_row(group[r], t, ends[i], picked[i])
+                except CorruptArchiveError as exc:
+                    group[r].error = exc
+            feed = torch.tensor(next_feed, dtype=torch.long)
+            if progress is not None:
+                progress(len(active))
 
-    def _prefill_batches(self, rows: list[_Row]) -> Iterator[tuple[list[_Row], Any]]:
-        """(rows, float32 logits [N, T, V]) for batches of known segments, integer
-        engines only.
+    def _prefill_batches(self, rows: list[_Row]) -> list[tuple[list[_Row], Any]]:
+        """(rows, tokens fed [N, T]) for batches of known segments, integer engines only.
 
         Rows are sorted longest first and stacked while N * T <= PREFILL_POSITIONS (one
         row at least); shorter rows are padded with the start token at their end, whose
@@ -619,6 +661,7 @@ class LLMCodec(SegmentCoder):
 
         start = self.loaded.start_token
         ordered = sorted(rows, key=lambda row: (-row.length, row.slot))
+        batches = []
         index = 0
         while index < len(ordered):
             longest = ordered[index].length
@@ -628,7 +671,8 @@ class LLMCodec(SegmentCoder):
             feed = torch.full((len(batch), longest), start, dtype=torch.long)
             for i, row in enumerate(batch):
                 feed[i, 1 : row.length] = torch.tensor(row.tokens[: row.length - 1])
-            yield batch, self._integer(longest).prefill(feed)
+            batches.append((batch, feed))
+        return batches
 
     def encode_segments(
         self,
@@ -636,7 +680,6 @@ class LLMCodec(SegmentCoder):
         progress: ProgressCallback | None = None,
         collect_stats: bool = False,
     ) -> list[tuple[bytes, CodingStats]]:
-        from llmarc.entropy.fast import token_intervals
         from llmarc.entropy.rangecoder import RangeEncoder
 
         precision = self.settings.precision
@@ -662,21 +705,48 @@ class LLMCodec(SegmentCoder):
                 return code_row(row, t, freqs, logits)
 
             self._run_groups(rows, stepped, progress)
-        else:
-            for batch, logits in self._prefill_batches(rows):
-                for i, row in enumerate(batch):
-                    for begin in range(0, row.length, FREQUENCY_ROWS):
-                        own = logits[i, begin : min(row.length, begin + FREQUENCY_ROWS)]
-                        tokens = np.asarray(row.tokens[begin : begin + len(own)])
-                        starts, freqs = token_intervals(own.numpy(), tokens, precision)
-                        for start, freq in zip(starts.tolist(), freqs.tolist(), strict=True):
-                            code(row, start, freq)
-                        if collect_stats:
-                            _add_model_stats(stats[row.slot], own,
-                                             row.tokens[begin : begin + len(own)])
-                    if progress is not None:
-                        progress(row.length)
+        elif rows:
+            def model_stats(row: _Row, logits: Any, tokens: list[int]) -> None:
+                _add_model_stats(stats[row.slot], logits, tokens)
+
+            self._prefill(rows, code, model_stats if collect_stats else None, progress)
         return [(encoder.finish(), own) for encoder, own in zip(encoders, stats, strict=True)]
+
+    def _prefill(
+        self,
+        rows: list[_Row],
+        code: Callable[[_Row, int, int], None],
+        model_stats: Callable[[_Row, Any, list[int]], None] | None,
+        progress: ProgressCallback | None,
+    ) -> None:
+        """Integer engines: code known segments from one forward pass per batch, the
+        batches split among worker threads (:mod:`llmarc.inference.threads`)."""
+        from llmarc.entropy.fast import token_intervals
+        from llmarc.inference import threads
+
+        model = self._integer(max(row.length for row in rows))
+        batches = self._prefill_batches(rows)
+        workers = threads.worker_count(model, len(batches))
+        report = threads.locked(progress) if workers > 1 else progress
+
+        def encode(item: tuple[list[_Row], Any], _stop: threading.Event) -> None:
+            batch, feed = item
+            final, scales = model.final_rows(feed)
+            for i, row in enumerate(batch):
+                for begin in range(0, row.length, FREQUENCY_ROWS):
+                    end = min(row.length, begin + FREQUENCY_ROWS)
+                    logits = model.lm_head_logits(final[i, begin:end], scales[i, begin:end])
+                    tokens = row.tokens[begin:end]
+                    starts, freqs = token_intervals(logits.numpy(), np.asarray(tokens),
+                                                    self.settings.precision)
+                    for start, freq in zip(starts.tolist(), freqs.tolist(), strict=True):
+                        code(row, start, freq)
+                    if model_stats is not None:
+                        model_stats(row, logits, tokens)
+                if report is not None:
+                    report(row.length)
+
+        threads.run_split(batches, encode, workers)
 
     def decode_segments(
         self, jobs: list[SegmentJob], progress: ProgressCallback | None = None

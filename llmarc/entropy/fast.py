@@ -23,6 +23,7 @@ Without numba (the base install has none) the NumPy function is used.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ from llmarc.entropy.quantize import (
 )
 
 _KERNELS: Any = None
+_LAZY = threading.Lock()
 _weights_of: Any = None  # the helpers of _compile
 _frequency: Any = None
 _frequencies_of: Any = None
@@ -99,14 +101,15 @@ def _check(status: np.ndarray, z: np.ndarray, precision: int) -> None:
 
 def _kernels() -> Any:
     global _KERNELS
-    if _KERNELS is None:
-        try:
-            import numba
-        except ImportError:
-            _KERNELS = False
-        else:
-            _KERNELS = _compile(numba)
-    return _KERNELS or None
+    with _LAZY:  # several coding threads may ask first at once
+        if _KERNELS is None:
+            try:
+                import numba
+            except ImportError:
+                _KERNELS = False
+            else:
+                _KERNELS = _compile(numba)
+        return _KERNELS or None
 
 
 def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not traced

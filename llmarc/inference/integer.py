@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -126,6 +127,7 @@ class IntLinear:
     weight: torch.Tensor  # [in, out], integer values in [-127, 127]: float32 or int8
     scale: torch.Tensor  # float64 [out]
     int8_gemm: bool = False  # weight is an int8 view of [out, in] storage, for _int_mm
+    _packed: Any = field(default=None, init=False, repr=False, compare=False)  # VNNI's
     #: Weight rows quantized per block in :meth:`from_float`.
     DERIVE_ROWS: ClassVar[int] = 4096
 
@@ -223,11 +225,15 @@ class IntLinear:
             parallel = _kernels(q.shape[0] * out.shape[1]).parallel
             vnni.kernel(parallel)(q, *self._vnni_packed, out)
 
-    @functools.cached_property
+    @property
     def _vnni_packed(self) -> tuple[Any, Any]:
         """The weights in the VNNI kernel's layout and their compensation, made on first
-        use (a decoder's first step): only processes that step pay their memory."""
-        return vnni.pack(self._rows_host)
+        use (a decoder's first step): only processes that step pay their memory, once
+        even when several threads step at the same time."""
+        with _LAZY:
+            if self._packed is None:
+                self._packed = vnni.pack(self._rows_host)
+            return self._packed
 
     @functools.cached_property
     def _rows_host(self) -> Any:
@@ -326,8 +332,8 @@ class IntegerModel:
         self.attention_levels = attention_levels
         self.device = torch.device(device) if device is not None else model.device
         self.embedding = decoder.embed_tokens.weight.detach().to(self.device, torch.float32)
-        self.int8_gemm = self.device.type == "cpu" and int8_gemm_is_exact(
-            _linear_shapes(config, self.head_dim))
+        self._linear_shapes = _linear_shapes(config, self.head_dim)
+        self.int8_gemm = self.device.type == "cpu" and int8_gemm_is_exact(self._linear_shapes)
         #: What the CPU kernels write quantized linear inputs as: the GEMM's operand type.
         self.activation_dtype = torch.int8 if self.int8_gemm else torch.float32
 
@@ -376,9 +382,25 @@ class IntegerModel:
 
     @functools.cached_property
     def _attention_gemm_exact(self) -> bool:
-        return self.int8_gemm and int8_gemm_is_exact(
-            [(self.head_dim, keys) for keys in ATTENTION_PROBE_KEYS]
-            + [(keys, self.head_dim) for keys in ATTENTION_PROBE_KEYS])
+        return self.int8_gemm and int8_gemm_is_exact(self._attention_shapes)
+
+    @property
+    def _attention_shapes(self) -> list[tuple[int, int]]:
+        return ([(self.head_dim, keys) for keys in ATTENTION_PROBE_KEYS]
+                + [(keys, self.head_dim) for keys in ATTENTION_PROBE_KEYS])
+
+    def exact_on_one_thread(self) -> bool:
+        """Whether every int8 GEMM this model runs is proven exact with one torch thread
+        too, as :mod:`llmarc.inference.threads` runs them (the proof is per thread
+        count: oneDNN may choose its kernel by it)."""
+        if not self.int8_gemm:
+            return True
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return int8_gemm_is_exact(self._linear_shapes + self._attention_shapes)
+        finally:
+            torch.set_num_threads(previous)
 
     def extend(self, max_length: int) -> None:
         """Rotary tables for positions 0 .. max_length-1 (the weights stay as they are)."""
@@ -614,6 +636,16 @@ class IntegerModel:
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, T, V] for rows of tokens [N, T] fed at positions 0..T-1."""
+        q, scale = self.final_rows(tokens)
+        return self.lm_head_logits(q, scale)
+
+    @torch.no_grad()
+    def final_rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm's quantized rows (q [N, T, D], scale [N, T]) of rows of tokens
+        [N, T] fed at positions 0..T-1: :meth:`lm_head_logits` of any slice of them gives
+        those positions' logits, so an encoder holds the float32 logits of a few
+        positions at a time, not of a whole batch (200 MB for 1,024 positions of a
+        49,152-token vocabulary)."""
         n, t = tokens.shape
         if t > self.max_length:
             raise ValueError(f"{t} positions exceed the engine's {self.max_length}")
@@ -630,7 +662,7 @@ class IntegerModel:
 
             q, scale = self.forward_fused(rows, positions.repeat(n), attend,
                                           Workspace(self, n * t))
-            return self.lm_head_logits(q, scale).view(n, t, self.vocab_size)
+            return q.view(n, t, -1), scale.view(n, t)
         mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
         for layer in self.layers:
             q, qs, k, ks, v, vs = self.qkv(layer, h, positions)
@@ -640,7 +672,8 @@ class IntegerModel:
                 vs.squeeze(-1).transpose(1, 2), mask,
             )
             h = self.mlp(layer, self.attention(layer, context, h))
-        return self.logits(h)
+        q, scale = self.norm_quantized(h, self.final_norm)
+        return q, scale.view(n, t)
 
 
 #: The attention of :meth:`IntegerModel.forward_fused`: (layer, qkv, scales) -> context
@@ -755,6 +788,9 @@ def silu(x: torch.Tensor) -> torch.Tensor:
 # * a float max (not reorderable without fast-math): the max of the int64 bit patterns,
 #   whose order is the numbers' (_peak, _top).
 _NUMBA: Any = None
+#: Guards what is made once on first use (the kernels, VNNI's packed weights) when several
+#: threads step at once (:mod:`llmarc.inference.threads`).
+_LAZY = threading.RLock()
 _pairs: Any = None  # the intrinsics and helpers of _compile
 _listed_pairs: Any = None
 _dot8: Any = None
@@ -774,12 +810,13 @@ def _kernels(work: int = PARALLEL_WORK) -> Any:
     multi-threaded flavour for ``work`` elements or more when torch has several threads,
     else the single-threaded one.  Both compute the same values (rows are independent)."""
     global _NUMBA
-    if _NUMBA is None:
-        try:
-            import numba
-        except ImportError as exc:  # pragma: no cover - numba is in the llm extra
-            raise ModelError("int-v1/v2 need numba: pip install 'llmarc[llm]'") from exc
-        _NUMBA = _compile(numba)
+    with _LAZY:
+        if _NUMBA is None:
+            try:
+                import numba
+            except ImportError as exc:  # pragma: no cover - numba is in the llm extra
+                raise ModelError("int-v1/v2 need numba: pip install 'llmarc[llm]'") from exc
+            _NUMBA = _compile(numba)
     serial, parallel = _NUMBA
     if work < PARALLEL_WORK:
         return serial

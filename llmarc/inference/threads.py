@@ -1,0 +1,125 @@
+"""Independent pieces of an integer engine's work on worker threads, one core each.
+
+torch's and numba's own threads split every operation and meet at a barrier after it: a
+prefill has hundreds of such regions, a decoding step about 150.  When other processes
+compete for the cores, the scheduler parks one thread of a region for a time slice and
+the others wait for it: the 8 KB pack took four times its unloaded coding time with a busy
+process on each core.  The integer engines' logits do not depend on how segments are
+grouped, so independent segments (an encoder's prefill batches, a decoder's groups of
+rows) can go to separate threads instead, each computing single-threaded: nothing waits
+at a barrier, and a parked thread delays only its own rows.  On this repository's 2-core
+host (benchmarks/README.md) a 1,736-token pack's prefill took 6.5 s instead of 13-17 s
+under that load, and 2.5-3.2 s instead of 3.1-3.8 s without it; 32 rows of decoding as
+two threads of 16 ran at 412-519 tokens/s against 350-368 as one group of 32.
+
+lockstep-v1 never comes here: its float logits depend on the batch shape it records.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+Item = TypeVar("Item")
+
+
+#: Fewest rows a decoding thread steps: at 1-2 rows a step reads every weight for little
+#: arithmetic, so two threads of 1-2 rows read twice the bytes of one group stepped by
+#: torch's threads, and were 10-30 % slower here; from 3 rows on (the VNNI kernel's
+#: range) the split was faster (4-10 % at 3 and 4 rows, 15-40 % at 16).
+STEP_ROWS_PER_THREAD = 3
+
+
+def worker_count(model: Any, units: int, per_worker: int = 1) -> int:
+    """Worker threads for ``units`` independent pieces of ``model``'s work: torch's thread
+    count (the user's ``--threads``), with at least ``per_worker`` pieces each; 1 (the
+    calling thread with torch's own threads) off the CPU, for too few pieces, or when the
+    int8 GEMMs are not proven exact on one thread."""
+    threads = min(torch.get_num_threads(), units // per_worker)
+    if model.device.type != "cpu" or threads <= 1:
+        return 1
+    return threads if model.exact_on_one_thread() else 1
+
+
+def _one_core() -> None:
+    """A worker thread's set-up: torch (this thread's OpenMP team, which oneDNN reads) and
+    numba (a per-thread setting) compute on the calling thread alone."""
+    import numba
+
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+
+
+class Cancelled(Exception):
+    """Raised inside a worker whose companions failed or were interrupted."""
+
+
+def run_split(items: Sequence[Item], work: Callable[[Item, threading.Event], None],
+              workers: int) -> None:
+    """``work(item, stop)`` for every item, in order of the sequence.
+
+    With several workers, the first ``len(items) - len(items) % workers`` items go to
+    that many single-threaded threads, each taking the next item when it finishes one;
+    the rest (fewer than one per worker, which would leave cores idle) run afterwards on
+    the calling thread with torch's threads.  ``stop`` is set when any item fails or the
+    caller is interrupted (Ctrl-C): long work checks it and raises :class:`Cancelled`.
+    The first failure is raised here once every worker has ended."""
+    stop = threading.Event()
+    shared = len(items) - len(items) % workers if workers > 1 else 0
+    if shared:
+        _run_threads(items[:shared], work, workers, stop)
+    for item in items[shared:]:
+        work(item, stop)
+
+
+def _run_threads(items: Sequence[Item], work: Callable[[Item, threading.Event], None],
+                 workers: int, stop: threading.Event) -> None:
+    pending: Iterator[Item] = iter(items)
+    lock = threading.Lock()
+
+    def drain() -> None:
+        _one_core()
+        while not stop.is_set():
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                work(item, stop)
+            except BaseException:
+                stop.set()
+                raise
+
+    previous = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="llmarc-rows") as pool:
+            futures = [pool.submit(drain) for _ in range(workers)]
+            try:
+                for future in futures:
+                    future.exception()  # wait; Ctrl-C lands here
+            except BaseException:
+                stop.set()
+                raise
+        failures = [f.exception() for f in futures if f.exception() is not None]
+        real = [e for e in failures if not isinstance(e, Cancelled)]
+        if real or failures:
+            raise (real or failures)[0]  # type: ignore[misc]
+    finally:
+        torch.set_num_threads(previous)  # the workers' setting is process-wide in ATen
+
+
+def locked(callback: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """``callback`` serialized for calls from several threads (progress bars)."""
+    if callback is None:
+        return None
+    lock = threading.Lock()
+
+    def call(*args: Any) -> Any:
+        with lock:
+            return callback(*args)
+
+    return call
