@@ -14,7 +14,7 @@ import torch
 
 from llmarc.codecs.llm import CodingSettings, LLMCodec, SegmentJob, _group_width
 from llmarc.errors import CorruptArchiveError
-from llmarc.inference import threads
+from llmarc.inference import integer, threads
 from llmarc.model.loader import load_model
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -94,6 +94,22 @@ def test_worker_count_needs_work_for_each_thread_and_a_cpu(loaded, two_threads) 
     assert threads.worker_count(model, 6, threads.STEP_ROWS_PER_THREAD) == 2
     torch.set_num_threads(1)  # --threads 1: nothing is split
     assert threads.worker_count(model, 64) == 1
+
+
+def test_no_split_unless_the_int8_gemms_are_proven_on_one_thread(
+        loaded, two_threads, monkeypatch) -> None:
+    model = loaded.integer_model(64, "int-v2")
+    monkeypatch.setattr(integer, "int8_gemm_is_exact",
+                        lambda shapes: torch.get_num_threads() > 1)  # proven on 2 only
+    if model.int8_gemm:
+        assert not model.exact_on_one_thread()
+        assert threads.worker_count(model, 8) == 1
+        assert model.int8_attention
+        torch.set_num_threads(1)
+        assert not model.int8_attention  # the attention's GEMMs are proven per count too
+    else:  # fp32 GEMMs (a host without VNNI): exact by construction, nothing to prove
+        assert model.exact_on_one_thread()
+        assert threads.worker_count(model, 8) == 2
 
 
 def _segments(count: int, length: int) -> list[list[int]]:

@@ -378,11 +378,8 @@ class IntegerModel:
     def int8_attention(self) -> bool:
         """Whether the prefill's attention sums are int8 GEMMs: int-v2's 8-bit operands
         on a host whose int8 GEMM is proven exact on the attention's shapes too."""
-        return self.attention_levels <= LINEAR_LEVELS and self._attention_gemm_exact
-
-    @functools.cached_property
-    def _attention_gemm_exact(self) -> bool:
-        return self.int8_gemm and int8_gemm_is_exact(self._attention_shapes)
+        return (self.attention_levels <= LINEAR_LEVELS and self.int8_gemm
+                and int8_gemm_is_exact(self._attention_shapes))  # proven once per threads
 
     @property
     def _attention_shapes(self) -> list[tuple[int, int]]:
@@ -390,15 +387,15 @@ class IntegerModel:
                 + [(keys, self.head_dim) for keys in ATTENTION_PROBE_KEYS])
 
     def exact_on_one_thread(self) -> bool:
-        """Whether every int8 GEMM this model runs is proven exact with one torch thread
-        too, as :mod:`llmarc.inference.threads` runs them (the proof is per thread
-        count: oneDNN may choose its kernel by it)."""
+        """Whether the int8 linear GEMMs are proven exact with one torch thread too, as
+        :mod:`llmarc.inference.threads` runs them (the proof is per thread count:
+        oneDNN may choose its kernel by it)."""
         if not self.int8_gemm:
             return True
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return int8_gemm_is_exact(self._linear_shapes + self._attention_shapes)
+            return int8_gemm_is_exact(self._linear_shapes)
         finally:
             torch.set_num_threads(previous)
 
