@@ -9,8 +9,8 @@ grouped, so independent segments (an encoder's prefill batches, a decoder's grou
 rows) can go to separate threads instead, each computing single-threaded: nothing waits
 at a barrier, and a parked thread delays only its own rows.  On this repository's 2-core
 host (benchmarks/README.md) a 1,736-token pack's prefill took 6.5 s instead of 13-17 s
-under that load, and 2.5-3.2 s instead of 3.1-3.8 s without it; 32 rows of decoding as
-two threads of 16 ran at 412-519 tokens/s against 350-368 as one group of 32.
+under that load, and 2.5-3.2 s instead of 3.1-3.8 s without it; 32 rows of 1,024
+positions decoded as two threads of 16 at 347-425 tokens/s, as one group of 32 at 307-325.
 
 lockstep-v1 never comes here: its float logits depend on the batch shape it records.
 """
