@@ -74,27 +74,6 @@ def set_openmp_waiting() -> None:
     os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN)
 
 
-#: glibc's mallopt parameter, and the size from which its allocations are mapped pages.
-M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024
-
-
-def fix_malloc_threshold() -> None:
-    """Keep glibc's mmap threshold at 128 KiB, so every large array is returned to the
-    system when freed.  By default glibc raises it to the largest block freed so far (up
-    to 32 MiB), after which the per-step arrays of megabytes (logits, frequency tables)
-    come from per-thread heaps that fragment: extracting 40 segments on two coding
-    threads peaked at 2,002 MiB with the default and 1,587 MiB with this.  A no-op where
-    the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # not glibc: its own policy stands
-        pass
-
-
 def _import_torch() -> Any:
     # Never reach for a hub, and keep the libraries' own progress bars and advice off
     # llmarc's stderr (ours show the work).
@@ -104,7 +83,6 @@ def _import_torch() -> Any:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own bar
     set_openmp_waiting()
-    fix_malloc_threshold()
     try:
         import torch
         import transformers
