@@ -30,7 +30,7 @@ Item = TypeVar("Item")
 #: Fewest rows a decoding thread steps: at 1-2 rows a step reads every weight for little
 #: arithmetic, so two threads of 1-2 rows read twice the bytes of one group stepped by
 #: torch's threads, and were 10-30 % slower here; from 3 rows on (the VNNI kernel's
-#: range) the split was faster (4-10 % at 3 and 4 rows, 15-40 % at 16).
+#: range) the split was faster (5-13 % at 3 rows, 6-9 % at 4, 13-31 % at 16).
 STEP_ROWS_PER_THREAD = 3
 
 
@@ -106,7 +106,7 @@ def _run_threads(items: Sequence[Item], work: Callable[[Item, threading.Event], 
                 raise
         failures = [f.exception() for f in futures if f.exception() is not None]
         real = [e for e in failures if not isinstance(e, Cancelled)]
-        if real or failures:
+        if failures:  # the first real one, not the Cancelled it caused
             raise (real or failures)[0]  # type: ignore[misc]
     finally:
         torch.set_num_threads(previous)  # the workers' setting is process-wide in ATen
