@@ -101,15 +101,16 @@ def _check(status: np.ndarray, z: np.ndarray, precision: int) -> None:
 
 def _kernels() -> Any:
     global _KERNELS
-    with _LAZY:  # several coding threads may ask first at once
-        if _KERNELS is None:
-            try:
-                import numba
-            except ImportError:
-                _KERNELS = False
-            else:
-                _KERNELS = _compile(numba)
-        return _KERNELS or None
+    if _KERNELS is None:  # several coding threads may ask first at once
+        with _LAZY:
+            if _KERNELS is None:
+                try:
+                    import numba
+                except ImportError:
+                    _KERNELS = False
+                else:
+                    _KERNELS = _compile(numba)
+    return _KERNELS or None
 
 
 def _compile(numba: Any) -> Any:  # pragma: no cover - compiled code is run, not traced

@@ -230,10 +230,11 @@ class IntLinear:
         """The weights in the VNNI kernel's layout and their compensation, made on first
         use (a decoder's first step): only processes that step pay their memory, once
         even when several threads step at the same time."""
-        with _LAZY:
-            if self._packed is None:
-                self._packed = vnni.pack(self._rows_host)
-            return self._packed
+        if self._packed is None:  # the lock only until it exists: this is per GEMM call
+            with _LAZY:
+                if self._packed is None:
+                    self._packed = vnni.pack(self._rows_host)
+        return self._packed
 
     @functools.cached_property
     def _rows_host(self) -> Any:
@@ -807,13 +808,14 @@ def _kernels(work: int = PARALLEL_WORK) -> Any:
     multi-threaded flavour for ``work`` elements or more when torch has several threads,
     else the single-threaded one.  Both compute the same values (rows are independent)."""
     global _NUMBA
-    with _LAZY:
-        if _NUMBA is None:
-            try:
-                import numba
-            except ImportError as exc:  # pragma: no cover - numba is in the llm extra
-                raise ModelError("int-v1/v2 need numba: pip install 'llmarc[llm]'") from exc
-            _NUMBA = _compile(numba)
+    if _NUMBA is None:  # the lock only until they exist: this runs per kernel call
+        with _LAZY:
+            if _NUMBA is None:
+                try:
+                    import numba
+                except ImportError as exc:  # pragma: no cover - numba is in the llm extra
+                    raise ModelError("int-v1/v2 need numba: pip install 'llmarc[llm]'") from exc
+                _NUMBA = _compile(numba)
     serial, parallel = _NUMBA
     if work < PARALLEL_WORK:
         return serial
