@@ -57,3 +57,16 @@ def test_refused_rows_raise_the_references_errors() -> None:
     z[4, :] = -np.inf
     with pytest.raises(ValueError, match="entirely -inf"):
         fast.token_intervals(z, np.zeros(6, dtype=np.int64), 16)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_tables_are_written_into_a_given_array(compiled: bool, monkeypatch) -> None:
+    """A decoder passes one array for every step: the tables land in it, whole."""
+    if not compiled:
+        monkeypatch.setattr(fast, "_KERNELS", False)  # the NumPy fallback
+    z = adversarial_logits(3, 9, 3000)
+    out = np.full((12, 3000), -1, dtype=np.int64)
+    returned = fast.frequency_tables(z, 16, cumulative=True, out=out[:9])
+    assert np.shares_memory(returned, out)
+    assert np.array_equal(out[:9], np.cumsum(logits_to_frequencies(z, 16), axis=-1))
+    assert (out[9:] == -1).all()

@@ -53,13 +53,38 @@ def tokens_for(seed: int, rows: int, length: int) -> torch.Tensor:
 
 def step_all(engine: IntegerModel, tokens: torch.Tensor) -> torch.Tensor:
     stepper = IntegerStepper(engine, tokens.shape[0], tokens.shape[1])
-    return torch.stack([stepper.step(tokens[:, t]) for t in range(tokens.shape[1])], dim=1)
+    return torch.stack([stepper.step(tokens[:, t]).clone() for t in range(tokens.shape[1])],
+                       dim=1)
 
 
 def test_stepping_equals_prefill_bit_for_bit(model) -> None:
     _name, _engine, engine = model
     tokens = tokens_for(1, 3, 40)
     assert torch.equal(step_all(engine, tokens), engine.prefill(tokens))
+
+
+def test_the_integer_model_keeps_no_view_of_the_float_weights() -> None:
+    """Dropping the float model must free its storage (a memory-mapped safetensors file
+    stays resident while any view of it lives)."""
+    loaded = load_model(str(MODELS["bpe"]), device="cpu")
+    floats = {p.untyped_storage().data_ptr() for p in loaded.model.parameters()}
+    engine = IntegerModel(loaded.model, 16)
+    kept = [value for value in vars(engine).values() if isinstance(value, torch.Tensor)]
+    assert any(value is engine.embedding for value in kept)
+    assert not {value.untyped_storage().data_ptr() for value in kept} & floats
+
+
+def test_a_step_writes_its_logits_into_the_steppers_workspace(model) -> None:
+    """No step allocates its [width, V] logits anew (two coding threads doing so
+    fragment glibc's heaps); the next step overwrites them."""
+    _name, _engine, engine = model
+    tokens = tokens_for(2, 3, 2)
+    stepper = IntegerStepper(engine, 3, 2)
+    first = stepper.step(tokens[:, 0])
+    kept = first.clone()
+    second = stepper.step(tokens[:, 1])
+    assert second.data_ptr() == first.data_ptr()
+    assert torch.equal(first, second) and not torch.equal(kept, second)
 
 
 @pytest.mark.parametrize("width", [1, 3, 8])

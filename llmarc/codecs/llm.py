@@ -631,25 +631,32 @@ class LLMCodec(SegmentCoder):
         start = self.loaded.start_token
         engine.reset()
         feed = torch.full((width,), start, dtype=torch.long)
+        tables = picked = None  # made at the first step, reused by every step after it
         for t in range(group[0].length):
             if stop is not None and stop.is_set():
                 raise Cancelled
-            logits = engine.step(feed)
+            logits = engine.step(feed).cpu()
             active = [r for r, row in enumerate(group) if t < row.length and row.error is None]
             if not active:
                 break
-            picked = logits[active]
-            ends = frequency_tables(picked.cpu().numpy(), self.settings.precision,
-                                    cumulative=True)
+            if tables is None:
+                tables = np.empty(logits.shape, dtype=np.int64)
+                picked = torch.empty_like(logits)
+            count = len(active)
+            if count < width:  # rows that ended or failed get no table
+                logits = torch.index_select(logits, 0, torch.tensor(active),
+                                            out=picked[:count])
+            ends = frequency_tables(logits.numpy(), self.settings.precision,
+                                    cumulative=True, out=tables[:count])
             next_feed = [start] * width
             for i, r in enumerate(active):
                 try:
-                    next_feed[r] = code_row(group[r], t, ends[i], picked[i])
+                    next_feed[r] = code_row(group[r], t, ends[i], logits[i])
                 except CorruptArchiveError as exc:
                     group[r].error = exc
             feed = torch.tensor(next_feed, dtype=torch.long)
             if progress is not None:
-                progress(len(active))
+                progress(count)
 
     def _prefill_batches(self, rows: list[_Row]) -> list[tuple[list[_Row], Any]]:
         """(rows, tokens fed [N, T]) for batches of known segments, integer engines only.

@@ -47,15 +47,18 @@ OK, NOT_FINITE, ALL_NEG_INF, FLUSHED = 0, 1, 2, 3
 _PROBE = np.array([2.0**-148, 2.0**-149], dtype=np.float32)
 
 
-def frequency_tables(logits: np.ndarray, precision: int, cumulative: bool = False
-                     ) -> np.ndarray:
-    """int64 [R, V] frequency tables of float32 logits [R, V] (or their running sums)."""
+def frequency_tables(logits: np.ndarray, precision: int, cumulative: bool = False,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """int64 [R, V] frequency tables of float32 logits [R, V] (or their running sums),
+    written into ``out`` when given (a decoder reuses one array for every step)."""
     kernels = _kernels()
     z = np.ascontiguousarray(logits, dtype=np.float32)
+    if out is None:
+        out = np.empty(z.shape, dtype=np.int64)
     if kernels is None or z.ndim != 2 or not _valid(precision, z.shape[-1]) or z.size == 0:
         table = logits_to_frequencies(z, precision)
-        return np.cumsum(table, axis=-1) if cumulative else table
-    out = np.empty(z.shape, dtype=np.int64)
+        out[...] = np.cumsum(table, axis=-1) if cumulative else table
+        return out
     status = np.empty(z.shape[0], dtype=np.int64)
     kernels.tables(z, precision, cumulative, WEIGHTS, _PROBE, out, status)
     _check(status, z, precision)

@@ -332,7 +332,11 @@ class IntegerModel:
         #: N of the attention's quantizers: what makes this int-v1 or int-v2.
         self.attention_levels = attention_levels
         self.device = torch.device(device) if device is not None else model.device
-        self.embedding = decoder.embed_tokens.weight.detach().to(self.device, torch.float32)
+        # A copy, never a view: a view would keep the float model's storage alive after
+        # it is dropped, e.g. all of a memory-mapped safetensors file (540 MB of SmolLM2's
+        # pages stayed resident through every decode).
+        self.embedding = decoder.embed_tokens.weight.detach().to(self.device, torch.float32,
+                                                                 copy=True)
         self._linear_shapes = _linear_shapes(config, self.head_dim)
         self.int8_gemm = self.device.type == "cpu" and int8_gemm_is_exact(self._linear_shapes)
         #: What the CPU kernels write quantized linear inputs as: the GEMM's operand type.
@@ -453,21 +457,33 @@ class IntegerModel:
         q, scale = self.norm_quantized(h, self.final_norm)
         return self.lm_head_logits(q, scale)
 
-    def lm_head_logits(self, q: torch.Tensor, scale: torch.Tensor, stepping: bool = False
-                       ) -> torch.Tensor:
-        """float32 logits [..., V] of the final norm's quantized rows (q, scale);
-        ``stepping``: a decoder's step (see :meth:`IntLinear.few_rows`)."""
+    def lm_head_logits(self, q: torch.Tensor, scale: torch.Tensor,
+                       work: Workspace | None = None) -> torch.Tensor:
+        """float32 logits [..., V] of the final norm's quantized rows (q, scale).
+
+        ``work``: a decoder's step, whose workspace holds the logits and the product
+        (overwritten by the next step): two threads stepping would otherwise free and
+        reallocate megabytes each step, which fragments glibc's per-thread heaps."""
         shape = q.shape[:-1]
         q = q.reshape(-1, q.shape[-1])
         scale = scale.reshape(-1, 1)
-        out = torch.empty(q.shape[0], self.vocab_size, dtype=torch.float32, device=q.device)
-        for begin in range(0, q.shape[0], self.LOGIT_ROWS):
-            end = begin + self.LOGIT_ROWS
+        rows, stepping = q.shape[0], work is not None
+        product = None  # the int32 GEMM's output, reused per chunk
+        if work is not None and self.fused_kernels:
+            out = work.buffer("logits", (rows, self.vocab_size), torch.float32)[0]
+            if self.lm_head.int8_gemm:
+                product = work.buffer("logits_product", (min(rows, self.LOGIT_ROWS),
+                                                         self.vocab_size), torch.int32)[0]
+        else:
+            out = torch.empty(rows, self.vocab_size, dtype=torch.float32, device=q.device)
+        for begin in range(0, rows, self.LOGIT_ROWS):
+            chunk = slice(begin, begin + self.LOGIT_ROWS)
             if self.fused_kernels:  # the float64 product rounded once to float32
-                acc = self.lm_head._accumulate(q[begin:end], stepping=stepping)
-                self.lm_head._epilogue(acc, scale[begin:end], out[begin:end], "scaled")
+                into = None if product is None else product[: len(q[chunk])]
+                acc = self.lm_head._accumulate(q[chunk], into, stepping=stepping)
+                self.lm_head._epilogue(acc, scale[chunk], out[chunk], "scaled")
             else:
-                out[begin:end] = self.lm_head(q[begin:end], scale[begin:end])
+                out[chunk] = self.lm_head(q[chunk], scale[chunk])
         return out.view(*shape, self.vocab_size)
 
     def qkv(
@@ -1508,7 +1524,10 @@ class IntegerStepper:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row at the current position; float32 logits [width, V]."""
+        """Feed one token per row at the current position; float32 logits [width, V].
+
+        On the CPU path the logits live in the stepper's workspace: the next step
+        overwrites them (copy what must outlive it)."""
         model, t = self.model, self.position
         if t >= self.length:
             raise RuntimeError("segment length exceeded: call reset() first")
@@ -1543,7 +1562,7 @@ class IntegerStepper:
         h = model.embed(tokens.to(model.device))
         positions = torch.full((self.width,), t, dtype=torch.int64)
         q, scale = model.forward_fused(h, positions, attend, work)
-        return model.lm_head_logits(q, scale, stepping=True)
+        return model.lm_head_logits(q, scale, work)
 
     def _step_torch(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
         """Off the CPU: the spec's operations as torch ops over the cache."""
