@@ -75,8 +75,7 @@ def test_the_integer_model_keeps_no_view_of_the_float_weights() -> None:
 
 
 def test_a_step_writes_its_logits_into_the_steppers_workspace(model) -> None:
-    """No step allocates its [width, V] logits anew (two coding threads doing so
-    fragment glibc's heaps); the next step overwrites them."""
+    """No step allocates its [width, V] logits anew; the next step overwrites them."""
     _name, _engine, engine = model
     tokens = tokens_for(2, 3, 2)
     stepper = IntegerStepper(engine, 3, 2)

@@ -244,8 +244,10 @@ def test_a_group_that_keeps_failing_ends_the_run(runtime, monkeypatch):
 
 def test_ctrl_c_leaves_no_archive_and_no_actors(runtime, tmp_path):
     rng = random.Random(3)
+    # Work for far longer than the wait below, even on a fast host: at 20,000 words a
+    # pack once finished before the interrupt came.
     src = make_tree(tmp_path / "big", {"big.txt": " ".join(
-        rng.choice(["alpha", "beta", "gamma", "delta", "\n"]) for _ in range(20000)).encode()})
+        rng.choice(["alpha", "beta", "gamma", "delta", "\n"]) for _ in range(200_000)).encode()})
     out = tmp_path / "out" / "big.llma"
     out.parent.mkdir()
     env = dict(os.environ, **QUIET_THREADS, LLMARC_MODEL=str(TINY_BPE),

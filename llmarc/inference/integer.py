@@ -462,8 +462,7 @@ class IntegerModel:
         """float32 logits [..., V] of the final norm's quantized rows (q, scale).
 
         ``work``: a decoder's step, whose workspace holds the logits and the product
-        (overwritten by the next step): two threads stepping would otherwise free and
-        reallocate megabytes each step, which fragments glibc's per-thread heaps."""
+        (overwritten by the next step), so that no step allocates megabytes anew."""
         shape = q.shape[:-1]
         q = q.reshape(-1, q.shape[-1])
         scale = scale.reshape(-1, 1)
