@@ -43,6 +43,12 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return len(self.table)
 
+    @property
+    def context_window(self) -> int:
+        """The most positions the model was made for (``max_position_embeddings``): no
+        segment, and no decoder cache, may be longer."""
+        return int(self.model.config.max_position_embeddings)
+
     def integer_model(self, length: int, engine: str = "int-v2") -> Any:
         """The integer form of this model for ``engine`` (int-v1 or int-v2) and segments
         up to ``length`` positions, derived once from the float32 weights (the rotary
