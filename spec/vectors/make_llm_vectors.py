@@ -250,7 +250,9 @@ def main() -> None:
         "so an "
         "implementation can be checked layer by layer before any archive. The `legacy-` "
         "vectors were made by the float engine lockstep-v1 and decode only in the "
-        "environment their manifest entry records; the tests skip them elsewhere.",
+        "environment their manifest entry and their profile record; the tests skip them "
+        "elsewhere, naming what differs, and fail if they decode wrongly where nothing "
+        "differs.",
         "",
         *sorted(lines),
         "",
