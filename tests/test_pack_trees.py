@@ -4,13 +4,18 @@ messages and progress without a terminal."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -78,13 +83,97 @@ def test_api_raises_with_all_problems(odd_tree, tmp_path):
     assert isinstance(info.value, SourceError)
 
 
-def test_unreadable_file_is_an_error(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root reads everything")
-    src = make_tree(tmp_path / "src", {"secret": b"x", "ok": b"y"})
+ROOT = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+@dataclass
+class Result:
+    returncode: int
+    stderr: str
+
+
+def _cli_as(uid: int | None, workdir: Path, args: tuple[str, ...]) -> Result:
+    """``llmarc ARGS`` in a forked child of this process, as ``uid`` (None: unchanged),
+    its stdout and stderr captured.  Dropping privileges in a fork needs no exec: the
+    interpreter need not be reachable by that user (a pyenv Python below root's 0700
+    home is not)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 125
+        try:
+            os.close(read_end)
+            os.dup2(write_end, 1)
+            os.dup2(write_end, 2)
+            sys.stdout = sys.stderr = open(write_end, "w", closefd=False)  # noqa: SIM115
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            os.chdir(workdir)
+            code = cli.run(list(args))
+            sys.stderr.flush()
+        except BaseException as exc:  # reported to the parent, then exit
+            os.write(2, f"child failed: {exc!r}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with open(read_end, "rb") as pipe:
+        output = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    return Result(os.waitstatus_to_exitcode(status), output)
+
+
+@pytest.fixture
+def unprivileged(tmp_path):
+    """Run the CLI as a user without privileges, so permission tests mean something when
+    the suite runs as root (as CI does: root reads everything and writes anywhere).
+
+    As root, commands run as uid/gid 65534 in a directory below /tmp that this user can
+    reach (pytest's own tmp_path sits in a 0700 directory of root's); the fixture first
+    checks that this user really is refused what it must be refused, so the tests never
+    pass for want of privileges dropped.  As any other user, the CLI runs as that user.
+    Yields ``(workdir, run)``; ``run(*args)`` returns a Result (returncode, stderr)."""
+    if os.geteuid() != 0:
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        yield workdir, lambda *a: _cli_as(None, workdir, a)
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="llmarc-unprivileged-", dir="/tmp"))
+    try:
+        os.chmod(workdir, 0o755)
+        # Import here, as root, what a pack and its errors import lazily: the child
+        # cannot read the interpreter's standard library below root's home.
+        warm = make_tree(tmp_path / "warm", {"a": b"1", "locked": b"2"})
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            cli.run(["pack", str(warm), str(tmp_path / "warm.llma"), "--codec", "zstd"])
+            cli.run(["pack", str(warm), str(tmp_path / "warm.llma")])
+        probe = _cli_as(NOBODY, workdir, ("pack", str(workdir), str(workdir / "x.llma")))
+        assert probe.returncode == 1 and "ermission denied" in probe.stderr, probe.stderr
+        yield workdir, lambda *a: _cli_as(NOBODY, workdir, a)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_unreadable_file_is_an_error(unprivileged):
+    workdir, run = unprivileged
+    src = make_tree(workdir / "src", {"secret": b"x", "ok": b"y"})
     os.chmod(src / "secret", 0)
-    with pytest.raises(UnarchivableError, match="secret"):
-        llmarc.pack(src, tmp_path / "a.llma", codec="store")
+    out = workdir / "out"
+    out.mkdir()
+    if os.geteuid() == 0:
+        os.chown(out, NOBODY, NOBODY)
+    result = run("pack", str(src), str(out / "a.llma"), "--codec", "store", "-q")
+    assert result.returncode == 1, result.stderr
+    assert "'" + str(src / "secret") + "'" in result.stderr, result.stderr
+    assert "permission denied" in result.stderr.lower(), result.stderr
+    assert os.listdir(out) == []  # nothing written, not even a temporary file
+    result = run("pack", str(src), str(out / "a.llma"), "--codec", "store",
+                 "--skip-unreadable", "-q")
+    assert result.returncode == cli.EXIT_PARTIAL, result.stderr
+    with llmarc.open(out / "a.llma") as ar:
+        assert [m.name for m in ar.members()] == ["ok"]
 
 
 def test_case_and_normalization_twins_roundtrip(tmp_path):
@@ -330,11 +419,22 @@ def test_messages_name_paths_and_real_flags(tmp_path, capsys):
     (tmp_path / "x.llma").write_bytes(b"")
     code, _, err = _run(capsys, "pack", str(src), str(tmp_path / "x.llma"))
     assert code == 1 and "--overwrite" in err
-    if os.geteuid() != 0:
-        ro = tmp_path / "ro"
-        ro.mkdir(mode=0o555)
-        code, _, err = _run(capsys, "pack", str(src), str(ro / "a.llma"))
-        assert code == 1 and "ro" in err and "llmarc-tmp" not in err
+
+
+def test_read_only_destination_is_a_one_line_error(unprivileged):
+    """A directory the user cannot write to (as root this runs as uid 65534: root writes
+    anywhere)."""
+    workdir, run = unprivileged
+    src = make_tree(workdir / "src", {"a": b"1"})
+    ro = workdir / "ro"
+    ro.mkdir(mode=0o555)
+    result = run("pack", str(src), str(ro / "a.llma"))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmarc: error:"), result.stderr
+    assert str(ro) in lines[0] and "llmarc-tmp" not in lines[0]
+    assert "permission denied" in lines[0].lower()
+    assert os.listdir(ro) == []
 
 
 def test_full_disk_names_the_archive(tmp_path, monkeypatch):
