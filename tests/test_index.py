@@ -92,7 +92,8 @@ def test_a_1_0_reader_refuses_the_table_by_name():
 
 
 def test_a_bomb_table_stops_at_its_declared_size_without_allocating_it():
-    frame = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+    frame = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(
+        b"\0" * (64 << 20))
     value = bytes((1,)) + struct.pack("<I", 1000) + frame
     tracemalloc.start()
     try:
@@ -104,8 +105,15 @@ def test_a_bomb_table_stops_at_its_declared_size_without_allocating_it():
     assert peak < 8 << 20
 
 
+def test_a_table_frame_declaring_another_size_is_refused_before_decoding():
+    """The header checks of an entry's frame apply to the table's (format.md §4.2)."""
+    frame = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+    with pytest.raises(CorruptArchiveError, match="declares 67108864 bytes"):
+        compact.decode_table(bytes((1,)) + struct.pack("<I", 1000) + frame)
+
+
 def test_a_huge_declared_size_is_never_allocated():
-    frame = zstandard.ZstdCompressor().compress(b"\x00")
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(b"\x00")
     value = bytes((1,)) + struct.pack("<I", 200 << 20) + frame
     tracemalloc.start()
     try:

@@ -19,6 +19,7 @@ import struct
 
 import zstandard
 
+from ..codecs.zstd import MAX_WINDOW, check_header
 from ..errors import CorruptArchiveError, UnsupportedFeatureError
 from .layout import (
     EMPTY_SHA256,
@@ -52,7 +53,6 @@ MIN_RECORD = 8
 #: are capped as a whole (spec/format.md §4.2): memory stays bounded whatever the table.
 MAX_NAME_TOTAL = 256 * 1024 * 1024
 _PIECE = 1 << 20
-_MAX_WINDOW = 1 << 27
 
 
 # ---------------------------------------------------------------- varints
@@ -169,11 +169,16 @@ def encode_table(entries: list[EntryRecord], level: int = TABLE_LEVEL) -> bytes:
 
 def _inflate(payload: bytes, size: int) -> bytes:
     """Exactly ``size`` bytes from one zstd frame that must fill ``payload``; output is
-    read in bounded pieces and never beyond ``size`` (+ one piece) whatever the frame says."""
+    read in bounded pieces and never beyond ``size`` (+ one piece) whatever the frame says.
+
+    The frame header is checked as an entry's is (spec/format.md §6.1): the decoder
+    would otherwise skip a skippable frame in front of the table, which is not one zstd
+    frame."""
+    check_header(payload, size)
     src = io.BytesIO(payload)
     out = bytearray()
     try:
-        reader = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).stream_reader(
+        reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(
             src, read_size=1)
         while True:
             piece = reader.read(min(_PIECE, size - len(out) + 1))

@@ -133,21 +133,35 @@ def tree11() -> Builder:
                       ("src/readme", TEXT[:200]), ("src/z", b"")]))
 
 
-def raw_table(body: bytes, encoding: int = 1, size: int | None = None) -> bytes:
-    """A compact table value from raw body bytes (zstd-compressed unless encoding 0)."""
-    packed = frame(body) if encoding == 1 else body
+def raw_table(body: bytes, encoding: int = 1, size: int | None = None,
+              packed: bytes | None = None) -> bytes:
+    """A compact table value from raw body bytes (zstd-compressed unless encoding 0;
+    ``packed``: the frame bytes to use instead of compressing ``body``)."""
+    if packed is None:
+        packed = frame(body) if encoding == 1 else body
     return bytes((encoding,)) + struct.pack("<I", len(body) if size is None else size) + packed
 
 
-def body_dir(name: bytes, keep: int = 0, flags: int = 0, count: int = 1) -> bytes:
-    """A table body of ``count`` identical directory records (for bad vectors)."""
+def body_dir(name: bytes, keep: int = 0, flags: int = 0, count: int = 1,
+             etype: int = TYPE_DIR) -> bytes:
+    """A table body of ``count`` identical directory records (for bad vectors); ``etype``
+    puts another type byte in front of a directory's fields."""
     out = bytearray()
     put_varint(out, count)
     for _ in range(count):
         put_varint(out, keep)
         put_varint(out, len(name))
-        out += name + bytes((TYPE_DIR, flags)) + b"\xed\x03" + b"\x00\x00\x00"
+        out += name + bytes((etype, flags)) + b"\xed\x03" + b"\x00\x00\x00"
     return bytes(out)
+
+
+def raw_frame(content: bytes, exponent: int, mantissa: int = 0) -> bytes:
+    """A zstd frame (RFC 8878) of one raw block, no content size, whose Window_Descriptor
+    declares Window_Size = 2^(10+exponent) * (1 + mantissa/8): written by hand because
+    a compressor shrinks the window to fit a small input."""
+    assert len(content) < 1 << 17 and 0 <= mantissa < 8
+    return (b"\x28\xb5\x2f\xfd" + bytes((0x00, exponent << 3 | mantissa))
+            + struct.pack("<I", len(content) << 3 | 1)[:3] + content)
 
 
 TEXT = b"The quick brown fox jumps over the lazy dog.\n" * 40
@@ -279,6 +293,9 @@ def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
     extra_good, extra_bad = hostile_vectors()
     good.update(extra_good)
     bad.update(extra_bad)
+    extra_good, extra_bad, extra_unsupported = issue27_vectors()
+    good.update(extra_good)
+    bad.update(extra_bad)
     unsupported = {
         "major2.llma": (Builder().file("a.txt", TEXT).build(major=2), "format version 2.0"),
         "codec9.llma": (Builder().file("a.txt", TEXT, codec=9).build(), "unknown codec id 9"),
@@ -293,6 +310,7 @@ def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
         "type7.llma": (Builder().file("x", b"", etype=7).build(), "unknown entry type 7"),
         "compact-encoding9.llma": (t11.build11(table=raw_table(body_dir(b"d"), encoding=9)),
                                    "compact entry table with unknown encoding 9"),
+        **extra_unsupported,
     }
     return {
         "good": {k: (v[0], v[1], "") for k, v in good.items()},
@@ -430,6 +448,50 @@ def hostile_vectors() -> tuple[dict, dict]:
                                 "CorruptArchiveError"),
     }
     return good, bad
+
+
+def issue27_vectors() -> tuple[dict, dict, dict]:
+    """Vectors of the readings issue 27 made normative: the zstd window limit (a MUST,
+    128 MiB allowed), the table frame's header checks, and the order of checks inside a
+    compact record (flags' reserved bits before the type; solid flags and the fields
+    after ``size`` only for a known type). (good, bad, unsupported)"""
+    table_body = encode_table(tree11().entries, 0)[5:]  # valid: the frame is the only defect
+    good = {
+        "zstd-window-128.llma": (Builder().file("z", TEXT, payload=raw_frame(TEXT, 17), codec=1)
+                                 .build(), "a zstd frame whose window is exactly 128 MiB "
+                                           "(the limit is inclusive)"),
+    }
+    bad = {
+        "zstd-window.llma": (Builder().file("z", TEXT, payload=raw_frame(TEXT, 17, 1), codec=1)
+                             .build(), "a zstd frame whose header declares a 144 MiB window "
+                                       "(over 128 MiB)", "CorruptArchiveError"),
+        "compact-window.llma": (tree11().build11(table=raw_table(
+                                    table_body, packed=raw_frame(table_body, 17, 1))),
+                                "compact table frame with a 144 MiB window",
+                                "CorruptArchiveError"),
+        "compact-skippable.llma": (tree11().build11(table=raw_table(
+                                       table_body, packed=struct.pack("<II", 0x184D2A50, 4)
+                                       + b"skip" + frame(table_body))),
+                                   "a skippable frame before the compact table's frame",
+                                   "CorruptArchiveError"),
+        "compact-type-flags.llma": (tree11().build11(table=raw_table(
+                                        body_dir(b"d", flags=0x08, etype=7))),
+                                    "a record of unknown type 7 with a reserved flag bit: "
+                                    "the flags are checked before the type",
+                                    "CorruptArchiveError"),
+    }
+    unsupported = {
+        "compact-type7-next.llma": (tree11().build11(table=raw_table(
+                                        body_dir(b"d", flags=0x04, etype=7))),
+                                    "first record of unknown type 7 with SOLID_NEXT: the solid "
+                                    "flags are checked only for files, after the type"),
+        "compact-type7-short.llma": (tree11().build11(table=raw_table(
+                                         body_dir(b"d", etype=7)[:-1])),
+                                     "a record of unknown type 7 that ends after its size "
+                                     "field: what follows the type is read only for known "
+                                     "types"),
+    }
+    return good, bad, unsupported
 
 
 def expected_members(data: bytes) -> dict[str, str]:
