@@ -257,6 +257,30 @@ def test_escapes_and_payload_bounds() -> None:
         parse_payload(write_varint(10**6) + b"\x00" * 4, 10**7, 1)
 
 
+def test_each_segment_is_bounded_by_the_text_size_less_the_other_tokens() -> None:
+    """§3.3: the text is the original size less the escapes (here 30 - 2 = 28 bytes), and
+    the other segments' tokens give at least a byte each, so segments of 8, 8 and 4 of 20
+    tokens may give at most 16, 16 and 12 bytes; a segment past its bound is corrupt
+    before the segments are joined."""
+    from llmarc.codecs.llm import CodingSettings, SegmentCoder, SegmentJob
+
+    class Recording(SegmentCoder):
+        def __init__(self) -> None:
+            self.settings = CodingSettings(4, 8, engine="int-v1")
+            self.table = [bytes((i,)) for i in range(256)]
+            self.jobs: list[SegmentJob] = []
+
+        def decode_segments(self, jobs, progress=None):
+            self.jobs += jobs
+            return [[0x61] * job.count for job in jobs]
+
+    coder = Recording()
+    payload = build_payload(20, [b"s"] * 3, [(0, 0xFF), (5, 0xFE)])
+    (data,) = coder.decode_many([(payload, 30)])
+    assert [job.byte_limit for job in coder.jobs] == [16, 16, 12]
+    assert data == b"\xff" + b"a" * 4 + b"\xfe" + b"a" * 16  # short: the caller's length check
+
+
 @pytest.mark.parametrize(
     "profile",
     [

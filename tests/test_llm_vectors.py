@@ -106,6 +106,23 @@ def check_legacy(name: str, spec: dict, model: Path, tmp_path: Path) -> None:
             assert hashlib.sha256(archive.read(member)).hexdigest() == digest, member
 
 
+@pytest.mark.parametrize("name", sorted(n for n, s in MANIFEST.items() if "environment" in s))
+def test_a_reader_without_lockstep_v1_refuses_legacy_vectors(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lockstep-v1 is optional (spec §5.9): a reader without it lists the archive, then
+    refuses the entries with the manifest's class, on any machine and before it looks
+    for the model (here a folder that does not exist: ModelNotFoundError otherwise)."""
+    from llmarc.codecs import llm
+
+    monkeypatch.setattr(llm, "ENGINES", llm.INTEGER_ENGINES)
+    error = getattr(llmarc.errors, MANIFEST[name]["error_without_engine"])
+    with llmarc.open(VECTORS / name, model=tmp_path / "absent", device="cpu") as archive:
+        assert {m.name for m in archive.members()} >= set(MANIFEST[name]["members"])
+        with pytest.raises(error, match="lockstep-v1"):
+            archive.test()
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_model_components_and_logits_digest(model: str) -> None:
     """models.json's fingerprint components and int-v1 and int-v2 logits digests are what

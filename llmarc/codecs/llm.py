@@ -376,12 +376,22 @@ class CodingStats:
 @dataclass(frozen=True)
 class SegmentJob:
     """One segment to decode: its range-coder stream, how many tokens it holds, and the
-    most bytes its tokens may produce (the entry's original size: a hostile stream
+    most bytes its tokens may produce (:func:`segment_byte_limit`: a hostile stream
     cannot make the decoder build more than that)."""
 
     stream: bytes
     count: int
     byte_limit: int
+
+
+def segment_byte_limit(original_size: int, escape_count: int, token_count: int,
+                       count: int) -> int:
+    """The most bytes a segment of ``count`` tokens may decode to (spec/llm-codec.md
+    §3.3): the entry's text is its original size less its escapes, and every token of
+    the other segments gives at least one byte.  Segments decode independently (on any
+    thread, in any order), so this bound needs nothing from the others, and a segment
+    that passes it proves the text too long before the segments are joined."""
+    return original_size - escape_count - (token_count - count)
 
 
 def split_segments(tokens: list[int], length: int) -> list[list[int]]:
@@ -484,7 +494,9 @@ class SegmentCoder:
             for index, stream in enumerate(streams):
                 count = min(length, token_count - index * length)
                 owners.append(owner)
-                segment_jobs.append(SegmentJob(stream, count, original_size))
+                limit = segment_byte_limit(original_size, len(escapes[owner]), token_count,
+                                           count)
+                segment_jobs.append(SegmentJob(stream, count, limit))
         parts: list[list[bytes]] = [[] for _ in jobs]
         decoded_segments: list[list[int] | CorruptArchiveError] = []
         for begin in range(0, len(segment_jobs), DECODE_CHUNK):  # bounded live state

@@ -160,6 +160,20 @@ def raw_profile(archive: bytes, text: str) -> bytes:
     return with_index(archive, change)
 
 
+#: Keys an int-v1 reader must ignore (spec §2.2): unknown ones, and lockstep-v1's with
+#: values that engine would refuse.
+PROFILE_EXTRA_KEYS = {"x-later-key": [1, {"a": None}], "threads": "many", "batch_width": 0}
+
+
+def set_size(archive: bytes, name: str, size: int) -> bytes:
+    """Change a member's recorded original size (its SHA-256 stays)."""
+    def change(index) -> None:
+        index.entries = [replace(e, size=size) if e.name == name else e
+                         for e in index.entries]
+
+    return with_index(archive, change)
+
+
 def set_params(archive: bytes, name: str, params: bytes) -> bytes:
     def change(index) -> None:
         index.entries = [replace(e, codec_params=params) if e.name == name else e
@@ -171,7 +185,9 @@ def set_params(archive: bytes, name: str, params: bytes) -> bytes:
 def main() -> None:
     manifest_path = OUT / "manifest.json"
     old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    legacy = {name: entry for name, entry in old.items() if name.startswith("legacy-")}
+    # A reader without lockstep-v1 (optional, spec §5.9) refuses them as unsupported.
+    legacy = {name: {**entry, "error_without_engine": "UnsupportedFeatureError"}
+              for name, entry in old.items() if name.startswith("legacy-")}
     manifest: dict[str, dict] = dict(legacy)
     lines = [f"* `{name}` — {entry['why']}" for name, entry in sorted(legacy.items())]
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,6 +233,18 @@ def main() -> None:
                                   "CorruptArchiveError", "profile JSON nested 3000 deep"),
         "unsupported-engine.llma": (set_profile(made["bpe"], engine="int-v9"), "bpe",
                                     "UnsupportedFeatureError", "profile engine int-v9"),
+        "unsupported-no-engine.llma": (raw_profile(made["bpe"], '{"precision":24,'
+                                                   '"segment_length":48}'), "bpe",
+                                       "UnsupportedFeatureError",
+                                       "profile without an engine key (§2.2)"),
+        "good-profile-extra-keys.llma": (set_profile(made["bpe"], **PROFILE_EXTRA_KEYS), "bpe",
+                                         None, "good-tiny-bpe with unknown profile keys and "
+                                         "lockstep-v1 keys out of their range: ignored by an "
+                                         "int-v1 reader (§2.2)"),
+        "bad-text-longer.llma": (set_size(escaped, "bytes.txt", len(FILES["bytes.txt"]) - 1),
+                                 "bpe", "CorruptArchiveError",
+                                 "good-escapes with the entry's size one less: its text "
+                                 "passes size - E (§3.3)"),
     }
     OUT.mkdir(exist_ok=True)
     for stale in OUT.glob("*.llma"):
@@ -252,7 +280,9 @@ def main() -> None:
         "vectors were made by the float engine lockstep-v1 and decode only in the "
         "environment their manifest entry and their profile record; the tests skip them "
         "elsewhere, naming what differs, and fail if they decode wrongly where nothing "
-        "differs.",
+        "differs. A reader that does not implement lockstep-v1 (it is optional, "
+        "spec/llm-codec.md §5.9) must refuse them with `UnsupportedFeatureError` (manifest "
+        "key `error_without_engine`).",
         "",
         *sorted(lines),
         "",
