@@ -28,8 +28,11 @@ CASES = 10_000
 SEED = 20261129
 #: Extract every n-th case (extraction creates directories: the slow part).
 EXTRACT_EVERY = 10
-#: Any single case taking longer than this is a hang for our purposes.
-CASE_LIMIT_S = 5.0
+#: Work per case is bounded by what the archive holds (format.md §9): every case may
+#: decode at most this many bytes per byte of mutated archive (a zstd block's 128 KiB
+#: per 4 bytes, §6.1), counted, not timed; the time of the slowest case is printed and
+#: measured by benchmarks/hostile_costs.py.
+MAX_OUTPUT_PER_BYTE = 32768
 
 
 def _seeds() -> list[bytes]:
@@ -104,7 +107,25 @@ def exercise(path: Path, dest: Path | None) -> None:
                     _check_member_bytes(m, got)
 
 
-def test_fuzz_mutated_archives_give_only_typed_errors(tmp_path: Path) -> None:
+def _count_decoded_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count every byte the zstd decoder hands to the reader (the only codec whose output
+    can exceed its stored bytes here): a one-element list, reset per case."""
+    from llmarc.codecs import zstd as zstd_codec
+
+    total = [0]
+    original = zstd_codec.decode
+
+    def counting(chunks, size):
+        for out in original(chunks, size):
+            total[0] += len(out)
+            yield out
+
+    monkeypatch.setattr(zstd_codec, "decode", counting)
+    return total
+
+
+def test_fuzz_mutated_archives_give_only_typed_errors(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     seeds = _seeds()
     assert seeds
     rng = random.Random(SEED)
@@ -112,12 +133,14 @@ def test_fuzz_mutated_archives_give_only_typed_errors(tmp_path: Path) -> None:
     outcomes: dict[str, int] = {}
     slowest = 0.0
     start = time.perf_counter()
+    decoded = _count_decoded_bytes(monkeypatch)
     for case in range(CASES):
         seed = seeds[case % len(seeds)]
         data = mutate(rng, seed)
         path.write_bytes(data)
         dest = tmp_path / f"x{case}" if case % EXTRACT_EVERY == 0 else None
         t0 = time.perf_counter()
+        decoded[0] = 0
         try:
             exercise(path, dest)
             outcome = "ok"
@@ -126,9 +149,9 @@ def test_fuzz_mutated_archives_give_only_typed_errors(tmp_path: Path) -> None:
         except Exception as exc:  # anything else is a bug: show the reproducer
             pytest.fail(f"case {case}: {type(exc).__name__}: {exc} (mutated archive "
                         f"{data.hex()[:400]}...)")
-        elapsed = time.perf_counter() - t0
-        slowest = max(slowest, elapsed)
-        assert elapsed < CASE_LIMIT_S, f"case {case} took {elapsed:.1f} s"
+        slowest = max(slowest, time.perf_counter() - t0)  # reported, never asserted
+        # read + test (+ extract): the members are decoded at most three times
+        assert decoded[0] <= 3 * MAX_OUTPUT_PER_BYTE * len(data), (case, decoded[0])
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if dest is not None and dest.exists():
             for p in dest.rglob("*"):  # never outside dest, nothing world-writable

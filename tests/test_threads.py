@@ -5,7 +5,6 @@ worker threads give the bytes and tokens of one thread, fail as one, and stop to
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numba
@@ -54,24 +53,27 @@ def test_items_go_to_single_threaded_workers_and_the_rest_to_the_caller(two_thre
 
 
 def test_one_failure_stops_the_other_workers_and_is_raised(two_threads) -> None:
+    """Item 0 works until told to stop (as a decoder's steps check ``stop``); item 1
+    fails once item 0 is running.  Events, not timings: item 0 must see ``stop`` set
+    (the wait's 120 s is only a hang guard), and no item after the failure starts."""
     started = threading.Event()
+    seen: list[str] = []
 
     def work(item: int, stop: threading.Event) -> None:
-        if item == 0:  # long work that checks ``stop``, as a decoder's steps do
+        seen.append(f"start {item}")
+        if item == 0:
             started.set()
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if stop.is_set():
-                    raise threads.Cancelled
-                time.sleep(0.001)
+            if stop.wait(120):
+                seen.append("0 stopped")
+                raise threads.Cancelled
             raise AssertionError("never stopped")
-        started.wait(5)
+        assert started.wait(120)
         raise ValueError(f"item {item} failed")
 
-    begun = time.monotonic()
     with pytest.raises(ValueError, match="item 1 failed"):  # not the Cancelled it caused
         threads.run_split([0, 1, 2, 3], work, workers=2)
-    assert time.monotonic() - begun < 10
+    assert "0 stopped" in seen, seen
+    assert "start 2" not in seen and "start 3" not in seen, seen
     assert torch.get_num_threads() == 2
 
 
