@@ -853,6 +853,9 @@ STEP_CHUNKS = 16
 #: Results per call of :func:`_pair_dots`: the stepping kernel's caches are laid
 #: out in tiles of this many keys (q.k) and value columns (u.v).
 PAIR_LANES = 16
+#: Positions a decoder's key/value caches start with; they double as positions are
+#: stepped (IntegerStepper._grow), up to the longest segment of the group.
+CACHE_START = 64
 
 
 @functools.cache
@@ -1493,30 +1496,61 @@ class IntegerStepper:
         if length > model.max_length:
             raise ValueError(f"{length} positions exceed the engine's {model.max_length}")
         self.model, self.width, self.length = model, width, length
-        shape = (width, model.num_kv_heads, length, model.head_dim)
-        count = len(model.layers)
-        device = model.device
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.key_scales: list[torch.Tensor] = []
+        self.value_scales: list[torch.Tensor] = []
+        #: Positions the caches hold now: they grow with the positions really stepped
+        #: (doubling, up to ``length``), never to ``length`` up front, so a payload that
+        #: claims long segments but decodes few tokens costs a few positions' memory
+        #: (spec/llm-codec.md §3.2), and a group of short segments a short cache.
+        self.capacity = 0
+        self.position = 0
+        self._work: Workspace | None = None  # the CPU path's buffers, made on first step
+        self._caches: list[tuple[Any, ...]] = []  # NumPy views of the caches, for the kernel
+        self._grow(min(length, CACHE_START))
+
+    def _shapes(self, positions: int) -> tuple[tuple[int, ...], tuple[int, ...],
+                                                tuple[int, ...], torch.dtype, torch.dtype]:
+        """(key, value, scale shapes, key dtype, value dtype) of caches for ``positions``."""
+        model, width = self.model, self.width
+        shape = (width, model.num_kv_heads, positions, model.head_dim)
         key_shape = value_shape = shape
         dtype = key_dtype = attention_dtype(model.attention_levels)
         if model.fused_kernels:  # the tiles of the CPU kernel (``attend_step``)
-            tiles = -(-length // PAIR_LANES)
+            tiles = -(-positions // PAIR_LANES)
             columns = -(-model.head_dim // PAIR_LANES) * PAIR_LANES
             per = 4 if dtype == torch.int8 else 2  # int8 keys as k + 128, for _quad_dots
             key_dtype = torch.uint8 if dtype == torch.int8 else dtype
             key_shape = (width, model.num_kv_heads, tiles, columns // per, PAIR_LANES, per)
             value_shape = (width, model.num_kv_heads, tiles * PAIR_LANES // 2, columns, 2)
-        self.keys = [torch.zeros(key_shape, dtype=key_dtype, device=device)
-                     for _ in range(count)]
-        self.values = [torch.zeros(value_shape, dtype=dtype, device=device)
-                       for _ in range(count)]
-        scale_shape = (width, model.num_kv_heads, length)
-        self.key_scales = [torch.zeros(scale_shape, dtype=F64, device=device)
-                           for _ in range(count)]
-        self.value_scales = [torch.zeros(scale_shape, dtype=F64, device=device)
-                             for _ in range(count)]
-        self.position = 0
-        self._work: Workspace | None = None  # the CPU path's buffers, made on first step
-        self._caches: list[tuple[Any, ...]] = []  # NumPy views of the caches, for the kernel
+        return key_shape, value_shape, (width, model.num_kv_heads, positions), key_dtype, dtype
+
+    def _grow(self, positions: int) -> None:
+        """Caches for ``positions`` (a multiple of the kernel's tile, at most ``length``),
+        keeping what the smaller ones hold: every cache is laid out with positions (or
+        their tiles) on axis 2, so the old caches are the new ones' leading slice."""
+        if self.model.fused_kernels:
+            positions = -(-positions // PAIR_LANES) * PAIR_LANES
+        key_shape, value_shape, scale_shape, key_dtype, dtype = self._shapes(positions)
+        device = self.model.device
+
+        def grown(old: list[torch.Tensor], shape: tuple[int, ...], kind: torch.dtype,
+                  ) -> list[torch.Tensor]:
+            out = []
+            for index in range(len(self.model.layers)):
+                new = torch.zeros(shape, dtype=kind, device=device)
+                if old:
+                    new[:, :, : old[index].shape[2]] = old[index]
+                out.append(new)
+            return out
+
+        self.keys = grown(self.keys, key_shape, key_dtype)
+        self.values = grown(self.values, value_shape, dtype)
+        self.key_scales = grown(self.key_scales, scale_shape, F64)
+        self.value_scales = grown(self.value_scales, scale_shape, F64)
+        self.capacity = positions
+        self._caches = []  # NumPy views of the old caches are stale
 
     def reset(self) -> None:
         self.position = 0
@@ -1530,6 +1564,8 @@ class IntegerStepper:
         model, t = self.model, self.position
         if t >= self.length:
             raise RuntimeError("segment length exceeded: call reset() first")
+        if t >= self.capacity:
+            self._grow(min(self.length, 2 * self.capacity))
         step = self._step_fused if model.fused_kernels else self._step_torch
         logits = step(tokens, t)
         self.position = t + 1
@@ -1541,6 +1577,7 @@ class IntegerStepper:
         model = self.model
         if self._work is None:
             self._work = Workspace(model, self.width, stepping=True)
+        if not self._caches:
             self._caches = [(k.numpy(), ks.numpy(), v.numpy(), vs.numpy()) for k, ks, v, vs
                             in zip(self.keys, self.key_scales, self.values, self.value_scales,
                                    strict=True)]
