@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import BinaryIO
 
 from ._version import __version__
 from .codecs.llm_pipeline import LLMOptions
@@ -36,11 +37,14 @@ from .errors import (
 from .packer import SkippedEntryWarning, pack
 
 
-def open(path: str | os.PathLike[str], *, model: str | os.PathLike[str] | None = None,
+def open(path: str | os.PathLike[str] | BinaryIO, *, model: str | os.PathLike[str] | None = None,
          device: str = "auto", warn: Callable[[str], None] | None = None,
          ray: str | None = None, threads: int | None = None,
          batch_width: int | None = None) -> ArchiveReader:
     """Open an archive for reading (validates header, footer and index).
+
+    ``path`` may be a binary stream (``sys.stdin.buffer``); one that is not a regular
+    file, such as a pipe, is first copied to an unnamed temporary file.
 
     ``model`` and ``device`` matter only when an LLM-coded member is read: the model
     (default: the embedded SmolLM2) must have the fingerprint recorded in the archive;

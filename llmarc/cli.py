@@ -16,18 +16,20 @@ import os
 import signal
 import stat
 import sys
+import time
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import typer
 from rich.console import Console
 
 from . import __version__
 from . import open as open_archive
+from .codecs import zstd as zstd_codec
 from .codecs.llm import DEFAULT_ENGINE, DEFAULT_SEGMENT_LENGTH, ENGINES, parse_profile
 from .codecs.llm_pipeline import LLMOptions
-from .errors import LlmarcError
+from .errors import CorruptArchiveError, DamagedMembersError, LlmarcError
 from .packer import CODEC_CHOICES, PackReport, SkippedEntryWarning, UnarchivableError, pack
 from .progress import ByteProgress, LineProgress
 from .terminal import json_visible, visible
@@ -36,8 +38,36 @@ from .terminal import json_visible, visible
 EXIT_PARTIAL = 3
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  rich_markup_mode=None,
+                  rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]},
                   help="llmarc: a lossless archiver whose text codec is a language model.")
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines as tar and zip print them (``llmarc pack [OPTIONS] SRC OUT``): typer
+    0.29 writes required arguments as ``{src}``, a notation no archiver uses."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = param.metavar or (param.name or "").upper()
+            name += "..." if param.nargs != 1 else ""
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"llmarc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option(
+        "--version", "-V", is_eager=True, callback=_print_version,
+        help="Print the version and exit.")] = False) -> None:
+    """llmarc: a lossless archiver whose text codec is a language model."""
 
 
 ModelOption = Annotated[str | None, typer.Option(
@@ -54,6 +84,35 @@ RayOption = Annotated[str | None, typer.Option(
     "--ray", metavar="[ADDRESS]",
     help="LLM: code segments on Ray actors; alone a local runtime, else a cluster "
          "(ray://HOST:PORT, HOST:PORT or auto). Needs: pip install 'llmarc[ray]'.")]
+
+
+ExcludeOption = Annotated[list[str] | None, typer.Option(
+    "--exclude", metavar="PATTERN",
+    help="Leave out names matching PATTERN (repeatable; a glob matched against the name "
+         "and each part after a '/', as tar's --exclude: '*.o', 'build').")]
+
+#: The path that means stdin (an archive to read) or stdout (an archive to write).
+STDIO = Path("-")
+
+
+def _output(out: Path) -> Path | BinaryIO:
+    """OUT, or stdout for ``-``: never a terminal (zstd and gzip refuse that too)."""
+    if out != STDIO:
+        return out
+    if sys.stdout.isatty():
+        raise typer.BadParameter("refusing to write an archive to a terminal; redirect "
+                                 "stdout (llmarc pack SRC - > out.llma)", param_hint="OUT")
+    return sys.stdout.buffer
+
+
+def _input(archive: Path) -> Path | BinaryIO:
+    """ARCHIVE, or stdin for ``-`` (spooled by the reader if it is a pipe)."""
+    if archive != STDIO:
+        return archive
+    if sys.stdin.isatty():
+        raise typer.BadParameter("refusing to read an archive from a terminal; pipe one "
+                                 "in (cat a.llma | llmarc list -)", param_hint="ARCHIVE")
+    return sys.stdin.buffer
 
 
 def _ray(address: str | None) -> str | None:
@@ -97,12 +156,14 @@ def _warn(message: str) -> None:
     print(f"llmarc: warning: {visible(message)}", file=sys.stderr)
 
 
-@app.command("pack")
+@app.command("pack", cls=_Command)
 def pack_cmd(
-    src: Annotated[Path, typer.Argument(help="Directory to archive (its contents).")],
-    out: Annotated[Path, typer.Argument(help="Archive to create (.llma).")],
+    src: Annotated[Path, typer.Argument(
+        metavar="SRC", help="Directory to archive (its contents), or one file.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Archive to create (.llma).")],
     codec: Annotated[str, typer.Option(help=f"One of: {', '.join(CODEC_CHOICES)}.")] = "auto",
-    level: Annotated[int, typer.Option(help="zstd level (1-22).")] = 19,
+    level: Annotated[int, typer.Option(help="zstd level.", min=zstd_codec.MIN_LEVEL,
+                                       max=zstd_codec.MAX_LEVEL)] = 19,
     solid: Annotated[bool, typer.Option(help="Share one zstd frame among small files.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     verify: Annotated[bool, typer.Option(
@@ -130,9 +191,13 @@ def pack_cmd(
              "Without it such paths are an error and nothing is written.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q",
                                         help="No progress and no summary.")] = False,
+    exclude: ExcludeOption = None,
     ray: RayOption = None,
 ) -> int:
     """Archive the contents of SRC into OUT."""
+    if codec not in CODEC_CHOICES:
+        raise typer.BadParameter(f"must be one of {', '.join(CODEC_CHOICES)}, not {codec!r}",
+                                 param_hint="--codec")
     if engine not in ENGINES:
         raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}, not {engine!r}",
                                  param_hint="--engine")
@@ -141,9 +206,10 @@ def pack_cmd(
                          batch_width=batch_width, ray=_ray(ray))
     report = PackReport()
     try:
-        members = pack(src, out, codec=codec, level=level, progress=_progress(quiet),
-                       overwrite=overwrite, solid=solid, warn=_warn, llm=options,
-                       verify=verify, skip_failed=skip_unreadable, report=report)
+        members = pack(src, _output(out), codec=codec, level=level,
+                       progress=_progress(quiet), overwrite=overwrite, solid=solid,
+                       warn=_warn, llm=options, verify=verify, skip_failed=skip_unreadable,
+                       report=report, exclude=exclude or ())
     except UnarchivableError as exc:
         for problem in exc.problems:
             print(f"llmarc: cannot archive {visible(str(problem))}", file=sys.stderr)
@@ -153,7 +219,7 @@ def pack_cmd(
                                 exc.problems) from None
     if not quiet:
         size = sum(m.size for m in members)
-        packed = os.path.getsize(out)
+        packed = report.archive_size
         notes = [f"{len(v)} {k}" for k, v in (("skipped", report.skipped),
                                               ("changed while read", report.changed),
                                               ("vanished", report.vanished)) if v]
@@ -164,56 +230,128 @@ def pack_cmd(
     return 0 if report.clean else EXIT_PARTIAL
 
 
-@app.command("list")
+ArchiveArgument = Annotated[Path, typer.Argument(
+    metavar="ARCHIVE", help="The archive (.llma); '-' reads it from stdin.")]
+KeepGoingOption = Annotated[bool, typer.Option(
+    "--keep-going", "-k",
+    help="Go on past damaged members: restore (or verify) every intact one, list every "
+         "damaged one, exit 1.")]
+
+
+@app.command("list", cls=_Command)
 def list_cmd(
-    archive: Annotated[Path, typer.Argument(help="Archive to list.")],
+    archive: ArchiveArgument,
+    long: Annotated[bool, typer.Option("--long", "-l",
+                                       help="Exact byte counts and SHA-256.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the members of ARCHIVE (reads only its index)."""
-    with open_archive(archive) as ar:
+    """List the members of ARCHIVE and check the CRC-32 of its stored bytes (no
+    decoding, no model): a damaged archive is listed, then exits 1."""
+    with open_archive(_input(archive)) as ar:
         members = ar.members()
-    if as_json:
-        rows = [{"name": m.name, "type": m.type, "mode": m.mode, "mtime_ns": m.mtime_ns,
-                 "size": m.size, "packed_size": m.packed_size, "codec": m.codec,
-                 "bits_per_byte": round(m.bits_per_byte, 4), "sha256": m.sha256}
-                for m in members]
-        print(json_visible(json.dumps(rows, indent=1, ensure_ascii=False)))
+        if as_json:
+            rows = [{"name": m.name, "type": m.type, "mode": m.mode, "mtime_ns": m.mtime_ns,
+                     "size": m.size, "packed_size": m.packed_size, "codec": m.codec,
+                     "bits_per_byte": round(m.bits_per_byte, 4), "sha256": m.sha256}
+                    for m in members]
+            print(json_visible(json.dumps(rows, indent=1, ensure_ascii=False)))
+        else:
+            _print_table(members, ar.archive_size, long)
+        _fail_if_damaged(ar.damaged(), "damaged")
+
+
+def _fail_if_damaged(failures, what: str, rest: str = "") -> None:
+    """One stderr line per damaged member, then the error (exit 1): tar and unzip name
+    every bad member, not just the first."""
+    if not failures:
         return
-    _print_table(members)
+    for member, exc in failures:
+        text = str(exc)
+        if repr(member.name) not in text:
+            text = f"member {member.name!r}: {text}"
+        print(f"llmarc: {visible(text)}", file=sys.stderr)
+    n = len(failures)
+    raise CorruptArchiveError(f"{n} member{'s' if n > 1 else ''} {what} (listed above)"
+                              + (f"; {rest}" if rest else ""))
 
 
-def _print_table(members) -> None:
-    """The listing as aligned columns, formatted directly: rich's Table measured every
-    cell and took 12 s for 10,000 members."""
-    header = ("mode", "size", "packed", "codec", "bits/byte", "name")
+def _files(members) -> str:
+    n = sum(1 for m in members if m.is_file())
+    return f"{n} other file{'s' if n != 1 else ''}"
+
+
+def _human(n: int) -> str:
+    """A size as ``ls -lh`` and ``du -h`` write it: 999, 1.2K, 12K, 3.4M (powers of 1024)."""
+    value = float(n)
+    for unit in "KMGTPE":
+        if value < 1024:
+            break
+        value /= 1024
+        if value < 1024 or unit == "E":
+            return f"{value:.1f}{unit}" if value < 9.95 else f"{value:.0f}{unit}"
+    return str(n)
+
+
+def _print_table(members, archive_size: int, long: bool = False) -> None:
+    """The listing as aligned columns (mode, size, packed, codec, bits/byte, mtime,
+    [sha256,] name) and a total line whose packed size is the whole archive's (index
+    included), formatted directly: rich's Table measured every cell and took 12 s for
+    10,000 members."""
+    size_text = str if long else _human
+    header = ("mode", "size", "packed", "codec", "bits/byte", "mtime") + (
+        ("sha256",) if long else ())
     rows = []
     for m in members:
         kind = stat.S_IFDIR if m.is_dir() else stat.S_IFREG
-        rows.append((stat.filemode(kind | m.mode), str(m.size), str(m.packed_size),
-                     m.codec if m.is_file() else "",
-                     f"{m.bits_per_byte:.3f}" if m.size else "",
-                     visible(m.name) + ("/" if m.is_dir() else "")))
-    widths = [max([len(header[c])] + [len(r[c]) for r in rows]) for c in range(5)]
-    right = (False, True, True, False, True)
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.mtime_ns // 1_000_000_000))
+        sizes = (size_text(m.size), size_text(m.packed_size)) if m.is_file() else ("", "")
+        rows.append((stat.filemode(kind | m.mode), *sizes, m.codec if m.is_file() else "",
+                     f"{m.bits_per_byte:.3f}" if m.size else "", when)
+                    # a format-1.1 solid member carries a CRC-32 of its data, no SHA-256
+                    + (((m.sha256 or "-") if m.is_file() else "",) if long else ())
+                    + (visible(m.name) + ("/" if m.is_dir() else ""),))
+    files = [m for m in members if m.is_file()]
+    size = sum(m.size for m in files)
+    dirs = len(members) - len(files)
+    total = ("", size_text(size), size_text(archive_size), "",
+             f"{8 * archive_size / size:.3f}" if size else "", "") + (("",) if long else ())
+    total += (f"{len(files)} file{'s' if len(files) != 1 else ''}, {dirs} director"
+              f"{'ies' if dirs != 1 else 'y'}",)
+    columns = len(header)
+    widths = [max([len(header[c]), len(total[c])] + [len(r[c]) for r in rows])
+              for c in range(columns)]
+    right = (False, True, True, False, True, False, False)
 
     def line(cells) -> str:
         out = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right,
                                                                    strict=False)]
-        return " ".join(out) + " " + cells[5]
+        return " ".join(out) + " " + cells[columns]
 
     bold = sys.stdout.isatty()
-    text = line(header)
+    text = line((*header, "name"))
     lines = [f"\x1b[1m{text}\x1b[0m" if bold else text]
     lines.extend(line(r) for r in rows)
+    lines.append(line(total))
     sys.stdout.write("\n".join(lines) + "\n")
 
 
-@app.command("extract")
+@app.command("extract", cls=_Command)
 def extract_cmd(
-    archive: Annotated[Path, typer.Argument(help="Archive to extract.")],
-    members: Annotated[list[str] | None, typer.Argument(help="Members (default: all).")] = None,
+    archive: ArchiveArgument,
+    members: Annotated[list[str] | None, typer.Argument(
+        metavar="MEMBER", help="Members as list prints them, or glob patterns ('src/*.py'; "
+                               "'*' matches '/' too). Default: all.")] = None,
     dest: Annotated[Path, typer.Option("-C", "--directory", help="Destination.")] = Path("."),
     overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+    skip_existing: Annotated[bool, typer.Option(
+        "--skip-existing", help="Resume: keep files already in DEST with the member's size "
+                                "and checksum (others are still refused without "
+                                "--overwrite).")] = False,
+    to_stdout: Annotated[bool, typer.Option(
+        "--to-stdout", "-O", help="Write the files' bytes to stdout, in stored order "
+                                  "(tar -xO, unzip -p); nothing is created.")] = False,
+    keep_going: KeepGoingOption = False,
+    exclude: ExcludeOption = None,
     keep_modes: Annotated[bool, typer.Option(
         "--keep-modes", "--preserve-permissions",
         help="Apply the stored permission bits as they are. Default: like tar's 'data' "
@@ -225,15 +363,28 @@ def extract_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     ray: RayOption = None,
 ) -> None:
-    """Extract ARCHIVE (or the named MEMBERS) below DEST."""
-    with _open(archive, model, device, ray, threads, batch_width) as ar:
-        ar.extract(dest, members or None, overwrite=overwrite, progress=_progress(quiet),
-                   keep_modes=keep_modes)
+    """Extract ARCHIVE (or the named MEMBERs) below DEST."""
+    if to_stdout and sys.stdout.isatty():
+        raise typer.BadParameter("refusing to write member data to a terminal; redirect "
+                                 "stdout", param_hint="--to-stdout")
+    with _open(_input(archive), model, device, ray, threads, batch_width) as ar:
+        if to_stdout:
+            ar.extract_to_stream(sys.stdout.buffer, members or None, exclude=exclude or (),
+                                 progress=_progress(quiet))
+            return
+        try:
+            ar.extract(dest, members or None, overwrite=overwrite, progress=_progress(quiet),
+                       keep_modes=keep_modes, exclude=exclude or (),
+                       skip_existing=skip_existing, keep_going=keep_going)
+        except DamagedMembersError as exc:
+            _fail_if_damaged(exc.failures, "could not be extracted",
+                             f"{_files(exc.done)} extracted")
 
 
-@app.command("test")
+@app.command("test", cls=_Command)
 def test_cmd(
-    archive: Annotated[Path, typer.Argument(help="Archive to test.")],
+    archive: ArchiveArgument,
+    keep_going: KeepGoingOption = False,
     model: ModelOption = None,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
@@ -242,22 +393,26 @@ def test_cmd(
     ray: RayOption = None,
 ) -> None:
     """Decode every member of ARCHIVE and verify every checksum (writes nothing)."""
-    with _open(archive, model, device, ray, threads, batch_width) as ar:
-        n = len(ar.test(progress=_progress(quiet)))
+    with _open(_input(archive), model, device, ray, threads, batch_width) as ar:
+        try:
+            n = len(ar.test(progress=_progress(quiet), keep_going=keep_going))
+        except DamagedMembersError as exc:
+            _fail_if_damaged(exc.failures, "failed the test",
+                             f"{_files(exc.done)} intact")
     print(f"{archive}: OK ({n} members)")
 
 
-@app.command("info")
-def info_cmd(archive: Annotated[Path, typer.Argument(help="Archive to describe.")]) -> None:
+@app.command("info", cls=_Command)
+def info_cmd(archive: ArchiveArgument) -> None:
     """Show archive-level information: version, creator, models, totals."""
-    with open_archive(archive) as ar:
+    with open_archive(_input(archive)) as ar:
         members = ar.members()
-        print(f"archive:      {archive}")
+        print(f"archive:      {visible(str(archive))}")
         print(f"format:       {ar.version[0]}.{ar.version[1]}")
         print(f"creator:      {visible(ar.creator)}")
         files = [m for m in members if m.is_file()]
         size = sum(m.size for m in files)
-        packed = os.path.getsize(archive)
+        packed = ar.archive_size
         print(f"members:      {len(files)} files, {len(members) - len(files)} directories")
         print(f"size:         {size} bytes -> {packed} bytes"
               + (f" ({8 * packed / size:.3f} bits/byte)" if size else ""))
@@ -382,8 +537,8 @@ def _run(argv: list[str] | None = None) -> int:
     except LlmarcError as exc:
         return _error(str(exc), 1)
     except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        return _error(f"{exc.strerror or exc}{where}", 1)
+        where = f"{visible(os.fsdecode(exc.filename))}: " if exc.filename else ""
+        return _error(f"{where}{exc.strerror or exc}", 1)  # "PATH: reason", as tar says
     except BrokenPipeError:
         return 1
 

@@ -6,7 +6,8 @@ traceback, and API callers can catch exactly what they mean to handle.
 
     LlmarcError
     ├── CorruptArchiveError        bytes that break the format or a checksum
-    │   └── ChecksumMismatchError  decoded data whose SHA-256/CRC does not match
+    │   ├── ChecksumMismatchError  decoded data whose SHA-256/CRC does not match
+    │   └── DamagedMembersError    keep_going: these members failed, the others were done
     ├── UnsafeArchiveError         a member that would escape or damage DEST
     ├── UnsupportedFeatureError    valid, but needs a newer reader (version, codec, flag)
     ├── ModelError                 anything about the model of the LLM codec
@@ -30,6 +31,19 @@ class CorruptArchiveError(LlmarcError):
 
 class ChecksumMismatchError(CorruptArchiveError):
     """A checksum over stored or decoded bytes does not match the recorded one."""
+
+
+class DamagedMembersError(CorruptArchiveError):
+    """``extract``/``test`` with ``keep_going``: some members could not be restored.
+
+    ``failures`` pairs each such member (a MemberInfo) with its error; ``done`` lists the
+    members that were restored (or verified) all the same, as tar and unzip go on past
+    a damaged member and report it."""
+
+    def __init__(self, message: str, failures: list, done: list) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.done = done
 
 
 class UnsafeArchiveError(LlmarcError):

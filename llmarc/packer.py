@@ -16,13 +16,16 @@ import errno
 import hashlib
 import itertools
 import os
+import shutil
 import stat
 import struct
+import tempfile
 import unicodedata
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import BinaryIO
 
 from .codecs import CODEC_STORE, CODEC_ZSTD
 from .codecs import choose as chooser
@@ -33,6 +36,7 @@ from .container.layout import EMPTY_SHA256, TYPE_DIR, TYPE_FILE, EntryRecord
 from .container.reader import ArchiveReader, MemberInfo
 from .container.writer import ArchiveWriter
 from .errors import ModelError, SourceError, UnsafeArchiveError, UnsupportedFeatureError
+from .members import excluded
 from .safety import check_names, validate_name
 
 CHUNK = 1 << 20
@@ -110,6 +114,7 @@ class PackReport:
     skipped: list[Problem] = field(default_factory=list)  # not archived (with skip_failed)
     changed: list[str] = field(default_factory=list)  # changed while read (archived)
     vanished: list[str] = field(default_factory=list)  # deleted after the scan
+    archive_size: int = 0  # bytes of the finished archive (also when written to a stream)
 
     @property
     def clean(self) -> bool:
@@ -156,8 +161,11 @@ def _name_problem(name: str) -> str | None:
 
 def scan(src_dir: str | os.PathLike[str], *, skip: set[tuple[int, int]] = frozenset(),
          warn: Warn = _default_warn, problems: list[Problem] | None = None,
-         ) -> list[SourceEntry]:
-    """All entries below ``src_dir`` (not the directory itself), sorted by name.
+         exclude: Sequence[str] = ()) -> list[SourceEntry]:
+    """All entries below ``src_dir`` (not the directory itself), sorted by name; for a
+    regular file, that file alone under its base name (as ``tar cf x.tar file`` stores
+    it). Entries matching an ``exclude`` pattern (llmarc.members) are left out, and
+    nothing below an excluded directory is read.
 
     The walk is iterative (any depth) and never follows symlinks. Everything that cannot
     be archived (symlinks, FIFOs, sockets, devices, unreadable files or directories, names
@@ -168,10 +176,12 @@ def scan(src_dir: str | os.PathLike[str], *, skip: set[tuple[int, int]] = frozen
         st = os.stat(root)
     except FileNotFoundError:
         raise SourceError(f"{root!r} does not exist") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise SourceError(f"{root!r} is not a directory")
-    out: list[SourceEntry] = []
     found: list[Problem] = [] if problems is None else problems
+    if stat.S_ISREG(st.st_mode):
+        return _scan_file(root, st, found, problems is None)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"{root!r} is neither a directory nor a regular file")
+    out: list[SourceEntry] = []
     stack: list[tuple[str, str, str | None]] = [(root, "", None)]  # path, prefix, why bad
     while stack:
         path, prefix, bad = stack.pop()
@@ -181,7 +191,7 @@ def scan(src_dir: str | os.PathLike[str], *, skip: set[tuple[int, int]] = frozen
             found.append(Problem(path, f"cannot read the directory ({exc.strerror})"))
             continue
         try:
-            _scan_dir(dir_fd, path, prefix, bad, skip, out, found, stack)
+            _scan_dir(dir_fd, path, prefix, bad, skip, out, found, stack, exclude)
         except OSError as exc:
             found.append(Problem(path, f"cannot read the directory ({exc.strerror})"))
         finally:
@@ -230,14 +240,36 @@ def open_long(path: str, flags: int) -> int:
         os.close(fd)
 
 
+def _scan_file(path: str, st: os.stat_result, found: list[Problem],
+               strict: bool) -> list[SourceEntry]:
+    """``scan`` of a single file: one member named by its base name. The path given on
+    the command line is followed if it is a symlink, as the root directory is."""
+    name = os.path.basename(os.path.normpath(path))
+    why = _name_problem(name)
+    if why is None:
+        try:
+            os.close(os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        except OSError as exc:
+            why = f"cannot be read ({exc.strerror})"
+    if why is not None:
+        found.append(Problem(path, why))
+        if strict:
+            raise SourceError(f"cannot archive {found[-1]}")
+        return []
+    return [SourceEntry(name, os.path.realpath(path), TYPE_FILE, st.st_mode & 0o777,
+                        st.st_mtime_ns, st.st_size, st.st_mode & 0o7000)]
+
+
 def _scan_dir(dir_fd: int, path: str, prefix: str, bad: str | None,
               skip: set[tuple[int, int]], out: list[SourceEntry], found: list[Problem],
-              stack: list[tuple[str, str, str | None]]) -> None:
+              stack: list[tuple[str, str, str | None]], exclude: Sequence[str] = ()) -> None:
     """One directory of ``scan`` (listed through its fd, so depth is no limit)."""
     with os.scandir(dir_fd) as it:
         items = list(it)
     for d in items:
         name = prefix + d.name
+        if exclude and excluded(name, exclude, ancestors=False):
+            continue
         full = os.path.join(path, d.name)
         try:
             st = d.stat(follow_symlinks=False)
@@ -566,15 +598,20 @@ class UnarchivableError(SourceError):
         self.problems = problems
 
 
-def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str], *,
+def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str] | BinaryIO, *,
          codec: str = "auto", level: int = 19, progress=None, overwrite: bool = False,
          solid: bool = True, warn: Warn | None = None, llm: LLMOptions | None = None,
          verify: bool = False, skip_failed: bool = False,
-         report: PackReport | None = None) -> list[MemberInfo]:
-    """Archive the contents of ``src_dir`` into ``archive_path``; return the members.
+         report: PackReport | None = None, exclude: Sequence[str] = ()) -> list[MemberInfo]:
+    """Archive the contents of ``src_dir`` (or the one file it names) into
+    ``archive_path``; return the members.
 
     The archive appears under its name only when complete (temporary file + rename);
-    ``overwrite`` allows replacing an existing archive.
+    ``overwrite`` allows replacing an existing archive. ``archive_path`` may be a binary
+    stream (``sys.stdout.buffer`` for ``llmarc pack SRC -``): the archive is then built
+    in a temporary file (the writer rewinds over files that change while read) and
+    copied to the stream once complete. ``exclude``: glob patterns of names to leave
+    out, matched as tar's ``--exclude`` (llmarc.members).
 
     Nothing is dropped silently: paths that cannot be archived (symlinks, FIFOs,
     sockets, devices, unreadable files, names the format cannot store) raise
@@ -592,15 +629,21 @@ def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str], 
     if codec not in CODEC_CHOICES:
         raise SourceError(f"unknown codec {codec!r} (choose from {', '.join(CODEC_CHOICES)})")
     src = os.fspath(src_dir)
-    if not os.path.isdir(src):
-        raise SourceError(f"{src!r} is not a directory" if os.path.exists(src)
-                          else f"{src!r} does not exist")
-    warn = warn or _default_warn
+    if not os.path.exists(src):
+        raise SourceError(f"{src!r} does not exist")
     report = report if report is not None else PackReport()
+    if not isinstance(archive_path, (str, os.PathLike)):
+        with tempfile.TemporaryDirectory(prefix="llmarc-pack-") as spool_dir:
+            spool = os.path.join(spool_dir, "archive.llma")
+            members = pack(src, spool, codec=codec, level=level, progress=progress,
+                           solid=solid, warn=warn, llm=llm, verify=verify,
+                           skip_failed=skip_failed, report=report, exclude=exclude)
+            with open(spool, "rb") as f:
+                shutil.copyfileobj(f, archive_path, CHUNK)
+            archive_path.flush()
+        return members
+    warn = warn or _default_warn
     llm = llm or LLMOptions()
-    unavailable = llm_available(llm) if codec in ("auto", "llm") else "not requested"
-    if codec == "llm" and unavailable:
-        raise ModelError(unavailable)
 
     def verify_archive(path: str) -> None:
         with ArchiveReader(path, llm=llm, warn=warn) as reader:
@@ -612,8 +655,12 @@ def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str], 
         if os.path.exists(archive_path):
             st = os.stat(archive_path)
             skip.add((st.st_dev, st.st_ino))
+        # after the refusals above (an existing OUT...): finding the model is not free
+        unavailable = llm_available(llm) if codec in ("auto", "llm") else "not requested"
+        if codec == "llm" and unavailable:
+            raise ModelError(unavailable)
         problems: list[Problem] = []
-        entries = scan(src, skip=skip, warn=warn, problems=problems)
+        entries = scan(src, skip=skip, warn=warn, problems=problems, exclude=exclude)
         if problems and not skip_failed:
             raise UnarchivableError(
                 f"{len(problems)} path{'s' if len(problems) > 1 else ''} below {src!r} "
@@ -640,5 +687,6 @@ def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str], 
         finally:
             if progress is not None:
                 progress.close()
+    report.archive_size = os.path.getsize(archive_path)
     with ArchiveReader(archive_path) as reader:
         return reader.members()

@@ -334,17 +334,23 @@ def write_file(parent_fd: int, leaf: str, shown: str, chunks: Iterable[bytes],
         if stat.S_ISDIR(st.st_mode):
             raise DestinationExistsError(f"{shown!r} exists and is a directory")
         if not overwrite:
-            raise DestinationExistsError(f"{shown!r} already exists (use overwrite)")
+            raise DestinationExistsError(f"{shown!r} already exists (use --overwrite to replace "
+                                         "it)")
     tmp = temporary_name(leaf)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                  | getattr(os, "O_CLOEXEC", 0), 0o600, dir_fd=parent_fd)
     placed = False
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            for chunk in chunks:
-                h.update(chunk)
-                f.write(chunk)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                for chunk in chunks:
+                    h.update(chunk)
+                    f.write(chunk)
+        except OSError as exc:  # a full disk: say which file could not be written
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            raise OSError(exc.errno, f"cannot write {shown!r}: {exc.strerror}") from None
         if sha256 is not None and h.digest() != sha256:  # None: ``chunks`` checks itself
             raise ChecksumMismatchError(f"member {shown!r}: SHA-256 of the decoded data "
                                         "does not match the archive")

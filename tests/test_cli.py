@@ -60,13 +60,13 @@ def test_cli_progress_goes_to_stderr(tmp_path):
 @pytest.mark.parametrize("args,code", [
     (["list", "missing.llma"], 1),
     (["pack", "missing-dir", "o.llma"], 1),
-    (["pack", "file.txt", "o.llma"], 1),
+    (["pack", ".", "o.llma", "--codec", "lzma"], 2),
     (["pack", "."], 2),
     (["frobnicate"], 2),
     (["list", "garbage.llma"], 1),
     (["extract", "hostile.llma", "-C", "d"], 1),
     (["extract", "good.llma", "nope", "-C", "d"], 1),
-    (["pack", ".", "o.llma", "--level", "99"], 1),
+    (["pack", ".", "o.llma", "--level", "99"], 2),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, code):
     (tmp_path / "file.txt").write_text("x")

@@ -133,8 +133,8 @@ def test_api_surface(small_archive, tmp_path):
 def test_pack_errors_and_no_partial_archive(tmp_path, monkeypatch):
     with pytest.raises(SourceError):
         llmarc.pack(tmp_path / "missing", tmp_path / "x.llma")
-    (tmp_path / "f").write_bytes(b"x")
-    with pytest.raises(SourceError):
+    os.mkfifo(tmp_path / "f")  # a single regular file packs (issue 23); a FIFO never
+    with pytest.raises(SourceError, match="neither a directory nor a regular file"):
         llmarc.pack(tmp_path / "f", tmp_path / "x.llma")
     src = make_tree(tmp_path / "src", {"a": b"1" * 1000, "b": b"2" * 1000})
     from llmarc import packer

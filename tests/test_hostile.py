@@ -299,7 +299,7 @@ def _listing_lines(path: Path, expected_lines: int) -> int:
     lines = python_lines(lambda: result.append(run_cli("list", str(path))))
     code, out, err = result[0]
     assert code == 0, err
-    assert out.count("\n") == expected_lines
+    assert out.count("\n") == expected_lines + 1  # the listing's total line
     return lines
 
 

@@ -62,16 +62,24 @@ class LLMOptions:
 
 
 def llm_available(options: LLMOptions) -> str | None:
-    """None if the LLM codec can run here, else the reason (for a clear warning)."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
+    """None if the LLM codec can run here, else the reason (for a clear warning).
 
+    Finds torch and transformers without importing them: importing torch takes seconds,
+    and a pack that is refused (an existing OUT, a bad path) or has no text must not
+    wait for it. The import happens when an LLM entry is about to be coded."""
+    import importlib.util
+
+    for module in ("torch", "transformers"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a finder that refuses it, a broken entry
+            found = False
+        if not found:
+            return f"the LLM codec needs PyTorch and transformers ({module} is missing)"
+    try:
         from llmarc.model.sources import resolve
 
         resolve(options.model)
-    except ImportError as exc:
-        return f"the LLM codec needs PyTorch and transformers ({exc.name} is missing)"
     except ModelError as exc:
         return str(exc)
     return None

@@ -8,11 +8,17 @@ CRC-checked before decoding and SHA-256-checked after.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import shutil
+import stat
 import struct
+import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from .. import safety
 from ..codecs import CODEC_LLM, CODEC_STORE, CODEC_ZSTD, codec_name
@@ -22,10 +28,13 @@ from ..codecs.llm_pipeline import LLMDecoder, LLMOptions
 from ..errors import (
     ChecksumMismatchError,
     CorruptArchiveError,
+    DamagedMembersError,
     DestinationExistsError,
+    LlmarcError,
     MemberNotFoundError,
     UnsupportedFeatureError,
 )
+from ..members import excluded, is_pattern, matching
 from .layout import (
     FOOTER_SIZE,
     HEADER_SIZE,
@@ -86,17 +95,45 @@ def _solid_params(e: EntryRecord) -> tuple[int, int] | None:
     return None
 
 
+def _seekable_fd(stream: BinaryIO) -> int:
+    """A private descriptor the reader can ``pread``: the stream's own file if it is a
+    regular file (``< a.llma``), else a copy spooled to an unnamed temporary file (a
+    pipe: the footer and index are at the end, so the whole archive must be read)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        fd = stream.fileno()
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return os.dup(fd)
+    with tempfile.TemporaryFile(prefix="llmarc-stdin-") as spool:
+        shutil.copyfileobj(stream, spool, CHUNK)
+        spool.flush()
+        return os.dup(spool.fileno())
+
+
+def _raising(exc: BaseException) -> Iterator[bytes]:
+    """Chunks that raise ``exc`` when read: a member that failed, for keep_going."""
+    raise exc
+    yield b""  # pragma: no cover - makes this a generator
+
+
 class ArchiveReader:
     """A read-only view of one archive. Use ``llmarc.open(path)``."""
 
-    def __init__(self, path: str | os.PathLike[str], *, llm: LLMOptions | None = None,
+    def __init__(self, path: str | os.PathLike[str] | BinaryIO, *,
+                 llm: LLMOptions | None = None,
                  warn: Callable[[str], None] | None = None) -> None:
-        self.path = os.fspath(path)
         self.llm_options = llm or LLMOptions()
         self.warn = warn
         self._llm_decoder: LLMDecoder | None = None
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if isinstance(path, (str, os.PathLike)):
+            self.path = os.fspath(path)
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        else:
+            self.path = str(getattr(path, "name", "<stream>"))
+            self._fd = _seekable_fd(path)
         try:
+            if stat.S_ISDIR(os.fstat(self._fd).st_mode):  # open(2) accepts a directory
+                raise IsADirectoryError(errno.EISDIR, "is a directory, not an archive",
+                                        self.path)
             self._load()
         except BaseException:
             os.close(self._fd)
@@ -190,6 +227,27 @@ class ArchiveReader:
     def members(self) -> list[MemberInfo]:
         return list(self._infos)
 
+    @property
+    def archive_size(self) -> int:
+        """Bytes of the whole archive (header, data, index, footer)."""
+        return os.fstat(self._fd).st_size
+
+    def damaged(self) -> list[tuple[MemberInfo, LlmarcError]]:
+        """Members whose stored bytes fail their CRC-32: a pass over the data at disk
+        speed, no decoding and no model (``tar t`` reads the whole archive as well)."""
+        out: list[tuple[MemberInfo, LlmarcError]] = []
+        for i, e in enumerate(self._entries):
+            if e.type == TYPE_DIR:
+                continue
+            block = self._blocks.get(i)
+            where = (block.offset, block.stored_size, block.crc32) if block else (
+                e.stored_offset, e.stored_size, e.crc32)
+            try:
+                self._verify_crc(*where, f"member {e.name!r}")
+            except LlmarcError as exc:
+                out.append((self._infos[i], exc))
+        return out
+
     def getmember(self, name: str) -> MemberInfo:
         return self._infos[self._index(name)]
 
@@ -281,13 +339,26 @@ class ArchiveReader:
         for _ in stream:  # finish the frame so its end is checked
             raise CorruptArchiveError("solid block decodes to more than its members")
 
-    def _iter_payloads(self, indexes: Iterable[int], progress=None,
+    def _iter_payloads(self, indexes: Iterable[int], progress=None, keep_going: bool = False,
                        ) -> Iterator[tuple[int, Iterable[bytes]]]:
         """(entry index, decoded chunks) for the given file entries, in archive order, each
-        block decoded once and all llm members decoded in one batch."""
+        block decoded once and all llm members decoded in one batch.
+
+        With ``keep_going`` a member that cannot be decoded (a bad CRC, an unknown codec,
+        a model that cannot load) is still yielded, with chunks that raise its error, and
+        the others follow; the consumer decides what to do with each failure."""
         todo = sorted(set(indexes), key=lambda i: (self._entries[i].stored_offset, i))
+        failed: dict[int, LlmarcError] = {}
         for i in todo:
-            self._check_codec(self._entries[i])
+            try:
+                self._check_codec(self._entries[i])
+            except LlmarcError as exc:
+                if not keep_going:
+                    raise
+                failed[i] = exc
+        for i, exc in failed.items():
+            yield i, _raising(exc)
+        todo = [i for i in todo if i not in failed]
         llm = [i for i in todo if self._entries[i].codec_id == CODEC_LLM]
         done_blocks: set[int] = set()
         todo_set = set(todo)
@@ -297,32 +368,76 @@ class ArchiveReader:
                 continue
             block = self._blocks.get(i)
             if block is None:
-                yield i, self._plain_chunks(e)
+                try:
+                    chunks = self._plain_chunks(e)
+                except LlmarcError as exc:
+                    if not keep_going:
+                        raise
+                    chunks = _raising(exc)
+                yield i, chunks
             elif block.offset not in done_blocks:
                 done_blocks.add(block.offset)
                 wanted = {j for j in block.members if j in todo_set}
                 full = len(wanted) == len(block.members)
-                yield from self._block_members(block, None if full else wanted)
+                members = self._block_members(block, None if full else wanted)
+                if keep_going:
+                    members = self._block_or_failures(block, wanted, members)
+                yield from members
         if llm:
-            infos = [self._infos[i] for i in llm]
-            for info, data in self._decode_llm(infos, progress):
-                yield self._by_name[info.name], (data,)
+            yield from self._decode_llm(llm, progress, keep_going)
 
-    def _decode_llm(self, members: Sequence[MemberInfo], progress=None,
-                    ) -> Iterator[tuple[MemberInfo, bytes]]:
-        """Decode all given llm-codec members in one batch, yielding (member, bytes).
+    def _block_or_failures(self, block: _Block, wanted: set[int],
+                           members: Iterator[tuple[int, Iterator[bytes]]],
+                           ) -> Iterator[tuple[int, Iterable[bytes]]]:
+        """keep_going for one solid block: its members, or each wanted member with the
+        block's error (a bad CRC fails before the first member); a member after a broken
+        one fails with the block's damage too."""
+        pending = [j for j in block.members if j in wanted]
+        try:
+            for i, chunks in members:
+                pending.remove(i)
+                yield i, chunks
+        except LlmarcError as exc:
+            for j in pending:
+                yield j, _raising(exc)
+
+    def _decode_llm(self, indexes: Sequence[int], progress=None, keep_going: bool = False,
+                    ) -> Iterator[tuple[int, Iterable[bytes]]]:
+        """Decode all given llm-codec members in one batch, yielding (entry index, chunks).
 
         Stored CRCs are checked before any model runs; the model is loaded once per
         reader (and only if an llm member is actually read). The caller checks SHA-256."""
-        items = [(self._entries[self._index(m)].codec_params, self._llm_payload(m), m.size)
-                 for m in members]
-        if self._llm_decoder is None:
-            self._llm_decoder = LLMDecoder(self.models, self.llm_options, self.warn)
-        for member, result in zip(members, self._llm_decoder.decode(items, progress),
-                                  strict=True):
+        items, ready = [], []
+        for i in indexes:
+            try:
+                payload = self._llm_payload(self._infos[i])
+            except LlmarcError as exc:
+                if not keep_going:
+                    raise
+                yield i, _raising(exc)
+                continue
+            items.append((self._entries[i].codec_params, payload, self._entries[i].size))
+            ready.append(i)
+        if not ready:
+            return
+        try:
+            if self._llm_decoder is None:
+                self._llm_decoder = LLMDecoder(self.models, self.llm_options, self.warn)
+            results = self._llm_decoder.decode(items, progress)
+        except LlmarcError as exc:  # the model cannot load, or refuses the archive
+            if not keep_going:
+                raise
+            for i in ready:
+                yield i, _raising(exc)
+            return
+        for i, result in zip(ready, results, strict=True):
             if isinstance(result, BaseException):
-                raise CorruptArchiveError(f"member {member.name!r}: {result}")
-            yield member, result
+                error = CorruptArchiveError(f"member {self._entries[i].name!r}: {result}")
+                if not keep_going:
+                    raise error
+                yield i, _raising(error)
+            else:
+                yield i, (result,)
 
     def _llm_payload(self, member: MemberInfo) -> bytes:
         """The CRC-checked stored bytes of one llm member (a helper for ``_decode_llm``)."""
@@ -369,93 +484,233 @@ class ArchiveReader:
                 out += chunk
         return bytes(out)
 
-    def test(self, progress=None) -> list[MemberInfo]:
-        """Decode every member and check every checksum; return the members checked."""
+    def test(self, progress=None, *, keep_going: bool = False) -> list[MemberInfo]:
+        """Decode every member and check every checksum; return the members checked.
+
+        With ``keep_going`` every member is tried: the damaged ones are collected and
+        raised together at the end (DamagedMembersError, ``done`` holds the sound ones)."""
         files = [i for i, e in enumerate(self._entries) if e.type != TYPE_DIR]
+        failures: list[tuple[MemberInfo, LlmarcError]] = []
         if progress is not None:
             progress.start(sum(self._entries[i].size for i in files), "testing")
         try:
-            for i, chunks in self._iter_payloads(files, progress):
-                for _ in self._hashed(chunks, self._entries[i], progress):
-                    pass
+            for i, chunks in self._iter_payloads(files, progress, keep_going):
+                try:
+                    for _ in self._hashed(chunks, self._entries[i], progress):
+                        pass
+                except LlmarcError as exc:
+                    if not keep_going:
+                        raise
+                    failures.append((self._infos[i], exc))
         finally:
             if progress is not None:
                 progress.close()
-        return self.members()
+        return self._outcome(self.members(), failures, "verified intact")
 
-    def _select(self, members: Iterable[str | MemberInfo] | None) -> list[int]:
+    def _outcome(self, chosen: list[MemberInfo],
+                 failures: list[tuple[MemberInfo, LlmarcError]], verb: str,
+                 ) -> list[MemberInfo]:
+        """``chosen``, or DamagedMembersError naming the failures (keep_going)."""
+        if not failures:
+            return chosen
+        bad = {m.name for m, _ in failures}
+        done = [m for m in chosen if m.name not in bad]
+        n = len(failures)
+        raise DamagedMembersError(
+            f"{n} member{'s' if n > 1 else ''} failed (listed above); {len(done)} "
+            f"other{'s' if len(done) != 1 else ''} {verb}", failures, done)
+
+    def select(self, members: Iterable[str | MemberInfo] | None = None,
+               exclude: Sequence[str] = ()) -> list[MemberInfo]:
+        """The members that ``members`` (default: all) name, minus ``exclude``.
+
+        Names are accepted as ``list`` prints them (``dir/``, ``./a``) and as glob
+        patterns (``'src/*.py'``: ``*`` matches ``/`` too, as in tar and unzip); a
+        directory brings everything below it; ``exclude`` patterns match a name or any
+        part of it after a ``/``, as tar's ``--exclude`` does (llmarc.members)."""
+        return [self._infos[i] for i in self._select(members, exclude)]
+
+    def _select(self, members: Iterable[str | MemberInfo] | None,
+                exclude: Sequence[str] = ()) -> list[int]:
         if members is None:
-            return list(range(len(self._entries)))
-        chosen: set[int] = set()
-        for m in members:
-            i = self._index(m)
-            chosen.add(i)
-            if self._entries[i].type == TYPE_DIR:
-                prefix = self._entries[i].name + "/"
-                chosen.update(j for j, e in enumerate(self._entries)
-                              if e.name.startswith(prefix))
-        return sorted(chosen)
+            chosen = set(range(len(self._entries)))
+        else:
+            chosen = set()
+            for m in members:
+                if isinstance(m, MemberInfo):
+                    found = [m.name]
+                else:
+                    found = matching(self._by_name, m)
+                    if not found:
+                        raise MemberNotFoundError(f"no member named {m!r} in the archive"
+                                                  + (" (no name matches the pattern)"
+                                                     if is_pattern(m) else ""))
+                for name in found:
+                    i = self._index(name)
+                    chosen.add(i)
+                    if self._entries[i].type == TYPE_DIR:
+                        prefix = self._entries[i].name + "/"
+                        chosen.update(j for j, e in enumerate(self._entries)
+                                      if e.name.startswith(prefix))
+        return sorted(i for i in chosen if not excluded(self._entries[i].name, exclude))
 
     def extract(self, dest: str | os.PathLike[str] = ".",
                 members: Iterable[str | MemberInfo] | None = None, *,
-                overwrite: bool = False, progress=None,
-                keep_modes: bool = False) -> list[MemberInfo]:
-        """Extract members (default: all) below ``dest``; return what was extracted.
+                overwrite: bool = False, progress=None, keep_modes: bool = False,
+                exclude: Sequence[str] = (), skip_existing: bool = False,
+                keep_going: bool = False) -> list[MemberInfo]:
+        """Extract members (default: all; names, ``dir/`` or globs, see ``select``) below
+        ``dest``; return what was extracted.
 
         Modes follow tar's ``data`` filter unless ``keep_modes`` (safety.extracted_mode).
 
         Never writes outside ``dest`` or through a symlink, never replaces an existing
         file unless ``overwrite``, and gives each file its final name only after its
-        SHA-256 has been verified."""
-        chosen = self._select(members)
+        SHA-256 has been verified, so an interrupted or failed extract leaves no
+        half-written file; directories get their final modes even then (they are
+        created owner-only), so a rerun can write into them.
+
+        ``skip_existing`` resumes: a file already in ``dest`` with the member's size and
+        checksum is left alone (and not returned); a different one is still refused
+        without ``overwrite``. ``keep_going`` extracts every intact member, then raises
+        DamagedMembersError naming the others (tar and unzip go on the same way)."""
+        chosen = self._select(members, exclude)
         entries = self._entries
-        for i in chosen:
-            self._check_codec(entries[i])
+        if not keep_going:
+            for i in chosen:
+                self._check_codec(entries[i])
         root = safety.open_root(dest)
         try:
             safety.check_folding(root, [entries[i].name for i in chosen])
             parts = {i: tuple(entries[i].name.split("/")) for i in chosen}
-            if not overwrite:  # refuse before writing anything
-                with safety.ParentDirs(root, create=False) as parents:
-                    for i in chosen:
-                        if entries[i].type == TYPE_DIR:
-                            continue
-                        if safety.lexists_at(root, parts[i], parents) is not None:
-                            raise DestinationExistsError(
-                                f"{entries[i].name!r} already exists in the destination "
-                                "(use overwrite)")
+            present = self._present(root, chosen, parts, overwrite, skip_existing)
+            chosen = [i for i in chosen if i not in present]
             dirs = [i for i in chosen if entries[i].type == TYPE_DIR]
-            for i in sorted(dirs, key=lambda i: len(parts[i])):
-                fd = safety.open_dirs(root, parts[i][:-1])
-                try:
-                    safety.make_dir(fd, parts[i][-1], entries[i].name)
-                finally:
-                    os.close(fd)
-            files = [i for i in chosen if entries[i].type != TYPE_DIR]
-            if progress is not None:
-                progress.start(sum(entries[i].size for i in files), "extracting")
+            failures: list[tuple[MemberInfo, LlmarcError]] = []
             try:
-                with safety.ParentDirs(root) as parents:
-                    for i, chunks in self._iter_payloads(files, progress):
-                        e = entries[i]
+                for i in sorted(dirs, key=lambda i: len(parts[i])):
+                    fd = safety.open_dirs(root, parts[i][:-1])
+                    try:
+                        safety.make_dir(fd, parts[i][-1], entries[i].name)
+                    finally:
+                        os.close(fd)
+                files = [i for i in chosen if entries[i].type != TYPE_DIR]
+                self._write_files(root, files, parts, overwrite, keep_modes, progress,
+                                  keep_going, failures)
+            finally:
+                # also after an error or Ctrl-C: directories made owner-only get their
+                # modes, so what was extracted is usable and a rerun can resume
+                for i in sorted(dirs, key=lambda i: -len(parts[i])):
+                    try:
+                        fd = safety.open_dirs(root, parts[i][:-1], create=False)
+                        try:
+                            safety.finish_dir(fd, parts[i][-1], entries[i].name,
+                                              safety.extracted_mode(entries[i].mode,
+                                                                    keep_modes),
+                                              entries[i].mtime_ns)
+                        finally:
+                            os.close(fd)
+                    except (OSError, LlmarcError):
+                        if sys.exc_info()[0] is None:
+                            raise
+        finally:
+            os.close(root)
+        return self._outcome([self._infos[i] for i in chosen], failures, "extracted")
+
+    def _present(self, root: int, chosen: list[int], parts: dict[int, tuple[str, ...]],
+                 overwrite: bool, skip_existing: bool) -> set[int]:
+        """Files of ``chosen`` already in place (skip_existing: same size and checksum);
+        refuses, before anything is written, a different existing file without
+        ``overwrite``."""
+        present: set[int] = set()
+        if overwrite and not skip_existing:
+            return present
+        with safety.ParentDirs(root, create=False) as parents:
+            for i in chosen:
+                e = self._entries[i]
+                if e.type == TYPE_DIR:
+                    continue
+                st = safety.lexists_at(root, parts[i], parents)
+                if st is None:
+                    continue
+                if skip_existing and self._same_content(parents, parts[i], e, st):
+                    present.add(i)
+                elif not overwrite:
+                    raise DestinationExistsError(
+                        f"{e.name!r} already exists in the destination (use --overwrite "
+                        "to replace it" + (")" if skip_existing else
+                                           ", or --skip-existing to keep identical files)"))
+        return present
+
+    @staticmethod
+    def _same_content(parents: safety.ParentDirs, parts: tuple[str, ...], e: EntryRecord,
+                      st: os.stat_result) -> bool:
+        """Whether the existing file holds exactly member ``e``'s bytes (size first, then
+        SHA-256, or the data CRC-32 a format-1.1 solid member carries instead)."""
+        if not stat.S_ISREG(st.st_mode) or st.st_size != e.size:
+            return False
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                         dir_fd=parents.open(parts[:-1]))
+        except OSError:
+            return False
+        h = hashlib.sha256() if e.sha256 else None
+        crc = 0
+        with os.fdopen(fd, "rb") as f:
+            while chunk := f.read(CHUNK):
+                if h is not None:
+                    h.update(chunk)
+                else:
+                    crc = crc32(chunk, crc)
+        return h.digest() == e.sha256 if h is not None else crc == e.data_crc32
+
+    def _write_files(self, root: int, files: list[int], parts: dict[int, tuple[str, ...]],
+                     overwrite: bool, keep_modes: bool, progress, keep_going: bool,
+                     failures: list[tuple[MemberInfo, LlmarcError]]) -> None:
+        """Decode and place ``files`` (``extract``'s second half); with ``keep_going``
+        failures are collected instead of raised."""
+        entries = self._entries
+        if progress is not None:
+            progress.start(sum(entries[i].size for i in files), "extracting")
+        try:
+            with safety.ParentDirs(root) as parents:
+                for i, chunks in self._iter_payloads(files, progress, keep_going):
+                    e = entries[i]
+                    try:
                         safety.write_file(parents.open(parts[i][:-1]), parts[i][-1], e.name,
                                           self._hashed(chunks, e, progress), e.sha256 or None,
                                           safety.extracted_mode(e.mode, keep_modes),
                                           e.mtime_ns, overwrite)
-            finally:
-                if progress is not None:
-                    progress.close()
-            for i in sorted(dirs, key=lambda i: -len(parts[i])):
-                fd = safety.open_dirs(root, parts[i][:-1])
-                try:
-                    safety.finish_dir(fd, parts[i][-1], entries[i].name,
-                                      safety.extracted_mode(entries[i].mode, keep_modes),
-                                      entries[i].mtime_ns)
-                finally:
-                    os.close(fd)
+                    except LlmarcError as exc:
+                        if not keep_going:
+                            raise
+                        failures.append((self._infos[i], exc))
         finally:
-            os.close(root)
-        return [self._infos[i] for i in chosen]
+            if progress is not None:
+                progress.close()
+
+    def extract_to_stream(self, out: BinaryIO,
+                          members: Iterable[str | MemberInfo] | None = None, *,
+                          exclude: Sequence[str] = (), progress=None) -> list[MemberInfo]:
+        """Write the bytes of the selected files to ``out`` back to back, in the order
+        their data is stored (``tar -xO``, ``unzip -p``); return the members written.
+
+        A stream cannot take bytes back: a member's checksum is checked as its last
+        bytes are written, and a mismatch raises after them (as with tar and unzip)."""
+        files = [i for i in self._select(members, exclude) if self._entries[i].type != TYPE_DIR]
+        for i in files:
+            self._check_codec(self._entries[i])
+        if progress is not None:
+            progress.start(sum(self._entries[i].size for i in files), "extracting")
+        try:
+            for i, chunks in self._iter_payloads(files, progress):
+                for chunk in self._hashed(chunks, self._entries[i], progress):
+                    out.write(chunk)
+            out.flush()
+        finally:
+            if progress is not None:
+                progress.close()
+        return [self._infos[i] for i in files]
 
     # ------------------------------------------------------------------ lifetime
 

@@ -53,6 +53,34 @@ PER_WORKER_IN_FLIGHT = 2
 NAMESPACE = "llmarc"
 
 
+@contextlib.contextmanager
+def _quiet_ray_logging() -> Iterator[None]:
+    """Keep Ray's start-up notices (e.g. its token-authentication banner) off llmarc's
+    stderr: with ``configure_logging=False`` Ray's logger has no handler, so Python's
+    last-resort handler printed them. They go to llmarc's debug log instead; failures
+    still surface as exceptions (ClusterError)."""
+    handler = _Forward()
+    # ray.init drops the handlers of the "ray" logger, so the notice's own module too
+    loggers = [logging.getLogger(n) for n in _RAY_NOTICE_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+_RAY_NOTICE_LOGGERS = ("ray", "ray._private.authentication.authentication_token_setup")
+
+
+class _Forward(logging.Handler):
+    """Re-logs Ray's records on ``llmarc.distributed`` at debug level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("ray: %s", record.getMessage())
+
+
 def connect(address: str) -> Any:
     """Join the cluster at ``address`` (or start a local runtime for ``local``)."""
     ray = require_ray()
@@ -61,10 +89,11 @@ def connect(address: str) -> Any:
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False,
                               "configure_logging": False}
     try:
-        if address == LOCAL:
-            ray.init(include_dashboard=False, **kwargs)
-        else:
-            ray.init(address=address, **kwargs)
+        with _quiet_ray_logging():
+            if address == LOCAL:
+                ray.init(include_dashboard=False, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
     except ImportError as exc:  # ray:// needs Ray Client's grpcio
         raise ClusterError(f"cannot connect to {address!r}: {exc.name or exc} is missing; "
                            "pip install 'llmarc[ray]' installs Ray with its client") from None

@@ -1,0 +1,285 @@
+"""The command line as tar, zip and 7z users expect it (issue 23), driven as a user
+drives it: ``llmarc`` in a subprocess, pipes for ``-``, a pty for the progress display."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmarc.container.layout import HEADER_SIZE
+
+from .conftest import make_tree, raw_archive
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def llmarc(*args, cwd=None, stdin=None, env=None, text=True, **kw,
+           ) -> subprocess.CompletedProcess:
+    """Run the real CLI (``python -m llmarc.cli``) with captured output."""
+    return subprocess.run([sys.executable, "-m", "llmarc.cli", *map(str, args)], cwd=cwd,
+                          input=stdin, capture_output=True, text=text, timeout=120,
+                          env=env, **kw)
+
+
+def error_lines(r: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in r.stderr, r.stderr
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("llmarc: error: ")]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A small tree shaped like the issue's: licenses, a man page, Python sources."""
+    return make_tree(tmp_path / "src", {
+        "licenses/MIT": b"Permission is hereby granted, free of charge\n" * 4,
+        "man/ls.txt": b"ls - list directory contents\n" * 20,
+        "pysrc/a.py": b"print('a')\n", "pysrc/sub/b.py": b"print('b')\n",
+        "pysrc/c.txt": b"not python\n", "blob.bin": bytes(range(256)) * 4,
+    })
+
+
+@pytest.fixture
+def archive(tmp_path: Path, tree: Path) -> Path:
+    out = tmp_path / "t.llma"
+    r = llmarc("pack", tree, out, "--codec", "zstd", "-q")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def files_below(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------- 1: usage and messages
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["pack", "SRC", "o.llma", "--codec", "lzma"], "--codec"),
+    (["pack", "SRC", "o.llma", "--level", "99"], "--level"),
+    (["pack", "SRC", "o.llma", "--frobnicate"], "--frobnicate"),
+    (["extract", "a.llma", "--no-such-flag"], "--no-such-flag"),
+])
+def test_usage_errors_exit_2_naming_the_flag(tmp_path, args, flag):
+    (tmp_path / "SRC").mkdir()
+    r = llmarc(*args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = error_lines(r)
+    assert len(lines) == 1 and flag in lines[0], r.stderr
+    assert not (tmp_path / "o.llma").exists()
+
+
+def test_version_and_short_help():
+    from llmarc import __version__
+
+    r = llmarc("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"llmarc {__version__}"
+    for command, usage in (("pack", "llmarc pack [OPTIONS] SRC OUT"),
+                           ("extract", "llmarc extract [OPTIONS] ARCHIVE [MEMBER...]"),
+                           ("list", "llmarc list [OPTIONS] ARCHIVE")):
+        r = llmarc(command, "-h")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[0] == f"Usage: {usage}"
+        assert "{" not in r.stdout.splitlines()[0]
+
+
+def test_messages_name_the_path_and_the_real_flag(tmp_path, archive):
+    dest = tmp_path / "x"
+    assert llmarc("extract", archive, "-C", dest, "-q").returncode == 0
+    r = llmarc("extract", archive, "-C", dest, "-q")
+    assert r.returncode == 1
+    (line,) = error_lines(r)
+    assert "--overwrite" in line and "'blob.bin'" in line
+    (tmp_path / "somedir").mkdir()
+    r = llmarc("info", "somedir", cwd=tmp_path)
+    assert r.returncode == 1 and error_lines(r) == [
+        "llmarc: error: somedir: is a directory, not an archive"]
+    r = llmarc("list", "missing.llma", cwd=tmp_path)
+    assert error_lines(r) == ["llmarc: error: missing.llma: No such file or directory"]
+
+
+def _small_file_limit() -> None:
+    """In the child: files may not grow past 300 bytes (write(2) then fails with EFBIG,
+    the way a full disk fails with ENOSPC)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+
+
+def test_a_full_disk_on_extract_names_the_file(tmp_path, archive):
+    r = llmarc("extract", archive, "-C", tmp_path / "x", "-q", "man/ls.txt",
+               preexec_fn=_small_file_limit)
+    assert r.returncode == 1
+    (line,) = error_lines(r)
+    assert "cannot write 'man/ls.txt'" in line, line
+    assert files_below(tmp_path / "x") == set()  # no half-written file, no temporary
+
+
+# ---------------------------------------------------------------- 2: refusals come first
+
+
+def test_refusals_come_before_torch_is_imported(tmp_path, tree):
+    """An existing OUT, a missing source and a bad flag are refused without importing
+    torch (a stand-in torch on PYTHONPATH records any import)."""
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    marker = tmp_path / "torch-imported"
+    (fake / "torch" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nraise ImportError('stand-in torch')\n")
+    env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{ROOT}")
+    (tmp_path / "exists.llma").write_bytes(b"keep me")
+    for args, code in ((("pack", tree, tmp_path / "exists.llma"), 1),
+                       (("pack", tmp_path / "missing", tmp_path / "o.llma"), 1),
+                       (("pack", tree, tmp_path / "o.llma", "--level", "0"), 2)):
+        r = llmarc(*args, env=env)
+        assert r.returncode == code, r.stderr
+        assert len(error_lines(r)) == 1
+        assert not marker.exists(), f"torch was imported for {args}"
+    assert (tmp_path / "exists.llma").read_bytes() == b"keep me"
+    assert "already exists (use --overwrite" in llmarc(
+        "pack", tree, tmp_path / "exists.llma", env=env).stderr
+
+
+# ---------------------------------------------------------------- 3: names, globs, excludes
+
+
+def test_members_as_list_prints_them_and_globs(tmp_path, archive):
+    listed = llmarc("list", archive).stdout
+    assert " licenses/\n" in listed
+    dest = tmp_path / "x"
+    r = llmarc("extract", archive, "-C", dest, "-q", "licenses/", "./man/ls.txt",
+               "pysrc/*.py")
+    assert r.returncode == 0, r.stderr
+    assert files_below(dest) == {"licenses/MIT", "man/ls.txt", "pysrc/a.py",
+                                 "pysrc/sub/b.py"}  # '*' matches '/' as in tar and unzip
+    r = llmarc("extract", archive, "-C", tmp_path / "y", "-q", "nope/*.c")
+    assert r.returncode == 1 and "no member named 'nope/*.c'" in error_lines(r)[0]
+
+
+def test_exclude_on_pack_and_extract(tmp_path, tree, archive):
+    out = tmp_path / "ex.llma"
+    r = llmarc("pack", tree, out, "--codec", "zstd", "-q", "--exclude", "*.bin",
+               "--exclude", "sub")
+    assert r.returncode == 0, r.stderr
+    names = {row["name"] for row in json.loads(llmarc("list", out, "--json").stdout)}
+    assert names == {"licenses", "licenses/MIT", "man", "man/ls.txt", "pysrc",
+                     "pysrc/a.py", "pysrc/c.txt"}
+    dest = tmp_path / "x"
+    r = llmarc("extract", archive, "-C", dest, "-q", "--exclude", "pysrc/*.py",
+               "--exclude", "licenses")
+    assert r.returncode == 0, r.stderr
+    assert files_below(dest) == {"blob.bin", "man/ls.txt", "pysrc/c.txt"}
+
+
+def test_a_single_file_as_pack_input(tmp_path, tree):
+    out = tmp_path / "one.llma"
+    r = llmarc("pack", tree / "man" / "ls.txt", out, "--codec", "zstd", "-q")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(llmarc("list", out, "--json").stdout)
+    assert [row["name"] for row in rows] == ["ls.txt"]
+    assert llmarc("extract", out, "-C", tmp_path / "x", "-q").returncode == 0
+    assert (tmp_path / "x/ls.txt").read_bytes() == (tree / "man/ls.txt").read_bytes()
+
+
+# ---------------------------------------------------------------- 4: '-' and -O
+
+
+def test_stdout_and_stdin_archives_through_pipes(tmp_path, tree):
+    packed = subprocess.run([sys.executable, "-m", "llmarc.cli", "pack", str(tree), "-",
+                             "--codec", "zstd", "-q"], capture_output=True, timeout=120)
+    assert packed.returncode == 0, packed.stderr
+    assert not (Path.cwd() / "-").exists()
+    data = packed.stdout
+    r = llmarc("list", "-", stdin=data, text=False)
+    assert r.returncode == 0 and b" man/ls.txt\n" in r.stdout, r.stderr
+    r = llmarc("extract", "-", "-C", tmp_path / "x", "-q", stdin=data, text=False)
+    assert r.returncode == 0, r.stderr
+    assert files_below(tmp_path / "x") == files_below(tree)
+    r = llmarc("extract", "-", "-O", "man/ls.txt", "licenses/MIT", stdin=data, text=False)
+    assert r.returncode == 0, r.stderr
+    expected = {(tree / "man/ls.txt").read_bytes(), (tree / "licenses/MIT").read_bytes()}
+    assert len(r.stdout) == sum(map(len, expected))
+    assert all(part in r.stdout for part in expected)
+    r = llmarc("test", "-", "-q", stdin=data, text=False)
+    assert r.returncode == 0 and r.stdout == b"-: OK (10 members)\n", r.stderr
+
+
+# ---------------------------------------------------------------- 5: damage and resume
+
+
+@pytest.fixture
+def damaged(tmp_path: Path) -> Path:
+    """Three stored files in a directory; the middle one has a flipped byte."""
+    files = [("d/a.txt", b"A" * 100), ("d/b.txt", b"B" * 100), ("d/c.txt", b"C" * 100)]
+    data = bytearray(raw_archive(files, dirs=("d",)))
+    data[HEADER_SIZE + 100 + 7] ^= 0x40
+    path = tmp_path / "damaged.llma"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_keep_going_restores_every_intact_member(tmp_path, damaged):
+    dest = tmp_path / "x"
+    r = llmarc("extract", damaged, "-C", dest, "-q")
+    assert r.returncode == 1 and len(error_lines(r)) == 1
+    assert files_below(dest) <= {"d/a.txt"}  # stops at the damage, nothing half-written
+    assert stat.S_IMODE((dest / "d").stat().st_mode) == 0o755  # modes fixed all the same
+    r = llmarc("extract", damaged, "-C", tmp_path / "y", "-q", "--keep-going")
+    assert r.returncode == 1
+    assert files_below(tmp_path / "y") == {"d/a.txt", "d/c.txt"}
+    assert (tmp_path / "y/d/c.txt").read_bytes() == b"C" * 100
+    assert "member 'd/b.txt'" in r.stderr and "'d/a.txt'" not in r.stderr
+    assert error_lines(r) == ["llmarc: error: 1 member could not be extracted (listed "
+                              "above); 2 other files extracted"]
+    r = llmarc("test", damaged, "-q", "-k")
+    assert r.returncode == 1 and "member 'd/b.txt'" in r.stderr and r.stdout == ""
+    assert error_lines(r)[-1].endswith("; 2 other files intact")
+
+
+def test_list_of_a_damaged_archive_exits_1(damaged):
+    r = llmarc("list", damaged)
+    assert r.returncode == 1
+    assert " d/c.txt\n" in r.stdout  # still listed
+    assert "member 'd/b.txt'" in r.stderr and len(error_lines(r)) == 1
+
+
+def test_skip_existing_resumes_an_extract(tmp_path, archive, tree):
+    dest = tmp_path / "x"
+    assert llmarc("extract", archive, "-C", dest, "-q", "man/").returncode == 0
+    before = (dest / "man/ls.txt").stat().st_ino
+    r = llmarc("extract", archive, "-C", dest, "-q", "--skip-existing")
+    assert r.returncode == 0, r.stderr
+    assert files_below(dest) == files_below(tree)
+    assert (dest / "man/ls.txt").stat().st_ino == before  # kept, not rewritten
+    (dest / "blob.bin").write_bytes(b"changed")
+    r = llmarc("extract", archive, "-C", dest, "-q", "--skip-existing")
+    assert r.returncode == 1 and "'blob.bin' already exists" in error_lines(r)[0]
+    assert (dest / "blob.bin").read_bytes() == b"changed"
+
+
+# ---------------------------------------------------------------- 6: list
+
+
+def test_list_columns_total_and_long(tmp_path, archive, tree):
+    lines = llmarc("list", archive).stdout.splitlines()
+    assert lines[0].split() == ["mode", "size", "packed", "codec", "bits/byte", "mtime",
+                                "name"]
+    row = next(ln for ln in lines if ln.endswith(" blob.bin")).split()
+    assert row[:2] == ["-rw-r--r--", "1.0K"] and row[3] == "zstd"  # ls -lh sizes
+    assert lines[-1].split()[-4:] == ["6", "files,", "4", "directories"]
+    solo = tmp_path / "nosolid.llma"
+    assert llmarc("pack", tree, solo, "--codec", "zstd", "--no-solid", "-q").returncode == 0
+    long = llmarc("list", "-l", solo).stdout.splitlines()
+    total = long[-1].split()
+    assert total[:2] == [str(sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())),
+                         str(solo.stat().st_size)]  # exact bytes; packed: the whole archive
+    row = next(ln for ln in long if ln.endswith(" man/ls.txt")).split()
+    data = (tree / "man/ls.txt").read_bytes()
+    assert row[1] == str(len(data))
+    assert hashlib.sha256(data).hexdigest() in row
