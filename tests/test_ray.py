@@ -242,6 +242,28 @@ def test_a_group_that_keeps_failing_ends_the_run(runtime, monkeypatch):
     assert coder.encode_segments(good) == LLMCodec(loaded, settings).encode_segments(good)
 
 
+def test_a_failed_ray_pack_leaves_nothing_under_out(runtime, tmp_path, monkeypatch):
+    """README "Failure": a group that fails on every actor ends the pack with a one-line
+    error, and as for any failed pack nothing is left in OUT's directory (no archive, no
+    temporary file) and no actor outlives it.  The failure is real, on the actors: one
+    segment sent to them is a token id past the vocabulary, so they raise each time."""
+    monkeypatch.setenv(ray_coder.WORKERS_ENV, "1")
+    original = ray_coder.RayCoder.encode_segments
+
+    def with_a_bad_segment(self, segments, *args, **kwargs):
+        return original(self, [*segments, [10**7]], *args, **kwargs)
+
+    monkeypatch.setattr(ray_coder.RayCoder, "encode_segments", with_a_bad_segment)
+    src = make_tree(tmp_path / "src", {"a.txt": b"a text for the actors " * 8})
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(ClusterError, match="failed 3 times"):
+        llmarc.pack(src, out_dir / "a.llma", codec="llm", warn=lambda m: None,
+                    llm=LLMOptions(ray=runtime, **SETTINGS))
+    assert list(out_dir.iterdir()) == []
+    assert live_llmarc_actors() == []
+
+
 #: Runs the CLI as a terminal would: Ctrl-C raising KeyboardInterrupt.  A child inherits
 #: its parent's ignored or blocked signals, and CPython keeps an inherited SIG_IGN; in
 #: the full suite's CI runs the interrupted pack twice ran on as if never interrupted.
