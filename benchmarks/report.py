@@ -151,9 +151,8 @@ def markdown(results: dict[str, Any]) -> str:
                    f"{tokens / stage['coding_seconds']:.0f} | "
                    f"{coded_bytes / 1000 / stage['coding_seconds']:.2f} | "
                    f"{stage['process_seconds']:.1f} | {stage['peak_rss_bytes'] / 2**30:.2f} GiB |")
-    first = "from the cache" if load_first["was_cached"] else "first load: GGUF converted, cached"
-    out += ["", f"Model load: {load_first['seconds']:.1f} s ({first}), "
-            f"then {load_cached['seconds']:.1f} s from the cache; "
+    out += ["", f"Model load: {load_first['seconds']:.1f} s the first time (the weights' "
+            f"digest computed and remembered), then {load_cached['seconds']:.1f} s; "
             f"{load_first['parameters']:,} parameters.", "",
             f"Batch-width sweep (real encoder, {results['sizes']['batch_steps']} tokens per row, "
             "KV cache sized for 1024 positions, one process per width):", "",

@@ -66,12 +66,18 @@ def test_stepping_equals_prefill_bit_for_bit(model) -> None:
 def test_the_integer_model_keeps_no_view_of_the_float_weights() -> None:
     """Dropping the float model must free its storage (a memory-mapped safetensors file
     stays resident while any view of it lives)."""
+    import numpy as np
+
     loaded = load_model(str(MODELS["bpe"]), device="cpu")
-    floats = {p.untyped_storage().data_ptr() for p in loaded.model.parameters()}
-    engine = IntegerModel(loaded.model, 16)
+    engine = IntegerModel(loaded.derived, 16)
     kept = [value for value in vars(engine).values() if isinstance(value, torch.Tensor)]
     assert any(value is engine.embedding for value in kept)
-    assert not {value.untyped_storage().data_ptr() for value in kept} & floats
+    mappings = {id(f): np.frombuffer(f._map, np.uint8)
+                for f in loaded.derived.weights.files.values()}
+    assert mappings
+    for value in kept:
+        for mapping in mappings.values():
+            assert not np.shares_memory(value.numpy(), mapping)
 
 
 def test_a_step_writes_its_logits_into_the_steppers_workspace(model) -> None:
@@ -138,14 +144,12 @@ def test_the_numpy_reference_agrees_on_smollm2_first_tokens() -> None:
     """The embedded model: 135M parameters, 30 layers, GQA, tied embeddings."""
     loaded = load_model("smollm2", device="cpu")
     tokens = [loaded.start_token, 504, 3135, 282, 260]
-    folder = Path(loaded.source.path)
-    if folder.suffix == ".gguf":
-        from llmarc.model.sources import converted_gguf_folder
-
-        folder = converted_gguf_folder(folder)
+    derived = loaded.derived
+    tensors = dict(derived.tensors())
     for engine in ENGINES:
         ours = loaded.integer_model(8, engine).prefill(torch.tensor([tokens]))[0].numpy()
-        theirs = IntReference(folder, max_length=8, engine=engine).logits(tokens)
+        theirs = IntReference(None, max_length=8, engine=engine, tensors=tensors,
+                              config=derived.architecture.canonical()).logits(tokens)
         assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)), engine
 
 
@@ -183,10 +187,10 @@ def test_int8_and_fp32_gemm_paths_give_the_same_logits(monkeypatch, engine: str)
     loaded = load_model(str(MODELS["bpe"]), device="cpu")
     tokens = tokens_for(11, 2, 20)
     levels = ATTENTION_LEVELS[engine]
-    fast = IntegerModel(loaded.model, 32, attention_levels=levels)
+    fast = IntegerModel(loaded.derived, 32, attention_levels=levels)
     assert fast.int8_attention == (levels == 127 and fast.int8_gemm)
     monkeypatch.setenv(int8_gemm.ENVIRONMENT_SWITCH, "off")
-    plain = IntegerModel(loaded.model, 32, attention_levels=levels)
+    plain = IntegerModel(loaded.derived, 32, attention_levels=levels)
     assert not plain.int8_gemm and plain.lm_head.weight.dtype == torch.float32
     assert not plain.int8_attention
     assert torch.equal(fast.prefill(tokens), plain.prefill(tokens))
@@ -393,15 +397,12 @@ def test_stepping_equals_prefill_at_other_head_widths(head_dim: int, rows: int, 
     """SmolLM2's head width (64: u.v in four 16-column runs) and one that is not a multiple
     of the stepping kernel's 16-wide tiles (24: zero-padded columns), with segments that
     end inside a tile of keys, against prefill's GEMMs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny_models import RandomModel
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=300, hidden_size=2 * head_dim,
-                         intermediate_size=4 * head_dim, num_hidden_layers=2,
+    random = RandomModel(seed, hidden_size=2 * head_dim, intermediate_size=4 * head_dim,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim,
                          max_position_embeddings=128)
-    model = IntegerModel(LlamaForCausalLM(config).eval(), length,
-                         attention_levels=ATTENTION_LEVELS[engine])
+    model = IntegerModel(random, length, attention_levels=ATTENTION_LEVELS[engine])
     tokens = tokens_for(seed + 5, rows, length)
     assert torch.equal(step_all(model, tokens), model.prefill(tokens))
 
@@ -434,12 +435,14 @@ def test_quantizer_and_powers_of_two_follow_the_spec() -> None:
 
 
 def test_unsupported_architectures_are_refused() -> None:
+    from dataclasses import replace
+
     from llmarc.errors import ModelError
 
     loaded = load_model(str(MODELS["bpe"]), device="cpu")
-    loaded.model.config.hidden_act = "gelu"
-    try:
-        with pytest.raises(ModelError, match="gelu"):
-            IntegerModel(loaded.model, 16)
-    finally:
-        loaded.model.config.hidden_act = "silu"
+    derived = loaded.derived
+    for change, message in (({"hidden_act": "gelu"}, "gelu"), ({"mlp_bias": True}, "biased"),
+                            ({"rope_scaling": {"rope_type": "linear"}}, "linear")):
+        other = replace(derived, architecture=replace(derived.architecture, **change))
+        with pytest.raises(ModelError, match=message):
+            IntegerModel(other, 16)

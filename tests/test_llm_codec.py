@@ -70,6 +70,8 @@ def test_many_segments_and_files_share_rows(tmp_path: Path, engine: str) -> None
     pack_llm(src, out, segment_length=32, batch_width=4, engine=engine)
     with llmarc.open(out, model=TINY_BPE, device="cpu", batch_width=3) as archive:
         profile = json.loads(archive.models[0].profile)
+        components = profile.pop("model")  # the model's short component digests
+        assert set(components) == {"arch", "start", "table", "weights"}
         if engine != "lockstep-v1":  # only what changes the numbers is recorded
             assert profile == {"engine": engine, "precision": 24, "segment_length": 32}
         else:  # the float engine's numbers depend on B, dtype, threads: recorded

@@ -1,4 +1,4 @@
-"""Model sources, fingerprints, profiles and the batch-width formula (no real model runs)."""
+"""Model sources, profiles and the batch-width formula (no real model runs)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from llmarc.codecs.llm import cuda_batch_ceiling, default_batch_width
 from llmarc.errors import ModelError, ModelNotFoundError
 from llmarc.model import sources
-from llmarc.model.fingerprint import architecture_of, model_fingerprint, profile_differences
+from llmarc.model.fingerprint import profile_differences
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -68,22 +68,6 @@ def test_file_digests_are_cached_by_identity(tmp_path: Path, monkeypatch) -> Non
     assert sources.file_digest(weights) != first
 
 
-def test_fingerprint_covers_weights_table_architecture_and_start_token() -> None:
-    arch = {"model_type": "llama", "hidden_size": 64}
-    base = model_fingerprint("00" * 32, b"\x01" * 32, arch, 1)
-    assert len(base) == 32
-    assert model_fingerprint("01" + "00" * 31, b"\x01" * 32, arch, 1) != base
-    assert model_fingerprint("00" * 32, b"\x02" * 32, arch, 1) != base
-    assert model_fingerprint("00" * 32, b"\x01" * 32, {**arch, "hidden_size": 65}, 1) != base
-    assert model_fingerprint("00" * 32, b"\x01" * 32, arch, 2) != base
-
-
-def test_architecture_ignores_bookkeeping_fields() -> None:
-    config = {"model_type": "llama", "hidden_size": 8, "transformers_version": "9.9",
-              "use_cache": True, "rope_scaling": None}
-    assert architecture_of(config) == {"model_type": "llama", "hidden_size": 8}
-
-
 def test_profile_differences_name_each_key() -> None:
     lines = profile_differences({"torch": "2.13", "a": 1}, {"torch": "2.14", "a": 1})
     assert lines == ["torch: archive '2.13', here '2.14'"]
@@ -112,8 +96,7 @@ def test_cuda_batch_formula_refuses_when_one_row_does_not_fit() -> None:
 @pytest.mark.parametrize(("segments", "width"), [(1, 1), (5, 5), (32, 32), (33, 17),
                                                  (80, 27), (1000, 32)])
 def test_cpu_batch_width_is_balanced_over_the_work(segments: int, width: int) -> None:
-    loaded = SimpleNamespace(device=SimpleNamespace(type="cpu"),
-                             model=SimpleNamespace(config=LLAMA_7B))
+    loaded = SimpleNamespace(device=SimpleNamespace(type="cpu"), config=LLAMA_7B)
     assert default_batch_width(loaded, 1024, segments) == width
 
 

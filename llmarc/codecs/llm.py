@@ -17,9 +17,10 @@ a lockstep group, sorted longest first so short segments waste few steps.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,12 @@ from llmarc.errors import (
     ModelMismatchError,
     UnsupportedFeatureError,
 )
-from llmarc.model.fingerprint import PROFILE_SETTINGS, profile_differences
+from llmarc.model.fingerprint import (
+    COMPONENTS_KEY,
+    PROFILE_SETTINGS,
+    differing_components,
+    profile_differences,
+)
 
 ENGINE_LOCKSTEP = "lockstep-v1"  # float, bound to the environment that made it
 # Exact integer arithmetic: the same logits on every machine.  int-v2 (8-bit attention)
@@ -129,12 +135,15 @@ def build_profile(loaded: Any, settings: CodingSettings) -> dict[str, Any]:
     The integer engines record only what changes the numbers (engine, L, P): their
     logits do not depend on the machine, batch width or thread count.  lockstep-v1 also
     records the settings the decoder must reproduce (B, dtype, threads) and the
-    environment."""
+    environment.  Both add the model's short component digests (``model``), so that a
+    reader with another model can say which part of it differs."""
+    components = {COMPONENTS_KEY: loaded.components.short()}
     if settings.engine in INTEGER_ENGINES:
         return {
             "engine": settings.engine,
             "segment_length": settings.segment_length,
             "precision": settings.precision,
+            **components,
         }
     profile = dict(loaded.environment)
     profile.update(
@@ -144,6 +153,7 @@ def build_profile(loaded: Any, settings: CodingSettings) -> dict[str, Any]:
         precision=settings.precision,
         dtype=loaded.dtype_name,
         threads=loaded.threads,
+        **components,
     )
     return profile
 
@@ -186,19 +196,54 @@ def check_model(
 ) -> list[str]:
     """Refuse a different model; return warnings for environment differences (only
     lockstep-v1 depends on the environment)."""
-    if loaded.fingerprint != fingerprint:
-        raise ModelMismatchError(
-            f"archive was made with model {name!r} (fingerprint {fingerprint.hex()[:16]}), "
-            f"but {loaded.source.display_name!r} has fingerprint "
-            f"{loaded.fingerprint.hex()[:16]}; pass the same model with --model"
-        )
+    if not loaded.accepts(fingerprint):
+        raise ModelMismatchError(mismatch_message(loaded, fingerprint, name, profile))
     settings = settings_from_profile(profile)
+    check_model_limits(loaded, settings)
     if settings.engine != ENGINE_LOCKSTEP:
         return []
     current = build_profile(loaded, settings)
-    recorded = {k: v for k, v in profile.items() if k not in PROFILE_SETTINGS}
-    here = {k: v for k, v in current.items() if k not in PROFILE_SETTINGS}
+    ignored = (*PROFILE_SETTINGS, COMPONENTS_KEY)
+    recorded = {k: v for k, v in profile.items() if k not in ignored}
+    here = {k: v for k, v in current.items() if k not in ignored}
     return profile_differences(recorded, here)
+
+
+def mismatch_message(loaded: Any, fingerprint: bytes, name: str,
+                     profile: dict[str, Any]) -> str:
+    """Why this model cannot decode the entry, and what to do: the component that
+    differs where the archive recorded component digests (llmarc >= 0.2)."""
+    here = loaded.source.display_name
+    what = (f"archive was made with model {name!r} (fingerprint {fingerprint.hex()[:16]}); "
+            f"the model given here, {here!r} ({loaded.source.path}), has fingerprint "
+            f"{loaded.fingerprint.hex()[:16]}")
+    differing = differing_components(profile.get(COMPONENTS_KEY), loaded.components)
+    if differing:
+        what += f": its {', '.join(differing)} differ{'s' if len(differing) == 1 else ''}"
+    elif COMPONENTS_KEY not in profile:
+        what += " (the archive predates component digests, so which part differs is unknown)"
+    return (f"{what}; extract with the model that made the archive "
+            f"(--model FOLDER_OR_GGUF, or LLMARC_MODEL)")
+
+
+def check_model_limits(loaded: Any, settings: CodingSettings) -> None:
+    """Refuse (CorruptArchiveError) a profile that the model it names cannot have made.
+
+    Checked once the fingerprint matched (a different model is ModelMismatchError) and
+    before anything is allocated (spec/llm-codec.md §2.2): a segment longer than the
+    model's window (``max_position_embeddings``, part of the fingerprint) would size the
+    decoder by a number no writer can record, and a precision whose 2^P does not exceed
+    the logits width V leaves no room for every symbol's frequency of at least 1
+    (entropy.md §2)."""
+    window = loaded.context_window
+    if settings.segment_length > window:
+        raise CorruptArchiveError(
+            f"llm profile: segment length {settings.segment_length} exceeds the model's "
+            f"window of {window} positions")
+    if loaded.vocab_size >= 1 << settings.precision:
+        raise CorruptArchiveError(
+            f"llm profile: precision {settings.precision} is too small for the model's "
+            f"{loaded.vocab_size} logits (2^precision must exceed it)")
 
 
 def default_batch_width(loaded: Any, segment_length: int, segments: int) -> int:
@@ -214,7 +259,7 @@ def default_batch_width(loaded: Any, segment_length: int, segments: int) -> int:
     """
     import torch
 
-    config = loaded.model.config
+    config = loaded.config
     if loaded.device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(loaded.device)
         ceiling = cuda_batch_ceiling(free, config, segment_length, loaded.dtype_name,
@@ -373,7 +418,7 @@ class CodingStats:
 
 
 # --------------------------------------------------------------------------- segments
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SegmentJob:
     """One segment to decode: its range-coder stream, how many tokens it holds, and the
     most bytes its tokens may produce (:func:`segment_byte_limit`: a hostile stream
@@ -481,38 +526,41 @@ class SegmentCoder:
         jobs = list(jobs)
         results: list[bytes | CorruptArchiveError] = [b""] * len(jobs)
         escapes: list[Escapes] = [[] for _ in jobs]
-        owners: list[int] = []
-        segment_jobs: list[SegmentJob] = []
-        for owner, (payload, original_size) in enumerate(jobs):
-            try:
-                token_count, escapes[owner], streams = parse_payload(
-                    payload, original_size, length, with_escapes
-                )
-            except CorruptArchiveError as exc:
-                results[owner] = exc
-                continue
-            for index, stream in enumerate(streams):
-                count = min(length, token_count - index * length)
-                owners.append(owner)
-                limit = segment_byte_limit(original_size, len(escapes[owner]), token_count,
-                                           count)
-                segment_jobs.append(SegmentJob(stream, count, limit))
         parts: list[list[bytes]] = [[] for _ in jobs]
-        decoded_segments: list[list[int] | CorruptArchiveError] = []
-        for begin in range(0, len(segment_jobs), DECODE_CHUNK):  # bounded live state
-            chunk = segment_jobs[begin : begin + DECODE_CHUNK]
-            decoded_segments.extend(self.decode_segments(chunk, progress))
-        for owner, decoded in zip(owners, decoded_segments, strict=True):
-            if isinstance(results[owner], CorruptArchiveError):
-                continue
-            if isinstance(decoded, CorruptArchiveError):
-                results[owner] = decoded
-                continue
-            parts[owner].append(b"".join(table[t] for t in decoded))  # type: ignore[misc]
+
+        def segments() -> Iterator[tuple[int, SegmentJob]]:
+            """(owner, job) of every segment, one payload at a time: the per-segment
+            state of a payload of a million one-token segments is never all alive."""
+            for owner, (payload, original_size) in enumerate(jobs):
+                try:
+                    token_count, escapes[owner], streams = parse_payload(
+                        payload, original_size, length, with_escapes
+                    )
+                except CorruptArchiveError as exc:
+                    results[owner] = exc
+                    continue
+                for index, stream in enumerate(streams):
+                    count = min(length, token_count - index * length)
+                    limit = segment_byte_limit(original_size, len(escapes[owner]),
+                                               token_count, count)
+                    yield owner, SegmentJob(stream, count, limit)
+
+        pending = segments()
+        while chunk := list(itertools.islice(pending, DECODE_CHUNK)):  # bounded live state
+            decoded_chunk = self.decode_segments([job for _owner, job in chunk], progress)
+            for (owner, _job), decoded in zip(chunk, decoded_chunk, strict=True):
+                if isinstance(results[owner], CorruptArchiveError):
+                    continue
+                if isinstance(decoded, CorruptArchiveError):
+                    results[owner] = decoded
+                    parts[owner] = []
+                    continue
+                parts[owner].append(b"".join(table[t] for t in decoded))  # type: ignore[misc]
         for owner, (_payload, original_size) in enumerate(jobs):
             if isinstance(results[owner], CorruptArchiveError):
                 continue
             data = apply_escapes(b"".join(parts[owner]), escapes[owner])
+            parts[owner] = []
             if len(data) > original_size:
                 results[owner] = CorruptArchiveError(
                     "llm stream decodes to more bytes than recorded"
@@ -531,6 +579,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)  # encode: known; decode: grows
     produced: int = 0  # decode: bytes the decoded tokens stand for
     error: CorruptArchiveError | None = None  # a decoding failure stops only this row
+    given: int = 0  # decode: leading tokens decoded before stepping (fed, not decoded)
 
 
 def _groups(rows: list[_Row], width: int) -> list[list[_Row]]:
@@ -563,6 +612,7 @@ class LLMCodec(SegmentCoder):
         self.settings = settings
         self.table = loaded.table
         self._lockstep: Any = None  # lockstep-v1's engine, made when first needed
+        self._first_table: np.ndarray | None = None  # position 0's cumulative frequencies
 
     def _integer(self, positions: int) -> Any:
         """The integer model of this engine, with rotary tables for at least
@@ -651,6 +701,14 @@ class LLMCodec(SegmentCoder):
             active = [r for r, row in enumerate(group) if t < row.length and row.error is None]
             if not active:
                 break
+            next_feed = [start] * width
+            for r in active:
+                if t < group[r].given:  # decoded already: the step only fills the cache
+                    next_feed[r] = group[r].tokens[t]
+            active = [r for r in active if t >= group[r].given]
+            if not active:
+                feed = torch.tensor(next_feed, dtype=torch.long)
+                continue
             if tables is None:
                 tables = np.empty(logits.shape, dtype=np.int64)
                 picked = torch.empty_like(logits)
@@ -660,7 +718,6 @@ class LLMCodec(SegmentCoder):
                                             out=picked[:count])
             ends = frequency_tables(logits.numpy(), self.settings.precision,
                                     cumulative=True, out=tables[:count])
-            next_feed = [start] * width
             for i, r in enumerate(active):
                 try:
                     next_feed[r] = code_row(group[r], t, ends[i], logits[i])
@@ -787,9 +844,45 @@ class LLMCodec(SegmentCoder):
             return token
 
         rows = [_Row(slot, job.count) for slot, job in enumerate(jobs)]
-        self._run_groups(rows, code_row, progress)
-        return [row.error if row.error is not None else row.tokens
-                for row in sorted(rows, key=lambda row: row.slot)]
+        stepped = rows
+        if self.settings.engine in INTEGER_ENGINES:
+            stepped = self._first_tokens(rows, code_row, progress)
+        self._run_groups(stepped, code_row, progress)
+        return [row.error if row.error is not None else row.tokens for row in rows]
+
+    def _first_tokens(
+        self,
+        rows: list[_Row],
+        code_row: Callable[[_Row, int, np.ndarray, Any], int],
+        progress: ProgressCallback | None,
+    ) -> list[_Row]:
+        """Decode every row's first token from the one table all segments share; return
+        the rows that still need the model.
+
+        Every segment starts with the start token at position 0, so with an integer
+        engine (whose logits depend on a row's tokens alone) its first prediction is
+        the same for all: computed once per codec.  A payload of a million one-token
+        segments (or of segments whose streams fail at once) then costs a range
+        decoder step each, not a model step per row."""
+        if self._first_table is None:
+            import torch
+
+            from llmarc.entropy.fast import frequency_tables
+
+            model = self._integer(1)
+            logits = model.prefill(torch.tensor([[self.loaded.start_token]]))[0]
+            self._first_table = frequency_tables(logits.numpy(), self.settings.precision,
+                                                 cumulative=True)[0]
+        table = self._first_table
+        for row in rows:
+            try:
+                code_row(row, 0, table, None)
+            except CorruptArchiveError as exc:
+                row.error = exc
+            row.given = 1
+        if progress is not None and rows:
+            progress(len(rows))
+        return [row for row in rows if row.error is None and row.length > 1]
 
 
 def _check_lockstep_memory(loaded: Any, shape: Any) -> None:
@@ -797,7 +890,7 @@ def _check_lockstep_memory(loaded: Any, shape: Any) -> None:
     import os
 
     need = shape.batch_width * kv_row_bytes(
-        loaded.model.config, shape.segment_length, loaded.dtype_name
+        loaded.config, shape.segment_length, loaded.dtype_name
     )
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

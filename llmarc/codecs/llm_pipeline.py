@@ -151,10 +151,8 @@ def encode_text_entries(
         engine=options.engine,
     )
     length = options.segment_length
-    if not 1 <= length <= loaded.model.config.max_position_embeddings:
-        raise ModelError(
-            f"segment length {length} is outside 1..{loaded.model.config.max_position_embeddings}"
-        )
+    if not 1 <= length <= loaded.context_window:
+        raise ModelError(f"segment length {length} is outside 1..{loaded.context_window}")
     tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
     escaping = options.engine in INTEGER_ENGINES  # their payloads carry escaped bytes
     token_lists: list[list[int] | None] = []
@@ -200,6 +198,28 @@ def encode_text_entries(
     return results
 
 
+def adopted_threads(recorded: int, warn: Warn | None) -> int:
+    """The thread count a lockstep-v1 decoder adopts: the recorded one, but at most this
+    machine's CPUs (spec/llm-codec.md §2.2).
+
+    A hostile profile may record 1,024 threads (the range's top): so many OpenMP threads
+    ran out of memory (a MemoryError traceback) and would crawl on a few cores.  Fewer
+    threads may change lockstep-v1's float numbers, as any other environment difference
+    does, so the decoder warns and the SHA-256 decides."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    if recorded <= cpus:
+        return recorded
+    if warn is not None:
+        warn(f"the archive was made with {recorded} threads, this machine has {cpus} CPUs: "
+             f"decoding with {cpus} (verified by SHA-256)")
+    return cpus
+
+
 class LLMDecoder:
     """Decodes llm members of one archive, loading each needed model once."""
 
@@ -224,12 +244,15 @@ class LLMDecoder:
             profile, self.options.batch_width or DEFAULT_CPU_BATCH_WIDTH
         )
         lockstep = settings.engine == ENGINE_LOCKSTEP
+        threads = self.options.threads
+        if lockstep:
+            threads = adopted_threads(profile["threads"], self.warn)
         self._current = None  # the previous model is released before the next loads
         loaded = load_model(
             self.options.model,
             device=self.options.device,
             dtype=profile["dtype"] if lockstep else None,  # validated by settings_from_profile
-            threads=profile["threads"] if lockstep else self.options.threads,
+            threads=threads,
             status=status,
             engine=settings.engine,
         )

@@ -308,66 +308,67 @@ class IntegerModel:
 
     def __init__(self, model: Any, max_length: int, device: Any = None,
                  attention_levels: int = ATTENTION_LEVELS["int-v1"]) -> None:
-        config = model.config
-        if getattr(config, "model_type", None) != "llama":
+        """Derive the integer model from ``model``: a
+        :class:`~llmarc.model.derived.DerivedModel` (or anything with its ``architecture``
+        and ``tensor(name)``: float32 NumPy values under Hugging Face names), one weight
+        at a time, so no float copy of the whole model is ever held."""
+        config = model.architecture
+        if config.model_type != "llama":
             raise ModelError(f"model type {config.model_type!r} is not supported by int-v1/v2")
-        rope = getattr(config, "rope_scaling", None) or {}
-        rope_params = getattr(config, "rope_parameters", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type")) or rope_params.get("rope_type")
+        rope_type = (config.rope_scaling or {}).get("rope_type")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ModelError(f"rope type {rope_type!r} is not supported by int-v1/v2")
-        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        if config.attention_bias or config.mlp_bias:
             raise ModelError("biased attention or MLP layers are not supported by int-v1/v2")
-        if getattr(config, "hidden_act", "silu") != "silu":
+        if config.hidden_act != "silu":
             raise ModelError(f"activation {config.hidden_act!r} is not supported by int-v1/v2")
-        decoder = model.model
         self.hidden = config.hidden_size
         if self.hidden > 1 << 13:
             raise ModelError("int-v1/v2 support hidden sizes up to 8192")
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.num_heads
+        self.head_dim = config.head_dim
         self.group = self.num_heads // self.num_kv_heads
         self.eps = float(config.rms_norm_eps)
         #: N of the attention's quantizers: what makes this int-v1 or int-v2.
         self.attention_levels = attention_levels
-        self.device = torch.device(device) if device is not None else model.device
-        # A copy, never a view: a view would keep the float model's storage alive after
-        # it is dropped, e.g. all of a memory-mapped safetensors file (540 MB of SmolLM2's
-        # pages stayed resident through every decode).
-        self.embedding = decoder.embed_tokens.weight.detach().to(self.device, torch.float32,
-                                                                 copy=True)
+        self.device = torch.device(device if device is not None else "cpu")
+
+        def weight(name: str) -> torch.Tensor:
+            return torch.from_numpy(model.tensor(name))
+
+        self.embedding = weight("model.embed_tokens.weight").to(self.device)
         self._linear_shapes = _linear_shapes(config, self.head_dim)
         self.int8_gemm = self.device.type == "cpu" and int8_gemm_is_exact(self._linear_shapes)
         #: What the CPU kernels write quantized linear inputs as: the GEMM's operand type.
         self.activation_dtype = torch.int8 if self.int8_gemm else torch.float32
 
-        def linear(weight: torch.Tensor) -> IntLinear:
-            return IntLinear.from_float(weight, self.device, self.int8_gemm)
+        def linear(name: str) -> IntLinear:
+            return IntLinear.from_float(weight(name), self.device, self.int8_gemm)
 
-        self.layers = [
-            IntLayer(
-                input_norm=_norm_weight(layer.input_layernorm, self.device),
-                q_proj=linear(layer.self_attn.q_proj.weight),
-                k_proj=linear(layer.self_attn.k_proj.weight),
-                v_proj=linear(layer.self_attn.v_proj.weight),
-                o_proj=linear(layer.self_attn.o_proj.weight),
-                post_norm=_norm_weight(layer.post_attention_layernorm, self.device),
-                gate_proj=linear(layer.mlp.gate_proj.weight),
-                up_proj=linear(layer.mlp.up_proj.weight),
-                down_proj=linear(layer.mlp.down_proj.weight),
-            )
-            for layer in decoder.layers
-        ]
-        for int_layer in self.layers:
-            int_layer.fuse()
+        def norm(name: str) -> torch.Tensor:
+            return weight(name).to(self.device, F64)
+
+        self.layers = []
+        for index in range(config.num_hidden_layers):
+            prefix = f"model.layers.{index}."
+            self.layers.append(IntLayer(
+                input_norm=norm(prefix + "input_layernorm.weight"),
+                q_proj=linear(prefix + "self_attn.q_proj.weight"),
+                k_proj=linear(prefix + "self_attn.k_proj.weight"),
+                v_proj=linear(prefix + "self_attn.v_proj.weight"),
+                o_proj=linear(prefix + "self_attn.o_proj.weight"),
+                post_norm=norm(prefix + "post_attention_layernorm.weight"),
+                gate_proj=linear(prefix + "mlp.gate_proj.weight"),
+                up_proj=linear(prefix + "mlp.up_proj.weight"),
+                down_proj=linear(prefix + "mlp.down_proj.weight"),
+            ))
+            self.layers[-1].fuse()
         self.fused_kernels = self.device.type == "cpu"  # numba kernels; torch ops elsewhere
-        self.final_norm = _norm_weight(decoder.norm, self.device)
-        self.lm_head = linear(model.lm_head.weight)
-        self.vocab_size = model.lm_head.weight.shape[0]
-        base = float(rope.get("rope_theta") or rope_params.get("rope_theta")
-                     or getattr(config, "rope_theta", 10000.0))
-        self.rope_base = base
+        self.final_norm = norm("model.norm.weight")
+        self.lm_head = linear("lm_head.weight")
+        self.vocab_size = config.vocab_size
+        self.rope_base = float(config.rope_theta)
         self.extend(max_length)
         width = torch.tensor([float(self.head_dim)], dtype=F64, device=self.device)
         self.attention_scale = _div(1.0, torch.sqrt(width))  # 1/sqrt(head_dim)
@@ -1479,10 +1480,6 @@ def _linear_shapes(config: Any, head_dim: int) -> list[tuple[int, int]]:
     inter = config.intermediate_size
     return [(hidden, (heads + 2 * kv) * head_dim), (heads * head_dim, hidden),
             (hidden, 2 * inter), (inter, hidden), (hidden, config.vocab_size)]
-
-
-def _norm_weight(norm: Any, device: Any) -> torch.Tensor:
-    return norm.weight.detach().to(torch.float32).to(device, F64)
 
 
 class IntegerStepper:

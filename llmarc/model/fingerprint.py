@@ -3,9 +3,15 @@
 Two different things are recorded in the archive's model table:
 
 * the **fingerprint** (32 bytes): SHA-256 over everything that defines the probability
-  function in exact arithmetic: the weights, the token-to-bytes table, the architecture
-  fields of the config and the start token.  A different fingerprint is a different
-  model: extraction refuses (:class:`~llmarc.errors.ModelMismatchError`).
+  function in exact arithmetic, as llmarc derives it from the model's files
+  (:class:`~llmarc.model.derived.DerivedModel`): the weights' exact values, the
+  token-to-bytes table, the canonical architecture and the start token (version 2,
+  spec/model.md §6).  Archives of llmarc 0.1 carry version 1, which hashed the same
+  things as transformers presented them; :func:`legacy_fingerprints` reproduces it from
+  the same derivation, so those archives open without transformers too.  A different
+  fingerprint is a different model: extraction refuses
+  (:class:`~llmarc.errors.ModelMismatchError`), naming the component that differs where
+  the archive recorded component digests (the profile's ``model`` key).
 * the **numerics profile** (canonical JSON): how the arithmetic was carried out.  Its
   *settings* (batch width, segment length, dtype, threads, precision, engine) are adopted
   by the decoder, so they always match; its *environment* (device type and name, CPU
@@ -17,34 +23,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
+from dataclasses import dataclass
 from typing import Any
 
-FINGERPRINT_DOMAIN = b"llmarc-model-fingerprint-v1\n"
+from llmarc.model.architecture import legacy_forms
+from llmarc.model.derived import DerivedModel
+from llmarc.model.sources import remembered
+from llmarc.model.tokenbytes import table_digest
 
-# Config fields that change the function a LLaMA-family model computes.  A whitelist, so
-# a transformers release that adds bookkeeping fields does not change fingerprints.
-ARCHITECTURE_FIELDS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "max_position_embeddings",
-    "attention_bias",
-    "mlp_bias",
-    "tie_word_embeddings",
-)
+FINGERPRINT_V1_DOMAIN = b"llmarc-model-fingerprint-v1\n"
+FINGERPRINT_V2_DOMAIN = b"llmarc-model-fingerprint-v2\n"
+WEIGHTS_V2_DOMAIN = b"llmarc-weights-v2\x00"
+#: Bytes of each component digest recorded in a profile's ``model`` key (diagnostics only).
+SHORT_DIGEST = 4
 
 # Profile keys the decoder adopts from the archive (it can always set them itself).
 PROFILE_SETTINGS = ("engine", "batch_width", "segment_length", "dtype", "threads", "precision")
+#: The profile key holding the short component digests (spec/llm-codec.md §2.2).
+COMPONENTS_KEY = "model"
 
 
 def canonical_json(value: Any) -> str:
@@ -52,22 +49,84 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def architecture_of(config: Any) -> dict[str, Any]:
-    """The architecture-defining subset of a transformers config."""
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {key: data[key] for key in ARCHITECTURE_FIELDS if data.get(key) is not None}
+def weights_digest(derived: DerivedModel) -> bytes:
+    """Fingerprint v2's weights digest: SHA-256 over the domain tag, then for each weight
+    in canonical order its name, shape and float32 values (spec/model.md §6).  Remembered
+    per model-file digest: the values are a function of the files' bytes."""
+    def compute() -> str:
+        sha = hashlib.sha256(WEIGHTS_V2_DOMAIN)
+        shapes = derived.shapes
+        sha.update(struct.pack("<I", len(shapes)))
+        for name, values in derived.tensors():
+            encoded = name.encode()
+            sha.update(struct.pack("<I", len(encoded)) + encoded)
+            sha.update(struct.pack(f"<I{values.ndim}Q", values.ndim, *values.shape))
+            sha.update(values.astype("<f4", copy=False).tobytes())
+        return sha.hexdigest()
+
+    return bytes.fromhex(remembered(f"weights-v2|{derived.source_digest}", compute))
 
 
-def model_fingerprint(
-    weights_digest: str, table_digest: bytes, architecture: dict[str, Any], start_token: int
-) -> bytes:
-    """SHA-256 over the domain tag, weights digest, table digest, architecture, start token."""
-    sha = hashlib.sha256(FINGERPRINT_DOMAIN)
-    sha.update(bytes.fromhex(weights_digest))
-    sha.update(table_digest)
-    sha.update(canonical_json(architecture).encode())
+@dataclass(frozen=True)
+class Components:
+    """The four things a fingerprint covers, each digested on its own."""
+
+    weights: bytes
+    table: bytes
+    architecture: str  # canonical JSON
+    start_token: int
+
+    @classmethod
+    def of(cls, derived: DerivedModel) -> Components:
+        return cls(weights_digest(derived), table_digest(derived.table),
+                   canonical_json(derived.architecture.canonical()), derived.start_token)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """Fingerprint v2."""
+        return _fingerprint(FINGERPRINT_V2_DOMAIN, self.weights, self.table,
+                            self.architecture, self.start_token)
+
+    def short(self) -> dict[str, Any]:
+        """What a writer records beside the fingerprint so that a reader with another
+        model can say which component differs."""
+        architecture = hashlib.sha256(self.architecture.encode()).digest()
+        return {"arch": architecture[:SHORT_DIGEST].hex(), "start": self.start_token,
+                "table": self.table[:SHORT_DIGEST].hex(),
+                "weights": self.weights[:SHORT_DIGEST].hex()}
+
+
+def _fingerprint(domain: bytes, weights: bytes, table: bytes, architecture: str,
+                 start_token: int) -> bytes:
+    sha = hashlib.sha256(domain)
+    sha.update(weights)
+    sha.update(table)
+    sha.update(architecture.encode())
     sha.update(start_token.to_bytes(4, "little"))
     return sha.digest()
+
+
+def legacy_fingerprints(derived: DerivedModel) -> list[bytes]:
+    """Every version-1 fingerprint llmarc 0.1 could have recorded for this model (one
+    per transformers spelling of its config: spec/model.md §6.2)."""
+    weights = bytes.fromhex(remembered(f"weights-v1|{derived.source_digest}",
+                                       derived.legacy_weights_digest))
+    table = table_digest(derived.table)
+    return [_fingerprint(FINGERPRINT_V1_DOMAIN, weights, table, canonical_json(form),
+                         derived.start_token)
+            for form in legacy_forms(derived.legacy_config)]
+
+
+def differing_components(recorded: Any, ours: Components) -> list[str]:
+    """The components whose recorded short digests differ from ``ours`` (empty when the
+    archive recorded none, or recorded them malformed: they are diagnostics only)."""
+    if not isinstance(recorded, dict):
+        return []
+    mine = ours.short()
+    labels = {"weights": "weights", "table": "token table", "arch": "architecture",
+              "start": "start token"}
+    return [label for key, label in labels.items()
+            if key in recorded and recorded[key] != mine[key]]
 
 
 def profile_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:

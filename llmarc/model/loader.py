@@ -1,26 +1,33 @@
-"""Load a located model for the LLM codec: weights, tokenizer, token table, fingerprint.
+"""Load a located model for the LLM codec: derived model, fingerprint, engines, tokenizer.
+
+The path is straight: :func:`~llmarc.model.sources.resolve` finds the files, a reader
+(:func:`~llmarc.model.hf_folder.read_hf_folder` or :func:`~llmarc.model.gguf_model.read_gguf`)
+derives the model as spec/model.md defines it, :class:`~llmarc.model.fingerprint.Components`
+identify it, and the engines are built from it on demand: the integer model from its
+weights one tensor at a time, the lockstep-v1 float network (the one use of transformers)
+only for that engine, the encoder's tokenizer only when something is encoded.
 
 Device and dtype policy: ``auto`` is CUDA when present, else CPU; the default dtype is
-float32 on CPU and bfloat16 on CUDA.  On CUDA we switch off TF32 and reduced-precision
-reductions and ask for deterministic algorithms, because cuBLAS may otherwise pick
-differently-accumulating kernels from run to run.
+float32 on CPU and bfloat16 on CUDA (lockstep-v1 only).  On CUDA we switch off TF32 and
+reduced-precision reductions and ask for deterministic algorithms, because cuBLAS may
+otherwise pick differently-accumulating kernels from run to run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from llmarc.errors import ModelError, ModelNotFoundError
-from llmarc.model.fingerprint import architecture_of, model_fingerprint
-from llmarc.model.sources import ModelSource, converted_gguf_folder, file_digest, resolve
+from llmarc.errors import ModelError
+from llmarc.model.architecture import Architecture
+from llmarc.model.derived import DerivedModel
+from llmarc.model.fingerprint import Components, legacy_fingerprints
+from llmarc.model.sources import ModelSource, resolve
 
 DTYPES = ("float32", "bfloat16", "float16")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+INTEGER_ENGINES = ("int-v1", "int-v2")
 
 
 @dataclass
@@ -28,16 +35,34 @@ class LoadedModel:
     """Everything the LLM codec needs from a model, ready to run."""
 
     source: ModelSource
-    model: Any  # a transformers LlamaForCausalLM on its device, eval mode
-    tokenizer: Any
-    table: list[bytes | None]  # token id -> bytes, padded to the logits width
-    start_token: int
-    fingerprint: bytes
+    derived: DerivedModel
+    components: Components
     device: Any  # torch.device
     dtype_name: str
     threads: int
     environment: dict[str, Any] = field(default_factory=dict)
     _integer: Any = field(default=None, repr=False)
+    _network: Any = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)
+    _legacy: list[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """Fingerprint v2, what new archives record."""
+        return self.components.fingerprint
+
+    @property
+    def table(self) -> list[bytes | None]:
+        return self.derived.table
+
+    @property
+    def start_token(self) -> int:
+        return self.derived.start_token
+
+    @property
+    def config(self) -> Architecture:
+        """The canonical architecture (read like a transformers config)."""
+        return self.derived.architecture
 
     @property
     def vocab_size(self) -> int:
@@ -47,7 +72,32 @@ class LoadedModel:
     def context_window(self) -> int:
         """The most positions the model was made for (``max_position_embeddings``): no
         segment, and no decoder cache, may be longer."""
-        return int(self.model.config.max_position_embeddings)
+        return self.config.max_position_embeddings
+
+    def accepts(self, fingerprint: bytes) -> bool:
+        """Whether an archive's recorded ``fingerprint`` names this model: version 2, or
+        one of the version-1 forms llmarc 0.1 wrote (computed only when needed)."""
+        if fingerprint == self.fingerprint:
+            return True
+        if self._legacy is None:
+            self._legacy = legacy_fingerprints(self.derived)
+        return fingerprint in self._legacy
+
+    @property
+    def tokenizer(self) -> Any:
+        """The encoder's tokenizer (a ``tokenizers.Tokenizer`` or a SentencePiece
+        processor), built on first use: decoding never needs one."""
+        if self._tokenizer is None:
+            self._tokenizer = self.derived.make_tokenizer()
+        return self._tokenizer
+
+    @property
+    def model(self) -> Any:
+        """The float network for lockstep-v1 (transformers' LlamaForCausalLM holding the
+        derived weights), built on first use."""
+        if self._network is None:
+            self._network = float_network(self.derived, self.dtype_name, self.device)
+        return self._network
 
     def integer_model(self, length: int, engine: str = "int-v2") -> Any:
         """The integer form of this model for ``engine`` (int-v1 or int-v2) and segments
@@ -56,14 +106,43 @@ class LoadedModel:
         from llmarc.inference.integer import ATTENTION_LEVELS, IntegerModel
 
         if self._integer is None:
-            self._integer = IntegerModel(self.model, length, device=self.device)
-            # The float weights are not needed again (the integer model keeps copies of
-            # what it reads, e.g. the embedding table): free them, keep the config.
-            self.model.to("meta")
+            self._integer = IntegerModel(self.derived, length, device=self.device)
             return_freed_memory()
         elif self._integer.max_length < length:
             self._integer.extend(length)
         return self._integer.with_attention_levels(ATTENTION_LEVELS[engine])
+
+
+def float_network(derived: DerivedModel, dtype_name: str, device: Any) -> Any:
+    """transformers' LlamaForCausalLM with ``derived``'s weights (lockstep-v1 only)."""
+    torch = _import_torch()
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as exc:
+        raise ModelError("the lockstep-v1 engine needs transformers: "
+                         "pip install 'llmarc[lockstep]'") from exc
+    arch = derived.architecture
+    config = LlamaConfig(
+        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads, head_dim=arch.head_dim,
+        hidden_act=arch.hidden_act, rms_norm_eps=arch.rms_norm_eps,
+        rope_theta=arch.rope_theta, rope_scaling=arch.rope_scaling,
+        max_position_embeddings=arch.max_position_embeddings,
+        attention_bias=arch.attention_bias, mlp_bias=arch.mlp_bias,
+        tie_word_embeddings=arch.tie_word_embeddings)
+    dtype = getattr(torch, dtype_name)
+    network = LlamaForCausalLM(config).to(dtype)  # its own buffers (rotary) made here
+    state = {name: torch.from_numpy(values).to(dtype) for name, values in derived.tensors()}
+    missing = {name for name in network.load_state_dict(state, strict=False).missing_keys
+               if not (name == "lm_head.weight" and arch.tie_word_embeddings)}
+    if missing:
+        raise ModelError(f"{derived.source.display_name}: the float network lacks "
+                         f"{sorted(missing)[:3]}")
+    if arch.tie_word_embeddings:
+        network.tie_weights()
+    return network.to(device).eval()
 
 
 def return_freed_memory() -> None:
@@ -105,18 +184,13 @@ def _import_torch() -> Any:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own bar
     set_openmp_waiting()
     try:
         import torch
-        import transformers
     except ImportError as exc:  # the base install has no ML stack
         raise ModelError(
-            "the LLM codec needs PyTorch and transformers: pip install torch==2.13.0 "
-            "'llmarc[llm]'"
+            "the LLM codec needs PyTorch: pip install torch==2.13.0 'llmarc[llm]'"
         ) from exc
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     return torch
 
 
@@ -167,15 +241,14 @@ def environment_profile(device: Any) -> dict[str, Any]:
     return env
 
 
-def weights_digest(folder: Path) -> str:
-    """SHA-256 over the folder's weight files (sorted names) — the bytes the weights come from."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    if not files:
-        raise ModelNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}")
-    sha = hashlib.sha256()
-    for path in files:
-        sha.update(path.name.encode() + b"\0" + bytes.fromhex(file_digest(path)))
-    return sha.hexdigest()
+def derive(source: ModelSource, status: Callable[[str], None] | None = None) -> DerivedModel:
+    """The model ``source`` names, derived from its files by spec/model.md."""
+    from llmarc.model.gguf_model import read_gguf
+    from llmarc.model.hf_folder import read_hf_folder
+
+    if status is not None:
+        status(f"reading {source.display_name}")
+    return read_gguf(source) if source.kind == "gguf" else read_hf_folder(source)
 
 
 def load_model(
@@ -187,20 +260,15 @@ def load_model(
     status: Callable[[str], None] | None = None,
     engine: str = "int-v2",
 ) -> LoadedModel:
-    """Resolve, load and fingerprint a model; never downloads anything.
+    """Resolve, derive and fingerprint a model; never downloads anything.
 
-    For int-v1/v2 the float network is always loaded in float32 on the CPU (the integer
-    model is derived from float32 weights, bit for bit, and then lives on ``device``);
-    ``dtype`` applies to lockstep-v1 only."""
-    torch = _import_torch()
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    from llmarc.model.tokenbytes import build_token_bytes, table_digest
-
+    For int-v1/v2 the weights are read as float32 values and the integer model is
+    derived from them on ``device``; ``dtype`` applies to lockstep-v1 only."""
     source = resolve(model)
+    derived = derive(source, status)
+    torch = _import_torch()
     torch_device = pick_device(device)
-    integer = engine in ("int-v1", "int-v2")
-    if integer:
+    if engine in INTEGER_ENGINES:
         if dtype not in (None, "float32"):
             raise ModelError(f"--dtype {dtype} applies to the lockstep-v1 engine only "
                              f"({engine} computes in integers)")
@@ -210,49 +278,16 @@ def load_model(
         raise ModelError(f"unsupported dtype {dtype_name!r} (use {', '.join(DTYPES)})")
     thread_count = threads or torch.get_num_threads()
     configure_determinism(torch_device, thread_count)
-
-    folder = converted_gguf_folder(source.path, status) if source.kind == "gguf" else source.path
-    config = AutoConfig.from_pretrained(str(folder))
-    if config.model_type != "llama":
-        raise ModelError(
-            f"{source.display_name}: model type {config.model_type!r} is not supported "
-            "(llmarc runs LLaMA-family models)"
-        )
     if status is not None:
-        status(f"loading {source.display_name} ({dtype_name} on {torch_device})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        network = LlamaForCausalLM.from_pretrained(
-            str(folder), dtype=getattr(torch, dtype_name), low_cpu_mem_usage=True
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load {source.display_name}: {exc}") from exc
-    network = network.to(torch.device("cpu") if integer else torch_device).eval()
-
-    logits_width = network.lm_head.out_features
-    table = list(build_token_bytes(tokenizer))
-    if len(table) > logits_width:
-        raise ModelError(
-            f"tokenizer has {len(table)} tokens but the model predicts only {logits_width}"
-        )
-    table += [None] * (logits_width - len(table))
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (
-        tokenizer.eos_token_id
-    )
-    if start is None:
-        raise ModelError(f"{source.display_name}: the tokenizer has no BOS or EOS token")
-    fingerprint = model_fingerprint(
-        weights_digest(folder), table_digest(table), architecture_of(config), int(start)
-    )
+        what = engine if engine in INTEGER_ENGINES else f"{engine}, {dtype_name}"
+        status(f"loading {source.display_name} ({what} on {torch_device})")
     return LoadedModel(
         source=source,
-        model=network,
-        tokenizer=tokenizer,
-        table=table,
-        start_token=int(start),
-        fingerprint=fingerprint,
+        derived=derived,
+        components=Components.of(derived),
         device=torch_device,
         dtype_name=dtype_name,
         threads=thread_count,
-        environment=environment_profile(torch_device),
+        environment=environment_profile(torch_device) if engine not in INTEGER_ENGINES
+        else {},
     )

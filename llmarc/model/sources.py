@@ -3,11 +3,10 @@
 Nothing here ever touches the network: a model that is not on this machine is a
 :class:`~llmarc.errors.ModelNotFoundError` whose message says how to install it.
 
-GGUF files are converted (dequantized) by transformers, which costs ~15 s for the
-embedded 135M model; the converted weights are written once to a cache folder in plain
-Hugging Face layout (``config.json`` + ``model.safetensors`` + tokenizer files) and every
-later run, including the first after conversion, loads from that folder, so encoder and
-decoder always compute with the very same tensors.
+What a located model *means* (weights, token table, architecture, start token) is
+derived from its files by :mod:`llmarc.model.hf_folder` and :mod:`llmarc.model.gguf_model`;
+this module only finds the files, and remembers digests of big files (per path, size
+and mtime) so that they are hashed once.
 """
 
 from __future__ import annotations
@@ -17,11 +16,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from llmarc.errors import ModelNotFoundError
 
@@ -98,26 +96,40 @@ def resolve(model: str | os.PathLike[str] | None) -> ModelSource:
     )
 
 
+def remembered(key: str, compute: Callable[[], str]) -> str:
+    """A digest from the cache's index (``digests.json``), else ``compute()``, stored.
+
+    Keys name what the digest is of (a file's path, size and mtime; a model's derived
+    weights by its files' digest); a read-only or damaged cache only costs recomputing."""
+    index_path = cache_root() / "digests.json"
+    try:
+        index = json.loads(index_path.read_text())
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    value = index.get(key)
+    if isinstance(value, str):
+        return value
+    value = compute()
+    index[key] = value
+    with contextlib.suppress(OSError):
+        _atomic_write_text(index_path, json.dumps(index, sort_keys=True))
+    return value
+
+
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file, remembered per (path, size, mtime) so big weights hash once."""
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    index_path = cache_root() / "digests.json"
-    try:
-        index: dict[str, str] = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    if key in index:
-        return index[key]
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            sha.update(block)
-    digest = sha.hexdigest()
-    index[key] = digest
-    with contextlib.suppress(OSError):  # a read-only cache only costs re-hashing
-        _atomic_write_text(index_path, json.dumps(index, sort_keys=True))
-    return digest
+
+    def compute() -> str:
+        sha = hashlib.sha256()
+        with path.open("rb") as handle:
+            while block := handle.read(chunk):
+                sha.update(block)
+        return sha.hexdigest()
+
+    return remembered(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}", compute)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -126,64 +138,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
-
-
-def gguf_cache_folder(gguf: Path) -> Path:
-    """Where the dequantized copy of ``gguf`` lives (it may not exist yet).
-
-    The cache key covers the GGUF bytes and the versions of the converting libraries,
-    since a different dequantizer could give different float weights.
-    """
-    import gguf as gguf_lib
-    import transformers
-
-    key_source = "|".join(
-        [file_digest(gguf), transformers.__version__, getattr(gguf_lib, "__version__", "?")]
-    )
-    return cache_root() / "models" / hashlib.sha256(key_source.encode()).hexdigest()[:32]
-
-
-def is_converted(folder: Path) -> bool:
-    """Whether a cache folder holds a finished conversion (it appears only when complete)."""
-    return (folder / "model.safetensors").is_file()
-
-
-def converted_gguf_folder(gguf: Path, status: Any = None) -> Path:
-    """Return a Hugging Face folder holding ``gguf`` dequantized; convert once if needed."""
-    folder = gguf_cache_folder(gguf)
-    if is_converted(folder):
-        return folder
-    if status is not None:
-        status(f"converting {gguf.name} once (cached in {folder})")
-    _convert_gguf(gguf, folder)
-    return folder
-
-
-def _convert_gguf(gguf: Path, folder: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["architectures"] = [type(model).__name__]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        state = model.state_dict()
-        if config.get("tie_word_embeddings"):
-            state.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        tokenizer.save_pretrained(str(tmp))
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "model.safetensors").is_file():  # not a lost race: real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -29,7 +29,6 @@ places where the tokenizer's output does not concatenate to the input.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
@@ -39,12 +38,14 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from llmarc.errors import CorruptArchiveError, ModelError
+from llmarc.model import sp_proto
+from llmarc.model.sp_proto import Piece, read_pieces
 
 TokenTable = list[bytes | None]
 TokenizerKind = Literal["byte_level", "sentencepiece", "sentencepiece_hf"]
 
 SP_SPACE = "\u2581"  # "▁", SentencePiece's visible space
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _DIGEST_MAGIC = b"llmarc-token-bytes-v1\x00"
 _NONE_LEN = 0xFFFFFFFF
 
@@ -148,43 +149,48 @@ def _sp_piece_bytes(piece: str) -> bytes:
     return piece.replace(SP_SPACE, " ").encode("utf-8")
 
 
-def _table_from_sp(sp: Any, size: int) -> TokenTable:
-    n = sp.get_piece_size()
-    table: TokenTable = [None] * max(n, size)
-    for i in range(n):
-        if sp.is_control(i) or sp.is_unknown(i):
-            continue
-        piece = sp.id_to_piece(i)
-        if sp.is_byte(i):
-            m = _BYTE_PIECE.fullmatch(piece)
-            if m is None:  # pragma: no cover - SentencePiece always spells them <0xNN>
-                raise ModelError(f"byte piece {i} has unexpected spelling {piece!r}")
-            table[i] = bytes([int(m.group(1), 16)])
+def _without_empty(table: TokenTable) -> TokenTable:
+    """Empty entries become absent: an empty token could be inserted anywhere."""
+    return [None if b == b"" else b for b in table]
+
+
+def table_from_pieces(pieces: Sequence[Piece]) -> TokenTable:
+    """The table of a SentencePiece model's pieces (``tokenizer.model``, spec/model.md §5.2):
+    control and unknown pieces absent, byte pieces their byte, every other piece its
+    text with ``▁`` as a space."""
+    table: TokenTable = []
+    for i, piece in enumerate(pieces):
+        if piece.type in (sp_proto.CONTROL, sp_proto.UNKNOWN):
+            table.append(None)
+        elif piece.type == sp_proto.BYTE:
+            m = BYTE_PIECE.fullmatch(piece.text)
+            if m is None:
+                raise ModelError(f"byte piece {i} is spelled {piece.text!r}, not <0xNN>")
+            table.append(bytes([int(m.group(1), 16)]))
         else:
-            table[i] = _sp_piece_bytes(piece)
-    return table
+            table.append(_sp_piece_bytes(piece.text))
+    return _without_empty(table)
 
 
 def _hf_vocab(spec: dict[str, Any]) -> dict[int, str]:
     """id -> token string of the model vocabulary (without added tokens)."""
-    model = spec["model"]
-    vocab = model.get("vocab")
+    model = spec.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
     if isinstance(vocab, dict):
         return {int(i): tok for tok, i in vocab.items()}
     if isinstance(vocab, list):  # Unigram: [[piece, score], ...], id = position
         return {i: entry[0] for i, entry in enumerate(vocab)}
-    raise ModelError(f"tokenizer model {model.get('type')!r} has no readable vocabulary")
+    raise ModelError("tokenizer.json has no readable model vocabulary")
 
 
-def _table_from_hf(tokenizer: object, backend: Any) -> TokenTable:
-    spec = json.loads(backend.to_str())
+def table_from_tokenizer_json(spec: dict[str, Any]) -> TokenTable:
+    """The table of a ``tokenizer.json`` object (spec/model.md §5.1)."""
     kind = _hf_json_kind(spec)
     vocab = _hf_vocab(spec)
     added = {int(t["id"]) for t in spec.get("added_tokens") or ()}
-    size = max([*vocab, *added, -1]) + 1
-    with contextlib.suppress(TypeError):
-        size = max(size, len(tokenizer))  # type: ignore[arg-type]
-    table: TokenTable = [None] * size
+    if any(i < 0 for i in (*vocab, *added)):
+        raise ModelError("tokenizer.json has a negative token id")
+    table: TokenTable = [None] * (max([*vocab, *added, -1]) + 1)
     if kind == "byte_level":
         dec = byte_level_decoder()
         for i, tok in vocab.items():
@@ -203,36 +209,49 @@ def _table_from_hf(tokenizer: object, backend: Any) -> TokenTable:
         for i, tok in vocab.items():
             if i in unk:
                 continue
-            m = _BYTE_PIECE.fullmatch(tok) if byte_fallback else None
+            m = BYTE_PIECE.fullmatch(tok) if byte_fallback else None
             table[i] = bytes([int(m.group(1), 16)]) if m else _sp_piece_bytes(tok)
     for i in added:  # special/added tokens are never literal text for us
         table[i] = None
-    for i, b in enumerate(table):
-        if b == b"":
-            table[i] = None  # an empty token could be inserted anywhere: useless and risky
-    return table
+    return _without_empty(table)
+
+
+#: GGUF ``tokenizer.ggml.token_type`` values (llama.cpp's llama_token_type).
+GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = range(1, 7)
+
+
+def table_from_gguf(model: str, tokens: Sequence[str], types: Sequence[int]) -> TokenTable:
+    """The table of a GGUF file's token list (spec/model.md §5.3).
+
+    ``gpt2`` (byte-level BPE): normal tokens through the byte alphabet, every other type
+    absent (they are what a tokenizer.json lists as added tokens).  ``llama``
+    (SentencePiece): as :func:`table_from_pieces`, with the GGUF type numbers."""
+    if len(types) != len(tokens):
+        raise ModelError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
+    if model == "gpt2":
+        dec = byte_level_decoder()
+        table: TokenTable = []
+        for token, kind in zip(tokens, types, strict=True):
+            try:
+                table.append(bytes(dec[c] for c in token) if kind == GGUF_NORMAL else None)
+            except KeyError:
+                table.append(None)
+        return _without_empty(table)
+    if model == "llama":
+        return table_from_pieces([Piece(t, k) for t, k in zip(tokens, types, strict=True)])
+    raise ModelError(f"GGUF tokenizer model {model!r} is not supported (gpt2 or llama): "
+                     "its tokens have no exact bytes")
 
 
 def build_token_bytes(tokenizer: object) -> TokenTable:
-    """The token id -> bytes table of ``tokenizer`` (index = id, ``None`` = no bytes).
-
-    Its length is the tokenizer's full id range (vocabulary plus added tokens, and at
-    least ``len(tokenizer)`` for HF wrappers); callers whose model has more logits pad
-    with ``None``. Tokens whose bytes would be empty are ``None`` as well.
-    """
+    """The table of a tokenizer object (``tokenizers.Tokenizer``, an HF fast tokenizer, or
+    a SentencePiece processor), by the same rules as the files it was read from."""
     backend = hf_backend(tokenizer)
     if backend is not None:
-        return _table_from_hf(tokenizer, backend)
+        return table_from_tokenizer_json(json.loads(backend.to_str()))
     sp = sp_processor(tokenizer)
     if sp is not None:
-        size = 0
-        if sp is not tokenizer:
-            try:
-                size = len(tokenizer)  # type: ignore[arg-type]
-            except TypeError:
-                size = 0
-        table = _table_from_sp(sp, size)
-        return [None if b == b"" else b for b in table]
+        return table_from_pieces(read_pieces(sp.serialized_model_proto(), "SentencePiece"))
     raise ModelError(f"unsupported tokenizer object {type(tokenizer).__name__}")
 
 
@@ -248,7 +267,7 @@ def byte_fallback_ids(tokenizer: object, table: Sequence[bytes | None]) -> froze
     return frozenset(
         i
         for tok, i in vocab.items()
-        if _BYTE_PIECE.fullmatch(tok)
+        if BYTE_PIECE.fullmatch(tok)
         and i < len(table)
         and table[i] is not None
         and len(table[i]) == 1  # type: ignore[arg-type]

@@ -80,14 +80,19 @@ class IntReference:
     """The int-v1 or int-v2 forward pass of a LLaMA model folder (float32/16
     safetensors)."""
 
-    def __init__(self, folder: str | Path, max_length: int = 64, engine: str = "int-v2"
-                 ) -> None:
-        from safetensors.numpy import load_file
-
+    def __init__(self, folder: str | Path | None, max_length: int = 64,
+                 engine: str = "int-v2", *, config: dict | None = None,
+                 tensors: dict[str, np.ndarray] | None = None) -> None:
+        """From a folder's config.json and model.safetensors, or from ``config`` and
+        ``tensors`` given (e.g. a GGUF model's weights as spec/model.md derives them)."""
         self.attention_levels = ATTENTION_LEVELS[engine]
-        folder = Path(folder)
-        config = json.loads((folder / "config.json").read_text())
-        tensors = load_file(str(folder / "model.safetensors"))
+        if folder is not None:
+            from safetensors.numpy import load_file
+
+            folder = Path(folder)
+            config = json.loads((folder / "config.json").read_text())
+            tensors = load_file(str(folder / "model.safetensors"))
+        assert config is not None and tensors is not None
         f32 = {k: v.astype(np.float32) for k, v in tensors.items()}
         self.d = config["hidden_size"]
         self.heads = config["num_attention_heads"]

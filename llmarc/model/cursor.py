@@ -1,0 +1,62 @@
+"""A bounds-checked little-endian reader over the bytes of a model file.
+
+Model files are read by llmarc's own code (spec/model.md), not by the libraries that
+wrote them, so that what an archive means never depends on a library's version.  They
+are also input from disk that may be truncated or damaged: every read here checks the
+remaining length first and raises :class:`~llmarc.errors.ModelError` naming the file,
+so a bad model file is one clear line, never a traceback or a huge allocation.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from llmarc.errors import ModelError
+
+
+class Cursor:
+    """Sequential reads from ``data[position:]`` that never run past ``len(data)``."""
+
+    def __init__(self, data: bytes | memoryview, what: str, position: int = 0) -> None:
+        self.data = memoryview(data)
+        self.what = what
+        self.position = position
+
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.position
+
+    def fail(self, reason: str) -> ModelError:
+        """The error for a malformed file, naming it and the offset."""
+        return ModelError(f"{self.what}: {reason} (at byte {self.position})")
+
+    def take(self, size: int) -> memoryview:
+        if size < 0 or size > self.remaining:
+            raise self.fail(f"needs {size} bytes, {self.remaining} remain")
+        view = self.data[self.position:self.position + size]
+        self.position += size
+        return view
+
+    def unpack(self, fmt: str) -> tuple:
+        """``struct.unpack`` of the little-endian format ``fmt`` at the cursor."""
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u32(self) -> int:
+        return self.unpack("I")[0]
+
+    def u64(self) -> int:
+        return self.unpack("Q")[0]
+
+    def varint(self) -> int:
+        """Protocol-buffer varint (unsigned LEB128, at most 10 bytes)."""
+        value = shift = 0
+        for _ in range(10):
+            byte = self.u8()
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+        raise self.fail("varint longer than 10 bytes")
