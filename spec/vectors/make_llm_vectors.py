@@ -201,7 +201,10 @@ def main() -> None:
     manifest_path = OUT / "manifest.json"
     old = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     # A reader without lockstep-v1 (optional, spec §5.9) refuses them as unsupported.
-    legacy = {name: {**entry, "error_without_engine": "UnsupportedFeatureError"}
+    # legacy-v1-smollm2-*: int-v2 archives llmarc 0.1 made with the embedded model under
+    # transformers 5.25 and 4.57 (fingerprint v1, spelled as each release did): kept.
+    legacy = {name: ({**entry, "error_without_engine": "UnsupportedFeatureError"}
+                     if "environment" in entry else entry)
               for name, entry in old.items() if name.startswith("legacy-")}
     manifest: dict[str, dict] = dict(legacy)
     lines = [f"* `{name}` — {entry['why']}" for name, entry in sorted(legacy.items())]
