@@ -24,6 +24,7 @@ from .container.reader import ArchiveReader, MemberInfo
 from .errors import (
     ChecksumMismatchError,
     CorruptArchiveError,
+    DamagedMembersError,
     DestinationExistsError,
     LlmarcError,
     MemberNotFoundError,
@@ -35,6 +36,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .packer import SkippedEntryWarning, pack
+from .progress import ProgressInfo
 
 
 def open(path: str | os.PathLike[str] | BinaryIO, *, model: str | os.PathLike[str] | None = None,
@@ -63,6 +65,7 @@ __all__ = [
     "ArchiveReader",
     "ChecksumMismatchError",
     "CorruptArchiveError",
+    "DamagedMembersError",
     "DestinationExistsError",
     "LLMOptions",
     "LlmarcError",
@@ -71,6 +74,7 @@ __all__ = [
     "ModelError",
     "ModelMismatchError",
     "ModelNotFoundError",
+    "ProgressInfo",
     "SkippedEntryWarning",
     "SourceError",
     "UnsafeArchiveError",

@@ -91,6 +91,9 @@ ExcludeOption = Annotated[list[str] | None, typer.Option(
     help="Leave out names matching PATTERN (repeatable; a glob matched against the name "
          "and each part after a '/', as tar's --exclude: '*.o', 'build').")]
 
+#: Seconds between progress lines without a terminal (default 5).
+PROGRESS_INTERVAL_ENV = "LLMARC_PROGRESS_INTERVAL"
+
 #: The path that means stdin (an archive to read) or stdout (an archive to write).
 STDIO = Path("-")
 
@@ -149,7 +152,13 @@ def _progress(quiet: bool) -> ByteProgress | LineProgress | None:
     if quiet:
         return None
     console = Console(stderr=True)
-    return ByteProgress(console) if console.is_terminal else LineProgress(sys.stderr)
+    if console.is_terminal:
+        return ByteProgress(console)
+    try:  # seconds between lines; tests set it to see lines from a short run
+        interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, "5"))
+    except ValueError:
+        interval = 5.0
+    return LineProgress(sys.stderr, interval=interval)
 
 
 def _warn(message: str) -> None:

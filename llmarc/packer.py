@@ -37,6 +37,7 @@ from .container.reader import ArchiveReader, MemberInfo
 from .container.writer import ArchiveWriter
 from .errors import ModelError, SourceError, UnsafeArchiveError, UnsupportedFeatureError
 from .members import excluded
+from .progress import as_sink
 from .safety import check_names, validate_name
 
 CHUNK = 1 << 20
@@ -477,18 +478,23 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
     it won (or was forced), else the entry's zstd frame or its plain bytes.  Entries are
     read into memory: the LLM codec is for text, capped in auto mode by ``plan``.
     """
+    # A sink that can defer is told these bytes now and credits them as their tokens
+    # are coded: counted as read, they made the bar say done before the model started.
+    deferring = hasattr(progress, "defer")
     sources, datas = [], []
     for e in entries:
         for attempt in range(1 + REREADS):
-            src = _Source(e, progress)
+            src = _Source(e, None if deferring else progress)
             data = b"".join(src)
             if not src.changed or attempt == REREADS:
                 break
-            if progress is not None:
+            if progress is not None and not deferring:
                 progress.advance(-src.size)
         if outcome is None or outcome.accept(src):
             sources.append(src)
             datas.append(data)
+    if deferring:
+        progress.defer(sum(map(len, datas)))
     zstd_sizes: dict[int, bytes] = {}
 
     def zstd_frame(data: bytes) -> bytes:
@@ -623,7 +629,11 @@ def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str] |
     ``llm`` selects the model and settings of the LLM codec (default: the embedded
     model). With ``codec="auto"`` and no usable model, text goes to zstd with a warning.
     ``verify`` decodes the whole finished archive and checks every checksum before it
-    is renamed into place."""
+    is renamed into place.
+
+    ``progress``: None, a callable that receives a ``llmarc.ProgressInfo`` on every
+    change (bytes and the LLM's tokens, rates and ETA), or a sink (llmarc.progress)."""
+    progress = as_sink(progress)
     if not zstd_codec.MIN_LEVEL <= level <= zstd_codec.MAX_LEVEL:
         raise SourceError(f"level must be in {zstd_codec.MIN_LEVEL}..{zstd_codec.MAX_LEVEL}")
     if codec not in CODEC_CHOICES:

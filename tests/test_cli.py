@@ -103,10 +103,10 @@ def test_progress_descriptions_are_literal_text() -> None:
     out = io.StringIO()
     bars = ByteProgress(Console(file=out, force_terminal=True, width=200, color_system=None))
     bars.start(10, "pack [red]x[/red] \x1b[2J")
-    task = bars.token_task(5, "llm coding ([/bold] model)")
+    task = bars.token_task(5, "llm [/bold] x")  # the bar's label: up to " (model name)"
     task.advance(5)
     task.close()
     bars.advance(10)
     bars.close()
     text = out.getvalue()
-    assert "[red]x[/red]" in text and "[/bold] model" in text and "\x1b[2J" not in text
+    assert "[red]x[/red]" in text and "llm [/bold] x" in text and "\x1b[2J" not in text

@@ -283,3 +283,103 @@ def test_list_columns_total_and_long(tmp_path, archive, tree):
     data = (tree / "man/ls.txt").read_bytes()
     assert row[1] == str(len(data))
     assert hashlib.sha256(data).hexdigest() in row
+
+
+# ---------------------------------------------------------------- 7: progress
+
+
+@pytest.fixture
+def text_tree(tmp_path: Path) -> Path:
+    """Text for the (tiny) LLM codec beside a binary file for zstd."""
+    return make_tree(tmp_path / "text", {
+        "fox.txt": b"The quick brown fox jumps over the lazy dog.\n" * 120,
+        "blob.bin": bytes(range(256)) * 8,
+    })
+
+
+def _strip_ansi(data: bytes) -> list[str]:
+    import re
+
+    text = re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", data).decode("utf-8", "replace")
+    return [line for line in re.split(r"[\r\n]", text) if line.strip()]
+
+
+def _run_in_pty(args: list[str], columns: int = 80) -> tuple[int, bytes]:
+    """Run the CLI on a pseudo-terminal of ``columns`` columns; (exit status, output)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.environ.update(COLUMNS=str(columns), LINES="24")
+        os.execv(sys.executable, [sys.executable, "-m", "llmarc.cli", *args])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    out = b""
+    while select.select([fd], [], [], 120)[0]:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        out += data
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out
+
+
+def test_progress_bars_fit_80_columns_one_line_each(tmp_path, text_tree):
+    code, out = _run_in_pty(["pack", str(text_tree), str(tmp_path / "p.llma"), "--codec",
+                             "llm"])
+    assert code == 0, out
+    lines = _strip_ansi(out)
+    assert all(len(line) <= 80 for line in lines), [ln for ln in lines if len(ln) > 80]
+    bars = [ln for ln in lines if ln.startswith(("packing ", "llm coding "))]
+    assert any(ln.startswith("llm coding ") for ln in bars), lines
+    for line in bars:  # a bar never wraps: its numbers and rate are on its own line
+        assert "/s" in line and ("B/" in line or " tok" in line), line
+    final = [ln for ln in bars if ln.startswith("packing ")][-1]
+    assert "7.4 kB/7.4 kB" in final and " in 0:" in final  # done, with the time it took
+    assert any("(int-v2 on cpu)" in ln for ln in lines)  # the load line names the engine
+    code, out = _run_in_pty(["extract", str(tmp_path / "p.llma"), "-C", str(tmp_path / "x")])
+    assert code == 0, out
+    lines = _strip_ansi(out)
+    assert all(len(line) <= 80 for line in lines), lines
+    assert any(ln.startswith("llm decoding ") and "tok/s" in ln for ln in lines), lines
+
+
+def test_progress_lines_without_a_terminal_agree_and_have_an_eta(tmp_path, text_tree):
+    env = dict(os.environ, LLMARC_PROGRESS_INTERVAL="0")
+    r = llmarc("pack", text_tree, tmp_path / "p.llma", env=env)
+    assert r.returncode == 0, r.stderr
+    import re
+
+    rows = re.findall(r"^llmarc: packing .*\((\d+)%\).*ETA [-\d:]+; llm ([\d,]+)/([\d,]+) tok",
+                      r.stderr, re.M)
+    assert rows, r.stderr
+    for percent, done, total in rows:
+        if done != total:  # the model is still coding: the bytes are not all done
+            assert int(percent) < 100, r.stderr
+    assert any(int(p) < 100 and d != "0" for p, d, _t in rows)  # progress while coding
+
+
+def test_progress_callback_in_the_api(tmp_path, text_tree):
+    import llmarc
+
+    seen: list[llmarc.ProgressInfo] = []
+    llmarc.pack(text_tree, tmp_path / "p.llma", codec="llm", progress=seen.append)
+    coding = [p for p in seen if p.total_tokens and p.message is None]
+    assert coding and coding[-1].done_tokens == coding[-1].total_tokens
+    for p in coding:
+        if p.done_tokens < p.total_tokens:
+            assert p.done_bytes < p.total_bytes, p
+    assert seen[-1].done_bytes == seen[-1].total_bytes == 120 * 45 + 2048
+    assert any(p.message and p.message.startswith("loading ") for p in seen)
+    extracted: list[llmarc.ProgressInfo] = []
+    with llmarc.open(tmp_path / "p.llma") as archive:
+        archive.extract(tmp_path / "x", progress=extracted.append)
+    assert extracted[-1].done_bytes == extracted[-1].total_bytes == 120 * 45 + 2048
+    assert any(p.total_tokens for p in extracted)

@@ -466,8 +466,10 @@ def test_line_progress_without_a_terminal():
     now[0] = 12.0
     tokens.advance(10)
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "llmarc: packing 500 bytes/1.0 kB (50%), 83 bytes/s"
-    assert lines[1].endswith("10/50 tokens, 1 tok/s")
+    assert lines[0] == "llmarc: packing 500 bytes/1.0 kB (50%), 83 bytes/s, ETA 0:00:06"
+    # while the model runs the ETA comes from the token rate (10 tokens in 6 s)
+    assert lines[1] == ("llmarc: packing 500 bytes/1.0 kB (50%), 41 bytes/s, ETA 0:00:24; "
+                        "llm 10/50 tok, 1 tok/s")
 
 
 def test_quiet_pack_prints_nothing(tmp_path, capsys):

@@ -35,6 +35,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..members import excluded, is_pattern, matching
+from ..progress import as_sink
 from .layout import (
     FOOTER_SIZE,
     HEADER_SIZE,
@@ -420,6 +421,8 @@ class ArchiveReader:
             ready.append(i)
         if not ready:
             return
+        if hasattr(progress, "defer"):  # credited as the tokens are decoded
+            progress.defer(sum(size for _params, _payload, size in items))
         try:
             if self._llm_decoder is None:
                 self._llm_decoder = LLMDecoder(self.models, self.llm_options, self.warn)
@@ -448,6 +451,9 @@ class ArchiveReader:
     @staticmethod
     def _hashed(chunks: Iterable[bytes], e: EntryRecord, progress=None) -> Iterator[bytes]:
         h = hashlib.sha256() if e.sha256 else None  # 1.1 solid members carry a CRC-32
+        # an LLM member's bytes were deferred to its tokens (_decode_llm): not again here
+        counted = progress is not None and not (e.codec_id == CODEC_LLM
+                                                and hasattr(progress, "defer"))
         crc = 0
         n = 0
         for chunk in chunks:
@@ -458,7 +464,7 @@ class ArchiveReader:
             n += len(chunk)
             if n > e.size:
                 raise CorruptArchiveError(f"member {e.name!r} decodes to too many bytes")
-            if progress is not None:
+            if counted:
                 progress.advance(len(chunk))
             yield chunk
         if n != e.size:
@@ -472,16 +478,24 @@ class ArchiveReader:
 
     # ------------------------------------------------------------------ public reading
 
-    def read(self, name: str | MemberInfo) -> bytes:
-        """The original bytes of one member (b"" for a directory)."""
+    def read(self, name: str | MemberInfo, *, progress=None) -> bytes:
+        """The original bytes of one member (b"" for a directory). ``progress``: as for
+        ``extract`` (an LLM member's decoding can take minutes)."""
+        progress = as_sink(progress)
         i = self._index(name)
         e = self._entries[i]
         if e.type == TYPE_DIR:
             return b""
         out = bytearray()
-        for _j, chunks in self._iter_payloads([i]):
-            for chunk in self._hashed(chunks, e):
-                out += chunk
+        if progress is not None:
+            progress.start(e.size, "reading")
+        try:
+            for _j, chunks in self._iter_payloads([i], progress):
+                for chunk in self._hashed(chunks, e, progress):
+                    out += chunk
+        finally:
+            if progress is not None:
+                progress.close()
         return bytes(out)
 
     def test(self, progress=None, *, keep_going: bool = False) -> list[MemberInfo]:
@@ -489,6 +503,7 @@ class ArchiveReader:
 
         With ``keep_going`` every member is tried: the damaged ones are collected and
         raised together at the end (DamagedMembersError, ``done`` holds the sound ones)."""
+        progress = as_sink(progress)
         files = [i for i, e in enumerate(self._entries) if e.type != TYPE_DIR]
         failures: list[tuple[MemberInfo, LlmarcError]] = []
         if progress is not None:
@@ -574,6 +589,7 @@ class ArchiveReader:
         checksum is left alone (and not returned); a different one is still refused
         without ``overwrite``. ``keep_going`` extracts every intact member, then raises
         DamagedMembersError naming the others (tar and unzip go on the same way)."""
+        progress = as_sink(progress)
         chosen = self._select(members, exclude)
         entries = self._entries
         if not keep_going:
@@ -697,6 +713,7 @@ class ArchiveReader:
 
         A stream cannot take bytes back: a member's checksum is checked as its last
         bytes are written, and a mismatch raises after them (as with tar and unzip)."""
+        progress = as_sink(progress)
         files = [i for i in self._select(members, exclude) if self._entries[i].type != TYPE_DIR]
         for i in files:
             self._check_codec(self._entries[i])
