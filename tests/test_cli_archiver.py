@@ -121,6 +121,18 @@ def test_a_full_disk_on_extract_names_the_file(tmp_path, archive):
     assert files_below(tmp_path / "x") == set()  # no half-written file, no temporary
 
 
+def test_ray_start_up_prints_no_banner_of_its_own():
+    """Ray 2.5x logs a token-authentication notice when a local runtime starts; the
+    driver's stderr is llmarc's and carries none of it."""
+    pytest.importorskip("ray")
+    code = ("from llmarc.distributed.ray_coder import connect\n"
+            "connect('local').shutdown()\nprint('started')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    assert r.returncode == 0 and r.stdout == "started\n", r.stderr
+    assert "Token authentication" not in r.stderr and "ray" not in r.stderr.lower(), r.stderr
+
+
 # ---------------------------------------------------------------- 2: refusals come first
 
 
@@ -383,3 +395,34 @@ def test_progress_callback_in_the_api(tmp_path, text_tree):
         archive.extract(tmp_path / "x", progress=extracted.append)
     assert extracted[-1].done_bytes == extracted[-1].total_bytes == 120 * 45 + 2048
     assert any(p.total_tokens for p in extracted)
+
+
+def test_an_interrupted_extract_leaves_no_partial_file_and_fixes_modes(
+        tmp_path, archive, monkeypatch):
+    """Ctrl-C in the middle of a member: its temporary file is removed, the files done
+    stay, and every directory gets its mode (they are created owner-only)."""
+    import llmarc as api
+    from llmarc.container.reader import ArchiveReader
+
+    real = ArchiveReader._hashed
+    calls = []
+
+    def interrupted(chunks, e, progress=None):
+        calls.append(e.name)
+        for i, chunk in enumerate(real(chunks, e, progress)):
+            if len(calls) == 3 and i == 0:
+                yield chunk[:10]
+                raise KeyboardInterrupt
+            yield chunk
+
+    monkeypatch.setattr(ArchiveReader, "_hashed", staticmethod(interrupted))
+    dest = tmp_path / "x"
+    with api.open(archive) as ar, pytest.raises(KeyboardInterrupt):
+        ar.extract(dest)
+    written = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    assert len(written) == 2 and calls[2] not in written  # no temporary, no partial file
+    for d in ("licenses", "man", "pysrc", "pysrc/sub"):
+        assert stat.S_IMODE((dest / d).stat().st_mode) == 0o755, d
+    r = llmarc("extract", archive, "-C", dest, "-q", "--skip-existing")  # the rerun
+    assert r.returncode == 0, r.stderr
+    assert len({p for p in dest.rglob("*") if p.is_file()}) == 6
