@@ -64,14 +64,20 @@ def unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 class _GGUFWeights:
+    """Dequantized, un-permuted weights under their canonical names; every tensor's
+    type and byte range is checked when the file is opened, not when it is first read."""
+
     def __init__(self, gguf: GGUFFile, names: dict[str, TensorInfo], arch: Architecture,
                  what: str) -> None:
-        self.gguf, self.names, self.arch, self.what = gguf, names, arch, what
+        self.gguf, self.names, self.arch = gguf, names, arch
+        self.sizes = {name: stored_size(info.ggml_type, info.elements, info.dims[0],
+                                        f"{what}: {name}") for name, info in names.items()}
+        for name, info in names.items():
+            gguf.raw(info, self.sizes[name])
 
     def tensor(self, name: str) -> np.ndarray:
         info = self.names[name]
-        size = stored_size(info.ggml_type, info.elements, info.dims[0], f"{self.what}: {name}")
-        values = dequantize(self.gguf.raw(info, size), info.ggml_type, info.shape)
+        values = dequantize(self.gguf.raw(info, self.sizes[name]), info.ggml_type, info.shape)
         if name.endswith("self_attn.q_proj.weight"):
             return unpermute(values, self.arch.num_attention_heads)
         if name.endswith("self_attn.k_proj.weight"):
