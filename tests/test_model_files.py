@@ -102,7 +102,7 @@ def test_damaged_gguf_files_are_one_model_error(cut: int, gguf_dir: Path,
     data = write_gguf(gguf_dir / "bpe.gguf").read_bytes()
     damaged = tmp_path / "damaged.gguf"
     damaged.write_bytes(data[:cut])
-    with pytest.raises(ModelError, match="damaged.gguf"):
+    with pytest.raises(ModelError, match=r"damaged\.gguf"):
         read_gguf(resolve(damaged))
 
 
