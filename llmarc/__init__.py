@@ -37,6 +37,7 @@ from .errors import (
 )
 from .packer import SkippedEntryWarning, pack
 from .progress import ProgressInfo
+from .update import delete, update
 
 
 def open(path: str | os.PathLike[str] | BinaryIO, *, model: str | os.PathLike[str] | None = None,
@@ -80,6 +81,8 @@ __all__ = [
     "UnsafeArchiveError",
     "UnsupportedFeatureError",
     "__version__",
+    "delete",
     "open",
     "pack",
+    "update",
 ]

@@ -33,6 +33,7 @@ from .errors import CorruptArchiveError, DamagedMembersError, LlmarcError
 from .packer import CODEC_CHOICES, PackReport, SkippedEntryWarning, UnarchivableError, pack
 from .progress import ByteProgress, LineProgress
 from .terminal import json_visible, visible
+from .update import UpdateReport, delete, update
 
 #: Exit status of a pack that wrote its archive but skipped files or read changing ones.
 EXIT_PARTIAL = 3
@@ -435,6 +436,64 @@ def info_cmd(archive: ArchiveArgument) -> None:
             print(f"  [{i}] {visible(model.name)}  fingerprint {model.fingerprint.hex()}")
             print(f"      engine  {visible(str(_engine_of(model.profile)))}")
             print(f"      profile {visible(model.profile)}")
+
+
+@app.command("update", cls=_Command)
+def update_cmd(
+    archive: Annotated[Path, typer.Argument(metavar="ARCHIVE", help="The archive to change.")],
+    src: Annotated[Path, typer.Argument(
+        metavar="SRC", help="Directory (its contents) or one file, named as pack names them.")],
+    delete_missing: Annotated[bool, typer.Option(
+        "--delete-missing", help="Also remove members that are not in SRC (zip -FS).")] = False,
+    codec: Annotated[str, typer.Option(help=f"One of: {', '.join(CODEC_CHOICES)}.")] = "auto",
+    level: Annotated[int, typer.Option(help="zstd level.", min=zstd_codec.MIN_LEVEL,
+                                       max=zstd_codec.MAX_LEVEL)] = 19,
+    exclude: ExcludeOption = None,
+    model: ModelOption = None,
+    device: DeviceOption = "auto",
+    engine: Annotated[str, typer.Option(help="LLM engine for new entries.")] = DEFAULT_ENGINE,
+    threads: ThreadsOption = None,
+    skip_unreadable: Annotated[bool, typer.Option(
+        help="Skip what cannot be archived (exit status 3) instead of failing.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q",
+                                        help="No progress and no summary.")] = False,
+) -> int:
+    """Add new files of SRC to ARCHIVE and replace changed ones (size or mtime, as zip -u
+    and 7z u decide); unchanged members are copied as stored, LLM entries never recoded.
+    The archive is rewritten beside itself and replaced only when complete."""
+    if codec not in CODEC_CHOICES:
+        raise typer.BadParameter(f"must be one of {', '.join(CODEC_CHOICES)}, not {codec!r}",
+                                 param_hint="--codec")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}, not {engine!r}",
+                                 param_hint="--engine")
+    report = UpdateReport()
+    members = update(archive, src, delete_missing=delete_missing, codec=codec, level=level,
+                     exclude=exclude or (), progress=_progress(quiet), warn=_warn,
+                     llm=LLMOptions(model=model, device=device, engine=engine,
+                                    threads=threads),
+                     skip_failed=skip_unreadable, report=report)
+    if not quiet:
+        print(f"{len(members)} members: {len(report.copied)} copied as stored, "
+              f"{len(report.coded)} files coded, {len(report.deleted)} removed; "
+              f"{report.archive_size} bytes", file=sys.stderr)
+    return 0 if report.clean else EXIT_PARTIAL
+
+
+@app.command("delete", cls=_Command)
+def delete_cmd(
+    archive: Annotated[Path, typer.Argument(metavar="ARCHIVE", help="The archive to change.")],
+    members: Annotated[list[str], typer.Argument(
+        metavar="MEMBER", help="Members as list prints them, or glob patterns; a directory "
+                               "takes its contents.")],
+    exclude: ExcludeOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+) -> None:
+    """Remove MEMBERs from ARCHIVE (zip -d, 7z d, tar --delete), rewriting it beside
+    itself; nothing is recoded except a solid zstd block that loses members."""
+    gone = delete(archive, members, exclude=exclude or (), warn=_warn)
+    if not quiet:
+        print(f"{len(gone)} member{'s' if len(gone) != 1 else ''} removed", file=sys.stderr)
 
 
 def _engine_of(profile: str) -> object:

@@ -426,3 +426,59 @@ def test_an_interrupted_extract_leaves_no_partial_file_and_fixes_modes(
     r = llmarc("extract", archive, "-C", dest, "-q", "--skip-existing")  # the rerun
     assert r.returncode == 0, r.stderr
     assert len({p for p in dest.rglob("*") if p.is_file()}) == 6
+
+
+# ---------------------------------------------------------------- 8: update and delete
+
+
+def _stored(path: Path, name: str) -> bytes:
+    """The stored bytes (the payload) of member ``name``."""
+    from llmarc.container.reader import ArchiveReader
+
+    with ArchiveReader(path) as r:
+        e = r._entries[r._by_name[name]]
+        return b"".join(r._stored(e.stored_offset, e.stored_size))
+
+
+def test_update_codes_only_what_changed_and_copies_llm_entries(tmp_path, text_tree):
+    out = tmp_path / "u.llma"
+    assert llmarc("pack", text_tree, out, "--codec", "llm", "-q").returncode == 0
+    before = {row["name"]: row for row in json.loads(llmarc("list", out, "--json").stdout)}
+    (tmp_path / "before.llma").write_bytes(out.read_bytes())
+    (text_tree / "blob.bin").write_bytes(bytes(range(255, -1, -1)) * 8)  # changed
+    os.utime(text_tree / "blob.bin", ns=(1, 1))
+    (text_tree / "more.bin").write_bytes(os.urandom(300))  # new
+    r = llmarc("update", out, text_tree, "--codec", "zstd")
+    assert r.returncode == 0, r.stderr
+    assert "loading" not in r.stderr  # no model: the LLM entry was copied, not recoded
+    assert "3 members: 1 copied as stored, 2 files coded, 0 removed" in r.stderr
+    after = {row["name"]: row for row in json.loads(llmarc("list", out, "--json").stdout)}
+    assert after["fox.txt"] == before["fox.txt"]  # same codec, packed size, sha256
+    assert before["fox.txt"]["codec"] == "llm"
+    assert _stored(out, "fox.txt") == _stored(tmp_path / "before.llma", "fox.txt")
+    assert after["blob.bin"]["codec"] == "zstd" and "more.bin" in after
+    r = llmarc("extract", out, "-C", tmp_path / "x", "-q")
+    assert r.returncode == 0, r.stderr
+    for name in ("fox.txt", "blob.bin", "more.bin"):
+        assert (tmp_path / "x" / name).read_bytes() == (text_tree / name).read_bytes()
+
+
+def test_a_failed_update_leaves_the_archive_as_it_was(tmp_path, archive, tree):
+    raw = archive.read_bytes()
+    os.mkfifo(tree / "pipe")
+    r = llmarc("update", archive, tree)
+    assert r.returncode == 1 and "the archive was not changed" in error_lines(r)[0]
+    assert archive.read_bytes() == raw
+    assert sorted(os.listdir(archive.parent)) == sorted(["src", archive.name])
+
+
+def test_delete_members_and_part_of_a_solid_block(tmp_path, archive, tree):
+    r = llmarc("delete", archive, "pysrc/*.py", "licenses/")
+    assert r.returncode == 0 and "4 members removed" in r.stderr, r.stderr
+    names = {row["name"] for row in json.loads(llmarc("list", archive, "--json").stdout)}
+    assert names == {"blob.bin", "man", "man/ls.txt", "pysrc", "pysrc/sub", "pysrc/c.txt"}
+    assert llmarc("test", archive, "-q").returncode == 0
+    assert llmarc("extract", archive, "-C", tmp_path / "x", "-q").returncode == 0
+    assert (tmp_path / "x/pysrc/c.txt").read_bytes() == (tree / "pysrc/c.txt").read_bytes()
+    r = llmarc("delete", archive, "nothing-*")
+    assert r.returncode == 1 and "no member named 'nothing-*'" in error_lines(r)[0]

@@ -167,7 +167,11 @@ class ArchiveWriter:
         self.pos = pos
 
     def add_model(self, model: ModelRecord) -> int:
-        """Add a model record; return its index for the llm codec's params."""
+        """Add a model record; return its index for the llm codec's params. A record
+        already in the table is not added twice (an update copies the old archive's
+        records, then codes new entries with the same model)."""
+        if model in self.index.models:
+            return self.index.models.index(model)
         self.index.models.append(model)
         return len(self.index.models) - 1
 
