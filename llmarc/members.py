@@ -1,7 +1,7 @@
 """Choosing members the way archive users type them: as ``list`` prints them, as globs,
 and with ``--exclude``.
 
-Conventions (tar, unzip and 7z agree): ``*``, ``?`` and ``[...]`` are fnmatch patterns,
+Conventions (tar and unzip agree): ``*``, ``?`` and ``[...]`` are fnmatch patterns,
 matched case-sensitively, and ``*`` also matches ``/`` (tar's ``--wildcards`` default,
 unzip's default) so ``'src/*.py'`` selects Python files at any depth below ``src``. A
 name that is a member exactly is taken literally even if it holds ``*``.
