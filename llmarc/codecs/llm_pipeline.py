@@ -64,18 +64,22 @@ class LLMOptions:
 def llm_available(options: LLMOptions) -> str | None:
     """None if the LLM codec can run here, else the reason (for a clear warning).
 
-    Finds torch and transformers without importing them: importing torch takes seconds,
-    and a pack that is refused (an existing OUT, a bad path) or has no text must not
-    wait for it. The import happens when an LLM entry is about to be coded."""
+    Finds torch (and, for lockstep-v1 alone, transformers) without importing them:
+    importing torch takes seconds, and a pack that is refused (an existing OUT, a bad
+    path) or has no text must not wait for it. The import happens when an LLM entry is
+    about to be coded."""
     import importlib.util
 
-    for module in ("torch", "transformers"):
+    needed = {"torch": "llmarc[llm]"}
+    if options.engine == ENGINE_LOCKSTEP:
+        needed["transformers"] = "llmarc[lockstep]"
+    for module, extra in needed.items():
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):  # a finder that refuses it, a broken entry
             found = False
         if not found:
-            return f"the LLM codec needs PyTorch and transformers ({module} is missing)"
+            return f"the LLM codec needs {module} (pip install torch==2.13.0 '{extra}')"
     try:
         from llmarc.model.sources import resolve
 
