@@ -441,8 +441,9 @@ def info_cmd(archive: ArchiveArgument) -> None:
 @app.command("update", cls=_Command)
 def update_cmd(
     archive: Annotated[Path, typer.Argument(metavar="ARCHIVE", help="The archive to change.")],
-    src: Annotated[Path, typer.Argument(
-        metavar="SRC", help="Directory (its contents) or one file, named as pack names them.")],
+    src: Annotated[list[Path], typer.Argument(
+        metavar="SRC", help="Directories (their contents) or files, named as pack names "
+                            "them: new ones are added, changed ones replaced.")],
     delete_missing: Annotated[bool, typer.Option(
         "--delete-missing", help="Also remove members that are not in SRC (zip -FS).")] = False,
     codec: Annotated[str, typer.Option(help=f"One of: {', '.join(CODEC_CHOICES)}.")] = "auto",

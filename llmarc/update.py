@@ -26,7 +26,7 @@ from .container.compact import solid_shares
 from .container.layout import TYPE_DIR, TYPE_FILE, EntryRecord
 from .container.reader import ArchiveReader, MemberInfo
 from .container.writer import ArchiveWriter
-from .errors import ChecksumMismatchError, ModelError
+from .errors import ChecksumMismatchError, ModelError, SourceError
 from .packer import (
     CODEC_CHOICES,
     PackReport,
@@ -51,14 +51,16 @@ class UpdateReport(PackReport):
     deleted: list[str] = field(default_factory=list)  # members removed
 
 
-def update(archive: str | os.PathLike[str], src: str | os.PathLike[str], *,
+def update(archive: str | os.PathLike[str],
+           src: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
            delete_missing: bool = False, codec: str = "auto", level: int = 19,
            solid: bool = True, exclude: Sequence[str] = (), progress=None,
            warn: Warn | None = None, llm: LLMOptions | None = None,
            skip_failed: bool = False, report: UpdateReport | None = None,
            ) -> list[MemberInfo]:
     """Make ``archive`` hold the current contents of ``src`` (a directory's contents, or
-    one file, named as ``pack`` names them); return the members.
+    one file, named as ``pack`` names them; or a list of such sources, whose names must
+    not collide); return the members.
 
     New files are added; a file whose size or mtime differs from its member's is coded
     again (zip -u and 7z u decide by time too); a member whose file is unchanged is
@@ -75,8 +77,19 @@ def update(archive: str | os.PathLike[str], src: str | os.PathLike[str], *,
             ArchiveWriter(path, overwrite=True, warn=warn) as writer:
         st = os.stat(path)
         problems: list[Problem] = []
-        sources = scan(src, skip={writer.temp_identity, (st.st_dev, st.st_ino)}, warn=warn,
-                       problems=problems, exclude=exclude)
+        skip = {writer.temp_identity, (st.st_dev, st.st_ino)}
+        roots = [src] if isinstance(src, (str, os.PathLike)) else list(src)
+        sources: list[SourceEntry] = []
+        origin: dict[str, SourceEntry] = {}
+        for root in roots:
+            for entry in scan(root, skip=skip, warn=warn, problems=problems, exclude=exclude):
+                first = origin.setdefault(entry.name, entry)
+                if first is entry:
+                    sources.append(entry)
+                elif entry.type != TYPE_DIR and os.path.realpath(first.path) != \
+                        os.path.realpath(entry.path):  # a directory twice is one member
+                    raise SourceError(f"{entry.name!r} comes from both {first.path!r} and "
+                                      f"{entry.path!r}; the archive was not changed")
         if problems and not skip_failed:
             raise UnarchivableError(
                 f"{len(problems)} path{'s' if len(problems) > 1 else ''} cannot be "

@@ -463,6 +463,19 @@ def test_update_codes_only_what_changed_and_copies_llm_entries(tmp_path, text_tr
         assert (tmp_path / "x" / name).read_bytes() == (text_tree / name).read_bytes()
 
 
+def test_update_adds_single_files_from_elsewhere(tmp_path, archive, tree):
+    extra = make_tree(tmp_path / "extra", {"NOTES": b"notes\n", "more/x.txt": b"x\n"})
+    r = llmarc("update", archive, tree, extra / "NOTES", extra / "more", "-q")
+    assert r.returncode == 0, r.stderr
+    names = {row["name"] for row in json.loads(llmarc("list", archive, "--json").stdout)}
+    assert {"NOTES", "x.txt", "man/ls.txt"} <= names
+    other = make_tree(tmp_path / "other", {"NOTES": b"other notes\n"})
+    raw = archive.read_bytes()
+    r = llmarc("update", archive, extra / "NOTES", other / "NOTES", "-q")
+    assert r.returncode == 1 and "'NOTES' comes from both" in error_lines(r)[0]
+    assert archive.read_bytes() == raw
+
+
 def test_a_failed_update_leaves_the_archive_as_it_was(tmp_path, archive, tree):
     raw = archive.read_bytes()
     os.mkfifo(tree / "pipe")
