@@ -588,7 +588,9 @@ class ArchiveReader:
         ``skip_existing`` resumes: a file already in ``dest`` with the member's size and
         checksum is left alone (and not returned); a different one is still refused
         without ``overwrite``. ``keep_going`` extracts every intact member, then raises
-        DamagedMembersError naming the others (tar and unzip go on the same way)."""
+        DamagedMembersError naming the others (tar and unzip go on the same way).
+        ``progress``: None, a callable receiving a ``llmarc.ProgressInfo`` on every
+        change, or a sink (llmarc.progress), as for ``llmarc.pack``."""
         progress = as_sink(progress)
         chosen = self._select(members, exclude)
         entries = self._entries
