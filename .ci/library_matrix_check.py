@@ -65,6 +65,46 @@ def check_vectors() -> int:
     return checked
 
 
+#: Configs whose transformers spelling fingerprint v1 hashed (spec/model.md §6.2).
+LEGACY_CONFIGS = [
+    {"hidden_size": 4096, "intermediate_size": 11008, "model_type": "llama",
+     "num_attention_heads": 32, "num_hidden_layers": 32, "rms_norm_eps": 1e-06,
+     "vocab_size": 32000, "max_position_embeddings": 2048, "tie_word_embeddings": False},
+    {"hidden_size": 64, "intermediate_size": 128, "model_type": "llama",
+     "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2,
+     "rope_theta": 500000, "rope_scaling": None, "vocab_size": 300},
+    {"hidden_size": 64, "intermediate_size": 128, "model_type": "llama",
+     "num_attention_heads": 4, "num_hidden_layers": 2, "head_dim": 16,
+     "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "vocab_size": 300},
+]
+
+
+def check_legacy_forms() -> int:
+    """Where transformers is installed: its ``config.to_dict()`` (what llmarc 0.1 hashed)
+    is one of the forms llmarc reproduces without it."""
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        return 0
+    from llmarc.model.architecture import V1_KEYS, legacy_forms
+    from llmarc.model.fingerprint import canonical_json
+
+    configs = [*LEGACY_CONFIGS,
+               *(json.loads((ROOT / "fixtures" / f / "config.json").read_text())
+                 for f in ("tiny-llama-bpe", "tiny-llama-sp"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, config in enumerate(configs):
+            folder = Path(tmp) / str(index)
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps(config))
+            data = AutoConfig.from_pretrained(str(folder)).to_dict()
+            real = canonical_json({k: data[k] for k in V1_KEYS if data.get(k) is not None})
+            if real not in {canonical_json(form) for form in legacy_forms(config)}:
+                raise SystemExit(f"config {index}: transformers gives {real}, not a v1 form")
+    sys.modules.pop("transformers", None)  # checked on purpose; the codec must not import it
+    return len(configs)
+
+
 def pack_samples(out: Path) -> dict[str, str]:
     """Pack a fixed tree with a tiny fixture model and with SmolLM2; their SHA-256s."""
     import llmarc
@@ -92,6 +132,8 @@ def main() -> None:
     reference, write = Path(sys.argv[1]), "--write" in sys.argv[2:]
     print(f"library matrix row: {versions()}", flush=True)
     checked = check_vectors()
+    if "transformers" in sys.modules:
+        raise SystemExit("transformers was imported: the archive's meaning must not need it")
     reference.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         digests = pack_samples(Path(tmp))
@@ -105,8 +147,10 @@ def main() -> None:
                 raise SystemExit(f"the {label} archive differs from the reference row's")
     if "transformers" in sys.modules:
         raise SystemExit("transformers was imported: the archive's meaning must not need it")
+    forms = check_legacy_forms()
     print(f"library matrix row OK: {checked} vectors, {len(digests)} packs identical "
-          f"({', '.join(sorted(digests))}), transformers never imported")
+          f"({', '.join(sorted(digests))}), transformers never imported by llmarc; "
+          f"{forms} configs spelled by transformers as a v1 form reproduces")
 
 
 if __name__ == "__main__":
