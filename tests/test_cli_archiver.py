@@ -156,6 +156,12 @@ def test_refusals_come_before_torch_is_imported(tmp_path, tree):
     assert (tmp_path / "exists.llma").read_bytes() == b"keep me"
     assert "already exists (use --overwrite" in llmarc(
         "pack", tree, tmp_path / "exists.llma", env=env).stderr
+    llm = tmp_path / "llm.llma"  # an LLM archive, extracted onto an existing file
+    assert llmarc("pack", tree / "man", llm, "--codec", "llm", "-q").returncode == 0
+    make_tree(tmp_path / "dest", {"ls.txt": b"mine"})
+    r = llmarc("extract", llm, "-C", tmp_path / "dest", env=env)
+    assert r.returncode == 1 and "'ls.txt' already exists" in error_lines(r)[0]
+    assert not marker.exists(), "torch was imported to refuse an existing file"
 
 
 # ---------------------------------------------------------------- 3: names, globs, excludes
