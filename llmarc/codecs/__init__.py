@@ -28,7 +28,8 @@ STREAMING_CODECS = frozenset({CODEC_STORE, CODEC_ZSTD})
 
 def codec_name(codec_id: int) -> str:
     """The name of a codec id; unknown ids get a stable placeholder like ``"#7"``."""
-    return CODEC_NAMES.get(codec_id, f"#{codec_id}")
+    name = CODEC_NAMES.get(codec_id)  # not .get(id, f"..."): that formats on every call
+    return name if name is not None else f"#{codec_id}"
 
 
 __all__ = ["CODEC_IDS", "CODEC_LLM", "CODEC_NAMES", "CODEC_STORE", "CODEC_ZSTD",

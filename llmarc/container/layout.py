@@ -97,7 +97,7 @@ class ModelRecord:
         return parse_profile_json(self.profile)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EntryRecord:
     name: str
     type: int

@@ -37,6 +37,7 @@ from ..errors import (
 from ..members import excluded, is_pattern, matching
 from ..progress import as_sink
 from .layout import (
+    EMPTY_SHA256,
     FOOTER_SIZE,
     HEADER_SIZE,
     TYPE_DIR,
@@ -51,9 +52,12 @@ from .layout import (
 )
 
 CHUNK = 1 << 20
+#: One string for every directory's (and empty file's) digest: a hex string each cost
+#: 113 MB for the million directories an index may hold.
+_EMPTY_HEX = EMPTY_SHA256.hex()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MemberInfo:
     """One archive member, as ``list`` shows it."""
 
@@ -220,8 +224,9 @@ class ArchiveReader:
         e = self._entries[i]
         solid = _solid_params(e) if i in self._blocks else None
         packed = solid[1] if solid else e.stored_size
+        digest = _EMPTY_HEX if e.sha256 == EMPTY_SHA256 else e.sha256.hex()
         return MemberInfo(e.name, TYPE_NAMES[e.type], e.mode, e.mtime_ns, e.size, packed,
-                          codec_name(e.codec_id), e.codec_params, e.sha256.hex())
+                          codec_name(e.codec_id), e.codec_params, digest)
 
     # ------------------------------------------------------------------ listing
 
