@@ -101,11 +101,12 @@ def check_header(head: bytes, size: int) -> None:
             f"zstd frame declares {params.content_size} bytes, {relation} the recorded {size}")
 
 
-def decode(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+def decode(chunks: Iterable[bytes], size: int, feed: int = _FEED) -> Iterator[bytes]:
     """Decode one frame that must produce exactly ``size`` bytes and fill its payload.
 
     Its header is checked first (``check_header``); no output past ``size`` is ever
-    yielded (the overflowing piece raises instead)."""
+    yielded (the overflowing piece raises instead). ``feed`` frame bytes go to each
+    decompress call, whose output is at most ``feed`` x 32,768 bytes."""
     dobj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
     produced = 0
     first = True
@@ -114,10 +115,10 @@ def decode(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
             if first and chunk:
                 check_header(chunk, size)
                 first = False
-            for i in range(0, len(chunk), _FEED):
+            for i in range(0, len(chunk), feed):
                 if dobj.eof:
                     raise CorruptArchiveError("zstd payload has bytes after the frame")
-                out = dobj.decompress(chunk[i:i + _FEED])
+                out = dobj.decompress(chunk[i:i + feed])
                 if out:
                     produced += len(out)
                     if produced > size:

@@ -14,12 +14,12 @@ stream reader in 1 MiB pieces and stops as soon as the output passes the declare
 
 from __future__ import annotations
 
-import io
 import struct
+from collections.abc import Iterator
 
 import zstandard
 
-from ..codecs.zstd import MAX_WINDOW, check_header
+from ..codecs import zstd as zstd_codec
 from ..errors import CorruptArchiveError, UnsupportedFeatureError
 from .layout import (
     EMPTY_SHA256,
@@ -52,7 +52,8 @@ MIN_RECORD = 8
 #: Front coding lets a 12-byte record stand for a 4,096-byte name, so the decoded names
 #: are capped as a whole (spec/format.md §4.2): memory stays bounded whatever the table.
 MAX_NAME_TOTAL = 256 * 1024 * 1024
-_PIECE = 1 << 20
+#: Frame bytes fed to the decoder at a time: a call yields at most 64 blocks of 128 KiB.
+_TABLE_FEED = 256
 
 
 # ---------------------------------------------------------------- varints
@@ -167,56 +168,66 @@ def encode_table(entries: list[EntryRecord], level: int = TABLE_LEVEL) -> bytes:
 # ---------------------------------------------------------------- decode
 
 
-def _inflate(payload: bytes, size: int) -> bytes:
-    """Exactly ``size`` bytes from one zstd frame that must fill ``payload``; output is
-    read in bounded pieces and never beyond ``size`` (+ one piece) whatever the frame says.
+def _inflate(payload: bytes, size: int) -> Iterator[bytes]:
+    """The body from one zstd frame that must fill ``payload`` and decode to exactly
+    ``size`` bytes, in pieces of at most _TABLE_FEED x 32,768 bytes (a zstd block of 4
+    bytes yields at most 128 KiB), never beyond ``size`` whatever the frame says.
 
-    The frame header is checked as an entry's is (spec/format.md §6.1): the decoder
-    would otherwise skip a skippable frame in front of the table, which is not one zstd
-    frame."""
-    check_header(payload, size)
-    src = io.BytesIO(payload)
-    out = bytearray()
+    The checks are an entry frame's (spec/format.md §6.1, :func:`zstd_codec.decode`): a
+    zstd frame header (a skippable frame in front is not one zstd frame), a window
+    within 128 MiB, a declared content size equal to ``size``, and nothing after the
+    frame (a second frame, a skippable one). The body is parsed as it decodes
+    (:class:`_Body`), so 8 KB of frame declaring 256 MiB of zeros fails after a few
+    MiB, not once 256 MiB (and a copy) are held."""
     try:
-        reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(
-            src, read_size=1)
-        while True:
-            piece = reader.read(min(_PIECE, size - len(out) + 1))
-            if not piece:
-                break
-            out += piece
-            if len(out) > size:
-                raise CorruptArchiveError(
-                    f"compact entry table decodes to more than the declared {size} bytes")
-    except zstandard.ZstdError as exc:
-        raise CorruptArchiveError(f"compact entry table is not a valid zstd frame: {exc}") \
-            from None
-    if len(out) != size:
-        raise CorruptArchiveError(
-            f"compact entry table decodes to {len(out)} bytes, not the declared {size}")
-    if src.tell() != len(payload):
-        raise CorruptArchiveError("compact entry table has bytes after its zstd frame")
-    return bytes(out)
+        yield from zstd_codec.decode((payload,), size, feed=_TABLE_FEED)
+    except CorruptArchiveError as exc:
+        raise CorruptArchiveError(f"compact entry table: {exc}") from None
 
 
 class _Body:
-    """Bounds-checked reads over the decoded table."""
+    """Bounds-checked reads over the decoded table, pulled piece by piece from its
+    source: at most one piece and a record's tail are held, never the whole body."""
 
-    __slots__ = ("data", "entry", "pos")
+    __slots__ = ("_dropped", "_source", "data", "entry", "pos")
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    def __init__(self, source: Iterator[bytes]) -> None:
+        self._source = source
+        self.data = b""
         self.pos = 0
+        self._dropped = 0  # body bytes before ``data``
         self.entry = -1  # the record being read, for error messages
 
     def _where(self, what: str) -> str:
         return what if self.entry < 0 else f"entry {self.entry} {what}"
+
+    def tell(self) -> int:
+        """Body bytes read so far."""
+        return self._dropped + self.pos
+
+    def _fill(self, n: int) -> bool:
+        """At least ``n`` unread bytes in ``data`` if the body has them (False if not)."""
+        while len(self.data) - self.pos < n:
+            piece = next(self._source, None)
+            if piece is None:
+                return False
+            self._dropped += self.pos
+            self.data = self.data[self.pos:] + piece
+            self.pos = 0
+        return True
+
+    def at_end(self) -> bool:
+        """Whether the whole body has been read (draining its source, whose own checks,
+        e.g. the frame's end, run then)."""
+        return not self._fill(1)
 
     def varint(self, what: str) -> int:
         data, pos = self.data, self.pos
         if pos < len(data) and data[pos] < 0x80:  # the common one-byte case, fast
             self.pos = pos + 1
             return data[pos]
+        self._fill(10)  # a varint has at most 10 bytes
+        data, pos = self.data, self.pos
         value = shift = 0
         while True:
             if pos >= len(data):
@@ -238,7 +249,7 @@ class _Body:
         return value
 
     def take(self, n: int, what: str) -> bytes:
-        if self.pos + n > len(self.data):
+        if self.pos + n > len(self.data) and not self._fill(n):
             raise CorruptArchiveError(f"compact entry table is truncated in {self._where(what)}")
         b = self.data[self.pos:self.pos + n]
         self.pos += n
@@ -258,18 +269,19 @@ def decode_table(value: bytes, data_end: int | None = None) -> list[EntryRecord]
         body = value[5:]
         if len(body) != size:
             raise CorruptArchiveError("compact entry table size does not match its header")
+        source: Iterator[bytes] = iter((body,))
     elif encoding == TABLE_ZSTD:
-        body = _inflate(value[5:], size)
+        source = _inflate(value[5:], size)
     else:
         raise UnsupportedFeatureError(f"compact entry table uses unknown encoding {encoding}")
-    return _parse(_Body(body), data_end)
+    return _parse(_Body(source), size, data_end)
 
 
-def _parse(cur: _Body, data_end: int | None) -> list[EntryRecord]:
+def _parse(cur: _Body, size: int, data_end: int | None) -> list[EntryRecord]:
     count = cur.varint("entry count")
     if count > MAX_ENTRIES:
         raise CorruptArchiveError(f"{count} entries, over the limit of {MAX_ENTRIES}")
-    if count * MIN_RECORD > len(cur.data) - cur.pos:
+    if count * MIN_RECORD > size - cur.tell():  # the body must be ``size`` bytes
         raise CorruptArchiveError("entry count is larger than the entry table can hold")
     entries: list[EntryRecord] = []
     prev_name = b""
@@ -364,7 +376,7 @@ def _parse(cur: _Body, data_end: int | None) -> list[EntryRecord]:
         entries.append(EntryRecord(name, TYPE_FILE, mode, mtime, size, codec, params, off,
                                    ssize, sha, crc, exts, data_crc))
     close_block()
-    if cur.pos != len(cur.data):
+    if not cur.at_end():
         raise CorruptArchiveError("compact entry table has trailing bytes")
     return entries
 

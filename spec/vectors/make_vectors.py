@@ -296,6 +296,7 @@ def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
     extra_good, extra_bad, extra_unsupported = issue27_vectors()
     good.update(extra_good)
     bad.update(extra_bad)
+    bad.update(bounds_vectors())
     unsupported = {
         "major2.llma": (Builder().file("a.txt", TEXT).build(major=2), "format version 2.0"),
         "codec9.llma": (Builder().file("a.txt", TEXT, codec=9).build(), "unknown codec id 9"),
@@ -492,6 +493,32 @@ def issue27_vectors() -> tuple[dict, dict, dict]:
                                      "types"),
     }
     return good, bad, unsupported
+
+
+def bounds_vectors() -> dict:
+    """Issue 22: the compact table is exactly one zstd frame with nothing after it, and
+    its decoding is bounded by its real bytes. (bad)"""
+    table_body = encode_table(tree11().entries, 0)[5:]  # valid: the frame is the only defect
+    zeros = zstandard.ZstdCompressor(level=19, write_content_size=False).compressobj()
+    bomb = b"".join(zeros.compress(bytes(1 << 20)) for _ in range(256)) + zeros.flush()
+    return {
+        "compact-two-frames.llma": (tree11().build11(table=raw_table(
+                                        table_body, packed=frame(table_body) + frame(b""))),
+                                    "the compact table's frame followed by a second, empty "
+                                    "frame (the body's size still matches)",
+                                    "CorruptArchiveError"),
+        "compact-skippable-after.llma": (tree11().build11(table=raw_table(
+                                             table_body, packed=frame(table_body)
+                                             + struct.pack("<II", 0x184D2A50, 4) + b"skip")),
+                                         "a skippable frame after the compact table's frame",
+                                         "CorruptArchiveError"),
+        "compact-zeros.llma": (tree11().build11(table=raw_table(
+                                   b"", size=1 << 28, packed=bomb)),
+                               "a table frame of 8 KB that decodes to exactly its declared "
+                               "256 MiB, all zeros (0 entries, then trailing bytes): fails "
+                               "after its first piece, never holding 256 MiB",
+                               "CorruptArchiveError"),
+    }
 
 
 def expected_members(data: bytes) -> dict[str, str]:
