@@ -3,18 +3,144 @@ bounded by the archive's real bytes and the model's real limits before it starts
 
 Nothing here asserts a wall-clock time (the suite runs on loaded machines): work is
 bounded by counts (cache positions, parsed records) or by the peak memory of a
-subprocess (``ru_maxrss`` of the children)."""
+subprocess (its VmHWM, :data:`PEAK`)."""
 
 from __future__ import annotations
 
-import json
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import zstandard
+
+import llmarc
+from llmarc.container.compact import decode_table, put_varint
+from llmarc.container.layout import (
+    EXT_COMPACT_ENTRIES,
+    HEADER_SIZE,
+    TYPE_DIR,
+    TYPE_FILE,
+    EntryRecord,
+    Extension,
+    Index,
+    ModelRecord,
+    assemble,
+    crc32,
+)
+from llmarc.errors import CorruptArchiveError
+from llmarc.model.fingerprint import canonical_json
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "fixtures"
-MODELS = json.loads((REPO / "spec" / "vectors" / "llm" / "models.json").read_text())
+TINY = FIXTURES / "tiny-llama-bpe"
+#: What a fresh interpreter that imported llmarc (numpy, zstandard) holds: ~40 MiB here.
+OPEN = """
+import sys, llmarc
+try:
+    with llmarc.open(sys.argv[1]) as archive:
+        print("members", len(archive.members()))
+except llmarc.LlmarcError as exc:
+    print(type(exc).__name__, exc)
+"""
+TEST = """
+import sys, llmarc
+try:
+    with llmarc.open(sys.argv[1]) as archive:
+        archive.test()
+    print("ok")
+except llmarc.LlmarcError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+#: The child's own peak RSS in KiB: VmHWM of its address space, made at exec.  Not
+#: ru_maxrss: Linux carries the forked parent's resident size (this test process, with
+#: torch and a model loaded: 200+ MB) over exec into the child's ru_maxrss, and
+#: RUSAGE_CHILDREN would be the largest of every child the session ever waited for.
+PEAK = """
+import resource
+try:
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("peak", peak)
+"""
+
+
+def child(code: str, path: Path) -> tuple[str, int]:
+    """Run ``code`` on ``path`` in a fresh interpreter; return its output and its own
+    peak RSS in MiB."""
+    script = code + PEAK
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    out, _, peak = done.stdout.rpartition("peak ")
+    return out.strip(), int(peak) // 1024
+
+
+def compact_archive(body: bytes) -> bytes:
+    """A format 1.1 archive with no data whose compact table is ``body`` in one frame."""
+    frame = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(body)
+    table = bytes((1,)) + struct.pack("<I", len(body)) + frame
+    return assemble(b"", Index("t", [], [], (Extension(EXT_COMPACT_ENTRIES, table),)),
+                    minor=1)
+
+
+def directory_records(names: list[tuple[int, bytes]]) -> bytes:
+    """A table body of directory records, each (keep, added bytes) front-coded."""
+    body = bytearray()
+    put_varint(body, len(names))
+    for keep, add in names:
+        put_varint(body, keep)
+        put_varint(body, len(add))
+        body += add + bytes((TYPE_DIR, 0)) + b"\xed\x03" + b"\x00\x00\x00"
+    return bytes(body)
+
+
+def varints(*values: int) -> bytes:
+    out = bytearray()
+    for value in values:
+        put_varint(out, value)
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> object:
+    pytest.importorskip("torch")
+    from llmarc.model.loader import load_model
+
+    return load_model(str(TINY), device="cpu")
+
+
+def llm_archive(fingerprint: bytes, segment_length: int, payload: bytes, size: int) -> bytes:
+    """One int-v2 llm member ``a.txt`` of ``size`` bytes whose payload is ``payload``."""
+    profile = {"engine": "int-v2", "precision": 24, "segment_length": segment_length}
+    record = ModelRecord(fingerprint, "tiny", canonical_json(profile))
+    entry = EntryRecord("a.txt", TYPE_FILE, 0o644, 0, size, 2, b"\0\0", HEADER_SIZE,
+                        len(payload), b"\1" * 32, crc32(payload))
+    return assemble(payload, Index("t", [record], [entry]))
+
+
+def first_token_stream(loaded: object) -> tuple[bytes, bytes]:
+    """(stream, bytes) of the model's likeliest first token: a segment of one token
+    decodes from it; a longer one decodes it, then fails within a few tokens (its
+    stream runs out)."""
+    import numpy as np
+    import torch
+
+    from llmarc.entropy.fast import frequency_tables
+    from llmarc.entropy.rangecoder import RangeEncoder
+
+    model = loaded.integer_model(1, "int-v2")  # type: ignore[attr-defined]
+    logits = model.prefill(torch.tensor([[loaded.start_token]]))[0]  # type: ignore[attr-defined]
+    freqs = frequency_tables(logits.numpy(), 24)[0]
+    token = int(np.argmax(freqs))
+    encoder = RangeEncoder(24)
+    encoder.encode(int(freqs[:token].sum()), int(freqs[token]))
+    return encoder.finish(), loaded.table[token]  # type: ignore[attr-defined]
 
 
 def test_stepper_caches_grow_with_the_positions_stepped() -> None:
@@ -46,3 +172,147 @@ def test_stepper_caches_grow_with_the_positions_stepped() -> None:
             assert torch.equal(again, stepped[:, :10])
         finally:
             model.fused_kernels = True
+
+
+# --------------------------------------------------------------------------- the model's limits
+
+
+def test_a_segment_longer_than_the_window_is_corrupt(tiny, tmp_path: Path) -> None:
+    """L = 65,536 on a model of 2,048 positions, 32 segments of empty streams: refused
+    (CorruptArchiveError) after the fingerprint check, before any cache exists."""
+    window = tiny.context_window
+    path = tmp_path / "window.llma"
+    path.write_bytes(llm_archive(tiny.fingerprint, 65536, varints(32 * 65536, 0)
+                                 + bytes(32), 32 * 65536))
+    with llmarc.open(path) as archive, pytest.raises(CorruptArchiveError,
+                                                     match=f"window of {window}"):
+        archive.test()
+    path.write_bytes(llm_archive(tiny.fingerprint, window, varints(window, 0) + bytes(1),
+                                 window))
+    with llmarc.open(path) as archive, pytest.raises(CorruptArchiveError) as caught:
+        archive.test()
+    assert "window" not in str(caught.value)  # L = the window is allowed: the stream fails
+
+
+def test_a_precision_too_small_for_the_logits_is_corrupt() -> None:
+    """2^P must exceed the logits width V (every symbol gets a frequency >= 1): checked
+    with the profile, not a ValueError from the frequency tables."""
+    from types import SimpleNamespace
+
+    from llmarc.codecs.llm import CodingSettings, check_model_limits
+
+    loaded = SimpleNamespace(context_window=8192, vocab_size=4096)
+    check_model_limits(loaded, CodingSettings(1, 1024, 13, "int-v2"))
+    with pytest.raises(CorruptArchiveError, match="precision 12 is too small"):
+        check_model_limits(loaded, CodingSettings(1, 1024, 12, "int-v2"))
+
+
+def test_a_lockstep_profile_asking_more_threads_than_cpus_gets_the_cpus() -> None:
+    """threads 1,024 (the range's top) ran out of memory starting OpenMP threads."""
+    import os
+
+    from llmarc.codecs.llm_pipeline import adopted_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    warnings: list[str] = []
+    assert adopted_threads(1024, warnings.append) == cpus
+    assert "1024 threads" in warnings[0]
+    assert adopted_threads(1, warnings.append) == 1 and len(warnings) == 1
+
+
+def test_caches_grow_only_with_tokens_really_decoded(tiny, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """32 segments of L = 2,048 whose streams decode a likely first token, then run out:
+    the decoder's caches hold what was stepped, never L positions per row."""
+    from llmarc.inference import integer
+
+    made: list[integer.IntegerStepper] = []
+    original = integer.IntegerStepper.__init__
+
+    def record(self, *args, **kwargs) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(integer.IntegerStepper, "__init__", record)
+    stream, _piece = first_token_stream(tiny)
+    length = tiny.context_window
+    payload = varints(32 * length, 0) + varints(len(stream)) * 32 + stream * 32
+    path = tmp_path / "steps.llma"
+    path.write_bytes(llm_archive(tiny.fingerprint, length, payload, 32 * length))
+    with llmarc.open(path) as archive, pytest.raises(CorruptArchiveError):
+        archive.test()
+    assert made and all(s.length == length for s in made)  # the rows reached the model
+    assert max(s.capacity for s in made) <= 2 * integer.CACHE_START
+
+
+def test_a_million_segments_cost_their_payload_not_the_model(tiny, tmp_path: Path) -> None:
+    """1.5 million one-token segments (1.5 MB of payload): decoded from the one table
+    every segment's first token shares, then refused; a segment that fails ends its
+    entry's decoding.  (It took 40 s and 2.4 GB, or a MemoryError.)"""
+    count = 1_500_000
+    path = tmp_path / "segments.llma"
+    path.write_bytes(llm_archive(tiny.fingerprint, 1, varints(count, 0) + bytes(count),
+                                 count))
+    out, peak = child(TEST, path)
+    assert out.startswith("CorruptArchiveError") and "past the end" in out, out
+    assert peak < 500, peak  # 370 MiB here, 230 of them torch and the model
+
+
+def test_many_good_segments_take_no_model_step(tiny, tmp_path: Path) -> None:
+    """200,000 one-token segments that all decode (400 KB of payload): no model step
+    (each would be a step of the model per 32 rows), memory bounded by the chunk of
+    segments alive at a time, then the made-up SHA-256 fails."""
+    count = 200_000
+    stream, piece = first_token_stream(tiny)
+    payload = varints(count, 0) + varints(len(stream)) * count + stream * count
+    path = tmp_path / "good.llma"
+    path.write_bytes(llm_archive(tiny.fingerprint, 1, payload, count * len(piece)))
+    out, peak = child(TEST, path)
+    assert out.startswith("ChecksumMismatchError"), out  # all decoded; the digest is made up
+    assert peak < 500, peak
+
+
+# --------------------------------------------------------------------------- the compact table
+
+
+@pytest.mark.parametrize("after", [b"\x00", struct.pack("<II", 0x184D2A50, 4) + b"skip",
+                                   zstandard.ZstdCompressor().compress(b"")],
+                         ids=["byte", "skippable", "empty-frame"])
+def test_the_compact_table_is_exactly_one_frame(after: bytes) -> None:
+    body = directory_records([(0, b"d")])
+    frame = zstandard.ZstdCompressor().compress(body)
+    head = bytes((1,)) + struct.pack("<I", len(body))
+    assert [e.name for e in decode_table(head + frame)] == ["d"]
+    with pytest.raises(CorruptArchiveError, match="after the frame"):
+        decode_table(head + frame + after)
+
+
+def test_a_table_of_256_mib_of_zeros_is_refused_in_bounded_memory() -> None:
+    """8 KB of frame declaring exactly 256 MiB of zeros: parsed as it inflates, so it
+    fails after the first piece (it held 583 MB)."""
+    out, peak = child(OPEN, REPO / "spec" / "vectors" / "bad" / "compact-zeros.llma")
+    assert out.startswith("CorruptArchiveError"), out
+    assert peak < 150, peak  # 51 MiB here
+
+
+def test_256_mib_of_names_cost_the_names(tmp_path: Path) -> None:
+    """65,536 directories of 4,096-byte names (a 6 KB archive; §4.2 allows 256 MiB of
+    names): the names are held once, checked without per-character Python work or a
+    second copy of them (a sort key) — about the names' own size, not 1.4 GB."""
+    stem = ((b"d" * 250 + b"/") * 17)[:4088]
+    names = [(0, stem + b"00000000")] + [(4088, b"%08x" % i) for i in range(1, 65536)]
+    path = tmp_path / "names.llma"
+    path.write_bytes(compact_archive(directory_records(names)))
+    out, peak = child(OPEN, path)
+    assert out == "members 65536", out
+    assert peak < 256 + 200, peak  # 327 MiB here, 574 with a sort key per name
+
+
+def test_a_million_directories_open_in_bounded_memory(tmp_path: Path) -> None:
+    """The format's limit of entries, as directories (a 26 KB archive)."""
+    names = [(0, b"%07d" % i) for i in range(1_000_000)]
+    path = tmp_path / "dirs.llma"
+    path.write_bytes(compact_archive(directory_records(names)))
+    out, peak = child(OPEN, path)
+    assert out == "members 1000000", out
+    assert peak < 600, peak  # 470 MiB here; 682 with a __dict__ per record and member

@@ -540,6 +540,8 @@ class SegmentCoder:
                     results[owner] = exc
                     continue
                 for index, stream in enumerate(streams):
+                    if isinstance(results[owner], CorruptArchiveError):
+                        break  # a segment failed (in an earlier chunk): the entry is corrupt
                     count = min(length, token_count - index * length)
                     limit = segment_byte_limit(original_size, len(escapes[owner]),
                                                token_count, count)
@@ -722,7 +724,7 @@ class LLMCodec(SegmentCoder):
                 try:
                     next_feed[r] = code_row(group[r], t, ends[i], logits[i])
                 except CorruptArchiveError as exc:
-                    group[r].error = exc
+                    group[r].error = exc.with_traceback(None)  # frames would hold the group
             feed = torch.tensor(next_feed, dtype=torch.long)
             if progress is not None:
                 progress(count)
@@ -878,7 +880,7 @@ class LLMCodec(SegmentCoder):
             try:
                 code_row(row, 0, table, None)
             except CorruptArchiveError as exc:
-                row.error = exc
+                row.error = exc.with_traceback(None)  # its frames would keep every row alive
             row.given = 1
         if progress is not None and rows:
             progress(len(rows))
