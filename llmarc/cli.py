@@ -243,7 +243,7 @@ def pack_cmd(
 ArchiveArgument = Annotated[Path, typer.Argument(
     metavar="ARCHIVE", help="The archive (.llma); '-' reads it from stdin.")]
 KeepGoingOption = Annotated[bool, typer.Option(
-    "--keep-going", "-k",
+    "--keep-going",  # no -k: tar's -k is --keep-old-files
     help="Go on past damaged members: restore (or verify) every intact one, list every "
          "damaged one, exit 1.")]
 

@@ -164,9 +164,10 @@ def scan(src_dir: str | os.PathLike[str], *, skip: set[tuple[int, int]] = frozen
          warn: Warn = _default_warn, problems: list[Problem] | None = None,
          exclude: Sequence[str] = ()) -> list[SourceEntry]:
     """All entries below ``src_dir`` (not the directory itself), sorted by name; for a
-    regular file, that file alone under its base name (as ``tar cf x.tar file`` stores
-    it). Entries matching an ``exclude`` pattern (llmarc.members) are left out, and
-    nothing below an excluded directory is read.
+    regular file, that file alone under its base name (names are relative to the source
+    either way; tar and zip would keep the path as typed). Entries matching an
+    ``exclude`` pattern (llmarc.members) are left out, and nothing below an excluded
+    directory is read.
 
     The walk is iterative (any depth) and never follows symlinks. Everything that cannot
     be archived (symlinks, FIFOs, sockets, devices, unreadable files or directories, names

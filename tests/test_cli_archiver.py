@@ -255,7 +255,7 @@ def test_keep_going_restores_every_intact_member(tmp_path, damaged):
     assert "member 'd/b.txt'" in r.stderr and "'d/a.txt'" not in r.stderr
     assert error_lines(r) == ["llmarc: error: 1 member could not be extracted (listed "
                               "above); 2 other files extracted"]
-    r = llmarc("test", damaged, "-q", "-k")
+    r = llmarc("test", damaged, "-q", "--keep-going")
     assert r.returncode == 1 and "member 'd/b.txt'" in r.stderr and r.stdout == ""
     assert error_lines(r)[-1].endswith("; 2 other files intact")
 
