@@ -1,4 +1,4 @@
-"""A bounds-checked little-endian reader over the bytes of a model file.
+"""Bounds-checked reads of a model file: its bytes mapped, and a little-endian cursor.
 
 Model files are read by llmarc's own code (spec/model.md), not by the libraries that
 wrote them, so that what an archive means never depends on a library's version.  They
@@ -9,7 +9,10 @@ so a bad model file is one clear line, never a traceback or a huge allocation.
 
 from __future__ import annotations
 
+import mmap
 import struct
+from pathlib import Path
+from typing import Any
 
 from llmarc.errors import ModelError
 
@@ -60,3 +63,16 @@ class Cursor:
                 return value
             shift += 7
         raise self.fail("varint longer than 10 bytes")
+
+
+def map_file(path: Path) -> Any:
+    """The file's bytes, mapped read-only (pages are read as tensors are used, and shared
+    with the page cache); an unreadable file is a ModelError naming it."""
+    try:
+        with path.open("rb") as handle:
+            try:
+                return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:  # an empty file cannot be mapped
+                return b""
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror}") from exc

@@ -9,13 +9,12 @@ so it is read here in about a hundred lines and described in the spec byte for b
 
 from __future__ import annotations
 
-import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmarc.model.cursor import Cursor
+from llmarc.model.cursor import Cursor, map_file
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -67,11 +66,7 @@ class GGUFFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        with path.open("rb") as handle:
-            try:
-                self._map: Any = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError:  # an empty file cannot be mapped
-                self._map = b""
+        self._map: Any = map_file(path)
         cursor = Cursor(self._map, f"GGUF file {path}")
         if bytes(cursor.take(4)) != MAGIC:
             raise cursor.fail("not a GGUF file (no 'GGUF' magic)")

@@ -10,7 +10,6 @@ exactly.
 from __future__ import annotations
 
 import json
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from llmarc.errors import ModelError
-from llmarc.model.cursor import Cursor
+from llmarc.model.cursor import Cursor, map_file
 from llmarc.model.dequantize import widen_bf16
 
 MAX_HEADER = 100 << 20
@@ -40,11 +39,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        with path.open("rb") as handle:
-            try:
-                self._map: Any = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError:
-                self._map = b""
+        self._map: Any = map_file(path)
         cursor = Cursor(self._map, f"safetensors file {path}")
         size = cursor.u64()
         if size > min(MAX_HEADER, cursor.remaining):
