@@ -101,12 +101,13 @@ def check_header(head: bytes, size: int) -> None:
             f"zstd frame declares {params.content_size} bytes, {relation} the recorded {size}")
 
 
-def decode(chunks: Iterable[bytes], size: int, feed: int = _FEED) -> Iterator[bytes]:
+def decode(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     """Decode one frame that must produce exactly ``size`` bytes and fill its payload.
 
     Its header is checked first (``check_header``); no output past ``size`` is ever
-    yielded (the overflowing piece raises instead). ``feed`` frame bytes go to each
-    decompress call, whose output is at most ``feed`` x 32,768 bytes."""
+    yielded (the overflowing piece raises instead). Each decompress call gets at most
+    _FEED bytes of a chunk, so it yields at most that many x 32,768 bytes (smaller
+    chunks, smaller pieces)."""
     dobj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
     produced = 0
     first = True
@@ -115,10 +116,10 @@ def decode(chunks: Iterable[bytes], size: int, feed: int = _FEED) -> Iterator[by
             if first and chunk:
                 check_header(chunk, size)
                 first = False
-            for i in range(0, len(chunk), feed):
+            for i in range(0, len(chunk), _FEED):
                 if dobj.eof:
                     raise CorruptArchiveError("zstd payload has bytes after the frame")
-                out = dobj.decompress(chunk[i:i + feed])
+                out = dobj.decompress(chunk[i:i + _FEED])
                 if out:
                     produced += len(out)
                     if produced > size:

@@ -180,7 +180,8 @@ def _inflate(payload: bytes, size: int) -> Iterator[bytes]:
     (:class:`_Body`), so 8 KB of frame declaring 256 MiB of zeros fails after a few
     MiB, not once 256 MiB (and a copy) are held."""
     try:
-        yield from zstd_codec.decode((payload,), size, feed=_TABLE_FEED)
+        pieces = (payload[i:i + _TABLE_FEED] for i in range(0, len(payload), _TABLE_FEED))
+        yield from zstd_codec.decode(pieces, size)
     except CorruptArchiveError as exc:
         raise CorruptArchiveError(f"compact entry table: {exc}") from None
 
