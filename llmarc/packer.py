@@ -6,8 +6,9 @@
   single zstd frames, solid zstd blocks, and (later) one batch of llm entries;
 * ``write_plan`` encodes the groups and streams them into an ``ArchiveWriter``.
 
-The seam for the LLM codec is the ``"llm"`` group: its payloads are computed for all of its
-entries together (``encode_llm_batch``) before they are written.
+The seam for the LLM codec is the ``"llm"`` group: its payloads are computed for a window
+of its entries together (``encode_llm_batch``), and a window is written before the next
+is read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import BinaryIO
 from .codecs import CODEC_STORE, CODEC_ZSTD
 from .codecs import choose as chooser
 from .codecs import zstd as zstd_codec
-from .codecs.llm_pipeline import LLMOptions, encode_text_entries, llm_available
+from .codecs.llm_pipeline import LLMOptions, TextEncoder, llm_available, window_bytes
 from .container.compact import solid_shares
 from .container.layout import EMPTY_SHA256, TYPE_DIR, TYPE_FILE, EntryRecord
 from .container.reader import ArchiveReader, MemberInfo
@@ -469,52 +470,74 @@ class _Outcome:
         return True
 
 
+def _windows(entries: list[SourceEntry], limit: int | None) -> Iterator[list[SourceEntry]]:
+    """Consecutive runs of ``entries`` of at most ``limit`` bytes (as scanned) each, one
+    entry at least; everything at once for None."""
+    if limit is None:
+        yield entries
+        return
+    window: list[SourceEntry] = []
+    size = 0
+    for e in entries:
+        if window and size + e.size > limit:
+            yield window
+            window, size = [], 0
+        window.append(e)
+        size += e.size
+    if window:
+        yield window
+
+
 def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level: int,
                      options: LLMOptions, forced: bool, progress=None, warn: Warn | None = None,
                      outcome: _Outcome | None = None,
                      ) -> Iterator[tuple[_Source, bytes, int, bytes, bytes, int]]:
-    """Encode all llm-candidate entries together.
+    """Encode the llm-candidate entries, a window of text at a time (llm_pipeline's
+    WINDOW_BYTES: the caller writes a window's entries before the next is read, so
+    memory holds one window, not the corpus).
 
     Yields (source, sha256, codec id, codec params, payload, size): the LLM payload where
-    it won (or was forced), else the entry's zstd frame or its plain bytes.  Entries are
-    read into memory: the LLM codec is for text, capped in auto mode by ``plan``.
+    it won (or was forced), else the entry's zstd frame or its plain bytes.  A window's
+    entries are read into memory: the LLM codec is for text, capped in auto mode by
+    ``plan``.
     """
     # A sink that can defer is told these bytes now and credits them as their tokens
     # are coded: counted as read, they made the bar say done before the model started.
     deferring = hasattr(progress, "defer")
-    sources, datas = [], []
-    for e in entries:
-        for attempt in range(1 + REREADS):
-            src = _Source(e, None if deferring else progress)
-            data = b"".join(src)
-            if not src.changed or attempt == REREADS:
-                break
-            if progress is not None and not deferring:
-                progress.advance(-src.size)
-        if outcome is None or outcome.accept(src):
-            sources.append(src)
-            datas.append(data)
-    if deferring:
-        progress.defer(sum(map(len, datas)))
-    zstd_sizes: dict[int, bytes] = {}
+    with TextEncoder(options, forced=forced, add_model=writer.add_model, progress=progress,
+                     status=getattr(progress, "note", None)) as encoder:
+        for window in _windows(entries, window_bytes(options)):
+            sources, datas = [], []
+            for e in window:
+                for attempt in range(1 + REREADS):
+                    src = _Source(e, None if deferring else progress)
+                    data = b"".join(src)
+                    if not src.changed or attempt == REREADS:
+                        break
+                    if progress is not None and not deferring:
+                        progress.advance(-src.size)
+                if outcome is None or outcome.accept(src):
+                    sources.append(src)
+                    datas.append(data)
+            if deferring:
+                progress.defer(sum(map(len, datas)))
+            frames: dict[int, bytes] = {}
 
-    def zstd_frame(data: bytes) -> bytes:
-        if id(data) not in zstd_sizes:
-            zstd_sizes[id(data)] = b"".join(zstd_codec.encode([data], level, len(data)))
-        return zstd_sizes[id(data)]
+            def zstd_frame(data: bytes, frames: dict[int, bytes] = frames) -> bytes:
+                if id(data) not in frames:
+                    frames[id(data)] = b"".join(zstd_codec.encode([data], level, len(data)))
+                return frames[id(data)]
 
-    results = encode_text_entries(
-        datas, [s.entry.name for s in sources], options, forced=forced,
-        zstd_size=lambda d: len(zstd_frame(d)), add_model=writer.add_model, progress=progress,
-        status=getattr(progress, "note", None)) if sources else []
-    for src, data, result in zip(sources, datas, results, strict=True):
-        sha = hashlib.sha256(data).digest()
-        if result is not None:
-            yield src, sha, result.codec_id, result.params, result.payload, len(data)
-        elif data and len(zstd_frame(data)) < len(data):
-            yield src, sha, CODEC_ZSTD, b"", zstd_frame(data), len(data)
-        else:
-            yield src, sha, CODEC_STORE, b"", data, len(data)
+            results = encoder.encode(datas, [s.entry.name for s in sources],
+                                     lambda d: len(zstd_frame(d)))
+            for src, data, result in zip(sources, datas, results, strict=True):
+                sha = hashlib.sha256(data).digest()
+                if result is not None:
+                    yield src, sha, result.codec_id, result.params, result.payload, len(data)
+                elif data and len(zstd_frame(data)) < len(data):
+                    yield src, sha, CODEC_ZSTD, b"", zstd_frame(data), len(data)
+                else:
+                    yield src, sha, CODEC_STORE, b"", data, len(data)
 
 
 #: A file that changed while it was read is read again this many times (a single file:

@@ -316,3 +316,42 @@ def test_a_million_directories_open_in_bounded_memory(tmp_path: Path) -> None:
     out, peak = child(OPEN, path)
     assert out == "members 1000000", out
     assert peak < 600, peak  # 470 MiB here; 682 with a __dict__ per record and member
+
+
+# --------------------------------------------------------------------------- packing in windows
+
+
+def test_a_pack_writes_each_window_before_reading_the_next(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """int-v1/v2 packs read, code and write a window of text at a time (memory holds one
+    window, not the corpus), and the archive is the same as one window's."""
+    pytest.importorskip("torch")
+    from llmarc.codecs import llm_pipeline
+    from llmarc.codecs.llm_pipeline import LLMOptions
+    from llmarc.container.writer import ArchiveWriter
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"t{i}.txt").write_bytes(b"the quick brown fox %d jumps over it\n" % i * 6)
+    options = LLMOptions(model=str(TINY), threads=1, segment_length=16)
+    llmarc.pack(src, tmp_path / "one.llma", codec="llm", llm=options)
+    events: list[str] = []
+    encode, write = llm_pipeline.TextEncoder.encode, ArchiveWriter.write_stored
+
+    def encoded(self, datas, names, zstd_size):
+        events.append(f"window {len(datas)}")
+        return encode(self, datas, names, zstd_size)
+
+    def written(self, chunks):
+        events.append("write")
+        return write(self, chunks)
+
+    monkeypatch.setattr(llm_pipeline, "WINDOW_BYTES", 700)
+    monkeypatch.setattr(llm_pipeline.TextEncoder, "encode", encoded)
+    monkeypatch.setattr(ArchiveWriter, "write_stored", written)
+    llmarc.pack(src, tmp_path / "windows.llma", codec="llm", llm=options)
+    assert (tmp_path / "windows.llma").read_bytes() == (tmp_path / "one.llma").read_bytes()
+    llm_events = events[events.index("window 3"):]  # 8 entries of 228 bytes: 3 + 3 + 2
+    assert llm_events == ["window 3", *["write"] * 3, "window 3", *["write"] * 3,
+                          "window 2", *["write"] * 2], events

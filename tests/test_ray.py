@@ -201,6 +201,31 @@ def test_killed_actor_is_restarted_and_the_archive_is_identical(
     assert live_llmarc_actors() == []
 
 
+def test_ray_pack_in_windows_keeps_one_actor_set_and_the_archive(
+    runtime, tree, local_archives, coders, tmp_path, monkeypatch
+):
+    """Windows of 600 bytes of text (issue 22: the driver holds one window, not the
+    corpus): the same archive as one local pack, every window on the same actors."""
+    from llmarc.codecs import llm_pipeline
+
+    monkeypatch.setattr(llm_pipeline, "WINDOW_BYTES", 600)
+    windows: list[int] = []
+    original = llm_pipeline.TextEncoder.encode
+
+    def counted(self, datas, names, zstd_size):
+        windows.append(sum(map(len, datas)))
+        return original(self, datas, names, zstd_size)
+
+    monkeypatch.setattr(llm_pipeline.TextEncoder, "encode", counted)
+    out = tmp_path / "windows.llma"
+    llmarc.pack(tree, out, codec="llm", llm=LLMOptions(ray=runtime, **SETTINGS))
+    assert out.read_bytes() == local_archives["int-v2"]
+    assert len(windows) >= 3 and max(windows) <= 600, windows
+    (coder,) = coders
+    assert coder.starts == 1 and coder.runs == len(windows)  # one actor set for all
+    assert live_llmarc_actors() == []
+
+
 def test_worker_with_a_different_model_is_refused(runtime, tmp_path):
     import shutil
 

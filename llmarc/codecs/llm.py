@@ -470,6 +470,12 @@ class SegmentCoder:
         """Decode each segment's tokens; a hostile stream gives an error in its slot."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Keep what several calls share (a Ray coder's actors, each with the model
+        loaded) alive until the block ends; a local coder has nothing to keep."""
+        yield
+
     @staticmethod
     def count_tokens(jobs: Iterable[tuple[bytes, int]]) -> int:
         """Total tokens of (payload, size) jobs, for progress (malformed payloads count 0)."""

@@ -8,6 +8,7 @@ archives without LLM entries never import torch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +126,129 @@ class TokenCounter:
             self._task.close()
 
 
+#: Text bytes an integer-engine pack reads, tokenizes and codes at a time (a *window*):
+#: the packer writes a window's entries before it reads the next, so the process that
+#: writes the archive (a Ray driver too) holds one window's text, tokens and payloads
+#: (about ten times the text), whatever the corpus's size.  Windows do not change the
+#: archive: int-v1/v2 code every entry alone.  lockstep-v1 codes all entries as one
+#: window (its numbers depend on its groups, and its recorded B on their count).
+WINDOW_BYTES = 16 << 20
+
+
+def window_bytes(options: LLMOptions) -> int | None:
+    """The window for ``options`` (None: every entry at once)."""
+    return WINDOW_BYTES if options.engine in INTEGER_ENGINES else None
+
+
+class TextEncoder:
+    """LLM-codes text entries, one window at a time (:meth:`encode`), with one model and
+    one segment coder for all windows (a Ray coder keeps its actors from the first
+    window to :meth:`close`).  The model loads at the first window."""
+
+    def __init__(self, options: LLMOptions, *, forced: bool,
+                 add_model: Callable[[ModelRecord], int], progress: Any = None,
+                 status: Warn | None = None) -> None:
+        self.options, self.forced, self.add_model = options, forced, add_model
+        self.progress, self.status = progress, status
+        self._loaded: Any = None
+        self._tokenizer: Any = None
+        self._coder: SegmentCoder | None = None
+        self._settings: CodingSettings | None = None
+        self._model_index: int | None = None
+        self._stats: dict[str, CodingStats] = {}
+        self._sessions = contextlib.ExitStack()
+
+    def _load(self) -> None:
+        from llmarc.model.loader import load_model
+        from llmarc.model.tokenize import LosslessTokenizer
+
+        options = self.options
+        loaded = load_model(options.model, device=options.device, dtype=options.dtype,
+                            threads=options.threads, status=self.status, engine=options.engine)
+        length = options.segment_length
+        if not 1 <= length <= loaded.context_window:
+            raise ModelError(f"segment length {length} is outside 1..{loaded.context_window}")
+        self._loaded = loaded
+        self._tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
+
+    def encode(self, datas: list[bytes], names: list[str],
+               zstd_size: Callable[[bytes], int]) -> list[EncodedEntry | None]:
+        """LLM-code one window of entries; return per entry the winner (None: the caller
+        uses zstd/store).
+
+        With ``forced`` (``--codec llm``) every representable entry keeps the LLM
+        payload; otherwise (``auto``) an entry keeps it only when it is smaller than both
+        zstd and the original.  The model record is registered (``add_model``) once, when
+        the first entry keeps an LLM payload."""
+        from llmarc.model.tokenize import UnrepresentableBytesError
+
+        if not datas:
+            return []
+        if self._loaded is None:
+            self._load()
+        loaded, options, tokenizer = self._loaded, self.options, self._tokenizer
+        length = options.segment_length
+        escaping = options.engine in INTEGER_ENGINES  # their payloads carry escaped bytes
+        token_lists: list[list[int] | None] = []
+        escape_lists: list[list[tuple[int, int]]] = []
+        for data in datas:
+            escapes: list[tuple[int, int]] = []
+            try:
+                if escaping:
+                    data, escapes = tokenizer.split_escapes(data)
+                token_lists.append(tokenizer.encode(data) if data else None)
+            except UnrepresentableBytesError:
+                token_lists.append(None)  # a byte the vocabulary lacks: zstd/store instead
+            escape_lists.append(escapes)
+        todo = [i for i, t in enumerate(token_lists) if t]
+        if self._coder is None:
+            segments = sum(-(-len(token_lists[i]) // length) for i in todo)  # type: ignore[arg-type]
+            width = options.batch_width or default_batch_width(loaded, length, segments)
+            self._settings = CodingSettings(width, length, engine=options.engine)
+            self._coder = make_coder(loaded, self._settings, options)
+            self._sessions.enter_context(self._coder.session())
+        total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]
+        counter = TokenCounter(self.progress, total_tokens,
+                               f"llm coding ({loaded.source.display_name})")
+        try:
+            payloads, stats = self._coder.encode_many(
+                [token_lists[i] for i in todo],  # type: ignore[misc]
+                progress=counter,
+                collect_stats=options.on_encoded is not None,
+                escapes=[escape_lists[i] for i in todo] if escaping else None,
+            )
+        finally:
+            counter.close()
+        if options.on_encoded is not None:
+            self._stats.update({names[i]: own for i, own in zip(todo, stats, strict=True)})
+        results: list[EncodedEntry | None] = [None] * len(datas)
+        for i, payload in zip(todo, payloads, strict=True):
+            if not self.forced and len(payload) >= min(zstd_size(datas[i]), len(datas[i])):
+                continue
+            if self._model_index is None:
+                profile = build_profile(loaded, self._settings)
+                self._model_index = self.add_model(ModelRecord(
+                    loaded.fingerprint, loaded.source.display_name, canonical_json(profile)))
+            results[i] = EncodedEntry(CODEC_LLM, encode_params(self._model_index), payload)
+        return results
+
+    def close(self) -> None:
+        """End the coder's session (a Ray coder's actors) and report the statistics of
+        every window to ``on_encoded``."""
+        self._sessions.close()
+        if self.options.on_encoded is not None and self._loaded is not None:
+            self.options.on_encoded(self._stats)
+
+    def __enter__(self) -> TextEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._sessions.close()
+
+
 def encode_text_entries(
     datas: list[bytes],
     names: list[str],
@@ -136,75 +260,15 @@ def encode_text_entries(
     progress: Any = None,
     status: Warn | None = None,
 ) -> list[EncodedEntry | None]:
-    """LLM-code every entry; return per entry the winner (None: caller uses zstd/store).
-
-    With ``forced`` (``--codec llm``) every representable entry keeps the LLM payload;
-    otherwise (``auto``) an entry keeps it only when it is smaller than both zstd and
-    the original.  The model record is registered (``add_model``) only if some entry
-    keeps an LLM payload.
-    """
-    from llmarc.model.loader import load_model
-    from llmarc.model.tokenize import LosslessTokenizer, UnrepresentableBytesError
-
-    loaded = load_model(
-        options.model,
-        device=options.device,
-        dtype=options.dtype,
-        threads=options.threads,
-        status=status,
-        engine=options.engine,
-    )
-    length = options.segment_length
-    if not 1 <= length <= loaded.context_window:
-        raise ModelError(f"segment length {length} is outside 1..{loaded.context_window}")
-    tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
-    escaping = options.engine in INTEGER_ENGINES  # their payloads carry escaped bytes
-    token_lists: list[list[int] | None] = []
-    escape_lists: list[list[tuple[int, int]]] = []
-    for data in datas:
-        escapes: list[tuple[int, int]] = []
-        try:
-            if escaping:
-                data, escapes = tokenizer.split_escapes(data)
-            token_lists.append(tokenizer.encode(data) if data else None)
-        except UnrepresentableBytesError:
-            token_lists.append(None)  # a byte the vocabulary lacks: zstd/store instead
-        escape_lists.append(escapes)
-    todo = [i for i, t in enumerate(token_lists) if t]
-    segments = sum(-(-len(token_lists[i]) // length) for i in todo)  # type: ignore[arg-type]
-    width = options.batch_width or default_batch_width(loaded, length, segments)
-    settings = CodingSettings(width, length, engine=options.engine)
-    codec = make_coder(loaded, settings, options)
-    total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]
-    counter = TokenCounter(progress, total_tokens, f"llm coding ({loaded.source.display_name})")
-    try:
-        payloads, stats = codec.encode_many(
-            [token_lists[i] for i in todo],  # type: ignore[misc]
-            progress=counter,
-            collect_stats=options.on_encoded is not None,
-            escapes=[escape_lists[i] for i in todo] if escaping else None,
-        )
-    finally:
-        counter.close()
-    if options.on_encoded is not None:
-        options.on_encoded({names[i]: own for i, own in zip(todo, stats, strict=True)})
-    results: list[EncodedEntry | None] = [None] * len(datas)
-    model_index: int | None = None
-    for i, payload in zip(todo, payloads, strict=True):
-        if not forced and len(payload) >= min(zstd_size(datas[i]), len(datas[i])):
-            continue
-        if model_index is None:
-            profile = build_profile(loaded, settings)
-            model_index = add_model(
-                ModelRecord(loaded.fingerprint, loaded.source.display_name, canonical_json(profile))
-            )
-        results[i] = EncodedEntry(CODEC_LLM, encode_params(model_index), payload)
-    return results
+    """LLM-code every entry as one window (:class:`TextEncoder`)."""
+    with TextEncoder(options, forced=forced, add_model=add_model, progress=progress,
+                     status=status) as encoder:
+        return encoder.encode(datas, names, zstd_size)
 
 
 def adopted_threads(recorded: int, warn: Warn | None) -> int:
     """The thread count a lockstep-v1 decoder adopts: the recorded one, but at most this
-    machine's CPUs (spec/llm-codec.md §2.2).
+    machine's CPUs (spec/llm-codec.md §6.1).
 
     A hostile profile may record 1,024 threads (the range's top): so many OpenMP threads
     ran out of memory (a MemoryError traceback) and would crawl on a few cores.  Fewer

@@ -7,8 +7,10 @@ exactly like the local coder builds them (segments sorted longest first, B at a 
 so even an engine whose rows depended on their companions would code the same groups.
 
 Actors live for one ``encode_many``/``decode_many`` call (which may call the segment
-methods several times: decoding goes in bounded slices) and are killed in a ``finally``,
-so Ctrl-C or an error leaves none behind and a finished pack holds no cluster resources.
+methods several times: decoding goes in bounded slices), or for a :meth:`session` that
+spans several (a pack's windows of text, llmarc.codecs.llm_pipeline.WINDOW_BYTES), and
+are killed in a ``finally``, so Ctrl-C or an error leaves none behind and a finished
+pack holds no cluster resources.
 """
 
 from __future__ import annotations
@@ -253,6 +255,10 @@ class RayCoder(SegmentCoder):
                 for _name, actor in actors:
                     with contextlib.suppress(Exception):
                         self.ray.kill(actor, no_restart=True)
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        """One set of actors for every call until the block ends (a pack's windows)."""
+        return self._session()
 
     def encode_many(self, *args: Any, **kwargs: Any) -> Any:
         with self._session():
