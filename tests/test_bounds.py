@@ -147,7 +147,7 @@ def test_stepper_caches_grow_with_the_positions_stepped() -> None:
     """A stepper made for 2,048 positions holds caches for a few; they double as the
     positions are stepped, and the logits equal prefill's across every growth."""
     torch = pytest.importorskip("torch")
-    from llmarc.inference.integer import CACHE_START, IntegerStepper
+    from llmarc.inference.stepping import CACHE_START, IntegerStepper
     from llmarc.model.loader import load_model
 
     loaded = load_model(str(FIXTURES / "tiny-llama-bpe"), device="cpu")
@@ -224,16 +224,16 @@ def test_caches_grow_only_with_tokens_really_decoded(tiny, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """32 segments of L = 2,048 whose streams decode a likely first token, then run out:
     the decoder's caches hold what was stepped, never L positions per row."""
-    from llmarc.inference import integer
+    from llmarc.inference import stepping
 
-    made: list[integer.IntegerStepper] = []
-    original = integer.IntegerStepper.__init__
+    made: list[stepping.IntegerStepper] = []
+    original = stepping.IntegerStepper.__init__
 
     def record(self, *args, **kwargs) -> None:
         original(self, *args, **kwargs)
         made.append(self)
 
-    monkeypatch.setattr(integer.IntegerStepper, "__init__", record)
+    monkeypatch.setattr(stepping.IntegerStepper, "__init__", record)
     stream, _piece = first_token_stream(tiny)
     length = tiny.context_window
     payload = varints(32 * length, 0) + varints(len(stream)) * 32 + stream * 32
@@ -242,7 +242,7 @@ def test_caches_grow_only_with_tokens_really_decoded(tiny, tmp_path: Path,
     with llmarc.open(path) as archive, pytest.raises(CorruptArchiveError):
         archive.test()
     assert made and all(s.length == length for s in made)  # the rows reached the model
-    assert max(s.capacity for s in made) <= 2 * integer.CACHE_START
+    assert max(s.capacity for s in made) <= 2 * stepping.CACHE_START
 
 
 def test_a_million_segments_cost_their_payload_not_the_model(tiny, tmp_path: Path) -> None:

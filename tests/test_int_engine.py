@@ -23,11 +23,11 @@ from llmarc.inference.integer import (
     ATTENTION_LEVELS,
     FP32_EXACT_CHUNK,
     IntegerModel,
-    IntegerStepper,
     IntLinear,
     power_of_two,
     quantize_rows,
 )
+from llmarc.inference.stepping import IntegerStepper
 from llmarc.model.loader import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,7 +231,7 @@ def test_rotary_tables_equal_the_references_directly_evaluated_ones() -> None:
     per-value mpmath evaluation (spec §5.5): every double identical, far positions too."""
     from int_numpy import rope_tables as evaluated
 
-    from llmarc.inference.integer import rope_tables
+    from llmarc.inference.rope import rope_tables
 
     for base, head_dim, length in ((10000.0, 16, 600), (500000.0, 8, 3000)):
         ours = rope_tables(base, head_dim, length)
@@ -250,7 +250,7 @@ def test_the_pair_dot_kernel_is_exact_at_the_extremes(dtype) -> None:
     pairs with a weight) over every third step."""
     import numba
 
-    from llmarc.inference.integer import PAIR_LANES, _pair_dots
+    from llmarc.inference.kernels import PAIR_LANES, _pair_dots
 
     pair_dots, listed_pair_dots = _pair_dots(), _pair_dots(listed=True)
     top = int(np.iinfo(dtype).max)
@@ -298,7 +298,7 @@ def test_the_quad_dot_kernel_is_exact_at_the_extremes(vnni_instructions: bool) -
     import numba
 
     from llmarc.inference import vnni
-    from llmarc.inference.integer import PAIR_LANES, _quad_dots
+    from llmarc.inference.kernels import PAIR_LANES, _quad_dots
 
     if vnni_instructions and not vnni.available():
         pytest.skip("this CPU has no AVX-512 VNNI: the stepper uses the plain form")
@@ -334,9 +334,9 @@ def test_the_integer_max_helpers_equal_the_float_max() -> None:
     LLVM vectorizes them; they must give the float max on signs, zeros of both signs,
     -inf, subnormals and huge values (``_top`` may answer +0 for a -0 maximum that a
     +0 ties: z - top then differs only in the sign of a zero, which floor ignores)."""
-    from llmarc.inference import integer
+    from llmarc.inference import kernels
 
-    integer._kernels()
+    kernels._kernels()
     generator = np.random.default_rng(3)
     cases = [
         np.array([-0.0]), np.array([0.0, -0.0]), np.array([-3.5, -0.5, -2.0]),
@@ -345,8 +345,8 @@ def test_the_integer_max_helpers_equal_the_float_max() -> None:
         -np.abs(generator.standard_normal(37)),
     ]
     for values in cases:
-        assert integer._peak(values) == np.max(np.abs(values))
-        top = integer._top(values)
+        assert kernels._peak(values) == np.max(np.abs(values))
+        top = kernels._top(values)
         assert top == np.max(values)
         if top == 0 and np.signbit(top):  # -0 only when no +0 ties it
             assert np.signbit(values[values == 0]).all()
@@ -378,7 +378,7 @@ def test_compiled_kernels_close_over_constants_only() -> None:
     import types
 
     from llmarc.entropy import fast
-    from llmarc.inference.integer import _kernels
+    from llmarc.inference.kernels import _kernels
 
     flavours = (_kernels(0), _kernels(1 << 30), fast._kernels())
     kernels = [kernel for flavour in flavours for kernel in vars(flavour).values()

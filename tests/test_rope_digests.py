@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmarc.inference.integer import rope_tables
+from llmarc.inference.rope import rope_tables
 
 SPEC = Path(__file__).resolve().parent.parent / "spec" / "llm-codec.md"
 ROW = re.compile(r"^\| (\d+) \| (\d+) \| (\d+) \| `([0-9a-f]{64})` \| `([0-9a-f]{64})` \|", re.M)

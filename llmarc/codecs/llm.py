@@ -662,7 +662,7 @@ class LLMCodec(SegmentCoder):
                                  None)
             return
         from llmarc.inference import threads
-        from llmarc.inference.integer import IntegerStepper
+        from llmarc.inference.stepping import IntegerStepper
 
         positions = max(row.length for row in rows)
         model = self._integer(positions)
