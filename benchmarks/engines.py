@@ -27,7 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.inputs import CORPUS, FULL, Input, Sizes, text_inputs
+from benchmarks.inputs import (
+    CORPUS,
+    FULL,
+    Input,
+    Sizes,
+    check_extracted,
+    text_inputs,
+    write_inputs,
+)
+from benchmarks.stages import run_stage, stamp
 
 ENGINES = ("lockstep-v1", "int-v1", "int-v2")
 DEFAULT = "int-v2"  # the engine of the loaded row and of the ratios
@@ -47,8 +56,6 @@ def small_input() -> Input:
 def _roundtrip(inputs: list[Input], work: Path, tag: str, engine: str, segment_length: int,
                threads: int | None = None) -> dict[str, Any]:
     """Pack ``inputs`` with ``engine`` in one fresh process, extract in another, compare."""
-    from benchmarks.run import check_extracted, run_stage, write_inputs
-
     src, archive, dest = work / f"{tag}-src", work / f"{tag}.llma", work / f"{tag}-out"
     write_inputs(src, inputs)
     pack = run_stage("pack", {"src": str(src), "archive": str(archive), "codec": "auto",
@@ -72,8 +79,6 @@ def _busy_cores() -> list[subprocess.Popen[bytes]]:
 
 def run(texts: list[Input], segment_length: int, work: Path,
         engines: tuple[str, ...] = ENGINES) -> dict[str, Any]:
-    from benchmarks.run import run_stage
-
     results: dict[str, Any] = {"texts": [i.name for i in texts],
                                "text_bytes": sum(len(i.data) for i in texts)}
     for engine in engines if texts else ():
@@ -203,9 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             for key in (engine, f"small {engine}"):
                 if key in kept:
                     results[key] = {**kept[key], "from_run": kept.get("stamp")}
-    from benchmarks import report
-
-    results["stamp"] = report.stamp()
+    results["stamp"] = stamp()
     options.out.mkdir(parents=True, exist_ok=True)
     (options.out / "engines.json").write_text(json.dumps(results, indent=1) + "\n")
     text = markdown(results)

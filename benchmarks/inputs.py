@@ -111,3 +111,17 @@ def sweep_input(sizes: Sizes) -> Input:
     """The segment-length sweep's input: real text8, the paper's benchmark."""
     n = sizes.sweep_bytes
     return Input("text8", _read("text8_first100KB")[:n], "text", f"text8, first {n:,} bytes")
+
+
+def write_inputs(folder: Path, inputs: list[Input]) -> None:
+    folder.mkdir(parents=True)
+    for item in inputs:
+        (folder / item.name).write_bytes(item.data)
+
+
+def check_extracted(folder: Path, inputs: list[Input]) -> None:
+    """Every extracted file must equal its input byte for byte."""
+    for item in inputs:
+        got = hashlib.sha256((folder / item.name).read_bytes()).hexdigest()
+        if got != item.sha256:
+            raise SystemExit(f"bench: {item.name} did not roundtrip through llmarc")

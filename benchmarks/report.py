@@ -2,44 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from benchmarks import engines
 
 #: LLMZip (arXiv 2306.04050), LLaMA-7B on the first 1 MB of text8, bits per character.
 #: Shown beside our figures, labelled as published; nothing of ours is derived from them.
 PUBLISHED_TEXT8 = {"LLaMA-7B + AC (LLMZip)": 0.7101, "entropy upper bound H_ub (LLMZip)": 0.709}
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
-def stamp() -> dict[str, Any]:
-    """Machine, date and the versions that decide the figures."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    packages = ("llmarc", "torch", "transformers", "numpy", "zstandard", "brotli", "pyppmd",
-                "zpaq")
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, "
-                   f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "versions": {name: _version(name) for name in packages},
-    }
 
 
 def _stamp_line(results: dict[str, Any]) -> str:
@@ -169,8 +139,6 @@ def markdown(results: dict[str, Any]) -> str:
         out.append(f"| {row['segment_length']} | {row['model_bits'] / sweep['bytes']:.4f} | "
                    f"{sweep['tokens'] / row['seconds']:.0f} |")
     if "engines" in results:
-        from benchmarks import engines
-
         out += ["", engines.markdown(results["engines"])]
     out += ["", f"Total benchmark time {results['total_seconds'] / 60:.1f} min.", ""]
     return "\n".join(out)

@@ -9,10 +9,7 @@ Every figure is measured here; the only published numbers (LLMZip's) are labelle
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,48 +25,18 @@ from benchmarks.inputs import (
     Input,
     Sizes,
     binary_inputs,
+    check_extracted,
     sweep_input,
     text_inputs,
+    write_inputs,
 )
+from benchmarks.stages import run_stage, stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def run_stage(stage: str, args: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Run one model stage in a fresh Python process; add its wall time and peak RSS."""
-    tag = f"{stage}-{len(list(work.glob('*.args.json')))}"
-    args_path, result_path = work / f"{tag}.args.json", work / f"{tag}.result.json"
-    args_path.write_text(json.dumps(args))
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.stages", stage, str(args_path), str(result_path)],
-        cwd=ROOT)
-    _pid, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"bench: stage {stage} failed (exit {process.returncode})")
-    result = json.loads(result_path.read_text())
-    result["process_seconds"] = time.perf_counter() - started
-    result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
-    return result
-
-
-def write_inputs(folder: Path, inputs: list[Input]) -> None:
-    folder.mkdir(parents=True)
-    for item in inputs:
-        (folder / item.name).write_bytes(item.data)
-
-
-def check_extracted(folder: Path, inputs: list[Input]) -> None:
-    """Every extracted file must equal its input byte for byte."""
-    for item in inputs:
-        got = hashlib.sha256((folder / item.name).read_bytes()).hexdigest()
-        if got != item.sha256:
-            raise SystemExit(f"bench: {item.name} did not roundtrip through llmarc")
 
 
 def classic_rows(inputs: list[Input], chosen: list[Compressor]) -> list[dict[str, Any]]:
@@ -99,7 +66,7 @@ def run(sizes: Sizes, mode: str) -> dict[str, Any]:
     texts, binaries = text_inputs(sizes), binary_inputs(sizes)
     sweep = sweep_input(sizes)
     results: dict[str, Any] = {
-        "mode": mode, "stamp": report.stamp(),
+        "mode": mode, "stamp": stamp(),
         "sizes": dict(vars(sizes)),
         "inputs": [{"name": i.name, "kind": i.kind, "bytes": len(i.data), "sha256": i.sha256,
                     "description": i.description} for i in [*texts, *binaries]],

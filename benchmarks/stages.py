@@ -1,4 +1,6 @@
-"""Benchmark stages that load the model, each run in a fresh process by ``run.py``.
+"""Benchmark stages that load the model, each run in a fresh process by :func:`run_stage`
+(from ``run.py`` and ``engines.py``), and :func:`stamp`: the machine, date and versions
+the figures were measured on.
 
 A fresh process per stage makes "extract in a fresh process" literal and lets the parent
 read each stage's own peak resident memory (``os.wait4``).  Usage (internal)::
@@ -10,9 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
+import subprocess
 import sys
 import time
 import zlib
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +196,57 @@ def stage_roofline(args: dict[str, Any]) -> dict[str, Any]:
             "batched_tokens_per_s_bound": gflops * 1e9 / (2 * params),
             "b1_fp32_tokens_per_s_bound": bandwidth * 1e9 / (4 * params),
             "b1_int8_tokens_per_s_bound": bandwidth * 1e9 / params}
+
+
+# ------------------------------------------------- in the parent process (run.py, engines.py)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_stage(stage: str, args: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Run one model stage in a fresh Python process; add its wall time and peak RSS."""
+    tag = f"{stage}-{len(list(work.glob('*.args.json')))}"
+    args_path, result_path = work / f"{tag}.args.json", work / f"{tag}.result.json"
+    args_path.write_text(json.dumps(args))
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.stages", stage, str(args_path), str(result_path)],
+        cwd=ROOT)
+    _pid, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"bench: stage {stage} failed (exit {process.returncode})")
+    result = json.loads(result_path.read_text())
+    result["process_seconds"] = time.perf_counter() - started
+    result["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    return result
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def stamp() -> dict[str, Any]:
+    """Machine, date and the versions that decide the figures."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    packages = ("llmarc", "torch", "transformers", "numpy", "zstandard", "brotli", "pyppmd",
+                "zpaq")
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, "
+                   f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in packages},
+    }
 
 
 STAGES = {"load": stage_load, "pack": stage_pack, "extract": stage_extract, "sweep": stage_sweep,
