@@ -12,8 +12,9 @@ AVX2 (no VNNI: the int8 GEMM probe fails, fp32 GEMMs run) and the fp32 GEMMs for
 (``LLMARC_INT8_GEMM=off``), the decoding step's VNNI kernel off (``LLMARC_VNNI=off``:
 oneDNN's GEMM instead), the compiled (numba) kernels generated for a generic x86-64
 CPU and for AVX2 (``NUMBA_CPU_NAME``), 1 and 2 threads, decoding batch widths 1, 3 and
-32, and the NumPy implementation of spec/llm-codec.md §5 (spec/reference/decode_numpy.py,
-no torch).  Prints a table; exits 1 if any row differs.
+32, the NumPy implementation of spec/llm-codec.md §5 (spec/reference/decode_numpy.py,
+no torch) and the independent decoder (spec/reference/decoder.py: nothing from
+llmarc).  Prints a table; exits 1 if any row differs.
 
 Each extract also reports which code actually ran (``OBSERVE``: PyTorch's kernel
 capability, MKL's reproducibility mode and dispatch level, the int8 GEMM probe's
@@ -252,15 +253,18 @@ def run(smollm2: bool, workdir: Path, engine: str) -> int:
         verdict = {True: "switch taken", False: "SWITCH NOT TAKEN", None: "unproven here"}
         print(f"{label:<27} {'exact' if ok else 'DIFFERS'}  {seconds:6.1f} s  "
               f"{verdict[took]}: {evidence}{detail}")
-    if not smollm2:  # the NumPy engine recomputes every prefix: tiny models only
-        dest = workdir / "out-numpy"
+    # The NumPy engine recomputes every prefix, the independent decoder (decoder.py:
+    # nothing from llmarc) steps in NumPy at a few tokens per second: tiny models only.
+    for label, script in ([("NumPy engine (no torch)", "decode_numpy.py"),
+                           ("independent decoder", "decoder.py")] if not smollm2 else []):
+        dest = workdir / f"out-{script}"
         started = time.perf_counter()
         result = subprocess.run(
-            [sys.executable, str(ROOT / "spec" / "reference" / "decode_numpy.py"),
+            [sys.executable, str(ROOT / "spec" / "reference" / script),
              str(archive), model, str(dest)], capture_output=True, text=True, check=False)
         ok = result.returncode == 0 and same_tree(src, dest)
         failures += not ok
-        print(f"{'NumPy engine (no torch)':<27} {'exact' if ok else 'DIFFERS'}  "
+        print(f"{label:<27} {'exact' if ok else 'DIFFERS'}  "
               f"{time.perf_counter() - started:6.1f} s"
               f"{'' if ok else ' ' + ' '.join(result.stderr.split())[-200:]}")
     print("portability: " + ("every environment decoded bit-exactly, every provable switch "
