@@ -31,7 +31,13 @@ from typing import BinaryIO
 from .codecs import CODEC_STORE, CODEC_ZSTD
 from .codecs import choose as chooser
 from .codecs import zstd as zstd_codec
-from .codecs.llm_pipeline import LLMOptions, TextEncoder, llm_available, window_bytes
+from .codecs.llm_pipeline import (
+    LLMOptions,
+    TextEncoder,
+    llm_available,
+    window_bytes,
+    windows,
+)
 from .container.compact import solid_shares
 from .container.layout import EMPTY_SHA256, TYPE_DIR, TYPE_FILE, EntryRecord
 from .container.reader import ArchiveReader, MemberInfo
@@ -470,24 +476,6 @@ class _Outcome:
         return True
 
 
-def _windows(entries: list[SourceEntry], limit: int | None) -> Iterator[list[SourceEntry]]:
-    """Consecutive runs of ``entries`` of at most ``limit`` bytes (as scanned) each, one
-    entry at least; everything at once for None."""
-    if limit is None:
-        yield entries
-        return
-    window: list[SourceEntry] = []
-    size = 0
-    for e in entries:
-        if window and size + e.size > limit:
-            yield window
-            window, size = [], 0
-        window.append(e)
-        size += e.size
-    if window:
-        yield window
-
-
 def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level: int,
                      options: LLMOptions, forced: bool, progress=None, warn: Warn | None = None,
                      outcome: _Outcome | None = None,
@@ -506,7 +494,7 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
     deferring = hasattr(progress, "defer")
     with TextEncoder(options, forced=forced, add_model=writer.add_model, progress=progress,
                      status=getattr(progress, "note", None)) as encoder:
-        for window in _windows(entries, window_bytes(options)):
+        for window in windows(entries, lambda e: e.size, window_bytes(options)):
             sources, datas = [], []
             for e in window:
                 for attempt in range(1 + REREADS):

@@ -355,3 +355,48 @@ def test_a_pack_writes_each_window_before_reading_the_next(tmp_path: Path,
     llm_events = events[events.index("window 3"):]  # 8 entries of 228 bytes: 3 + 3 + 2
     assert llm_events == ["window 3", *["write"] * 3, "window 3", *["write"] * 3,
                           "window 2", *["write"] * 2], events
+
+
+def test_an_extract_decodes_a_window_at_a_time(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader decodes llm members a window of output at a time, each window's files
+    written before the next is decoded, with one model (and one set of Ray actors)."""
+    pytest.importorskip("torch")
+    from llmarc.codecs import llm_pipeline
+    from llmarc.codecs.llm_pipeline import LLMOptions
+
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = {f"t{i}.txt": b"the quick brown fox %d jumps over it\n" % i * 6 for i in range(8)}
+    for name, data in texts.items():
+        (src / name).write_bytes(data)
+    path = tmp_path / "a.llma"
+    llmarc.pack(src, path, codec="llm",
+                llm=LLMOptions(model=str(TINY), threads=1, segment_length=16))
+    events: list[str] = []
+    decode, finish = llm_pipeline.LLMDecoder.decode, llmarc.safety.write_file
+    loads: list[int] = []
+    codec = llm_pipeline.LLMDecoder._codec
+
+    def decoded(self, items, progress=None):
+        events.append(f"decode {len(items)}")
+        return decode(self, items, progress)
+
+    def written(*args, **kwargs):
+        events.append("write")
+        return finish(*args, **kwargs)
+
+    def made(self, *args, **kwargs):
+        loads.append(self._current is None)
+        return codec(self, *args, **kwargs)
+
+    monkeypatch.setattr(llm_pipeline, "WINDOW_BYTES", 700)
+    monkeypatch.setattr(llm_pipeline.LLMDecoder, "decode", decoded)
+    monkeypatch.setattr(llm_pipeline.LLMDecoder, "_codec", made)
+    monkeypatch.setattr(llmarc.safety, "write_file", written)
+    with llmarc.open(path, model=str(TINY)) as archive:
+        archive.extract(tmp_path / "out")
+    assert events == ["decode 3", *["write"] * 3, "decode 3", *["write"] * 3,
+                      "decode 2", *["write"] * 2], events
+    assert loads == [True, False, False]  # the model loaded once
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == texts

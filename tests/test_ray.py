@@ -224,6 +224,13 @@ def test_ray_pack_in_windows_keeps_one_actor_set_and_the_archive(
     (coder,) = coders
     assert coder.starts == 1 and coder.runs == len(windows)  # one actor set for all
     assert live_llmarc_actors() == []
+    # Extraction decodes a window of output at a time, on one set of actors too.
+    with llmarc.open(out, model=TINY_BPE, ray=runtime) as archive:
+        archive.extract(tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(tree)
+    (_, decoder) = coders
+    assert decoder.starts == 1 and decoder.runs >= 3
+    assert live_llmarc_actors() == []
 
 
 def test_worker_with_a_different_model_is_refused(runtime, tmp_path):

@@ -9,9 +9,9 @@ archives without LLM entries never import torch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from llmarc.codecs import CODEC_LLM
 from llmarc.codecs.llm import (
@@ -136,8 +136,30 @@ WINDOW_BYTES = 16 << 20
 
 
 def window_bytes(options: LLMOptions) -> int | None:
-    """The window for ``options`` (None: every entry at once)."""
+    """The window for packing with ``options`` (None: every entry at once)."""
     return WINDOW_BYTES if options.engine in INTEGER_ENGINES else None
+
+
+Item = TypeVar("Item")
+
+
+def windows(items: Iterable[Item], size: Callable[[Item], int],
+            limit: int | None) -> Iterator[list[Item]]:
+    """Consecutive runs of ``items`` of at most ``limit`` bytes each (one item at least);
+    everything at once for None."""
+    if limit is None:
+        yield list(items)
+        return
+    window: list[Item] = []
+    total = 0
+    for item in items:
+        if window and total + size(item) > limit:
+            yield window
+            window, total = [], 0
+        window.append(item)
+        total += size(item)
+    if window:
+        yield window
 
 
 class TextEncoder:
@@ -296,6 +318,7 @@ class LLMDecoder:
         self.options = options
         self.warn = warn
         self._current: tuple[int, SegmentCoder] | None = None  # one model at a time
+        self._sessions: contextlib.ExitStack | None = None  # inside :meth:`session`
 
     def _codec(self, model_index: int, status: Warn | None = None) -> SegmentCoder:
         if self._current is not None and self._current[0] == model_index:
@@ -331,8 +354,24 @@ class LLMDecoder:
                 f"({'; '.join(differences)}); decoding is verified by SHA-256"
             )
         codec = make_coder(loaded, settings, self.options)
+        if self._sessions is not None:
+            self._sessions.enter_context(codec.session())
         self._current = (model_index, codec)
         return codec
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Keep each coder's shared resources (a Ray coder's actors) from one
+        :meth:`decode` to the next until the block ends: a reader decodes its llm members
+        a window at a time (:data:`WINDOW_BYTES` of output), on the same actors."""
+        self._sessions = contextlib.ExitStack()
+        try:
+            if self._current is not None:
+                self._sessions.enter_context(self._current[1].session())
+            yield
+        finally:
+            sessions, self._sessions = self._sessions, None
+            sessions.close()
 
     def decode(
         self, items: list[tuple[bytes, bytes, int]], progress: Any = None

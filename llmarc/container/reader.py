@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from .. import safety
-from ..codecs import CODEC_LLM, CODEC_STORE, CODEC_ZSTD, codec_name
+from ..codecs import CODEC_LLM, CODEC_STORE, CODEC_ZSTD, codec_name, llm_pipeline
 from ..codecs import store as store_codec
 from ..codecs import zstd as zstd_codec
 from ..codecs.llm_pipeline import LLMDecoder, LLMOptions
@@ -348,7 +348,8 @@ class ArchiveReader:
     def _iter_payloads(self, indexes: Iterable[int], progress=None, keep_going: bool = False,
                        ) -> Iterator[tuple[int, Iterable[bytes]]]:
         """(entry index, decoded chunks) for the given file entries, in archive order, each
-        block decoded once and all llm members decoded in one batch.
+        block decoded once and the llm members decoded together, a window of
+        ``llm_pipeline.WINDOW_BYTES`` of output at a time.
 
         With ``keep_going`` a member that cannot be decoded (a bad CRC, an unknown codec,
         a model that cannot load) is still yielded, with chunks that raise its error, and
@@ -389,8 +390,11 @@ class ArchiveReader:
                 if keep_going:
                     members = self._block_or_failures(block, wanted, members)
                 yield from members
-        if llm:
-            yield from self._decode_llm(llm, progress, keep_going)
+        if llm:  # a window of output at a time: memory holds one, not every member
+            with self._llm_session():
+                for window in llm_pipeline.windows(llm, lambda i: self._entries[i].size,
+                                                   llm_pipeline.WINDOW_BYTES):
+                    yield from self._decode_llm(window, progress, keep_going)
 
     def _block_or_failures(self, block: _Block, wanted: set[int],
                            members: Iterator[tuple[int, Iterator[bytes]]],
@@ -406,6 +410,14 @@ class ArchiveReader:
         except LlmarcError as exc:
             for j in pending:
                 yield j, _raising(exc)
+
+    @contextlib.contextmanager
+    def _llm_session(self) -> Iterator[None]:
+        """One decoder session (one set of Ray actors) for all windows of llm members."""
+        if self._llm_decoder is None:
+            self._llm_decoder = LLMDecoder(self.models, self.llm_options, self.warn)
+        with self._llm_decoder.session():
+            yield
 
     def _decode_llm(self, indexes: Sequence[int], progress=None, keep_going: bool = False,
                     ) -> Iterator[tuple[int, Iterable[bytes]]]:
