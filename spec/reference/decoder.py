@@ -1665,7 +1665,9 @@ class LLMDecoder:
         model, v2 = self.model()
         if record.fingerprint != v2 and record.fingerprint not in self.v1():
             raise ModelMismatchError(self._mismatch(record, model, v2))
-        width = model.arch["vocab_size"]
+        width = model.arch["vocab_size"]  # §6.1: the profile against the model
+        if length > model.arch["max_position_embeddings"]:
+            raise CorruptArchiveError(f"segment length {length} over the model's window")
         if width >= 1 << precision:
             raise CorruptArchiveError("logits width not below 2^P")
         payload = stored_bytes(self.ar, e)
