@@ -1683,14 +1683,18 @@ class LLMDecoder:
             decoder = RangeDecoder(stream, precision)
             stepper.reset()
             feed = model.start
-            for _ in range(min(length, count - s * length)):
+            tokens = min(length, count - s * length)
+            own_limit = limit - (count - tokens)  # §3.3: this segment alone proves it
+            produced = 0
+            for _ in range(tokens):
                 token = decoder.decode(frequencies(stepper.step(feed), precision))
                 piece = model.table[token]
                 if piece is None:
                     raise CorruptArchiveError(f"{e.name!r}: token {token} has no bytes")
                 text += piece
-                if len(text) > limit:
-                    raise CorruptArchiveError(f"{e.name!r}: text longer than the entry")
+                produced += len(piece)
+                if produced > own_limit or len(text) > limit:
+                    raise CorruptArchiveError(f"{e.name!r}: text longer than size - E")
                 feed = token
         data = bytearray(text)
         for offset, byte in escapes:
