@@ -16,6 +16,7 @@ import pytest
 import zstandard
 
 import llmarc
+from llmarc.codecs import llm
 from llmarc.container.compact import decode_table, put_varint
 from llmarc.container.layout import (
     EXT_COMPACT_ENTRIES,
@@ -44,6 +45,17 @@ try:
 except llmarc.LlmarcError as exc:
     print(type(exc).__name__, exc)
 """
+#: Prefix of TEST: count the segments given to the decoder (printed before TEST's line).
+COUNTED = """
+from llmarc.codecs.llm import LLMCodec
+_seen = [0]
+_decode = LLMCodec.decode_segments
+def _counted(self, jobs, progress=None):
+    _seen[0] += len(jobs)
+    return _decode(self, jobs, progress)
+LLMCodec.decode_segments = _counted
+print_count = lambda: print("segments", _seen[0])
+"""
 TEST = """
 import sys, llmarc
 try:
@@ -51,6 +63,8 @@ try:
         archive.test()
     print("ok")
 except llmarc.LlmarcError as exc:
+    if "print_count" in globals():
+        print_count()
     print(type(exc).__name__, exc)
 """
 
@@ -253,9 +267,12 @@ def test_a_million_segments_cost_their_payload_not_the_model(tiny, tmp_path: Pat
     path = tmp_path / "segments.llma"
     path.write_bytes(llm_archive(tiny.fingerprint, 1, varints(count, 0) + bytes(count),
                                  count))
-    out, peak = child(TEST, path)
+    out, peak = child(COUNTED + TEST, path)
+    decoded, _, out = out.partition("\n")
     assert out.startswith("CorruptArchiveError") and "past the end" in out, out
     assert peak < 500, peak  # 370 MiB here, 230 of them torch and the model
+    # The first slice of segments fails: the 1.5 million others are never decoded.
+    assert decoded == f"segments {llm.DECODE_CHUNK}", decoded
 
 
 def test_many_good_segments_take_no_model_step(tiny, tmp_path: Path) -> None:
