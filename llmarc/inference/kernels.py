@@ -65,6 +65,19 @@ _norm_row: Any = None
 PARALLEL_WORK = 1 << 16
 
 
+def start_threading_layer() -> None:
+    """Start numba's OpenMP threading layer now, before the process sets its thread count.
+
+    Starting it sets OpenMP's thread count, torch's included, to every CPU: started
+    lazily by the first parallel kernel, it silently undid ``--threads 1`` (two workers
+    ran).  Without numba there is nothing to start."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is in the llm extra
+        return
+    numba.get_num_threads()
+
+
 def _kernels(work: int = PARALLEL_WORK) -> Any:
     """The compiled kernels (compiled on first use, cached on disk by numba): the
     multi-threaded flavour for ``work`` elements or more when torch has several threads,

@@ -212,7 +212,10 @@ def pick_device(device: str) -> Any:
 
 def configure_determinism(device: Any, threads: int) -> None:
     """Pin the knobs that select kernels: thread count on CPU, TF32/reductions on CUDA."""
+    from llmarc.inference.kernels import start_threading_layer
+
     torch = _import_torch()
+    start_threading_layer()  # first: starting it later would reset the count set here
     torch.set_num_threads(threads)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
