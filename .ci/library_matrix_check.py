@@ -76,6 +76,9 @@ LEGACY_CONFIGS = [
     {"hidden_size": 64, "intermediate_size": 128, "model_type": "llama",
      "num_attention_heads": 4, "num_hidden_layers": 2, "head_dim": 16,
      "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "vocab_size": 300},
+    {"hidden_size": 64, "intermediate_size": 128, "model_type": "llama",
+     "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": None,
+     "head_dim": None, "rope_theta": 10000.0, "vocab_size": 300},
 ]
 
 

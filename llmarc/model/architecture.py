@@ -206,7 +206,8 @@ def legacy_forms(config: dict[str, Any]) -> list[dict[str, Any]]:
     ``rope_scaling`` into ``rope_parameters``.  Both are reproduced from the file."""
     values = {**DEFAULTS, "rope_scaling": None,
               **{k: v for k, v in config.items() if k in V1_KEYS}}
-    values.setdefault("num_key_value_heads", values["num_attention_heads"])
+    if values.get("num_key_value_heads") is None:
+        values["num_key_value_heads"] = values["num_attention_heads"]
     if values.get("head_dim") is None:
         values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
     scaling = values["rope_scaling"]
