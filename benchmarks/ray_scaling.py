@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from llmarc.codecs.llm_pipeline import LLMOptions
+    from llmarc.codecs.llm_options import LLMOptions
     from llmarc.distributed import ray_coder
 
     data = (args.corpus / "alice29.txt").read_bytes()[: args.kib * 1024]

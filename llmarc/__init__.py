@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from ._version import __version__
-from .codecs.llm_pipeline import LLMOptions
+from .codecs.llm_options import LLMOptions
 from .container.reader import ArchiveReader, MemberInfo
 from .errors import (
     ChecksumMismatchError,

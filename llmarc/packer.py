@@ -31,8 +31,8 @@ from typing import BinaryIO
 from .codecs import CODEC_STORE, CODEC_ZSTD
 from .codecs import choose as chooser
 from .codecs import zstd as zstd_codec
+from .codecs.llm_options import LLMOptions
 from .codecs.llm_pipeline import (
-    LLMOptions,
     TextEncoder,
     llm_available,
     window_bytes,

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from .codecs import CODEC_LLM, CODEC_ZSTD
 from .codecs import zstd as zstd_codec
 from .codecs.llm import decode_params, encode_params
-from .codecs.llm_pipeline import LLMOptions, llm_available
+from .codecs.llm_options import LLMOptions
+from .codecs.llm_pipeline import llm_available
 from .container.compact import solid_shares
 from .container.layout import TYPE_DIR, TYPE_FILE, EntryRecord
 from .container.reader import ArchiveReader, MemberInfo

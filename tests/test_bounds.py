@@ -344,7 +344,7 @@ def test_a_pack_writes_each_window_before_reading_the_next(tmp_path: Path,
     window, not the corpus), and the archive is the same as one window's."""
     pytest.importorskip("torch")
     from llmarc.codecs import llm_pipeline
-    from llmarc.codecs.llm_pipeline import LLMOptions
+    from llmarc.codecs.llm_options import LLMOptions
     from llmarc.container.writer import ArchiveWriter
 
     src = tmp_path / "src"
@@ -380,7 +380,7 @@ def test_an_extract_decodes_a_window_at_a_time(tmp_path: Path,
     written before the next is decoded, with one model (and one set of Ray actors)."""
     pytest.importorskip("torch")
     from llmarc.codecs import llm_pipeline
-    from llmarc.codecs.llm_pipeline import LLMOptions
+    from llmarc.codecs.llm_options import LLMOptions
 
     src = tmp_path / "src"
     src.mkdir()

@@ -15,7 +15,7 @@ import llmarc
 import llmarc.errors as errors
 from llmarc import cli, packer
 from llmarc.codecs.llm import parse_payload
-from llmarc.codecs.llm_pipeline import LLMOptions
+from llmarc.codecs.llm_options import LLMOptions
 from llmarc.container.layout import HEADER_SIZE, disassemble
 
 from .conftest import TINY_BPE, make_tree

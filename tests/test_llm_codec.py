@@ -13,7 +13,7 @@ import pytest
 
 import llmarc
 from llmarc.codecs.llm import build_payload, parse_payload, read_varint, write_varint
-from llmarc.codecs.llm_pipeline import LLMOptions
+from llmarc.codecs.llm_options import LLMOptions
 from llmarc.errors import CorruptArchiveError, ModelMismatchError, UnsupportedFeatureError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

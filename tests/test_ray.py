@@ -20,7 +20,7 @@ import pytest
 import llmarc
 from llmarc.cli import _ray_argv, run
 from llmarc.codecs.llm import CodingSettings, LLMCodec
-from llmarc.codecs.llm_pipeline import LLMOptions
+from llmarc.codecs.llm_options import LLMOptions
 from llmarc.distributed import ClusterError, ray_coder
 from llmarc.errors import ModelMismatchError
 from tests.conftest import TINY_BPE, make_tree, snapshot

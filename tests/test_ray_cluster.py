@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import llmarc
-from llmarc.codecs.llm_pipeline import LLMOptions
+from llmarc.codecs.llm_options import LLMOptions
 from llmarc.distributed import ray_coder
 from tests.conftest import TINY_BPE, make_tree, snapshot
 from tests.test_ray import AS_IN_A_TERMINAL, QUIET_THREADS, SETTINGS, live_llmarc_actors

@@ -199,7 +199,7 @@ def test_an_archive_llmarc_packs_now_with_smollm2(tmp_path: Path) -> None:
     llmarc with the embedded model (fingerprint version 2): the independent decoder
     gives back the same bytes."""
     import llmarc
-    from llmarc.codecs.llm_pipeline import LLMOptions
+    from llmarc.codecs.llm_options import LLMOptions
 
     gguf = model_path("smollm2")
     text = ("The caf\u00e9 by the harbour opened at six; M\u00fcller was first in line, "

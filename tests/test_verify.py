@@ -18,7 +18,7 @@ import pytest
 
 import llmarc
 from llmarc import cli, packer
-from llmarc.codecs.llm_pipeline import LLMOptions
+from llmarc.codecs.llm_options import LLMOptions
 from llmarc.errors import LlmarcError
 
 from .conftest import TINY_BPE, make_tree

@@ -16,8 +16,6 @@ from typing import Any, TypeVar
 from llmarc.codecs import CODEC_LLM
 from llmarc.codecs.llm import (
     DEFAULT_CPU_BATCH_WIDTH,
-    DEFAULT_ENGINE,
-    DEFAULT_SEGMENT_LENGTH,
     ENGINE_LOCKSTEP,
     INTEGER_ENGINES,
     CodingSettings,
@@ -32,34 +30,12 @@ from llmarc.codecs.llm import (
     parse_profile,
     settings_from_profile,
 )
+from llmarc.codecs.llm_options import LLMOptions
 from llmarc.container.layout import ModelRecord
 from llmarc.errors import CorruptArchiveError, ModelError
 from llmarc.model.fingerprint import canonical_json
 
 Warn = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class LLMOptions:
-    """How to run the LLM codec: which model, where, and (for packing) which settings."""
-
-    model: str | None = None  # None: the embedded default
-    device: str = "auto"
-    engine: str = DEFAULT_ENGINE  # pack only; extraction adopts the archive's
-    dtype: str | None = None  # lockstep-v1 pack only; extraction adopts the archive's
-    #: CPU threads for the model; None: the library default.  A runtime choice with
-    #: int-v1/v2; lockstep-v1 records it and its extraction adopts the archive's.
-    threads: int | None = None
-    segment_length: int = DEFAULT_SEGMENT_LENGTH
-    #: Rows stepped together; None: sized from memory and workload.  Recorded by
-    #: lockstep-v1; with int-v1/v2 a runtime ceiling for decoding (encoding is prefill).
-    batch_width: int | None = None
-    #: Code segments on a Ray cluster: "local" starts a local runtime, else an address
-    #: (``ray://host:port`` or ``auto``).  None: in this process.
-    ray: str | None = None
-    #: Called after a pack's LLM coding with {member name: CodingStats} for every entry
-    #: the model coded (whether or not it kept the LLM payload): benchmarks, diagnostics.
-    on_encoded: Callable[[dict[str, CodingStats]], None] | None = None
 
 
 def llm_available(options: LLMOptions) -> str | None:

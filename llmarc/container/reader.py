@@ -24,7 +24,8 @@ from .. import safety
 from ..codecs import CODEC_LLM, CODEC_STORE, CODEC_ZSTD, codec_name, llm_pipeline
 from ..codecs import store as store_codec
 from ..codecs import zstd as zstd_codec
-from ..codecs.llm_pipeline import LLMDecoder, LLMOptions
+from ..codecs.llm_options import LLMOptions
+from ..codecs.llm_pipeline import LLMDecoder
 from ..errors import (
     ChecksumMismatchError,
     CorruptArchiveError,

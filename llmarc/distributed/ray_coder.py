@@ -35,7 +35,7 @@ from llmarc.distributed.worker import SegmentWorker, WorkerReport, WorkerSpec, e
 from llmarc.errors import CorruptArchiveError, ModelError, ModelMismatchError
 
 if TYPE_CHECKING:
-    from llmarc.codecs.llm_pipeline import LLMOptions
+    from llmarc.codecs.llm_options import LLMOptions
 
 log = logging.getLogger("llmarc.distributed")
 

@@ -1,0 +1,36 @@
+"""How to run the LLM codec: the options a pack, an extraction or a Ray cluster is given.
+
+Its own module because both the local pipeline (:mod:`llmarc.codecs.llm_pipeline`) and
+the cluster coder (:mod:`llmarc.distributed.ray_coder`) read it, and neither may import
+the other's module for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmarc.codecs.llm import DEFAULT_ENGINE, DEFAULT_SEGMENT_LENGTH, CodingStats
+
+
+@dataclass(frozen=True)
+class LLMOptions:
+    """How to run the LLM codec: which model, where, and (for packing) which settings."""
+
+    model: str | None = None  # None: the embedded default
+    device: str = "auto"
+    engine: str = DEFAULT_ENGINE  # pack only; extraction adopts the archive's
+    dtype: str | None = None  # lockstep-v1 pack only; extraction adopts the archive's
+    #: CPU threads for the model; None: the library default.  A runtime choice with
+    #: int-v1/v2; lockstep-v1 records it and its extraction adopts the archive's.
+    threads: int | None = None
+    segment_length: int = DEFAULT_SEGMENT_LENGTH
+    #: Rows stepped together; None: sized from memory and workload.  Recorded by
+    #: lockstep-v1; with int-v1/v2 a runtime ceiling for decoding (encoding is prefill).
+    batch_width: int | None = None
+    #: Code segments on a Ray cluster: "local" starts a local runtime, else an address
+    #: (``ray://host:port`` or ``auto``).  None: in this process.
+    ray: str | None = None
+    #: Called after a pack's LLM coding with {member name: CodingStats} for every entry
+    #: the model coded (whether or not it kept the LLM payload): benchmarks, diagnostics.
+    on_encoded: Callable[[dict[str, CodingStats]], None] | None = None
