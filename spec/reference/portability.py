@@ -12,9 +12,9 @@ AVX2 (no VNNI: the int8 GEMM probe fails, fp32 GEMMs run) and the fp32 GEMMs for
 (``LLMARC_INT8_GEMM=off``), the decoding step's VNNI kernel off (``LLMARC_VNNI=off``:
 oneDNN's GEMM instead), the compiled (numba) kernels generated for a generic x86-64
 CPU and for AVX2 (``NUMBA_CPU_NAME``), 1 and 2 threads, decoding batch widths 1, 3 and
-32, the NumPy implementation of spec/llm-codec.md §5 (spec/reference/decode_numpy.py,
-no torch) and the independent decoder (spec/reference/decoder.py: nothing from
-llmarc).  Prints a table; exits 1 if any row differs.
+32, and the independent decoder (spec/reference/decoder.py: the container, entropy
+coding, model derivation and engine written from spec/ in NumPy, nothing from llmarc,
+no torch).  Prints a table; exits 1 if any row differs.
 
 Each extract also reports which code actually ran (``OBSERVE``: PyTorch's kernel
 capability, MKL's reproducibility mode and dispatch level, the int8 GEMM probe's
@@ -253,10 +253,9 @@ def run(smollm2: bool, workdir: Path, engine: str) -> int:
         verdict = {True: "switch taken", False: "SWITCH NOT TAKEN", None: "unproven here"}
         print(f"{label:<27} {'exact' if ok else 'DIFFERS'}  {seconds:6.1f} s  "
               f"{verdict[took]}: {evidence}{detail}")
-    # The NumPy engine recomputes every prefix, the independent decoder (decoder.py:
-    # nothing from llmarc) steps in NumPy at a few tokens per second: tiny models only.
-    for label, script in ([("NumPy engine (no torch)", "decode_numpy.py"),
-                           ("independent decoder", "decoder.py")] if not smollm2 else []):
+    # The independent decoder (decoder.py: nothing from llmarc) steps in NumPy at a few
+    # tokens per second: tiny models only.
+    for label, script in ([("independent decoder", "decoder.py")] if not smollm2 else []):
         dest = workdir / f"out-{script}"
         started = time.perf_counter()
         result = subprocess.run(
