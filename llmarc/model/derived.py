@@ -9,7 +9,7 @@ from the files' bytes, so it is the same under any library versions, or none.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -63,8 +63,7 @@ class DerivedModel:
     """A model's meaning for the LLM codec, derived from its files (spec/model.md).
 
     ``tensor(name)`` gives each weight's exact float32 values on demand (a file is never
-    held in memory as a whole); ``table`` is padded to the logits width; ``byte_pieces``
-    are the ``<0xNN>`` ids the encoder prefers (never part of the meaning);
+    held in memory as a whole); ``table`` is padded to the logits width;
     ``make_tokenizer`` builds the encoder's tokenizer (a decoder never needs one);
     ``legacy_config`` and ``legacy_weights_digest`` are what fingerprint v1 hashed."""
 
@@ -77,7 +76,6 @@ class DerivedModel:
     make_tokenizer: Callable[[], Any]
     legacy_config: dict[str, Any]
     legacy_weights_digest: Callable[[], str]
-    byte_pieces: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -23,7 +23,7 @@ from llmarc.model.dequantize import dequantize, stored_size
 from llmarc.model.derived import DerivedModel, canonical_shapes
 from llmarc.model.gguf_file import Float32Value, GGUFFile, TensorInfo
 from llmarc.model.sources import ModelSource, file_digest
-from llmarc.model.tokenbytes import GGUF_BYTE, table_from_gguf
+from llmarc.model.tokenbytes import table_from_gguf
 
 GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -136,8 +136,7 @@ def read_gguf(source: ModelSource) -> DerivedModel:
         source_digest=file_digest(source.path),
         make_tokenizer=lambda: encoder_tokenizer(metadata, what),
         legacy_config=converted_config(architecture),
-        legacy_weights_digest=lambda: converted_weights_digest(derived),
-        byte_pieces=frozenset(i for i, t in enumerate(types) if t == GGUF_BYTE))
+        legacy_weights_digest=lambda: converted_weights_digest(derived))
     return derived
 
 

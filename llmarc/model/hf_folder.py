@@ -23,12 +23,7 @@ from llmarc.model.safetensors_file import SafetensorsFile
 from llmarc.model.sources import ModelSource, file_digest
 from llmarc.model.sp_proto import read_pieces
 from llmarc.model.start_token import StartTokenRule, resolve_start_token
-from llmarc.model.tokenbytes import (
-    BYTE_PIECE,
-    TokenTable,
-    table_from_pieces,
-    table_from_tokenizer_json,
-)
+from llmarc.model.tokenbytes import TokenTable, table_from_pieces, table_from_tokenizer_json
 
 #: Weight files fingerprint v1 hashed (spec/model.md §6).
 V1_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -100,9 +95,8 @@ def folder_files_digest(folder: Path) -> str:
     return sha.hexdigest()
 
 
-def _tokenizer(folder: Path, what: str) -> tuple[TokenTable, dict[str, int], frozenset[int],
-                                                 Any]:
-    """(table, token text -> id, byte-piece ids, a factory of the encoder's tokenizer)."""
+def _tokenizer(folder: Path, what: str) -> tuple[TokenTable, dict[str, int], Any]:
+    """(table, token text -> id, a factory of the encoder's tokenizer)."""
     json_path, sp_path = folder / "tokenizer.json", folder / "tokenizer.model"
     if json_path.is_file():
         text = json_path.read_text(encoding="utf-8")
@@ -113,28 +107,25 @@ def _tokenizer(folder: Path, what: str) -> tuple[TokenTable, dict[str, int], fro
         ids = dict(vocab) if isinstance(vocab, dict) else {
             entry[0]: i for i, entry in enumerate(vocab or ())}
         ids.update({t["content"]: int(t["id"]) for t in spec.get("added_tokens") or ()})
-        fallback = frozenset(i for tok, i in ids.items()
-                             if model.get("byte_fallback") and BYTE_PIECE.fullmatch(tok))
 
         def make() -> Any:
             import tokenizers
 
             return tokenizers.Tokenizer.from_str(text)
 
-        return table, ids, fallback, make
+        return table, ids, make
     if sp_path.is_file():
         proto = sp_path.read_bytes()
         pieces = read_pieces(proto, f"{what}: tokenizer.model")
         table = table_from_pieces(pieces)
         ids = {p.text: i for i, p in reversed(list(enumerate(pieces)))}
-        fallback = frozenset(i for i, p in enumerate(pieces) if p.type == 6)
 
         def make_sp() -> Any:
             import sentencepiece
 
             return sentencepiece.SentencePieceProcessor(model_proto=proto)
 
-        return table, ids, fallback, make_sp
+        return table, ids, make_sp
     raise ModelError(f"{what}: no tokenizer.json or tokenizer.model in {folder}")
 
 
@@ -150,7 +141,7 @@ def read_hf_folder(source: ModelSource) -> DerivedModel:
             raise ModelError(f"{what}: weight {name} is "
                              f"{'missing' if found is None else list(found)}, "
                              f"expected {list(shape)}")
-    table, ids, byte_pieces, make_tokenizer = _tokenizer(folder, what)
+    table, ids, make_tokenizer = _tokenizer(folder, what)
     width = architecture.vocab_size
     if len(table) > width:
         raise ModelError(f"{what}: the tokenizer has {len(table)} tokens but the model "
@@ -165,7 +156,7 @@ def read_hf_folder(source: ModelSource) -> DerivedModel:
         table=table + [None] * (width - len(table)),
         start_token=resolve_start_token(rule, width, what), weights=weights,
         source_digest=files_digest, make_tokenizer=make_tokenizer, legacy_config=config,
-        legacy_weights_digest=lambda: files_digest, byte_pieces=byte_pieces)
+        legacy_weights_digest=lambda: files_digest)
 
 
 def _optional_json(path: Path, what: str) -> dict[str, Any]:

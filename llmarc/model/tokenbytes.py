@@ -1,30 +1,26 @@
-"""Token id -> exact bytes table, for every tokenizer kind the LLM codec supports.
+"""Token id -> exact bytes table, built from a model's tokenizer *data* (spec/model.md §5).
 
 Why a table: the decoder must turn token ids back into the entry's bytes *without* a
 tokenizer (tokenizers normalise, strip, add prefix spaces, and differ between versions).
 So the encoder and the decoder agree on one context-free table ``table[id] -> bytes``
 (``None`` for ids that never stand for bytes: control, special, unknown, added tokens and
 holes in the id range). Decoding is plain concatenation; the table is hashed into the
-model fingerprint (:func:`table_digest`), so building it must be deterministic.
+model fingerprint (:func:`table_digest`), so building it must be deterministic, and it is
+built from the files' data by the spec's rules, never from a library's object:
 
-Supported kinds (see :func:`detect_kind`):
+* :func:`table_from_tokenizer_json`: a ``tokenizer.json`` object, byte-level BPE (a
+  ``ByteLevel`` component: each string mapped back through GPT-2's 256-character byte
+  alphabet) or SentencePiece-style (``Metaspace``/``ByteFallback``/``Replace('▁')`` or
+  ``byte_fallback``: ``<0xNN>`` pieces are bytes, ``▁`` is a space); added tokens absent;
+* :func:`table_from_pieces`: the pieces of a ``tokenizer.model`` (:mod:`sp_proto`);
+* :func:`table_from_gguf`: a GGUF file's token list and types.
 
-* ``"byte_level"``: GPT-2 style byte-level BPE (HF ``tokenizers`` with a ``ByteLevel``
-  pre-tokenizer or decoder, e.g. SmolLM2, Llama 3, Qwen). Every vocabulary string is
-  written in the 256-character ``bytes_to_unicode`` alphabet; mapping each character back
-  gives the token's bytes (which need not be whole UTF-8 characters).
-* ``"sentencepiece"``: a ``sentencepiece.SentencePieceProcessor`` (or an HF slow tokenizer
-  wrapping one as ``sp_model``). Byte pieces ``<0xNN>`` -> that byte; ``▁`` (U+2581) ->
-  space; control and unknown pieces -> ``None``; every other piece (normal, user-defined,
-  unused) -> its text as UTF-8 with ``▁`` replaced by a space, exactly what SentencePiece's
-  own ``DecodePieces`` would emit for the piece in the middle of a text.
-* ``"sentencepiece_hf"``: an HF fast tokenizer converted from SentencePiece (``Metaspace``
-  pre-tokenizer or a ``Replace(' ', '▁')`` normaliser, ``ByteFallback`` decoder). Same
-  mapping, using the model's ``byte_fallback`` flag and ``unk_token``.
-
-Context-dependent decoder steps (``Strip`` of the first space, ``add_prefix_space``) are
-deliberately ignored: the table is per token, and :mod:`llmarc.model.tokenize` repairs the
-places where the tokenizer's output does not concatenate to the input.
+:func:`build_token_bytes`, :func:`detect_kind` and :func:`byte_fallback_ids` take the
+encoder's tokenizer *objects* (``tokenizers.Tokenizer``, a SentencePiece processor, an HF
+wrapper) and read the same data out of them: the encoder side only.  Context-dependent
+decoder steps (``Strip`` of the first space, ``add_prefix_space``) are deliberately
+ignored: the table is per token, and :mod:`llmarc.model.tokenize` repairs the places where
+the tokenizer's output does not concatenate to the input.
 """
 
 from __future__ import annotations
@@ -216,13 +212,10 @@ def table_from_tokenizer_json(spec: dict[str, Any]) -> TokenTable:
     return _without_empty(table)
 
 
-#: GGUF ``tokenizer.ggml.token_type`` values (llama.cpp's llama_token_type).
-GGUF_NORMAL, GGUF_UNKNOWN, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED, GGUF_BYTE = range(1, 7)
-
-
 def table_from_gguf(model: str, tokens: Sequence[str], types: Sequence[int]) -> TokenTable:
     """The table of a GGUF file's token list (spec/model.md §5.3).
 
+    GGUF's token types number as SentencePiece's (1 normal ... 6 byte).
     ``gpt2`` (byte-level BPE): normal tokens through the byte alphabet, every other type
     absent (they are what a tokenizer.json lists as added tokens).  ``llama``
     (SentencePiece): as :func:`table_from_pieces`, with the GGUF type numbers."""
@@ -233,7 +226,7 @@ def table_from_gguf(model: str, tokens: Sequence[str], types: Sequence[int]) -> 
         table: TokenTable = []
         for token, kind in zip(tokens, types, strict=True):
             try:
-                table.append(bytes(dec[c] for c in token) if kind == GGUF_NORMAL else None)
+                table.append(bytes(dec[c] for c in token) if kind == sp_proto.NORMAL else None)
             except KeyError:
                 table.append(None)
         return _without_empty(table)
