@@ -16,6 +16,7 @@ from types import ModuleType
 
 import pytest
 
+from llmarc.container.index import assemble
 from llmarc.container.layout import (
     EMPTY_SHA256,
     HEADER_SIZE,
@@ -23,7 +24,6 @@ from llmarc.container.layout import (
     TYPE_FILE,
     EntryRecord,
     Index,
-    assemble,
     crc32,
 )
 from llmarc.model.sources import MODEL_ENV

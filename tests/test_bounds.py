@@ -18,6 +18,7 @@ import zstandard
 import llmarc
 from llmarc.codecs import llm
 from llmarc.container.compact import decode_table, put_varint
+from llmarc.container.index import assemble
 from llmarc.container.layout import (
     EXT_COMPACT_ENTRIES,
     HEADER_SIZE,
@@ -27,7 +28,6 @@ from llmarc.container.layout import (
     Extension,
     Index,
     ModelRecord,
-    assemble,
     crc32,
 )
 from llmarc.errors import CorruptArchiveError

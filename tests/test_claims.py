@@ -16,7 +16,8 @@ import llmarc.errors as errors
 from llmarc import cli, packer
 from llmarc.codecs.llm import parse_payload
 from llmarc.codecs.llm_options import LLMOptions
-from llmarc.container.layout import HEADER_SIZE, disassemble
+from llmarc.container.index import disassemble
+from llmarc.container.layout import HEADER_SIZE
 
 from .conftest import TINY_BPE, make_tree
 

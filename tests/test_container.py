@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llmarc
+from llmarc.container import index as index_module
 from llmarc.container import layout
 from llmarc.errors import (
     CorruptArchiveError,
@@ -204,31 +205,32 @@ def test_versions_extensions_and_codecs():
     with pytest.raises(UnsupportedFeatureError, match=r"2\.0"):
         layout.decode_header(raw_archive([("a", b"x")], major=2))
     idx = layout.Index("t", extensions=(layout.Extension(0x0001, b"ignored"),))
-    assert layout.decode_index(layout.encode_index(idx)).extensions[0].value == b"ignored"
+    decoded = index_module.decode_index(index_module.encode_index(idx))
+    assert decoded.extensions[0].value == b"ignored"
     idx = layout.Index("t", extensions=(layout.Extension(0x8123, b""),))
     with pytest.raises(UnsupportedFeatureError, match="0x8123"):
-        layout.decode_index(layout.encode_index(idx))
+        index_module.decode_index(index_module.encode_index(idx))
 
 
 def test_model_table_roundtrip():
     prof = layout.canonical_json({"b": 1, "a": [1, 2], "dtype": "float32"})
     m = layout.ModelRecord(bytes(range(32)), "SmolLM2-135M", prof)
-    idx = layout.decode_index(layout.encode_index(layout.Index("t", models=[m])))
+    idx = index_module.decode_index(index_module.encode_index(layout.Index("t", models=[m])))
     assert idx.models == [m]
     bad = layout.ModelRecord(bytes(32), "x", '{"b": 1}')  # not canonical
     with pytest.raises(CorruptArchiveError):
-        layout.decode_index(layout.encode_index(layout.Index("t", models=[bad])))
+        index_module.decode_index(index_module.encode_index(layout.Index("t", models=[bad])))
 
 
 def test_unknown_codec_is_unsupported_but_listable(tmp_path):
     data = raw_archive([("a", b"x")])
     # rewrite the codec id of the only entry: easiest through the layout API
-    idx = layout.decode_index(_index_bytes(data))
+    idx = index_module.decode_index(_index_bytes(data))
     e = idx.entries[0]
     idx.entries[0] = layout.EntryRecord(e.name, e.type, e.mode, e.mtime_ns, e.size, 9, b"",
                                         e.stored_offset, e.stored_size, e.sha256, e.crc32)
     p = tmp_path / "u.llma"
-    p.write_bytes(layout.assemble(b"x", idx))
+    p.write_bytes(index_module.assemble(b"x", idx))
     with llmarc.open(p) as ar:
         assert ar.members()[0].codec == "#9"
         with pytest.raises(UnsupportedFeatureError, match="codec id 9"):
@@ -251,7 +253,7 @@ def test_zstd_bomb_stops_at_declared_size(tmp_path):
         "bomb", layout.TYPE_FILE, 0o644, 0, 10, 1, b"", 32, len(frame),
         hashlib.sha256(b"\0" * 10).digest(), layout.crc32(frame))])
     p = tmp_path / "bomb.llma"
-    p.write_bytes(layout.assemble(frame, idx))
+    p.write_bytes(index_module.assemble(frame, idx))
     with llmarc.open(p) as ar, pytest.raises(CorruptArchiveError, match="more than"):
         ar.read("bomb")
 
@@ -261,7 +263,7 @@ def test_huge_declared_offsets_and_sizes(tmp_path):
         idx = layout.Index("t", entries=[layout.EntryRecord(
             "a", layout.TYPE_FILE, 0o644, 0, size, 0, b"", off, ssize, bytes(32), 0)])
         p = tmp_path / "h.llma"
-        p.write_bytes(layout.assemble(b"x", idx))
+        p.write_bytes(index_module.assemble(b"x", idx))
         with pytest.raises(CorruptArchiveError):
             llmarc.open(p)
 
@@ -271,7 +273,7 @@ def test_llm_entry_naming_a_missing_model_is_corrupt(tmp_path):
         "t.txt", layout.TYPE_FILE, 0o644, 0, 5, 2, b"\0\0", 32, 1, bytes(32),
         layout.crc32(b"z"))])
     p = tmp_path / "llm.llma"
-    p.write_bytes(layout.assemble(b"z", idx))
+    p.write_bytes(index_module.assemble(b"z", idx))
     with llmarc.open(p) as ar:
         assert ar.getmember("t.txt").codec == "llm"
         with pytest.raises(CorruptArchiveError, match="names model 0 but the table has 0"):

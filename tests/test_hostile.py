@@ -14,6 +14,7 @@ import pytest
 import zstandard
 
 import llmarc
+from llmarc.container.index import assemble
 from llmarc.container.json_safe import (
     MAX_JSON_DEPTH,
     canonical_json,
@@ -27,7 +28,6 @@ from llmarc.container.layout import (
     EntryRecord,
     Index,
     ModelRecord,
-    assemble,
     crc32,
 )
 from llmarc.entropy.rangecoder import MAX_IMPLICIT_ZEROS, RangeDecoder, RangeEncoder

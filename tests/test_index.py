@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import llmarc
 from llmarc.container import compact, layout
+from llmarc.container import index as index_module
 from llmarc.container.layout import (
     EMPTY_SHA256,
     EXT_COMPACT_ENTRIES,
@@ -160,7 +161,7 @@ def test_packed_archives_are_1_1_and_list_every_member(tmp_path):
                 assert ar.read(m.name) == (src / m.name).read_bytes()
     raw = (tmp_path / "a.llma").read_bytes()
     footer = layout.decode_footer(raw[-40:], len(raw))
-    index = layout.decode_index(raw[footer.index_offset:footer.index_offset
+    index = index_module.decode_index(raw[footer.index_offset:footer.index_offset
                                     + footer.index_size], footer.index_offset)
     assert len(index.entries) == len(members)
     assert footer.index_size < 300 * 16  # 1.0 needed over 100 bytes per entry

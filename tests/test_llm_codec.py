@@ -182,7 +182,8 @@ def corrupt_payload_byte(out: Path, name: str, model: Path) -> Path:
     damage reaches the LLM decoder instead of the container's CRC check."""
     from dataclasses import replace
 
-    from llmarc.container.layout import HEADER_SIZE, assemble, crc32, disassemble
+    from llmarc.container.index import assemble, disassemble
+    from llmarc.container.layout import HEADER_SIZE, crc32
 
     data, index = disassemble(out.read_bytes())
     entry = next(e for e in index.entries if e.name == name)
@@ -340,7 +341,8 @@ def test_a_different_environment_warns_and_still_decodes(tmp_path: Path) -> None
     """Environment keys (library versions, ISA) cannot be adopted: warn, let SHA-256 decide."""
     from dataclasses import replace
 
-    from llmarc.container.layout import assemble, canonical_json, disassemble
+    from llmarc.container.index import assemble, disassemble
+    from llmarc.container.layout import canonical_json
 
     src = make_tree(tmp_path / "src", {"a.txt": b"environment check"})
     out = tmp_path / "a.llma"

@@ -121,12 +121,13 @@ def test_existing_files_are_not_overwritten_and_no_temp_left(tmp_path):
 
 
 def test_bad_sha_leaves_no_file(tmp_path):
+    from llmarc.container import index as index_module
     from llmarc.container import layout
 
     idx = layout.Index("t", entries=[layout.EntryRecord(
         "f", layout.TYPE_FILE, 0o644, 0, 3, 0, b"", 32, 3, bytes(32), layout.crc32(b"abc"))])
     p = tmp_path / "b.llma"
-    p.write_bytes(layout.assemble(b"abc", idx))
+    p.write_bytes(index_module.assemble(b"abc", idx))
     with llmarc.open(p) as ar, pytest.raises(llmarc.ChecksumMismatchError):
         ar.extract(tmp_path / "dest")
     assert os.listdir(tmp_path / "dest") == []

@@ -1,4 +1,7 @@
-"""The .llma byte layout (spec/format.md): encode and bounds-checked decode.
+"""The .llma byte layout's parts (spec/format.md): header, footer, records, extension
+areas — encode and bounds-checked decode.  The index as a whole, which may hold the
+compact entry table, is :mod:`llmarc.container.index` (above this module and
+:mod:`~llmarc.container.compact`, which both build on these records).
 
 Everything here is pure: bytes in, records out (or the reverse). Decoding never trusts a
 length or count before checking it against the bytes actually present and the format's
@@ -64,8 +67,6 @@ EMPTY_SHA256 = hashlib.sha256(b"").digest()
 _HEADER = struct.Struct("<8sHHI12sI")  # magic, major, minor, flags, reserved, crc
 _FOOTER = struct.Struct("<QQQII4sI")  # index_off, index_size, archive_size, index_crc,
 #                                       flags, magic, footer_crc
-_ENTRY_FIXED = struct.Struct("<BBHqQH")  # type, flags, mode, mtime_ns, size, codec_id
-_ENTRY_TAIL = struct.Struct("<QQ32sI")  # stored_offset, stored_size, sha256, crc32
 
 assert _HEADER.size == HEADER_SIZE and _FOOTER.size == FOOTER_SIZE
 
@@ -204,50 +205,7 @@ def encode_ext_area(exts: tuple[Extension, ...]) -> bytes:
     return b"".join(struct.pack("<HI", e.tag, len(e.value)) + e.value for e in exts)
 
 
-_encode_ext = encode_ext_area
-
-
-def encode_index(index: Index, *, compact: bool = False) -> bytes:
-    """The index bytes: the 1.0 layout, or (``compact``, format 1.1) the same layout with
-    no entry records and the compact entry table (§4.2) in archive extension 0x8001."""
-    out = bytearray()
-    creator = index.creator.encode("utf-8")
-    if len(creator) > MAX_CREATOR_BYTES:
-        raise ValueError("creator string too long")
-    out += struct.pack("<H", len(creator)) + creator
-    exts = index.extensions
-    if compact:
-        from .compact import encode_table
-        exts = (Extension(EXT_COMPACT_ENTRIES, encode_table(index.entries)), *exts)
-    ext = _encode_ext(exts)
-    out += struct.pack("<I", len(ext)) + ext
-    if len(index.models) > MAX_MODELS:
-        raise ValueError("too many models")
-    out += struct.pack("<H", len(index.models))
-    for m in index.models:
-        name = m.name.encode("utf-8")
-        prof = m.profile.encode("utf-8")
-        if len(m.fingerprint) != 32:
-            raise ValueError("model fingerprint must be 32 bytes")
-        out += m.fingerprint + struct.pack("<H", len(name)) + name
-        out += struct.pack("<I", len(prof)) + prof
-    if len(index.entries) > MAX_ENTRIES:
-        raise ValueError("too many entries")
-    out += struct.pack("<I", 0 if compact else len(index.entries))
-    for e in () if compact else index.entries:
-        if not e.sha256:
-            raise ValueError(f"entry {e.name!r}: the 1.0 layout needs a SHA-256")
-        name = e.name.encode("utf-8")
-        out += struct.pack("<H", len(name)) + name
-        out += _ENTRY_FIXED.pack(e.type, 0, e.mode, e.mtime_ns, e.size, e.codec_id)
-        out += struct.pack("<I", len(e.codec_params)) + e.codec_params
-        out += _ENTRY_TAIL.pack(e.stored_offset, e.stored_size, e.sha256, e.crc32)
-        ext = _encode_ext(e.extensions)
-        out += struct.pack("<I", len(ext)) + ext
-    return bytes(out)
-
-
-class _Cursor:
+class Cursor:
     """Bounds-checked little-endian reads from an in-memory index."""
 
     def __init__(self, data: bytes) -> None:
@@ -284,7 +242,7 @@ def decode_ext_area(raw: bytes, where: str,
                     known: frozenset[int] = frozenset()) -> tuple[Extension, ...]:
     """The TLV records filling ``raw`` exactly. Critical tags not in ``known`` are
     *unsupported*; the caller handles the known ones."""
-    sub = _Cursor(raw)
+    sub = Cursor(raw)
     exts = []
     seen: set[int] = set()
     while sub.pos < len(sub.data):
@@ -300,91 +258,3 @@ def decode_ext_area(raw: bytes, where: str,
                 "understand")
         exts.append(Extension(tag, value))
     return tuple(exts)
-
-
-def _decode_ext(cur: _Cursor, limit: int, where: str,
-                known: frozenset[int] = frozenset()) -> tuple[Extension, ...]:
-    n = cur.u32(f"{where} extension length")
-    if n > limit:
-        raise CorruptArchiveError(f"{where} extension area of {n} bytes is over the limit")
-    return decode_ext_area(cur.take(n, f"{where} extension area"), where, known)
-
-
-def decode_index(data: bytes, data_end: int | None = None) -> Index:
-    """Parse index bytes (either layout). ``data_end``: the index offset, if known."""
-    cur = _Cursor(data)
-    creator = cur.text(cur.u16("creator length"), MAX_CREATOR_BYTES, "creator string")
-    arch_ext = _decode_ext(cur, MAX_ARCHIVE_EXT_BYTES, "archive",
-                           frozenset({EXT_COMPACT_ENTRIES}))
-    table = next((e.value for e in arch_ext if e.tag == EXT_COMPACT_ENTRIES), None)
-    arch_ext = tuple(e for e in arch_ext if e.tag != EXT_COMPACT_ENTRIES)
-    n_models = cur.u16("model count")
-    if n_models > MAX_MODELS:
-        raise CorruptArchiveError(f"{n_models} models, over the limit of {MAX_MODELS}")
-    models = []
-    for i in range(n_models):
-        fp = cur.take(32, f"model {i} fingerprint")
-        name = cur.text(cur.u16("model name length"), MAX_MODEL_NAME_BYTES, "model name")
-        prof = cur.text(cur.u32("profile length"), MAX_PROFILE_BYTES, "numerics profile")
-        parse_profile_json(prof, what=f"model {i} numerics profile")  # hostile: bounded
-        models.append(ModelRecord(fp, name, prof))
-    n_entries = cur.u32("entry count")
-    if n_entries > MAX_ENTRIES:
-        raise CorruptArchiveError(f"{n_entries} entries, over the limit of {MAX_ENTRIES}")
-    if table is not None:
-        if n_entries or cur.pos != len(data):
-            raise CorruptArchiveError("an index with a compact entry table has entry records")
-        from .compact import decode_table
-        return Index(creator, models, decode_table(table, data_end), arch_ext)
-    # The smallest entry record is 2 + 22 + 4 + 52 + 4 = 84 bytes: a cheap sanity bound.
-    if n_entries * 84 > len(data) - cur.pos:
-        raise CorruptArchiveError("entry count is larger than the index can hold")
-    entries = []
-    for i in range(n_entries):
-        name = cur.text(cur.u16(f"entry {i} name length"), MAX_NAME_BYTES, f"entry {i} name")
-        etype, flags, mode, mtime, size, codec = cur.unpack(_ENTRY_FIXED, f"entry {i}")
-        plen = cur.u32(f"entry {i} params length")
-        if plen > MAX_PARAMS_BYTES:
-            raise CorruptArchiveError(f"entry {i} codec params are over the limit")
-        params = cur.take(plen, f"entry {i} codec params")
-        off, ssize, sha, crc = cur.unpack(_ENTRY_TAIL, f"entry {i}")
-        exts = _decode_ext(cur, MAX_ENTRY_EXT_BYTES, f"entry {name!r}")
-        if flags != 0:
-            raise CorruptArchiveError(f"entry {name!r} has reserved flag bits set")
-        if mode & ~0o777:
-            raise CorruptArchiveError(f"entry {name!r} has mode bits outside 0o777")
-        if size > MAX_SIZE or ssize > MAX_SIZE:
-            raise CorruptArchiveError(f"entry {name!r} declares an impossible size")
-        if etype == TYPE_SYMLINK:
-            raise UnsupportedFeatureError(f"entry {name!r} is a symbolic link, which this "
-                                          "reader does not support")
-        if etype not in TYPE_NAMES:
-            raise UnsupportedFeatureError(f"entry {name!r} has unknown type {etype}")
-        if etype == TYPE_DIR and (size or codec or params or ssize or off or crc
-                                  or sha != EMPTY_SHA256):
-            raise CorruptArchiveError(f"directory entry {name!r} carries file data")
-        entries.append(EntryRecord(name, etype, mode, mtime, size, codec, params, off, ssize,
-                                   sha, crc, exts))
-    if cur.pos != len(data):
-        raise CorruptArchiveError("index has trailing bytes")
-    return Index(creator, models, entries, arch_ext)
-
-
-def assemble(data: bytes, index: Index, *, major: int = VERSION_MAJOR,
-             minor: int = 0, compact: bool = False) -> bytes:
-    """A whole archive from its data area and index, with no validation at all (1.0
-    layout unless ``compact``).
-
-    For tests and test vectors, which need archives a real writer refuses to make."""
-    raw = encode_index(index, compact=compact)
-    off = HEADER_SIZE + len(data)
-    return encode_header(major, minor) + data + raw + encode_footer(off, len(raw), crc32(raw))
-
-
-def disassemble(archive: bytes) -> tuple[bytes, Index]:
-    """The data area and decoded index of a whole (valid) archive: the inverse of
-    :func:`assemble`, for tests and vector scripts that rewrite an archive."""
-    footer = decode_footer(archive[-FOOTER_SIZE:], len(archive))
-    index = decode_index(archive[footer.index_offset : footer.index_offset + footer.index_size],
-                         footer.index_offset)
-    return archive[HEADER_SIZE : footer.index_offset], index

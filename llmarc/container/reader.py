@@ -37,6 +37,7 @@ from ..errors import (
 )
 from ..members import excluded, is_pattern, matching
 from ..progress import as_sink
+from .index import decode_index
 from .layout import (
     EMPTY_SHA256,
     FOOTER_SIZE,
@@ -49,7 +50,6 @@ from .layout import (
     crc32,
     decode_footer,
     decode_header,
-    decode_index,
 )
 
 CHUNK = 1 << 20

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from .._version import CREATOR
 from ..errors import DestinationExistsError
 from ..safety import check_names
+from .index import encode_index
 from .layout import (
     HEADER_SIZE,
     EntryRecord,
@@ -28,7 +29,6 @@ from .layout import (
     crc32,
     encode_footer,
     encode_header,
-    encode_index,
 )
 
 TEMP_SUFFIX = ".llmarc-tmp"

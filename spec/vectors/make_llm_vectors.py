@@ -32,7 +32,8 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
 import llmarc  # noqa: E402
-from llmarc.container.layout import assemble, canonical_json, crc32, disassemble  # noqa: E402
+from llmarc.container.index import assemble, disassemble  # noqa: E402
+from llmarc.container.layout import canonical_json, crc32  # noqa: E402
 
 OUT = HERE / "llm"
 MTIME_NS = 1_700_000_000_000_000_000

@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 import zstandard  # noqa: E402
 
 from llmarc.container.compact import encode_table, put_varint, solid_shares  # noqa: E402
+from llmarc.container.index import assemble  # noqa: E402
 from llmarc.container.layout import (  # noqa: E402
     EMPTY_SHA256,
     EXT_COMPACT_ENTRIES,
@@ -34,7 +35,6 @@ from llmarc.container.layout import (  # noqa: E402
     Extension,
     Index,
     ModelRecord,
-    assemble,
     canonical_json,
     crc32,
 )
@@ -524,7 +524,7 @@ def bounds_vectors() -> dict:
 def expected_members(data: bytes) -> dict[str, str]:
     """name -> "dir" or the SHA-256 of the member's bytes (for 1.1 solid members, which
     record a CRC-32, the SHA-256 of the bytes the vector was built from)."""
-    from llmarc.container.layout import decode_index
+    from llmarc.container.index import decode_index
     off, size = struct.unpack("<QQ", data[-40:-24])
     return {e.name: ("dir" if e.type == TYPE_DIR else
                      (e.sha256 or TRUTH[(e.name, e.data_crc32)]).hex())
