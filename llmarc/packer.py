@@ -26,7 +26,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .codecs import CODEC_STORE, CODEC_ZSTD
 from .codecs import choose as chooser
@@ -616,6 +616,40 @@ class UnarchivableError(SourceError):
         self.problems = problems
 
 
+def llm_unavailable(codec: str, llm: LLMOptions) -> str | None:
+    """Why the LLM codec will not run for ``codec`` (None: it will). ``--codec llm``
+    where it cannot run is refused here, before any file is read."""
+    unavailable = llm_available(llm) if codec in ("auto", "llm") else "not requested"
+    if codec == "llm" and unavailable:
+        raise ModelError(unavailable)
+    return unavailable
+
+
+def code_entries(entries: list[SourceEntry], writer: ArchiveWriter, label: str, *,
+                 codec: str, unavailable: str | None, solid: bool, level: int,
+                 llm: LLMOptions, warn: Warn, report: PackReport, skip_failed: bool,
+                 progress: Any) -> None:
+    """Choose each entry's codec and write them all, under one progress display
+    (``label``): what a pack and an update do once they know which entries are new."""
+    groups = plan(entries, codec, solid=solid, llm_available=not unavailable)
+    if progress is not None:
+        progress.start(sum(e.size for e in entries), label)
+    try:
+        write_plan(groups, writer, level=level, progress=progress, llm=llm,
+                   forced_llm=codec == "llm", warn=warn, report=report,
+                   skip_failed=skip_failed)
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def written_members(path: str | os.PathLike[str], report: PackReport) -> list[MemberInfo]:
+    """The members of the archive just written at ``path`` (its size into ``report``)."""
+    report.archive_size = os.path.getsize(path)
+    with ArchiveReader(path) as reader:
+        return reader.members()
+
+
 def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str] | BinaryIO, *,
          codec: str = "auto", level: int = 19, progress=None, overwrite: bool = False,
          solid: bool = True, warn: Warn | None = None, llm: LLMOptions | None = None,
@@ -678,9 +712,7 @@ def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str] |
             st = os.stat(archive_path)
             skip.add((st.st_dev, st.st_ino))
         # after the refusals above (an existing OUT...): finding the model is not free
-        unavailable = llm_available(llm) if codec in ("auto", "llm") else "not requested"
-        if codec == "llm" and unavailable:
-            raise ModelError(unavailable)
+        unavailable = llm_unavailable(codec, llm)
         problems: list[Problem] = []
         entries = scan(src, skip=skip, warn=warn, problems=problems, exclude=exclude)
         if problems and not skip_failed:
@@ -699,16 +731,7 @@ def pack(src_dir: str | os.PathLike[str], archive_path: str | os.PathLike[str] |
         report.skipped.extend(problems)
         if codec == "auto" and unavailable:
             warn(f"LLM codec unavailable, text will use zstd: {unavailable}")
-        groups = plan(entries, codec, solid=solid, llm_available=not unavailable)
-        if progress is not None:
-            progress.start(sum(e.size for e in entries), "packing")
-        try:
-            write_plan(groups, writer, level=level, progress=progress, llm=llm,
-                       forced_llm=codec == "llm", warn=warn, report=report,
-                       skip_failed=skip_failed)
-        finally:
-            if progress is not None:
-                progress.close()
-    report.archive_size = os.path.getsize(archive_path)
-    with ArchiveReader(archive_path) as reader:
-        return reader.members()
+        code_entries(entries, writer, "packing", codec=codec, unavailable=unavailable,
+                     solid=solid, level=level, llm=llm, warn=warn, report=report,
+                     skip_failed=skip_failed, progress=progress)
+    return written_members(archive_path, report)

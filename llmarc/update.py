@@ -22,12 +22,11 @@ from .codecs import CODEC_LLM, CODEC_ZSTD
 from .codecs import zstd as zstd_codec
 from .codecs.llm import decode_params, encode_params
 from .codecs.llm_options import LLMOptions
-from .codecs.llm_pipeline import llm_available
 from .container.compact import solid_shares
 from .container.layout import TYPE_DIR, TYPE_FILE, EntryRecord
 from .container.reader import ArchiveReader, MemberInfo
 from .container.writer import ArchiveWriter
-from .errors import ChecksumMismatchError, ModelError, SourceError
+from .errors import ChecksumMismatchError, SourceError
 from .packer import (
     CODEC_CHOICES,
     PackReport,
@@ -36,9 +35,10 @@ from .packer import (
     UnarchivableError,
     Warn,
     _default_warn,
-    plan,
+    code_entries,
+    llm_unavailable,
     scan,
-    write_plan,
+    written_members,
 )
 from .progress import as_sink
 
@@ -111,24 +111,13 @@ def update(archive: str | os.PathLike[str],
         _copy(reader, keep, writer, modes)
         report.copied.extend(old[i].name for i in keep)
         report.coded.extend(s.name for s in fresh if s.type == TYPE_FILE)
-        unavailable = llm_available(llm) if codec in ("auto", "llm") else "not requested"
-        if codec == "llm" and unavailable:
-            raise ModelError(unavailable)
+        unavailable = llm_unavailable(codec, llm)
         if codec == "auto" and unavailable and any(s.type == TYPE_FILE for s in fresh):
             warn(f"LLM codec unavailable, text will use zstd: {unavailable}")
-        groups = plan(fresh, codec, solid=solid, llm_available=not unavailable)
-        if progress is not None:
-            progress.start(sum(s.size for s in fresh), "updating")
-        try:
-            write_plan(groups, writer, level=level, progress=progress, llm=llm,
-                       forced_llm=codec == "llm", warn=warn, report=report,
-                       skip_failed=skip_failed)
-        finally:
-            if progress is not None:
-                progress.close()
-    report.archive_size = os.path.getsize(path)
-    with ArchiveReader(path) as reader:
-        return reader.members()
+        code_entries(fresh, writer, "updating", codec=codec, unavailable=unavailable,
+                     solid=solid, level=level, llm=llm, warn=warn, report=report,
+                     skip_failed=skip_failed, progress=progress)
+    return written_members(path, report)
 
 
 def delete(archive: str | os.PathLike[str], members: Iterable[str | MemberInfo], *,

@@ -29,13 +29,22 @@ from llmarc.model.tokenbytes import TokenTable, table_from_pieces, table_from_to
 V1_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def _json_file(path: Path, what: str) -> Any:
+def _read(path: Path, what: str) -> bytes:
     try:
-        return json.loads(path.read_bytes())
+        return path.read_bytes()
     except OSError as exc:
         raise ModelError(f"{what}: cannot read {path.name}: {exc.strerror}") from exc
+
+
+def _parsed(text: str | bytes, path: Path, what: str) -> Any:
+    try:
+        return json.loads(text)
     except ValueError as exc:
         raise ModelError(f"{what}: {path.name} is not valid JSON ({exc})") from exc
+
+
+def _json_file(path: Path, what: str) -> Any:
+    return _parsed(_read(path, what), path, what)
 
 
 class _FolderWeights:
@@ -99,8 +108,11 @@ def _tokenizer(folder: Path, what: str) -> tuple[TokenTable, dict[str, int], Any
     """(table, token text -> id, a factory of the encoder's tokenizer)."""
     json_path, sp_path = folder / "tokenizer.json", folder / "tokenizer.model"
     if json_path.is_file():
-        text = json_path.read_text(encoding="utf-8")
-        spec = _json_file(json_path, what)
+        try:
+            text = _read(json_path, what).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ModelError(f"{what}: tokenizer.json is not UTF-8 ({exc})") from exc
+        spec = _parsed(text, json_path, what)
         table = table_from_tokenizer_json(spec)
         model = spec.get("model") or {}
         vocab = model.get("vocab")
