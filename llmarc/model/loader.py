@@ -116,11 +116,8 @@ class LoadedModel:
 def float_network(derived: DerivedModel, dtype_name: str, device: Any) -> Any:
     """transformers' LlamaForCausalLM with ``derived``'s weights (lockstep-v1 only)."""
     torch = _import_torch()
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError as exc:
-        raise ModelError("the lockstep-v1 engine needs transformers: "
-                         "pip install 'llmarc[lockstep]'") from exc
+    transformers = _import_transformers()
+    LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
     arch = derived.architecture
     config = LlamaConfig(
         vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
@@ -226,11 +223,21 @@ def configure_determinism(device: Any, threads: int) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def _import_transformers() -> Any:
+    """transformers, which lockstep-v1 alone needs (its float network, its recorded
+    environment): a clear error where it is not installed."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelError("the lockstep-v1 engine needs transformers: "
+                         "pip install 'llmarc[lockstep]'") from exc
+    return transformers
+
+
 def environment_profile(device: Any) -> dict[str, Any]:
     """The parts of the numerics profile this machine imposes (they cannot be adopted)."""
     torch = _import_torch()
-    import transformers
-
+    transformers = _import_transformers()
     env: dict[str, Any] = {
         "device_type": device.type,
         "torch": torch.__version__,
