@@ -275,7 +275,6 @@ def load_model(
     For int-v1/v2 the weights are read as float32 values and the integer model is
     derived from them on ``device``; ``dtype`` applies to lockstep-v1 only."""
     source = resolve(model)
-    derived = derive(source, status)
     torch = _import_torch()
     torch_device = pick_device(device)
     if engine in INTEGER_ENGINES:
@@ -288,6 +287,7 @@ def load_model(
         raise ModelError(f"unsupported dtype {dtype_name!r} (use {', '.join(DTYPES)})")
     thread_count = threads or torch.get_num_threads()
     configure_determinism(torch_device, thread_count)
+    derived = derive(source, status)  # after every refusal that needs no model file
     if status is not None:
         what = engine if engine in INTEGER_ENGINES else f"{engine}, {dtype_name}"
         status(f"loading {source.display_name} ({what} on {torch_device})")
