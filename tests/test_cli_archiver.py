@@ -164,6 +164,29 @@ def test_refusals_come_before_torch_is_imported(tmp_path, tree):
     assert not marker.exists(), "torch was imported to refuse an existing file"
 
 
+def test_the_llm_codec_on_the_cpu_never_imports_torch_or_transformers(tmp_path, tree):
+    """Pack, list, test and extract an LLM archive with stand-ins for torch and
+    transformers that record any import: the CPU engine needs neither (issue 25)."""
+    fake = tmp_path / "fake"
+    markers = {}
+    for module in ("torch", "transformers"):
+        (fake / module).mkdir(parents=True)
+        markers[module] = tmp_path / f"{module}-imported"
+        (fake / module / "__init__.py").write_text(
+            f"open({str(markers[module])!r}, 'w').close()\nraise ImportError('stand-in')\n")
+    env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{ROOT}")
+    llm = tmp_path / "llm.llma"
+    for args in (("pack", tree / "man", llm, "--codec", "llm", "-q"), ("list", llm),
+                 ("test", "-q", llm), ("extract", "-q", llm, "-C", tmp_path / "out")):
+        r = llmarc(*args, env=env)
+        assert r.returncode == 0, r.stderr
+    assert not [m for m, path in markers.items() if path.exists()]
+    for path in (tree / "man").rglob("*"):
+        if path.is_file():
+            assert (tmp_path / "out" / path.relative_to(tree / "man")).read_bytes() == \
+                path.read_bytes()
+
+
 # ---------------------------------------------------------------- 3: names, globs, excludes
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import llmarc
@@ -144,8 +145,6 @@ def test_model_components_and_logits_digest(model: str) -> None:
     """models.json's fingerprint components (version 2, and the version-1 values llmarc
     0.1 recorded) and int-v1 and int-v2 logits digests are what this implementation
     computes from the model files (and so what an independent decoder must match)."""
-    import torch
-
     from llmarc.model.fingerprint import (
         FINGERPRINT_V2_DOMAIN,
         canonical_json,
@@ -172,6 +171,6 @@ def test_model_components_and_logits_digest(model: str) -> None:
     for engine in ("int-v1", "int-v2"):
         digest = expected[f"int_{engine[-2:]}_logits"]
         tokens = digest["tokens"]
-        logits = loaded.integer_model(len(tokens), engine).prefill(torch.tensor([tokens]))[0]
-        raw = logits.numpy().astype("<f4").tobytes()
+        logits = loaded.integer_model(len(tokens), engine).prefill(np.array([tokens]))[0]
+        raw = logits.astype("<f4").tobytes()
         assert hashlib.sha256(raw).hexdigest() == digest["sha256_float32_le"], engine

@@ -8,12 +8,12 @@ import threading
 from pathlib import Path
 
 import numba
+import numpy as np
 import pytest
-import torch
 
 from llmarc.codecs.llm import CodingSettings, LLMCodec, SegmentJob, _group_width
 from llmarc.errors import CorruptArchiveError
-from llmarc.inference import integer, threads
+from llmarc.inference import threads
 from llmarc.model.loader import load_model
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -26,10 +26,10 @@ def loaded():
 
 @pytest.fixture
 def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    previous = threads.thread_count()
+    threads.set_thread_count(2)
     yield
-    torch.set_num_threads(previous)
+    threads.set_thread_count(previous)
 
 
 def test_items_go_to_single_threaded_workers_and_the_rest_to_the_caller(two_threads) -> None:
@@ -38,18 +38,18 @@ def test_items_go_to_single_threaded_workers_and_the_rest_to_the_caller(two_thre
 
     def work(item: int, _stop: threading.Event) -> None:
         with lock:
-            seen.append((item, threading.current_thread().name, torch.get_num_threads(),
+            seen.append((item, threading.current_thread().name, threads.thread_count(),
                          numba.get_num_threads()))
 
     threads.run_split(list(range(5)), work, workers=2)
     assert sorted(item for item, *_ in seen) == list(range(5))
     by_item = {item: rest for item, *rest in seen}
     for item in range(4):  # 4 = 5 - 5 % 2 on the workers, one core each
-        name, torch_threads, numba_threads = by_item[item]
-        assert name.startswith("llmarc-rows") and (torch_threads, numba_threads) == (1, 1)
+        name, kernel_threads, numba_threads = by_item[item]
+        assert name.startswith("llmarc-rows") and (kernel_threads, numba_threads) == (1, 1)
     assert by_item[4][0] == threading.current_thread().name  # the remainder: the caller's
-    assert by_item[4][1] == 2  # with torch's threads, restored after the workers
-    assert torch.get_num_threads() == 2
+    assert by_item[4][1] == 2  # with the process's threads: the workers' 1 is their own
+    assert threads.thread_count() == 2
 
 
 def test_one_failure_stops_the_other_workers_and_is_raised(two_threads) -> None:
@@ -74,7 +74,7 @@ def test_one_failure_stops_the_other_workers_and_is_raised(two_threads) -> None:
         threads.run_split([0, 1, 2, 3], work, workers=2)
     assert "0 stopped" in seen, seen
     assert "start 2" not in seen and "start 3" not in seen, seen
-    assert torch.get_num_threads() == 2
+    assert threads.thread_count() == 2
 
 
 @pytest.mark.parametrize(("rows", "batch_width", "workers", "width"), [
@@ -89,35 +89,18 @@ def test_groups_share_the_batch_width_evenly(rows, batch_width, workers, width) 
 
 def test_worker_count_needs_work_for_each_thread_and_a_cpu(loaded, two_threads) -> None:
     model = loaded.integer_model(64, "int-v2")
-    assert model.exact_on_one_thread()
     assert threads.worker_count(model, 2) == 2
     assert threads.worker_count(model, 1) == 1
     assert threads.worker_count(model, 5, threads.STEP_ROWS_PER_THREAD) == 1
     assert threads.worker_count(model, 6, threads.STEP_ROWS_PER_THREAD) == 2
-    torch.set_num_threads(1)  # --threads 1: nothing is split
+    threads.set_thread_count(1)  # --threads 1: nothing is split
     assert threads.worker_count(model, 64) == 1
 
 
-def test_no_split_unless_the_int8_gemms_are_proven_on_one_thread(
-        loaded, two_threads, monkeypatch) -> None:
-    model = loaded.integer_model(64, "int-v2")
-    monkeypatch.setattr(integer, "int8_gemm_is_exact",
-                        lambda shapes: torch.get_num_threads() > 1)  # proven on 2 only
-    if model.int8_gemm:
-        assert not model.exact_on_one_thread()
-        assert threads.worker_count(model, 8) == 1
-        assert model.int8_attention
-        torch.set_num_threads(1)
-        assert not model.int8_attention  # the attention's GEMMs are proven per count too
-    else:  # fp32 GEMMs (a host without VNNI): exact by construction, nothing to prove
-        assert model.exact_on_one_thread()
-        assert threads.worker_count(model, 8) == 2
-
-
 def _segments(count: int, length: int) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(count * 1000 + length)
+    generator = np.random.default_rng(count * 1000 + length)
     lengths = [length - (i * 7) % (length // 2) for i in range(count)]  # uneven rows
-    return [torch.randint(1, 300, (n,), generator=generator).tolist() for n in lengths]
+    return [generator.integers(1, 300, n).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("engine", ["int-v2", "int-v1"])
@@ -130,7 +113,7 @@ def test_split_coding_gives_the_bytes_of_one_thread(loaded, engine, monkeypatch)
     codec = LLMCodec(loaded, CodingSettings(32, 48, engine=engine))
     results = {}
     for count in (1, 2):
-        torch.set_num_threads(count)
+        threads.set_thread_count(count)
         counted: list[int] = []
         try:
             encoded = codec.encode_segments(segments, progress=counted.append)
@@ -141,7 +124,7 @@ def test_split_coding_gives_the_bytes_of_one_thread(loaded, engine, monkeypatch)
             decoded = codec.decode_segments(jobs, progress=counted.append)
             assert sum(counted) == sum(map(len, segments))
         finally:
-            torch.set_num_threads(2)
+            threads.set_thread_count(2)
         assert decoded == segments
         results[count] = [stream for stream, _ in encoded]
     assert results[1] == results[2]

@@ -1,18 +1,17 @@
-"""The VNNI int8 GEMM for few rows (the decoder's step): exact, or not used at all.
+"""The VNNI int8 GEMM (the linear layers' products from 3 rows on): exact, or not used.
 
-Its result must be the integer sum oneDNN and the fp32 path return, at the extremes of
-the operands and at every shape the padding has to cover (rows, columns and inner
-indexes that are not multiples of the tile), since a decoder on this host and one on a
-host without VNNI must compute the same logits."""
+Its result must be the integer sum the other paths (int8_rows, float32 BLAS chunks)
+return, at the extremes of the operands and at every shape the padding has to cover
+(rows, columns and inner indexes that are not multiples of the tile), since a decoder on
+this host and one on a host without VNNI must compute the same logits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from llmarc.inference import vnni
-from llmarc.inference.integer import IntLinear
+from llmarc.inference.exact_product import SMALL_GEMM_ROWS, Int8Matrix
 
 needs_vnni = pytest.mark.skipif(not vnni.available(),
                                 reason="this CPU has no AVX-512 VNNI: the kernel is not used")
@@ -71,21 +70,22 @@ def test_the_kernel_is_exact_at_the_extremes(rows: int, inner: int, outputs: int
 
 
 @needs_vnni
-def test_steps_give_three_to_32_rows_to_the_kernel_and_the_rest_to_onednn() -> None:
-    generator = torch.Generator().manual_seed(3)
-    weight = torch.randint(-127, 128, (96, 192), generator=generator).double()
-    layer = IntLinear.from_float(weight, "cpu", int8_gemm=True)
-    assert layer.few_rows(3, stepping=True) and layer.few_rows(vnni.MAX_ROWS, stepping=True)
-    assert not layer.few_rows(vnni.MAX_ROWS + 1, stepping=True)
-    assert not layer.few_rows(3)  # a prefill's few rows: oneDNN, and no packed copy
-    q = torch.randint(-127, 128, (3, 192), generator=generator, dtype=torch.int8)
-    assert torch.equal(layer._accumulate(q).long(), q.long() @ layer.weight.long())
-    assert "_vnni_packed" not in vars(layer)
-    for rows in (3, 17, vnni.MAX_ROWS):
-        q = torch.randint(-127, 128, (rows, 192), generator=generator, dtype=torch.int8)
-        out = np.empty((rows, 96), dtype=np.int32)
-        layer.rows_product(q.numpy(), out)
-        assert np.array_equal(out, (q.long() @ layer.weight.long()).numpy())
+def test_products_of_three_rows_or_more_go_to_the_kernel() -> None:
+    """One or two rows go to int8_rows (faster on one thread) and never pack the VNNI
+    copy of the weights (+134 MB for SmolLM2); from 3 rows on, the kernel's layout is
+    made once and every product is the exact one."""
+    generator = np.random.default_rng(3)
+    weight = generator.integers(-127, 128, (96, 192)).astype(np.int8)
+    matrix = Int8Matrix(weight)
+    for rows in range(1, SMALL_GEMM_ROWS + 1):
+        q = generator.integers(-127, 128, (rows, 192)).astype(np.int8)
+        assert np.array_equal(matrix.product(q), q.astype(np.int64) @ weight.T.astype(np.int64))
+    assert matrix._packed is None
+    for rows in (3, 17, 300):
+        q = generator.integers(-127, 128, (rows, 192)).astype(np.int8)
+        assert np.array_equal(matrix.product(q), q.astype(np.int64) @ weight.T.astype(np.int64))
+        packed = matrix._packed
+        assert packed is not None and matrix.packed is packed  # made once
 
 
 def test_the_kernel_closes_over_constants_only() -> None:

@@ -257,11 +257,11 @@ def default_batch_width(loaded: Any, segment_length: int, segments: int) -> int:
     groups = ceil(segments / ceiling), B = ceil(segments / groups): the same number of
     lockstep groups, but no group wider than it needs to be.
     """
-    import torch
-
     config = loaded.config
     if loaded.device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(loaded.device)
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(str(loaded.device))
         ceiling = cuda_batch_ceiling(free, config, segment_length, loaded.dtype_name,
                                      loaded.vocab_size)
     else:
@@ -271,14 +271,16 @@ def default_batch_width(loaded: Any, segment_length: int, segments: int) -> int:
     return -(-segments // groups)
 
 
+#: Bytes per value of lockstep-v1's dtypes.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
 def kv_row_bytes(config: Any, segment_length: int, dtype_name: str) -> int:
     """One row's float KV cache: 2 * layers * kv_heads * head_dim * L * dtype size."""
-    import torch
-
     head_dim = getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
-    dtype_size = torch.finfo(getattr(torch, dtype_name)).bits // 8
+    dtype_size = DTYPE_BYTES[dtype_name]
     return (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
             * segment_length * dtype_size)
 
@@ -662,7 +664,6 @@ class LLMCodec(SegmentCoder):
                                  None)
             return
         from llmarc.inference import threads
-        from llmarc.inference.stepping import IntegerStepper
 
         positions = max(row.length for row in rows)
         model = self._integer(positions)
@@ -675,7 +676,7 @@ class LLMCodec(SegmentCoder):
         def step(group: list[_Row], stop: threading.Event) -> None:
             stepper = getattr(steppers, "engine", None)
             if stepper is None:
-                stepper = steppers.engine = IntegerStepper(model, width, positions)
+                stepper = steppers.engine = model.stepper(width, positions)
             self._step_group(stepper, width, group, code_row, report, stop)
 
         threads.run_split(_groups(rows, width), step, workers)
@@ -693,19 +694,17 @@ class LLMCodec(SegmentCoder):
         longest row's end.  A row whose ``code_row`` raises CorruptArchiveError keeps its
         error and is fed padding from then on, so one bad segment cannot spoil its
         companions."""
-        import torch
-
         from llmarc.entropy.fast import frequency_tables
         from llmarc.inference.threads import Cancelled
 
         start = self.loaded.start_token
         engine.reset()
-        feed = torch.full((width,), start, dtype=torch.long)
+        feed = np.full(width, start, dtype=np.int64)
         tables = picked = None  # made at the first step, reused by every step after it
         for t in range(group[0].length):
             if stop is not None and stop.is_set():
                 raise Cancelled
-            logits = engine.step(feed).cpu()
+            logits = engine.step(feed)
             active = [r for r, row in enumerate(group) if t < row.length and row.error is None]
             if not active:
                 break
@@ -715,23 +714,22 @@ class LLMCodec(SegmentCoder):
                     next_feed[r] = group[r].tokens[t]
             active = [r for r in active if t >= group[r].given]
             if not active:
-                feed = torch.tensor(next_feed, dtype=torch.long)
+                feed = np.array(next_feed, dtype=np.int64)
                 continue
             if tables is None:
                 tables = np.empty(logits.shape, dtype=np.int64)
-                picked = torch.empty_like(logits)
+                picked = np.empty_like(logits)
             count = len(active)
             if count < width:  # rows that ended or failed get no table
-                logits = torch.index_select(logits, 0, torch.tensor(active),
-                                            out=picked[:count])
-            ends = frequency_tables(logits.numpy(), self.settings.precision,
+                logits = np.take(logits, active, axis=0, out=picked[:count])
+            ends = frequency_tables(logits, self.settings.precision,
                                     cumulative=True, out=tables[:count])
             for i, r in enumerate(active):
                 try:
                     next_feed[r] = code_row(group[r], t, ends[i], logits[i])
                 except CorruptArchiveError as exc:
                     group[r].error = exc.with_traceback(None)  # frames would hold the group
-            feed = torch.tensor(next_feed, dtype=torch.long)
+            feed = np.array(next_feed, dtype=np.int64)
             if progress is not None:
                 progress(count)
 
@@ -741,8 +739,6 @@ class LLMCodec(SegmentCoder):
         Rows are sorted longest first and stacked while N * T <= PREFILL_POSITIONS (one
         row at least); shorter rows are padded with the start token at their end, whose
         logits are ignored (rows do not influence each other)."""
-        import torch
-
         start = self.loaded.start_token
         ordered = sorted(rows, key=lambda row: (-row.length, row.slot))
         batches = []
@@ -752,9 +748,9 @@ class LLMCodec(SegmentCoder):
             count = max(1, PREFILL_POSITIONS // longest)
             batch = ordered[index : index + count]
             index += len(batch)
-            feed = torch.full((len(batch), longest), start, dtype=torch.long)
+            feed = np.full((len(batch), longest), start, dtype=np.int64)
             for i, row in enumerate(batch):
-                feed[i, 1 : row.length] = torch.tensor(row.tokens[: row.length - 1])
+                feed[i, 1 : row.length] = row.tokens[: row.length - 1]
             batches.append((batch, feed))
         return batches
 
@@ -821,7 +817,7 @@ class LLMCodec(SegmentCoder):
                     end = min(row.length, begin + FREQUENCY_ROWS)
                     logits = model.lm_head_logits(final[i, begin:end], scales[i, begin:end])
                     tokens = row.tokens[begin:end]
-                    starts, freqs = token_intervals(logits.numpy(), np.asarray(tokens),
+                    starts, freqs = token_intervals(logits, np.asarray(tokens),
                                                     self.settings.precision)
                     for start, freq in zip(starts.tolist(), freqs.tolist(), strict=True):
                         code(row, start, freq)
@@ -873,13 +869,11 @@ class LLMCodec(SegmentCoder):
         segments (or of segments whose streams fail at once) then costs a range
         decoder step each, not a model step per row."""
         if self._first_table is None:
-            import torch
-
             from llmarc.entropy.fast import frequency_tables
 
             model = self._integer(1)
-            logits = model.prefill(torch.tensor([[self.loaded.start_token]]))[0]
-            self._first_table = frequency_tables(logits.numpy(), self.settings.precision,
+            logits = model.prefill(np.array([[self.loaded.start_token]]))[0]
+            self._first_table = frequency_tables(logits, self.settings.precision,
                                                  cumulative=True)[0]
         table = self._first_table
         for row in rows:
@@ -919,11 +913,11 @@ def _add_model_stats(own: CodingStats, logits: Any, tokens: list[int]) -> None:
     statistics report) and ranks counted on the float32 logits (the order log_softmax
     keeps), with int32 sums: a fifth of the time of a float64 log_softmax and an int64
     count, which had been 18 % of a benchmark pack."""
-    import torch
-
-    picked = logits[torch.arange(len(tokens)), torch.tensor(tokens)]
-    log_probs = (picked - torch.logsumexp(logits, dim=-1)).double()
-    ranks = (logits > picked[:, None]).sum(dim=-1, dtype=torch.int32)
+    picked = logits[np.arange(len(tokens)), np.asarray(tokens)]
+    top = logits.max(axis=-1)
+    log_sum = top + np.log(np.exp(logits - top[:, None]).sum(axis=-1, dtype=np.float32))
+    log_probs = (picked - log_sum).astype(np.float64)
+    ranks = (logits > picked[:, None]).sum(axis=-1, dtype=np.int32)
     for log_prob, rank in zip(log_probs.tolist(), ranks.tolist(), strict=True):
         bits = -log_prob / math.log(2)
         own.model_bits += bits

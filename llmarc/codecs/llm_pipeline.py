@@ -41,22 +41,25 @@ Warn = Callable[[str], None]
 def llm_available(options: LLMOptions) -> str | None:
     """None if the LLM codec can run here, else the reason (for a clear warning).
 
-    Finds torch (and, for lockstep-v1 alone, transformers) without importing them:
-    importing torch takes seconds, and a pack that is refused (an existing OUT, a bad
+    Finds what the engine needs without importing it: numba for the integer engines on
+    the CPU; torch for ``--device cuda``; torch and transformers for lockstep-v1.
+    Importing them takes seconds, and a pack that is refused (an existing OUT, a bad
     path) or has no text must not wait for it. The import happens when an LLM entry is
     about to be coded."""
     import importlib.util
 
-    needed = {"torch": "llmarc[llm]"}
+    needed = {"numba": "llmarc"}
     if options.engine == ENGINE_LOCKSTEP:
-        needed["transformers"] = "llmarc[lockstep]"
+        needed = {"torch": "llmarc[lockstep]", "transformers": "llmarc[lockstep]"}
+    elif options.device.startswith("cuda"):
+        needed["torch"] = "llmarc[cuda]"
     for module, extra in needed.items():
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):  # a finder that refuses it, a broken entry
             found = False
         if not found:
-            return f"the LLM codec needs {module} (pip install torch==2.13.0 '{extra}')"
+            return f"the LLM codec needs {module} (pip install '{extra}')"
     try:
         from llmarc.model.sources import resolve
 

@@ -67,9 +67,9 @@ class SegmentWorker:
     surfacing Ray's actor-creation traceback."""
 
     def __init__(self, spec: WorkerSpec) -> None:
-        # Before torch is imported: idle OpenMP threads must not spin long against the
+        # Before numba (or torch) loads OpenMP: idle threads must not spin long against the
         # other actors on a shared machine.
-        from llmarc.model.loader import set_openmp_waiting
+        from llmarc.inference.threads import set_openmp_waiting
 
         set_openmp_waiting()
         os.environ["OMP_NUM_THREADS"] = str(spec.threads)

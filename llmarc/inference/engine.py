@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llmarc.errors import ModelError
@@ -103,14 +104,15 @@ class LockstepEngine:
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row at the current position; return float32 logits [B, V]."""
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row at the current position; return float32 logits [B, V]
+        (NumPy in and out, as the integer engines' steppers)."""
         b, t = self.shape.batch_width, self.position
         if t >= self.shape.segment_length:
             raise RuntimeError("segment length exceeded: call reset() first")
         if tokens.shape != (b,):
             raise ValueError(f"expected {b} tokens, got shape {tuple(tokens.shape)}")
-        tokens = tokens.to(self.device)
+        tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).to(self.device)
         cos, sin = self.cos[t], self.sin[t]
         hidden = self.decoder.embed_tokens(tokens)  # [B, D]
         for index, layer in enumerate(self.layers):
@@ -134,4 +136,4 @@ class LockstepEngine:
         hidden = self.decoder.norm(hidden)
         logits = self.model.lm_head(hidden).float()
         self.position = t + 1
-        return logits
+        return logits.cpu().numpy()

@@ -1,6 +1,6 @@
 """The integer engines' compiled CPU kernels: numba functions and LLVM IR intrinsics
 (llvmlite) that compute the operations of spec/llm-codec.md §5 in its order, bit for bit
-the torch ops of :mod:`llmarc.inference.integer`, one row at a time and in cache.
+the torch ops of :mod:`llmarc.inference.integer_torch`, one row at a time and in cache.
 
 :func:`_kernels` hands out the compiled set (a serial and a multi-threaded flavour, the
 same values); the intrinsics :func:`_int8_dot_blocks`, :func:`_pair_dots` and
@@ -17,8 +17,6 @@ import functools
 import threading
 from typing import Any
 
-import torch
-
 from llmarc.entropy.quantize import LOG2E_SCALED, WEIGHTS
 from llmarc.errors import ModelError
 from llmarc.inference import vnni
@@ -29,6 +27,7 @@ from llmarc.inference.constants import (
     NORM_BITS,
     RESIDUAL_BITS,
 )
+from llmarc.inference.threads import set_openmp_waiting, thread_count
 
 # ---------------------------------------------------------------------- fused kernels
 # The attention of one query row and the SwiGLU product with its quantizer, compiled with
@@ -68,9 +67,10 @@ PARALLEL_WORK = 1 << 16
 def start_threading_layer() -> None:
     """Start numba's OpenMP threading layer now, before the process sets its thread count.
 
-    Starting it sets OpenMP's thread count, torch's included, to every CPU: started
-    lazily by the first parallel kernel, it silently undid ``--threads 1`` (two workers
-    ran).  Without numba there is nothing to start."""
+    Starting it sets OpenMP's thread count, torch's included where torch is loaded, to
+    every CPU: started lazily by the first parallel kernel, it silently undid
+    ``--threads 1`` (two workers ran).  Without numba there is nothing to start."""
+    set_openmp_waiting()
     try:
         import numba
     except ImportError:  # pragma: no cover - numba is in the llm extra
@@ -80,21 +80,23 @@ def start_threading_layer() -> None:
 
 def _kernels(work: int = PARALLEL_WORK) -> Any:
     """The compiled kernels (compiled on first use, cached on disk by numba): the
-    multi-threaded flavour for ``work`` elements or more when torch has several threads,
-    else the single-threaded one.  Both compute the same values (rows are independent)."""
+    multi-threaded flavour for ``work`` elements or more when this thread may use
+    several (:func:`llmarc.inference.threads.thread_count`), else the single-threaded
+    one.  Both compute the same values (rows are independent)."""
     global _NUMBA
     if _NUMBA is None:  # the lock only until they exist: this runs per kernel call
         with _LAZY:
             if _NUMBA is None:
+                set_openmp_waiting()  # before a parallel kernel loads the OpenMP runtime
                 try:
                     import numba
                 except ImportError as exc:  # pragma: no cover - numba is in the llm extra
-                    raise ModelError("int-v1/v2 need numba: pip install 'llmarc[llm]'") from exc
+                    raise ModelError("int-v1/v2 need numba: pip install 'numba>=0.61'") from exc
                 _NUMBA = _compile(numba)
     serial, parallel = _NUMBA
     if work < PARALLEL_WORK:
         return serial
-    threads = min(torch.get_num_threads(), parallel.numba.config.NUMBA_NUM_THREADS)
+    threads = min(thread_count(), parallel.numba.config.NUMBA_NUM_THREADS)
     if threads <= 1:
         return serial
     if parallel.numba.get_num_threads() != threads:

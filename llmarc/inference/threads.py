@@ -1,6 +1,7 @@
-"""Independent pieces of an integer engine's work on worker threads, one core each.
+"""How many threads the integer engines use, and independent pieces of their work on
+worker threads, one core each.
 
-torch's and numba's own threads split every operation and meet at a barrier after it: a
+The compiled kernels' own threads split every operation and meet at a barrier after it: a
 prefill has hundreds of such regions, a decoding step about 150.  When other processes
 compete for the cores, the scheduler parks one thread of a region for a time slice and
 the others wait for it: the 8 KB pack took four times its unloaded coding time with a busy
@@ -17,14 +18,56 @@ lockstep-v1 never comes here: its float logits depend on the batch shape it reco
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import torch
-
 Item = TypeVar("Item")
+
+#: The process's thread count (``--threads``), None until set: then the CPUs this
+#: process may run on.
+_PROCESS_THREADS: int | None = None
+#: A worker thread's own count (1), which overrides the process's on that thread.
+_THIS_THREAD = threading.local()
+
+
+#: Spin iterations before an idle OpenMP thread sleeps (libgomp; numba's pool reads it too).
+OPENMP_SPIN = "10000"
+
+
+def set_openmp_waiting() -> None:
+    """Short spinning for OpenMP threads, set before numba (or torch) loads its runtime.
+
+    Endless spinning collapses a busy machine (issue 9: 862 s of CPU and no result where
+    one thread took 219 s); no spinning at all (``OMP_WAIT_POLICY=PASSIVE``) makes each
+    of a decoding step's ~150 small parallel regions wake sleeping threads: 0.43 s a step
+    at batch width 32 against 0.30 s with a short spin, and 0.19 s against 0.12 s at width
+    2 with a busy process on every core (benchmarks/README.md).  A short spin serves both."""
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN)
+
+
+def set_thread_count(count: int) -> None:
+    """The number of threads the engines' kernels use (the user's ``--threads``)."""
+    global _PROCESS_THREADS
+    if count < 1:
+        raise ValueError("a thread count is at least 1")
+    _PROCESS_THREADS = count
+
+
+def thread_count() -> int:
+    """Threads the kernels called on this thread may use: 1 on a worker of
+    :func:`run_split`, else the process's count."""
+    own = getattr(_THIS_THREAD, "count", None)
+    if own is not None:
+        return int(own)
+    if _PROCESS_THREADS is not None:
+        return _PROCESS_THREADS
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 #: Fewest rows a decoding thread steps: at 1-2 rows a step reads every weight for little
@@ -35,22 +78,21 @@ STEP_ROWS_PER_THREAD = 3
 
 
 def worker_count(model: Any, units: int, per_worker: int = 1) -> int:
-    """Worker threads for ``units`` independent pieces of ``model``'s work: torch's thread
+    """Worker threads for ``units`` independent pieces of ``model``'s work: the thread
     count (the user's ``--threads``), with at least ``per_worker`` pieces each; 1 (the
-    calling thread with torch's own threads) off the CPU, for too few pieces, or when the
-    int8 GEMMs are not proven exact on one thread."""
-    threads = min(torch.get_num_threads(), units // per_worker)
-    if model.device.type != "cpu" or threads <= 1:
+    calling thread with the kernels' own threads) off the CPU or for too few pieces."""
+    threads = min(thread_count(), units // per_worker)
+    if model.device_type != "cpu" or threads <= 1:
         return 1
-    return threads if model.exact_on_one_thread() else 1
+    return threads
 
 
 def _one_core() -> None:
-    """A worker thread's set-up: torch (this thread's OpenMP team, which oneDNN reads) and
-    numba (a per-thread setting) compute on the calling thread alone."""
+    """A worker thread's set-up: the kernels (and numba, a per-thread setting) compute
+    on the calling thread alone."""
     import numba
 
-    torch.set_num_threads(1)
+    _THIS_THREAD.count = 1
     numba.set_num_threads(1)
 
 
@@ -65,7 +107,7 @@ def run_split(items: Sequence[Item], work: Callable[[Item, threading.Event], Non
     With several workers, the first ``len(items) - len(items) % workers`` items go to
     that many single-threaded threads, each taking the next item when it finishes one;
     the rest (fewer than one per worker, which would leave cores idle) run afterwards on
-    the calling thread with torch's threads.  ``stop`` is set when any item fails or the
+    the calling thread with the kernels' threads.  ``stop`` is set when any item fails or the
     caller is interrupted (Ctrl-C): long work checks it and raises :class:`Cancelled`.
     The first failure is raised here once every worker has ended."""
     stop = threading.Event()
@@ -94,22 +136,18 @@ def _run_threads(items: Sequence[Item], work: Callable[[Item, threading.Event], 
                 stop.set()
                 raise
 
-    previous = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="llmarc-rows") as pool:
-            futures = [pool.submit(drain) for _ in range(workers)]
-            try:
-                for future in futures:
-                    future.exception()  # wait; Ctrl-C lands here
-            except BaseException:
-                stop.set()
-                raise
-        failures = [f.exception() for f in futures if f.exception() is not None]
-        real = [e for e in failures if not isinstance(e, Cancelled)]
-        if failures:  # the first real one, not the Cancelled it caused
-            raise (real or failures)[0]  # type: ignore[misc]
-    finally:
-        torch.set_num_threads(previous)  # the workers' setting is process-wide in ATen
+    with ThreadPoolExecutor(workers, thread_name_prefix="llmarc-rows") as pool:
+        futures = [pool.submit(drain) for _ in range(workers)]
+        try:
+            for future in futures:
+                future.exception()  # wait; Ctrl-C lands here
+        except BaseException:
+            stop.set()
+            raise
+    failures = [f.exception() for f in futures if f.exception() is not None]
+    real = [e for e in failures if not isinstance(e, Cancelled)]
+    if failures:  # the first real one, not the Cancelled it caused
+        raise (real or failures)[0]  # type: ignore[misc]
 
 
 def locked(callback: Callable[..., Any] | None) -> Callable[..., Any] | None:

@@ -40,8 +40,6 @@ CHUNK_GROUPS = 32
 #: Below this many blocks of columns, each block's rows are split between two tasks.
 FEW_BLOCKS = 32
 ENVIRONMENT_SWITCH = "LLMARC_VNNI"
-#: Most rows given to this kernel: above, oneDNN's blocked GEMM is faster (2x at 256).
-MAX_ROWS = 32
 #: Largest inner dimension whose offset sums stay below 2^31 (255 * 127 * 65536).
 MAX_INNER = 65536
 

@@ -7,20 +7,27 @@ identify it, and the engines are built from it on demand: the integer model from
 weights one tensor at a time, the lockstep-v1 float network (the one use of transformers)
 only for that engine, the encoder's tokenizer only when something is encoded.
 
-Device and dtype policy: ``auto`` is CUDA when present, else CPU; the default dtype is
-float32 on CPU and bfloat16 on CUDA (lockstep-v1 only).  On CUDA we switch off TF32 and
-reduced-precision reductions and ask for deterministic algorithms, because cuBLAS may
-otherwise pick differently-accumulating kernels from run to run.
+Device and dtype policy: ``auto`` is CUDA when torch sees a GPU, else CPU; the default
+dtype is float32 on CPU and bfloat16 on CUDA (lockstep-v1 only).  The integer engines on
+the CPU need NumPy and numba only: torch is imported for ``--device cuda`` (and by
+``auto`` only where an NVIDIA driver is present) and for lockstep-v1, never to find out
+that there is nothing for it to do.  On CUDA we switch off TF32 and reduced-precision
+reductions and ask for deterministic algorithms, because cuBLAS may otherwise pick
+differently-accumulating kernels from run to run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmarc.errors import ModelError
+from llmarc.inference.threads import set_openmp_waiting
 from llmarc.model.architecture import Architecture
 from llmarc.model.derived import DerivedModel
 from llmarc.model.fingerprint import Components, legacy_fingerprints
@@ -28,6 +35,24 @@ from llmarc.model.sources import ModelSource, resolve
 
 DTYPES = ("float32", "bfloat16", "float16")
 INTEGER_ENGINES = ("int-v1", "int-v2")
+#: ``LLMARC_CPU_ENGINE=torch`` runs the integer engines' torch operations (a GPU's path)
+#: on the CPU: how ``make portability`` shows that both paths give the same archive.
+CPU_ENGINE_SWITCH = "LLMARC_CPU_ENGINE"
+#: Where Linux shows a loaded NVIDIA driver: without it ``auto`` is the CPU, found out
+#: without importing torch (seconds).
+NVIDIA_DRIVER = "/proc/driver/nvidia/version"
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a model runs: ``cpu`` or ``cuda`` with an optional index (what torch.device
+    means by the same string, without needing torch to say it)."""
+
+    type: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
 
 
 @dataclass
@@ -37,7 +62,7 @@ class LoadedModel:
     source: ModelSource
     derived: DerivedModel
     components: Components
-    device: Any  # torch.device
+    device: Device
     dtype_name: str
     threads: int
     environment: dict[str, Any] = field(default_factory=dict)
@@ -106,7 +131,12 @@ class LoadedModel:
         from llmarc.inference.integer import ATTENTION_LEVELS, IntegerModel
 
         if self._integer is None:
-            self._integer = IntegerModel(self.derived, length, device=self.device)
+            if self.device.type == "cpu" and os.environ.get(CPU_ENGINE_SWITCH) != "torch":
+                self._integer = IntegerModel(self.derived, length)
+            else:
+                from llmarc.inference.integer_torch import TorchIntegerModel
+
+                self._integer = TorchIntegerModel(self.derived, length, self.device)
             return_freed_memory()
         elif self._integer.max_length < length:
             self._integer.extend(length)
@@ -139,7 +169,7 @@ def float_network(derived: DerivedModel, dtype_name: str, device: Any) -> Any:
                          f"{sorted(missing)[:3]}")
     if arch.tie_word_embeddings:
         network.tie_weights()
-    return network.to(device).eval()
+    return network.to(str(device)).eval()
 
 
 def return_freed_memory() -> None:
@@ -159,62 +189,70 @@ def return_freed_memory() -> None:
     trim(0)
 
 
-#: Spin iterations before an idle OpenMP thread sleeps (libgomp; numba's pool reads it too).
-OPENMP_SPIN = "10000"
-
-
-def set_openmp_waiting() -> None:
-    """Short spinning for OpenMP threads, set before torch (or numba) loads its runtime.
-
-    Endless spinning collapses a busy machine (issue 9: 862 s of CPU and no result where
-    one thread took 219 s); no spinning at all (``OMP_WAIT_POLICY=PASSIVE``) makes each
-    of a decoding step's ~150 small parallel regions wake sleeping threads: 0.43 s a step
-    at batch width 32 against 0.30 s with a short spin, and 0.19 s against 0.12 s at width
-    2 with a busy process on every core (benchmarks/README.md).  A short spin serves both."""
-    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN)
-
-
-def _import_torch() -> Any:
-    # Never reach for a hub, and keep the libraries' own progress bars and advice off
-    # llmarc's stderr (ours show the work).
+def _import_torch(needed_by: str = "the lockstep-v1 engine",
+                  extra: str = "llmarc[lockstep]") -> Any:
+    """torch, for what ``needed_by`` names; a one-line ModelError where it is missing.
+    Never reach for a hub, and keep the libraries' own progress bars and advice off
+    llmarc's stderr (ours show the work)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    set_openmp_waiting()
+    set_openmp_waiting()  # before torch loads its OpenMP runtime
     try:
         import torch
-    except ImportError as exc:  # the base install has no ML stack
-        raise ModelError(
-            "the LLM codec needs PyTorch: pip install torch==2.13.0 'llmarc[llm]'"
-        ) from exc
+    except ImportError as exc:  # the lean install has no torch
+        raise ModelError(f"{needed_by} needs PyTorch: pip install '{extra}'") from exc
     return torch
 
 
-def pick_device(device: str) -> Any:
-    """Parse ``auto|cpu|cuda[:N]`` into a torch.device, with a clear error if unavailable."""
-    torch = _import_torch()
+def pick_device(device: str) -> Device:
+    """Parse ``auto|cpu|cuda[:N]`` into a :class:`Device`, with a clear error if
+    unavailable.  torch is asked only about CUDA: for ``cuda``, and for ``auto`` where a
+    GPU can be there at all (an NVIDIA driver on Linux; any torch elsewhere)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as exc:
-        raise ModelError(f"invalid device {device!r} (use auto, cpu or cuda[:N])") from exc
-    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return Device("cuda") if _cuda_present() else Device("cpu")
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d{1,4}))?", device)
+    if match is None or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise ModelError(f"invalid device {device!r} (use auto, cpu or cuda[:N])")
+    if match.group(1) == "cpu":
+        return Device("cpu")
+    index = None if match.group(2) is None else int(match.group(2))
+    torch = _import_torch("--device cuda", "llmarc[cuda]")
+    if not torch.cuda.is_available():
         raise ModelError("device cuda requested but no CUDA GPU is available")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ModelError(f"unsupported device type {parsed.type!r} (use cpu or cuda)")
-    return parsed
+    if index is not None and index >= torch.cuda.device_count():
+        raise ModelError(f"device {device} requested but there are "
+                         f"{torch.cuda.device_count()} CUDA GPUs")
+    return Device("cuda", index)
 
 
-def configure_determinism(device: Any, threads: int) -> None:
-    """Pin the knobs that select kernels: thread count on CPU, TF32/reductions on CUDA."""
+def _cuda_present() -> bool:
+    """Whether ``auto`` finds a CUDA GPU: torch installed, a driver that can serve it,
+    and torch seeing a device."""
+    try:
+        if importlib.util.find_spec("torch") is None:
+            return False
+    except (ImportError, ValueError):  # a finder that refuses it, a broken entry
+        return False
+    if sys.platform.startswith("linux") and not os.path.exists(NVIDIA_DRIVER):
+        return False
+    torch = _import_torch("--device cuda", "llmarc[cuda]")
+    return bool(torch.cuda.is_available())
+
+
+def configure_determinism(device: Device, threads: int) -> None:
+    """Pin the knobs that select kernels: the thread count (the compiled kernels', and
+    torch's where torch is loaded), TF32/reductions on CUDA."""
     from llmarc.inference.kernels import start_threading_layer
+    from llmarc.inference.threads import set_thread_count
 
-    torch = _import_torch()
     start_threading_layer()  # first: starting it later would reset the count set here
-    torch.set_num_threads(threads)
+    set_thread_count(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     if device.type == "cuda":
+        torch = _import_torch("--device cuda", "llmarc[cuda]")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -234,7 +272,7 @@ def _import_transformers() -> Any:
     return transformers
 
 
-def environment_profile(device: Any) -> dict[str, Any]:
+def environment_profile(device: Device) -> dict[str, Any]:
     """The parts of the numerics profile this machine imposes (they cannot be adopted)."""
     torch = _import_torch()
     transformers = _import_transformers()
@@ -246,9 +284,16 @@ def environment_profile(device: Any) -> dict[str, Any]:
     if device.type == "cpu":
         env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     else:
-        env["device_name"] = torch.cuda.get_device_name(device)
+        env["device_name"] = torch.cuda.get_device_name(str(device))
         env["cuda"] = torch.version.cuda
     return env
+
+
+def default_threads() -> int:
+    """The thread count without ``--threads``: the CPUs this process may run on."""
+    from llmarc.inference.threads import thread_count
+
+    return thread_count()
 
 
 def derive(source: ModelSource, status: Callable[[str], None] | None = None) -> DerivedModel:
@@ -275,29 +320,30 @@ def load_model(
     For int-v1/v2 the weights are read as float32 values and the integer model is
     derived from them on ``device``; ``dtype`` applies to lockstep-v1 only."""
     source = resolve(model)
-    torch = _import_torch()
-    torch_device = pick_device(device)
+    run_on = pick_device(device)
     if engine in INTEGER_ENGINES:
         if dtype not in (None, "float32"):
             raise ModelError(f"--dtype {dtype} applies to the lockstep-v1 engine only "
                              f"({engine} computes in integers)")
         dtype = "float32"
-    dtype_name = dtype or ("bfloat16" if torch_device.type == "cuda" else "float32")
+    dtype_name = dtype or ("bfloat16" if run_on.type == "cuda" else "float32")
     if dtype_name not in DTYPES:
         raise ModelError(f"unsupported dtype {dtype_name!r} (use {', '.join(DTYPES)})")
-    thread_count = threads or torch.get_num_threads()
-    configure_determinism(torch_device, thread_count)
+    if engine not in INTEGER_ENGINES:
+        _import_torch()  # lockstep-v1: before the thread count is set (torch's too)
+    thread_count = threads or default_threads()
+    configure_determinism(run_on, thread_count)
     derived = derive(source, status)  # after every refusal that needs no model file
     if status is not None:
         what = engine if engine in INTEGER_ENGINES else f"{engine}, {dtype_name}"
-        status(f"loading {source.display_name} ({what} on {torch_device})")
+        status(f"loading {source.display_name} ({what} on {run_on})")
     return LoadedModel(
         source=source,
         derived=derived,
         components=Components.of(derived),
-        device=torch_device,
+        device=run_on,
         dtype_name=dtype_name,
         threads=thread_count,
-        environment=environment_profile(torch_device) if engine not in INTEGER_ENGINES
+        environment=environment_profile(run_on) if engine not in INTEGER_ENGINES
         else {},
     )

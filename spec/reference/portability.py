@@ -4,27 +4,26 @@
     python spec/reference/portability.py --smollm2        # SmolLM2 on alice29.txt's first 16 KB
     python spec/reference/portability.py --engine int-v1  # the other integer engine
 
-One pack (int-v2 unless ``--engine``) in this process's default environment; then one
-fresh process per environment extracts the archive and compares every byte: PyTorch's CPU
-kernels (``ATEN_CPU_CAPABILITY`` default / avx2 / avx512 where the CPU has it), MKL's
-conditional-numerical-reproducibility and instruction-set switches, oneDNN limited to
-AVX2 (no VNNI: the int8 GEMM probe fails, fp32 GEMMs run) and the fp32 GEMMs forced
-(``LLMARC_INT8_GEMM=off``), the decoding step's VNNI kernel off (``LLMARC_VNNI=off``:
-oneDNN's GEMM instead), the compiled (numba) kernels generated for a generic x86-64
+One pack (int-v2 unless ``--engine``) in this process's default environment, then the same
+pack through the torch operations a GPU runs (``LLMARC_CPU_ENGINE=torch``), which must be
+the same archive byte for byte; then one fresh process per environment extracts the
+archive and compares every byte: the CPU engine's exact products without the VNNI
+kernel (``LLMARC_VNNI=off``: float32 GEMMs through NumPy's BLAS), that BLAS limited to
+SSE3 code and to one thread, the compiled (numba) kernels generated for a generic x86-64
 CPU and for AVX2 (``NUMBA_CPU_NAME``), 1 and 2 threads, decoding batch widths 1, 3 and
-32, and the independent decoder (spec/reference/decoder.py: the container, entropy
-coding, model derivation and engine written from spec/ in NumPy, nothing from llmarc,
-no torch).  Prints a table; exits 1 if any row differs.
+32; the torch path with PyTorch's default (non-vector) kernels; and the independent decoder
+(spec/reference/decoder.py: the container, entropy coding, model derivation and engine
+written from spec/ in NumPy, nothing from llmarc, no torch).  Prints a table; exits 1 if
+any row differs.
 
-Each extract also reports which code actually ran (``OBSERVE``: PyTorch's kernel
-capability, MKL's reproducibility mode and dispatch level, the int8 GEMM probe's
-verdict, numba's target CPU and features, the VNNI GEMM calls, the worker threads and
-rows per group), and each row states what its switch must change against the baseline
-(``EXPECT``): a row whose switch did not take effect fails like a row that decodes
-differently, so "exact under AVX2 kernels" cannot mean "ran the default kernels again".
-A switch this host cannot show (e.g. MKL's instruction limit on a CPU where MKL already
-runs its lowest code path, oneDNN's ISA limit on a CPU without VNNI) is printed as
-unproven, never as proven.
+Each extract also reports which code actually ran (``OBSERVE``: which engine, whether
+torch was imported, the VNNI kernel's and the BLAS path's calls, OpenBLAS's core and
+threads, numba's target CPU and features, the worker threads and rows per group), and
+each row states what its switch must change against the baseline (``EXPECT``): a row
+whose switch did not take effect fails like a row that decodes differently, so "exact
+under AVX2 kernels" cannot mean "ran the default kernels again".  A switch this host
+cannot show (e.g. the VNNI kernel off on a CPU without VNNI) is printed as unproven,
+never as proven.
 """
 
 from __future__ import annotations
@@ -47,18 +46,15 @@ HASWELL_FEATURES = ("+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+cx8,+f16c,+fma,+f
                     "+fxsr,+invpcid,+lzcnt,+mmx,+movbe,+pclmul,+popcnt,+rdrnd,+sahf,+sse,"
                     "+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt")
 
+#: The torch path on the CPU (``llmarc.model.loader.CPU_ENGINE_SWITCH``).
+TORCH_PATH = {"LLMARC_CPU_ENGINE": "torch"}
+
 #: (label, extra environment, extra extract options)
 MATRIX: list[tuple[str, dict[str, str], list[str]]] = [
-    ("default kernels", {"ATEN_CPU_CAPABILITY": "default"}, []),
-    ("avx2 kernels", {"ATEN_CPU_CAPABILITY": "avx2"}, []),
-    ("avx512 kernels", {"ATEN_CPU_CAPABILITY": "avx512"}, []),
-    ("MKL_CBWR=COMPATIBLE", {"MKL_CBWR": "COMPATIBLE"}, []),
-    ("MKL SSE4_2 only", {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}, []),
-    # oneDNN without VNNI: its int8 GEMM saturates, the probe sees it, fp32 GEMMs run
-    ("oneDNN AVX2 (no VNNI)", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, []),
-    ("fp32 GEMMs forced", {"LLMARC_INT8_GEMM": "off"}, []),
-    # the step's few-row GEMMs by oneDNN instead of the VNNI kernel
-    ("VNNI kernel off", {"LLMARC_VNNI": "off"}, []),
+    # the exact products by float32 BLAS chunks instead of the VNNI kernel
+    ("VNNI kernel off (BLAS)", {"LLMARC_VNNI": "off"}, []),
+    ("BLAS for SSE3 (Prescott)", {"LLMARC_VNNI": "off", "OPENBLAS_CORETYPE": "Prescott"}, []),
+    ("BLAS on 1 thread", {"LLMARC_VNNI": "off", "OPENBLAS_NUM_THREADS": "1"}, []),
     # the compiled kernels generated for other CPUs: baseline x86-64 (SSE2, no vector
     # int64 multiply, no gathers) and AVX2 without AVX-512.  NUMBA_CPU_NAME alone keeps
     # the host's features (numba sets NUMBA_CPU_FEATURES to "" only for "generic"): the
@@ -71,30 +67,30 @@ MATRIX: list[tuple[str, dict[str, str], list[str]]] = [
     ("batch width 1", {}, ["--batch-width", "1"]),
     ("batch width 3", {}, ["--batch-width", "3"]),
     ("batch width 32", {}, ["--batch-width", "32"]),
+    # the GPU's path (torch operations) on this CPU, under PyTorch's switches
+    ("torch path", TORCH_PATH, []),
+    ("torch path, default kernels", {**TORCH_PATH, "ATEN_CPU_CAPABILITY": "default"}, []),
 ]
 
 
 #: Runs ``llmarc ARGS`` in this process with spies on the code paths, then writes what ran
 #: as JSON to $LLMARC_PORTABILITY_REPORT.
 OBSERVE = r"""
-import ctypes, glob, json, os, sys
-import torch
+import json, os, sys
 from llmarc import cli
-from llmarc.inference import int8_gemm, integer, threads, vnni
+from llmarc.inference import exact_product, threads, vnni
 
-seen = {"int8_gemm": [], "vnni_gemm_calls": 0, "workers": [], "group_rows": []}
-probe = int8_gemm.int8_gemm_is_exact
-def spy_probe(*args, **kwargs):
-    verdict = probe(*args, **kwargs)
-    seen["int8_gemm"].append(verdict)
-    return verdict
-int8_gemm.int8_gemm_is_exact = spy_probe
-integer.int8_gemm_is_exact = spy_probe  # imported there by name
+seen = {"vnni_gemm_calls": 0, "blas_calls": 0, "workers": [], "group_rows": []}
 make_kernel = vnni.kernel
 def spy_kernel(*args, **kwargs):
     seen["vnni_gemm_calls"] += 1
     return make_kernel(*args, **kwargs)
 vnni.kernel = spy_kernel
+blas = exact_product.blas_product
+def spy_blas(*args, **kwargs):
+    seen["blas_calls"] += 1
+    return blas(*args, **kwargs)
+exact_product.blas_product = spy_blas
 split = threads.run_split
 def spy_split(items, work, workers):
     seen["workers"].append(workers)
@@ -107,26 +103,26 @@ code = cli.run(sys.argv[1:])
 from numba.core.registry import cpu_target
 codegen = cpu_target.target_context.codegen()
 features = codegen._get_host_cpu_features()
-lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib",
-                                         "libtorch_cpu.so"))[0])
-def mkl(name):
-    try:
-        function = getattr(lib, name)
-    except AttributeError:
-        return None
-    function.restype = ctypes.c_int
-    return function(1) if name.endswith("cbwr_get") else function()
 report = {
-    "aten_capability": torch.backends.cpu.get_cpu_capability(),
-    "mkl_cbwr": mkl("mkl_serv_cbwr_get"), "mkl_cpu_level": mkl("mkl_serv_cpu_detect"),
-    "int8_gemm": None if not seen["int8_gemm"] else all(seen["int8_gemm"]),
+    "torch_imported": "torch" in sys.modules,
     "numba_cpu": codegen._get_host_cpu_name(),
     "numba_avx2": "+avx2" in features, "numba_avx512": "+avx512f" in features,
     "vnni_available": vnni.available(), "vnni_gemm_calls": seen["vnni_gemm_calls"],
+    "blas_calls": seen["blas_calls"],
     "max_workers": max(seen["workers"], default=0),
     "max_group_rows": max(seen["group_rows"], default=0),
-    "torch_threads": torch.get_num_threads(),
+    "threads": threads.thread_count(),
 }
+try:
+    from threadpoolctl import threadpool_info
+    blas_info = [i for i in threadpool_info() if i.get("internal_api") == "openblas"]
+    report["openblas_core"] = blas_info[0].get("architecture") if blas_info else None
+    report["openblas_threads"] = blas_info[0].get("num_threads") if blas_info else None
+except ImportError:
+    report["openblas_core"] = report["openblas_threads"] = None
+if report["torch_imported"]:
+    import torch
+    report["aten_capability"] = torch.backends.cpu.get_cpu_capability()
 with open(os.environ["LLMARC_PORTABILITY_REPORT"], "w") as f:
     json.dump(report, f)
 sys.exit(code)
@@ -139,24 +135,22 @@ def expectation(label: str, got: dict, base: dict) -> tuple[bool | None, str]:
     def show(*keys: str) -> str:
         return ", ".join(f"{k}={got.get(k)!r} (baseline {base.get(k)!r})" for k in keys)
 
-    if label.endswith(" kernels") and label.split()[0] in ("default", "avx2", "avx512"):
-        want = label.split()[0].upper()
-        return got["aten_capability"] == want, show("aten_capability")
-    if label == "MKL_CBWR=COMPATIBLE":
-        return got["mkl_cbwr"] is not None and got["mkl_cbwr"] != base["mkl_cbwr"], \
-            show("mkl_cbwr")
-    if label == "MKL SSE4_2 only":
-        if not base.get("mkl_cpu_level"):  # MKL already runs its lowest path here
-            return None, show("mkl_cpu_level")
-        return got["mkl_cpu_level"] < base["mkl_cpu_level"], show("mkl_cpu_level")
-    if label in ("oneDNN AVX2 (no VNNI)", "fp32 GEMMs forced"):
-        if label.startswith("oneDNN") and base["int8_gemm"] is not True:
-            return None, show("int8_gemm")  # no exact int8 GEMM to take away here
-        return got["int8_gemm"] is False, show("int8_gemm")
-    if label == "VNNI kernel off":
+    if label.startswith("torch path"):
+        took = got.get("torch_imported") is True and not got.get("vnni_gemm_calls") \
+            and not got.get("blas_calls")
+        if label.endswith("default kernels"):
+            took = took and got.get("aten_capability") == "DEFAULT"
+        return took, show("torch_imported", "aten_capability", "vnni_gemm_calls")
+    if label.startswith("VNNI kernel off") or label.startswith("BLAS"):
         if not base["vnni_gemm_calls"]:
             return None, show("vnni_gemm_calls")
-        return got["vnni_gemm_calls"] == 0, show("vnni_gemm_calls")
+        took = got["vnni_gemm_calls"] == 0 and got["blas_calls"] > 0
+        if label == "BLAS for SSE3 (Prescott)":
+            # OpenBLAS names its SSE3 kernels' core by its own table ('Katmai' here)
+            took = took and got.get("openblas_core") not in (None, base.get("openblas_core"))
+        if label == "BLAS on 1 thread":
+            took = took and got.get("openblas_threads") == 1
+        return took, show("vnni_gemm_calls", "blas_calls", "openblas_core", "openblas_threads")
     if label == "kernels for generic x86-64":
         return (got["numba_cpu"] == "generic" and not got["numba_avx2"]
                 and not got["vnni_available"]), show("numba_cpu", "numba_avx2", "vnni_available")
@@ -165,21 +159,14 @@ def expectation(label: str, got: dict, base: dict) -> tuple[bool | None, str]:
                 and not got["numba_avx512"]), show("numba_cpu", "numba_avx2", "numba_avx512")
     if label.endswith(" thread") or label.endswith(" threads"):
         n = int(label.split()[0])
-        ok = got["torch_threads"] == n and 1 <= got["max_workers"] <= n
-        return ok and (n == 1 or got["max_workers"] == n), show("torch_threads", "max_workers")
+        ok = got["threads"] == n and 1 <= got["max_workers"] <= n
+        return ok and (n == 1 or got["max_workers"] == n), show("threads", "max_workers")
     if label.startswith("batch width"):
         width = int(label.split()[-1])
         if base["max_group_rows"] <= width:  # the baseline stepped no more rows than that
             return (None if got["max_group_rows"] <= width else False), show("max_group_rows")
         return got["max_group_rows"] <= width, show("max_group_rows")
     return None, "no observable"
-
-
-def cpu_has_avx512() -> bool:
-    try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def make_source(folder: Path, smollm2: bool) -> None:
@@ -230,8 +217,19 @@ def run(smollm2: bool, workdir: Path, engine: str) -> int:
         return 1
     print(f"packed {src} -> {archive.stat().st_size} B ({engine}) in "
           f"{time.perf_counter() - started:.1f} s")
-    rows = [row for row in MATRIX if row[0] != "avx512 kernels" or cpu_has_avx512()]
+    # the same pack through the torch operations (a GPU's path): the same bytes
     failures = 0
+    torch_archive = workdir / "portable-torch.llma"
+    started = time.perf_counter()
+    packed = cli("pack", str(src), str(torch_archive), "--codec", "llm", "--model", model,
+                 "--device", "cpu", "--segment-length", length, "--engine", engine, "--quiet",
+                 env=TORCH_PATH)
+    same = packed.returncode == 0 and torch_archive.read_bytes() == archive.read_bytes()
+    failures += not same
+    print(f"{'pack by the torch path':<27} {'same archive' if same else 'DIFFERS'}  "
+          f"{time.perf_counter() - started:6.1f} s"
+          f"{'' if same else ' ' + ' '.join(packed.stderr.split())[-200:]}")
+    rows = MATRIX
     base: dict = {}
     for label, env, options in [("baseline (no switch)", {}, []), *rows]:
         dest = workdir / f"out-{label.replace(' ', '-').replace('=', '-')}"
