@@ -28,6 +28,10 @@ from .layout import (
     MAX_PARAMS_BYTES,
     MAX_PROFILE_BYTES,
     MAX_SIZE,
+    SMALL_HEADER_SIZE,
+    SMALL_MAJOR,
+    SMALL_MINOR,
+    TRAILER_SIZE,
     TYPE_DIR,
     TYPE_NAMES,
     TYPE_SYMLINK,
@@ -40,10 +44,15 @@ from .layout import (
     crc32,
     decode_ext_area,
     decode_footer,
+    decode_header,
+    decode_trailer,
     encode_ext_area,
     encode_footer,
     encode_header,
+    encode_small_header,
+    encode_trailer,
 )
+from .small import decode_small_index, encode_small_index
 
 _ENTRY_FIXED = struct.Struct("<BBHqQH")  # type, flags, mode, mtime_ns, size, codec_id
 _ENTRY_TAIL = struct.Struct("<QQ32sI")  # stored_offset, stored_size, sha256, crc32
@@ -166,9 +175,22 @@ def assemble(data: bytes, index: Index, *, major: int = VERSION_MAJOR,
     return encode_header(major, minor) + data + raw + encode_footer(off, len(raw), crc32(raw))
 
 
+def assemble_small(data: bytes, index: Index, *, minor: int = SMALL_MINOR) -> bytes:
+    """A whole format 2.0 archive (spec/format.md §12) from its data area and index, with
+    no validation (for tests and vectors)."""
+    raw = encode_small_index(index)
+    return encode_small_header(minor) + data + raw + encode_trailer(raw)
+
+
 def disassemble(archive: bytes) -> tuple[bytes, Index]:
-    """The data area and decoded index of a whole (valid) archive: the inverse of
-    :func:`assemble`, for tests and vector scripts that rewrite an archive."""
+    """The data area and decoded index of a whole (valid) archive of either major
+    version: the inverse of :func:`assemble` / :func:`assemble_small`, for tests and
+    vector scripts that rewrite an archive."""
+    if decode_header(archive[:HEADER_SIZE]).major == SMALL_MAJOR:
+        trailer = decode_trailer(archive[-TRAILER_SIZE:], len(archive))
+        off = trailer.index_offset
+        index = decode_small_index(archive[off:off + trailer.index_size], off)
+        return archive[SMALL_HEADER_SIZE:off], index
     footer = decode_footer(archive[-FOOTER_SIZE:], len(archive))
     index = decode_index(archive[footer.index_offset : footer.index_offset + footer.index_size],
                          footer.index_offset)

@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import tempfile
+from dataclasses import replace
 from collections.abc import Callable, Iterable
 
 from .._version import CREATOR
@@ -22,6 +23,7 @@ from ..safety import check_names
 from .index import encode_index
 from .layout import (
     HEADER_SIZE,
+    SMALL_HEADER_SIZE,
     EntryRecord,
     Extension,
     Index,
@@ -29,7 +31,28 @@ from .layout import (
     crc32,
     encode_footer,
     encode_header,
+    encode_small_header,
+    encode_trailer,
 )
+from .small import encode_small_index
+
+#: Below this many bytes of data a 2.0 archive gets no creator and no model display names
+#: (spec/format.md §12.5): 13 + 33 bytes were a fifth of a 700-byte text's archive, and a
+#: reader needs neither (the fingerprint, not the name, identifies a model).
+SMALL_DATA_NAMES = 4096
+#: The codec whose members get a 16-byte digest in format 2.0 (DIGEST128, §12.4).
+_CODEC_LLM = 2
+
+
+def small_form(index: Index, data_size: int) -> Index:
+    """What llmarc writes of ``index`` in a 2.0 archive: llm members' SHA-256 cut to its
+    first 16 bytes, and no creator or model names when the data area is small."""
+    entries = [replace(e, sha256=e.sha256[:16]) if e.codec_id == _CODEC_LLM
+               and len(e.sha256) == 32 else e for e in index.entries]
+    if data_size >= SMALL_DATA_NAMES:
+        return Index(index.creator, index.models, entries, index.extensions)
+    models = [replace(m, name="") for m in index.models]
+    return Index("", models, entries, index.extensions)
 
 TEMP_SUFFIX = ".llmarc-tmp"
 
@@ -89,8 +112,11 @@ class ArchiveWriter:
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False,
                  creator: str = CREATOR,
                  verify: Callable[[str], object] | None = None,
-                 warn: Callable[[str], object] | None = None) -> None:
+                 warn: Callable[[str], object] | None = None,
+                 small: bool = True) -> None:
+        """``small``: write format 2.0 (spec/format.md §12, the default); else 1.1."""
         self.path = os.fspath(path)
+        self.small = small
         self.verify = verify  # called on the complete temporary file before the rename
         if os.path.isdir(self.path):
             raise DestinationExistsError(
@@ -123,11 +149,11 @@ class ArchiveWriter:
         self.index = Index(creator=creator)
         self._done = False
         try:
-            self._write(encode_header())
+            self._write(encode_small_header() if small else encode_header())
         except BaseException:
             self.abort()
             raise
-        self.pos = HEADER_SIZE
+        self.pos = SMALL_HEADER_SIZE if small else HEADER_SIZE
 
     def _write(self, data: bytes) -> None:
         """Write, naming the archive (not the temporary file) if the disk is full."""
@@ -187,9 +213,14 @@ class ArchiveWriter:
             return
         try:
             check_names((e.name, e.type == 1) for e in self.index.entries)
-            index = encode_index(self.index, compact=True)
-            self._write(index)
-            self._write(encode_footer(self.pos, len(index), crc32(index)))
+            if self.small:
+                index = encode_small_index(small_form(self.index,
+                                                      self.pos - SMALL_HEADER_SIZE))
+                self._write(index + encode_trailer(index))
+            else:
+                index = encode_index(self.index, compact=True)
+                self._write(index)
+                self._write(encode_footer(self.pos, len(index), crc32(index)))
             try:
                 self._f.flush()
                 os.fsync(self._f.fileno())
