@@ -52,7 +52,7 @@ MAX_BATCH_WIDTH = 1024
 MAX_SEGMENT_LENGTH = 1 << 16
 MAX_VARINT_BYTES = 10
 MAX_THREADS = 1024
-#: Fingerprint bytes a format 2.0 short model record keeps (container/small.py).
+#: Fingerprint bytes a format 3.0 short model record keeps (container/small.py).
 SHORT_FINGERPRINT = 16
 #: int-v1/v2 encode by prefill: segments are stacked into batches of about this many
 #: positions (a bigger batch gives bigger GEMMs; the attention scores grow with it).
@@ -198,7 +198,7 @@ def check_model(
 ) -> list[str]:
     """Refuse a different model; return warnings for environment differences (only
     lockstep-v1 depends on the environment)."""
-    # A format 2.0 short record keeps the version-2 fingerprint's first 16 bytes
+    # A format 3.0 short record keeps the version-2 fingerprint's first 16 bytes
     # (spec/format.md §12.3); a full one may also be a version-1 value (model.md §6.2).
     accepted = (loaded.fingerprint[:SHORT_FINGERPRINT] == fingerprint
                 if len(fingerprint) == SHORT_FINGERPRINT else loaded.accepts(fingerprint))

@@ -55,7 +55,7 @@ MIN_RECORD = 8
 MAX_NAME_TOTAL = 256 * 1024 * 1024
 #: Frame bytes fed to the decoder at a time: a call yields at most 64 blocks of 128 KiB.
 _TABLE_FEED = 256
-#: A DIGEST128 record's digest: the first 16 bytes of the SHA-256 (format 2.0).
+#: A DIGEST128 record's digest: the first 16 bytes of the SHA-256 (format 3.0).
 DIGEST128_BYTES = 16
 
 
@@ -119,7 +119,7 @@ def encode_table(entries: list[EntryRecord], level: int = TABLE_LEVEL) -> bytes:
 
 def encode_body(entries: list[EntryRecord], *, data_start: int = HEADER_SIZE,
                 small: bool = False) -> bytes:
-    """The table body (entry_count and records). ``small`` (format 2.0, whose data area
+    """The table body (entry_count and records). ``small`` (format 3.0, whose data area
     starts at ``data_start`` = 12): a 16-byte digest is written with FLAG_DIGEST128,
     which a 1.1 table cannot carry."""
     body = bytearray()
@@ -155,7 +155,7 @@ def encode_body(entries: list[EntryRecord], *, data_start: int = HEADER_SIZE,
             flags |= FLAG_CRC32
         elif e.type == TYPE_FILE and len(e.sha256) == DIGEST128_BYTES:
             if not small:
-                raise ValueError(f"entry {e.name!r}: a 16-byte digest needs format 2.0")
+                raise ValueError(f"entry {e.name!r}: a 16-byte digest needs format 3.0")
             flags |= FLAG_DIGEST128
         elif e.type == TYPE_FILE and len(e.sha256) != 32:
             raise ValueError(f"entry {e.name!r}: a digest of {len(e.sha256)} bytes")
@@ -299,7 +299,7 @@ def parse_body(cur: _Body, size: int, data_end: int | None, *,
                data_start: int = HEADER_SIZE, small: bool = False) -> list[EntryRecord]:
     """The records of a table body read through ``cur`` (whose ``tell()`` counts from
     the start of a body of ``size`` bytes), data placed from ``data_start``. ``small``:
-    format 2.0's table, where flag bit 3 (DIGEST128) is defined; a 1.1 table keeps it
+    format 3.0's table, where flag bit 3 (DIGEST128) is defined; a 1.1 table keeps it
     reserved (*corrupt*), so every 1.1 archive reads exactly as before."""
     return _parse(cur, size, data_end, data_start, small)
 

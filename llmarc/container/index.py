@@ -176,10 +176,10 @@ def assemble(data: bytes, index: Index, *, major: int = VERSION_MAJOR,
 
 
 def assemble_small(data: bytes, index: Index, *, minor: int = SMALL_MINOR) -> bytes:
-    """A whole format 2.0 archive (spec/format.md §12) from its data area and index, with
+    """A whole format 3.0 archive (spec/format.md §12) from its data area and index, with
     no validation (for tests and vectors)."""
     raw = encode_small_index(index)
-    return encode_small_header(minor) + data + raw + encode_trailer(raw)
+    return encode_small_header(minor) + data + raw + encode_trailer(raw, minor)
 
 
 def disassemble(archive: bytes) -> tuple[bytes, Index]:

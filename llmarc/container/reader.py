@@ -55,6 +55,7 @@ from .layout import (
     decode_footer,
     decode_header,
     decode_trailer,
+    small_index_crc,
 )
 
 CHUNK = 1 << 20
@@ -163,7 +164,7 @@ class ArchiveReader:
         file_size = os.fstat(self._fd).st_size
         header = decode_header(os.pread(self._fd, HEADER_SIZE, 0))
         small = header.major == SMALL_MAJOR
-        if small:  # format 2.0 (§12): 12-byte header, 8-byte trailer
+        if small:  # format 3.0 (§12): 12-byte header, 8-byte trailer
             footer = decode_trailer(os.pread(self._fd, TRAILER_SIZE, max(
                 0, file_size - TRAILER_SIZE)), file_size)
         else:
@@ -172,7 +173,8 @@ class ArchiveReader:
             footer = decode_footer(self._pread(FOOTER_SIZE, file_size - FOOTER_SIZE),
                                    file_size)
         raw = self._pread(footer.index_size, footer.index_offset)
-        if crc32(raw) != footer.index_crc32:
+        if (small_index_crc(self._pread(SMALL_HEADER_SIZE, 0), raw) if small
+                else crc32(raw)) != footer.index_crc32:
             raise ChecksumMismatchError("index checksum mismatch")
         index = (decode_small_index(raw, footer.index_offset) if small
                  else decode_index(raw, footer.index_offset))
@@ -501,7 +503,7 @@ class ArchiveReader:
             yield chunk
         if n != e.size:
             raise CorruptArchiveError(f"member {e.name!r} decodes to {n} bytes, not {e.size}")
-        if h is not None and h.digest()[:len(e.sha256)] != e.sha256:  # 32, or 16 (2.0)
+        if h is not None and h.digest()[:len(e.sha256)] != e.sha256:  # 32, or 16 (3.0)
             raise ChecksumMismatchError(
                 f"member {e.name!r}: SHA-256 of the decoded data does not match")
         if h is None and crc != e.data_crc32:

@@ -1,10 +1,10 @@
-"""Format 2.0's index (spec/format.md §12): encode and hostile decode.
+"""Format 3.0's index (spec/format.md §12): encode and hostile decode.
 
 Why a second index form: a one-file archive of a 700-byte text coded by the LLM was
 about 490 bytes, of which 120 were the coded text. The 1.x frame alone (32-byte header,
 40-byte footer, fixed-width index fields, the compact table in a TLV record with its own
 5-byte header) is 90 bytes before any content, and the model record carried a 134-byte
-JSON profile. Format 2.0 keeps every piece of information a reader needs and drops the
+JSON profile. Format 3.0 keeps every piece of information a reader needs and drops the
 rest: the header is the magic and the version, the trailer the index size and CRC, every
 number a varint, the compact entry table (§4.2) is the index's tail, and a model record
 of the integer engines is 35 bytes of binary (a 16-byte fingerprint prefix, the engine,
@@ -112,7 +112,7 @@ def encode_model(m: ModelRecord) -> bytes:
 
 
 def encode_small_index(index: Index, level: int = TABLE_LEVEL) -> bytes:
-    """The 2.0 index of ``index``: plain, or one zstd frame when that is smaller."""
+    """The 3.0 index of ``index``: plain, or one zstd frame when that is smaller."""
     body = bytearray()
     creator = index.creator.encode("utf-8")
     if len(creator) > MAX_CREATOR_BYTES:
@@ -192,7 +192,7 @@ def _decode_model(cur: _Body, i: int) -> ModelRecord:
 
 
 def decode_small_index(raw: bytes, data_end: int) -> Index:
-    """Parse a 2.0 index (``data_end``: its offset, where the data area ends)."""
+    """Parse a 3.0 index (``data_end``: its offset, where the data area ends)."""
     if not raw:
         raise CorruptArchiveError("index is empty (no encoding byte)")
     encoding = raw[0]

@@ -36,16 +36,16 @@ from .layout import (
 )
 from .small import encode_small_index
 
-#: Below this many bytes of data a 2.0 archive gets no creator and no model display names
+#: Below this many bytes of data a 3.0 archive gets no creator and no model display names
 #: (spec/format.md §12.5): 13 + 33 bytes were a fifth of a 700-byte text's archive, and a
 #: reader needs neither (the fingerprint, not the name, identifies a model).
 SMALL_DATA_NAMES = 4096
-#: The codec whose members get a 16-byte digest in format 2.0 (DIGEST128, §12.4).
+#: The codec whose members get a 16-byte digest in format 3.0 (DIGEST128, §12.4).
 _CODEC_LLM = 2
 
 
 def small_form(index: Index, data_size: int) -> Index:
-    """What llmarc writes of ``index`` in a 2.0 archive: llm members' SHA-256 cut to its
+    """What llmarc writes of ``index`` in a 3.0 archive: llm members' SHA-256 cut to its
     first 16 bytes, and no creator or model names when the data area is small."""
     entries = [replace(e, sha256=e.sha256[:16]) if e.codec_id == _CODEC_LLM
                and len(e.sha256) == 32 else e for e in index.entries]
@@ -114,7 +114,7 @@ class ArchiveWriter:
                  verify: Callable[[str], object] | None = None,
                  warn: Callable[[str], object] | None = None,
                  small: bool = True) -> None:
-        """``small``: write format 2.0 (spec/format.md §12, the default); else 1.1."""
+        """``small``: write format 3.0 (spec/format.md §12, the default); else 1.1."""
         self.path = os.fspath(path)
         self.small = small
         self.verify = verify  # called on the complete temporary file before the rename
