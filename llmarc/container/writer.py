@@ -40,6 +40,8 @@ from .small import encode_small_index
 #: (spec/format.md §12.5): 13 + 33 bytes were a fifth of a 700-byte text's archive, and a
 #: reader needs neither (the fingerprint, not the name, identifies a model).
 SMALL_DATA_NAMES = 4096
+#: Whether new archives are format 3.0 (True) or 1.1.
+WRITE_SMALL = True
 #: The codec whose members get a 16-byte digest in format 3.0 (DIGEST128, §12.4).
 _CODEC_LLM = 2
 
@@ -113,9 +115,12 @@ class ArchiveWriter:
                  creator: str = CREATOR,
                  verify: Callable[[str], object] | None = None,
                  warn: Callable[[str], object] | None = None,
-                 small: bool = True) -> None:
-        """``small``: write format 3.0 (spec/format.md §12, the default); else 1.1."""
+                 small: bool | None = None) -> None:
+        """``small``: write format 3.0 (spec/format.md §12); False: 1.1; None: the
+        module's WRITE_SMALL (True; the vector scripts turn it off to remake 1.1
+        vectors as they were)."""
         self.path = os.fspath(path)
+        small = WRITE_SMALL if small is None else small
         self.small = small
         self.verify = verify  # called on the complete temporary file before the rename
         if os.path.isdir(self.path):
