@@ -182,19 +182,20 @@ def corrupt_payload_byte(out: Path, name: str, model: Path) -> Path:
     damage reaches the LLM decoder instead of the container's CRC check."""
     from dataclasses import replace
 
-    from llmarc.container.index import assemble, disassemble
-    from llmarc.container.layout import HEADER_SIZE, crc32
+    from llmarc.container.index import data_start, disassemble, reassemble
+    from llmarc.container.layout import crc32
 
-    data, index = disassemble(out.read_bytes())
+    archive = out.read_bytes()
+    data, index = disassemble(archive)
     entry = next(e for e in index.entries if e.name == name)
     area = bytearray(data)
-    start = entry.stored_offset - HEADER_SIZE
+    start = entry.stored_offset - data_start(archive)
     area[start + entry.stored_size - 1] ^= 0x5A
     payload = bytes(area[start : start + entry.stored_size])
     index.entries = [replace(e, crc32=crc32(payload)) if e is entry else e
                      for e in index.entries]
     broken = out.with_name("broken.llma")
-    broken.write_bytes(assemble(bytes(area), index))
+    broken.write_bytes(reassemble(archive, bytes(area), index))
     return broken
 
 
@@ -341,17 +342,18 @@ def test_a_different_environment_warns_and_still_decodes(tmp_path: Path) -> None
     """Environment keys (library versions, ISA) cannot be adopted: warn, let SHA-256 decide."""
     from dataclasses import replace
 
-    from llmarc.container.index import assemble, disassemble
+    from llmarc.container.index import disassemble, reassemble
     from llmarc.container.layout import canonical_json
 
     src = make_tree(tmp_path / "src", {"a.txt": b"environment check"})
     out = tmp_path / "a.llma"
     pack_llm(src, out, engine="lockstep-v1")
-    data, index = disassemble(out.read_bytes())
+    archive = out.read_bytes()
+    data, index = disassemble(archive)
     profile = {**json.loads(index.models[0].profile), "torch": "0.0.1", "cpu_capability": "X"}
     index.models[0] = replace(index.models[0], profile=canonical_json(profile))
     changed = tmp_path / "changed.llma"
-    changed.write_bytes(assemble(data, index))
+    changed.write_bytes(reassemble(archive, data, index))
     warnings: list[str] = []
     with llmarc.open(changed, model=TINY_BPE, device="cpu", warn=warnings.append) as archive:
         assert archive.read("a.txt") == b"environment check"

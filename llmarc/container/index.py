@@ -85,8 +85,8 @@ def encode_index(index: Index, *, compact: bool = False) -> bytes:
         raise ValueError("too many entries")
     out += struct.pack("<I", 0 if compact else len(index.entries))
     for e in () if compact else index.entries:
-        if not e.sha256:
-            raise ValueError(f"entry {e.name!r}: the 1.0 layout needs a SHA-256")
+        if len(e.sha256) != 32:
+            raise ValueError(f"entry {e.name!r}: the 1.0 layout needs a whole SHA-256")
         name = e.name.encode("utf-8")
         out += struct.pack("<H", len(name)) + name
         out += _ENTRY_FIXED.pack(e.type, 0, e.mode, e.mtime_ns, e.size, e.codec_id)
@@ -195,3 +195,19 @@ def disassemble(archive: bytes) -> tuple[bytes, Index]:
     index = decode_index(archive[footer.index_offset : footer.index_offset + footer.index_size],
                          footer.index_offset)
     return archive[HEADER_SIZE : footer.index_offset], index
+
+
+def data_start(archive: bytes) -> int:
+    """Where the data area of a whole archive begins: 32, or 12 in format 3.0."""
+    small = decode_header(archive[:HEADER_SIZE]).major == SMALL_MAJOR
+    return SMALL_HEADER_SIZE if small else HEADER_SIZE
+
+
+def reassemble(archive: bytes, data: bytes, index: Index) -> bytes:
+    """``archive`` rebuilt from a changed data area and index in its own layout (1.0,
+    1.1 or 3.0; offsets as :func:`disassemble` gave them), for tests and vectors."""
+    header = decode_header(archive[:HEADER_SIZE])
+    if header.major == SMALL_MAJOR:
+        return assemble_small(data, index, minor=header.minor)
+    return assemble(data, index, major=header.major, minor=header.minor,
+                    compact=header.minor >= 1)
