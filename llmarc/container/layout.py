@@ -189,7 +189,7 @@ def decode_header(data: bytes) -> Header:
         return Header(major, minor)
     if len(data) < HEADER_SIZE:
         raise CorruptArchiveError("not an llmarc archive (file too short)")
-    magic, major, minor, flags, reserved, crc = _HEADER.unpack(data[:HEADER_SIZE])
+    _magic, major, minor, flags, reserved, crc = _HEADER.unpack(data[:HEADER_SIZE])
     if crc32(data[:HEADER_SIZE - 4]) != crc:
         raise CorruptArchiveError("header checksum mismatch")
     if flags != 0 or reserved != b"\0" * 12:

@@ -38,7 +38,6 @@ from ..errors import (
 from ..members import excluded, is_pattern, matching
 from ..progress import as_sink
 from .index import decode_index
-from .small import decode_small_index
 from .layout import (
     EMPTY_SHA256,
     FOOTER_SIZE,
@@ -57,6 +56,7 @@ from .layout import (
     decode_trailer,
     small_index_crc,
 )
+from .small import decode_small_index
 
 CHUNK = 1 << 20
 #: One string for every directory's (and empty file's) digest: a hex string each cost

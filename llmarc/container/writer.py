@@ -14,8 +14,8 @@ import errno
 import os
 import re
 import tempfile
-from dataclasses import replace
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from .._version import CREATOR
 from ..errors import DestinationExistsError

@@ -34,9 +34,12 @@ sys.path.insert(0, str(ROOT))
 import llmarc  # noqa: E402
 from llmarc.container import writer  # noqa: E402
 from llmarc.container.index import assemble, disassemble  # noqa: E402
-from llmarc.container.layout import encode_trailer  # noqa: E402
+from llmarc.container.layout import (  # noqa: E402
+    canonical_json,
+    crc32,
+    encode_trailer,
+)
 from llmarc.container.small import encode_model, encode_small_index  # noqa: E402
-from llmarc.container.layout import canonical_json, crc32  # noqa: E402
 
 OUT = HERE / "llm"
 MTIME_NS = 1_700_000_000_000_000_000

@@ -24,7 +24,6 @@ import zstandard  # noqa: E402
 
 from llmarc.container.compact import encode_table, put_varint, solid_shares  # noqa: E402
 from llmarc.container.index import assemble  # noqa: E402
-from llmarc.container.small import encode_small_index  # noqa: E402
 from llmarc.container.layout import (  # noqa: E402
     EMPTY_SHA256,
     EXT_COMPACT_ENTRIES,
@@ -42,6 +41,7 @@ from llmarc.container.layout import (  # noqa: E402
     encode_small_header,
     encode_trailer,
 )
+from llmarc.container.small import encode_small_index  # noqa: E402
 
 MTIME = 1_700_000_000_000_000_000  # fixed: 2023-11-14T22:13:20Z
 CREATOR = "llmarc test vectors"
