@@ -123,7 +123,9 @@ def test_another_model_is_refused_naming_both(tmp_path: Path) -> None:
     pack_llm(src, out)
     with (
         llmarc.open(out, model=TINY_SP, device="cpu") as archive,
-        pytest.raises(ModelMismatchError, match=r"tiny-llama-bpe.*tiny-llama-sp"),
+        # a small 3.0 archive records no model name (format.md §12.5): the fingerprint
+        pytest.raises(ModelMismatchError, match=r"unnamed.*6844a71039c6ce45.*tiny-llama-sp"
+                      r".*weights"),
     ):
         archive.read("a.txt")
 
@@ -381,4 +383,5 @@ def test_cli_packs_lists_and_extracts_with_a_local_model(tmp_path: Path) -> None
     assert extracted.returncode == 0, extracted.stderr
     assert (dest / "a.txt").read_bytes() == b"hello from the command line\n"
     info = llmarc_cli("info", str(archive))
-    assert "tiny-llama-bpe" in info.stdout and '"segment_length":16' in info.stdout
+    # format 3.0 records no model name below 4 KiB of data (format.md §12.5)
+    assert '"weights":"8330b871"' in info.stdout and '"segment_length":16' in info.stdout

@@ -220,7 +220,8 @@ def mismatch_message(loaded: Any, fingerprint: bytes, name: str,
     """Why this model cannot decode the entry, and what to do: the component that
     differs where the archive recorded component digests (llmarc >= 0.2)."""
     here = loaded.source.display_name
-    what = (f"archive was made with model {name!r} (fingerprint {fingerprint.hex()[:16]}); "
+    shown = repr(name) if name else "(unnamed)"  # small 3.0 archives record no name
+    what = (f"archive was made with model {shown} (fingerprint {fingerprint.hex()[:16]}); "
             f"the model given here, {here!r} ({loaded.source.path}), has fingerprint "
             f"{loaded.fingerprint.hex()[:16]}")
     differing = differing_components(profile.get(COMPONENTS_KEY), loaded.components)
