@@ -40,7 +40,7 @@ def test_cli_roundtrip(tmp_path):
     assert "drwx" in r.stdout and "-rw-" in r.stdout  # modes as ls shows them
     assert cli("test", out, "-q").returncode == 0
     r = cli("info", out)
-    assert r.returncode == 0 and "format:       1.1" in r.stdout
+    assert r.returncode == 0 and "format:       3.0" in r.stdout
     assert cli("extract", out, "-C", tmp_path / "x", "-q").returncode == 0
     assert (tmp_path / "x/a.txt").read_bytes() == b"hello " * 100
     r = cli("extract", out, "-C", tmp_path / "y", "d/b.bin", "-q")

@@ -106,8 +106,8 @@ def test_roundtrip_metadata_unicode_empty_and_big(tmp_path):
 
 def test_api_surface(small_archive, tmp_path):
     with llmarc.open(small_archive) as ar:
-        assert ar.version == (1, 1)
-        assert ar.creator.startswith("llmarc ")
+        assert ar.version == (3, 0)
+        assert ar.creator == ""  # format 3.0: no creator below 4 KiB of data (§12.5)
         assert ar.models == []
         names = [m.name for m in ar.members()]
         assert set(names) == {"d", "d/a.txt", "b.txt", "e", "r.bin"}
@@ -202,8 +202,11 @@ def test_versions_extensions_and_codecs():
     assert layout.decode_header(ok).major == 1
     newer_minor = raw_archive([("a", b"x")], minor=7)
     assert layout.decode_header(newer_minor).minor == 7
-    with pytest.raises(UnsupportedFeatureError, match=r"2\.0"):
+    with pytest.raises(UnsupportedFeatureError, match=r"2\.0"):  # reserved (§12)
         layout.decode_header(raw_archive([("a", b"x")], major=2))
+    with pytest.raises(UnsupportedFeatureError, match=r"4\.0"):
+        layout.decode_header(raw_archive([("a", b"x")], major=4))
+    assert layout.decode_header(layout.encode_small_header() + bytes(13)).major == 3
     idx = layout.Index("t", extensions=(layout.Extension(0x0001, b"ignored"),))
     decoded = index_module.decode_index(index_module.encode_index(idx))
     assert decoded.extensions[0].value == b"ignored"
@@ -225,7 +228,7 @@ def test_model_table_roundtrip():
 def test_unknown_codec_is_unsupported_but_listable(tmp_path):
     data = raw_archive([("a", b"x")])
     # rewrite the codec id of the only entry: easiest through the layout API
-    idx = index_module.decode_index(_index_bytes(data))
+    _, idx = index_module.disassemble(data)  # a 1.0 archive (raw_archive)
     e = idx.entries[0]
     idx.entries[0] = layout.EntryRecord(e.name, e.type, e.mode, e.mtime_ns, e.size, 9, b"",
                                         e.stored_offset, e.stored_size, e.sha256, e.crc32)
@@ -241,8 +244,9 @@ def test_unknown_codec_is_unsupported_but_listable(tmp_path):
 
 
 def _index_bytes(archive: bytes) -> bytes:
-    off, size = struct.unpack("<QQ", archive[-40:-24])
-    return archive[off:off + size]
+    """The index of a written (format 3.0) archive: before the 8-byte trailer."""
+    (size,) = struct.unpack("<I", archive[-8:-4])
+    return archive[len(archive) - 8 - size:-8]
 
 
 def test_zstd_bomb_stops_at_declared_size(tmp_path):
@@ -296,8 +300,9 @@ def test_reader_reads_only_footer_index_and_member(small_archive, monkeypatch):
         read_calls = seen[len(opened):]
         e = ar._entries[ar._by_name["r.bin"]]
     size = small_archive.stat().st_size
-    off, isize = struct.unpack("<QQ", small_archive.read_bytes()[-40:-24])
-    assert opened == [(0, 32), (size - 40, 40), (off, isize)]
+    (isize,) = struct.unpack("<I", small_archive.read_bytes()[-8:-4])
+    off = size - 8 - isize
+    assert opened == [(0, 32), (size - 8, 8), (off, isize), (0, 12)]
     assert read_calls
     assert all(o >= e.stored_offset and o + n <= e.stored_offset + e.stored_size
                for o, n in read_calls)
@@ -324,7 +329,7 @@ def test_solid_block_member_read_and_partial_extract(tmp_path):
     with llmarc.open(tmp_path / "s.llma") as ar:
         ms = ar.members()
         assert sum(m.packed_size for m in ms) == Path(tmp_path / "s.llma").stat().st_size - \
-            32 - 40 - len(_index_bytes((tmp_path / "s.llma").read_bytes()))
+            12 - 8 - len(_index_bytes((tmp_path / "s.llma").read_bytes()))
         for name, data in spec.items():
             assert ar.read(name) == data
         ar.extract(tmp_path / "o", ["f03.txt", "f07.txt"])

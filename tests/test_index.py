@@ -154,14 +154,13 @@ def test_packed_archives_are_1_1_and_list_every_member(tmp_path):
         (d / f"f{i}.txt").write_bytes(f"file {i}\n".encode() * (i % 5))
     members = llmarc.pack(src, tmp_path / "a.llma", codec="zstd")
     with llmarc.open(tmp_path / "a.llma") as ar:
-        assert ar.version == (1, 1)
+        assert ar.version == (3, 0)
         assert [m.name for m in ar.members()] == [m.name for m in members]
         for m in ar.members():
             if m.is_file():
                 assert ar.read(m.name) == (src / m.name).read_bytes()
     raw = (tmp_path / "a.llma").read_bytes()
-    footer = layout.decode_footer(raw[-40:], len(raw))
-    index = index_module.decode_index(raw[footer.index_offset:footer.index_offset
-                                    + footer.index_size], footer.index_offset)
+    footer = layout.decode_trailer(raw[-8:], len(raw))
+    _, index = index_module.disassemble(raw)
     assert len(index.entries) == len(members)
     assert footer.index_size < 300 * 16  # 1.0 needed over 100 bytes per entry

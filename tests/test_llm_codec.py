@@ -123,7 +123,9 @@ def test_another_model_is_refused_naming_both(tmp_path: Path) -> None:
     pack_llm(src, out)
     with (
         llmarc.open(out, model=TINY_SP, device="cpu") as archive,
-        pytest.raises(ModelMismatchError, match=r"tiny-llama-bpe.*tiny-llama-sp"),
+        # a small 3.0 archive records no model name (format.md §12.5): the fingerprint
+        pytest.raises(ModelMismatchError, match=r"unnamed.*6844a71039c6ce45.*tiny-llama-sp"
+                      r".*weights"),
     ):
         archive.read("a.txt")
 
@@ -182,19 +184,20 @@ def corrupt_payload_byte(out: Path, name: str, model: Path) -> Path:
     damage reaches the LLM decoder instead of the container's CRC check."""
     from dataclasses import replace
 
-    from llmarc.container.index import assemble, disassemble
-    from llmarc.container.layout import HEADER_SIZE, crc32
+    from llmarc.container.index import data_start, disassemble, reassemble
+    from llmarc.container.layout import crc32
 
-    data, index = disassemble(out.read_bytes())
+    archive = out.read_bytes()
+    data, index = disassemble(archive)
     entry = next(e for e in index.entries if e.name == name)
     area = bytearray(data)
-    start = entry.stored_offset - HEADER_SIZE
+    start = entry.stored_offset - data_start(archive)
     area[start + entry.stored_size - 1] ^= 0x5A
     payload = bytes(area[start : start + entry.stored_size])
     index.entries = [replace(e, crc32=crc32(payload)) if e is entry else e
                      for e in index.entries]
     broken = out.with_name("broken.llma")
-    broken.write_bytes(assemble(bytes(area), index))
+    broken.write_bytes(reassemble(archive, bytes(area), index))
     return broken
 
 
@@ -341,17 +344,18 @@ def test_a_different_environment_warns_and_still_decodes(tmp_path: Path) -> None
     """Environment keys (library versions, ISA) cannot be adopted: warn, let SHA-256 decide."""
     from dataclasses import replace
 
-    from llmarc.container.index import assemble, disassemble
+    from llmarc.container.index import disassemble, reassemble
     from llmarc.container.layout import canonical_json
 
     src = make_tree(tmp_path / "src", {"a.txt": b"environment check"})
     out = tmp_path / "a.llma"
     pack_llm(src, out, engine="lockstep-v1")
-    data, index = disassemble(out.read_bytes())
+    archive = out.read_bytes()
+    data, index = disassemble(archive)
     profile = {**json.loads(index.models[0].profile), "torch": "0.0.1", "cpu_capability": "X"}
     index.models[0] = replace(index.models[0], profile=canonical_json(profile))
     changed = tmp_path / "changed.llma"
-    changed.write_bytes(assemble(data, index))
+    changed.write_bytes(reassemble(archive, data, index))
     warnings: list[str] = []
     with llmarc.open(changed, model=TINY_BPE, device="cpu", warn=warnings.append) as archive:
         assert archive.read("a.txt") == b"environment check"
@@ -379,4 +383,5 @@ def test_cli_packs_lists_and_extracts_with_a_local_model(tmp_path: Path) -> None
     assert extracted.returncode == 0, extracted.stderr
     assert (dest / "a.txt").read_bytes() == b"hello from the command line\n"
     info = llmarc_cli("info", str(archive))
-    assert "tiny-llama-bpe" in info.stdout and '"segment_length":16' in info.stdout
+    # format 3.0 records no model name below 4 KiB of data (format.md §12.5)
+    assert '"weights":"8330b871"' in info.stdout and '"segment_length":16' in info.stdout

@@ -52,6 +52,8 @@ MAX_BATCH_WIDTH = 1024
 MAX_SEGMENT_LENGTH = 1 << 16
 MAX_VARINT_BYTES = 10
 MAX_THREADS = 1024
+#: Fingerprint bytes a format 3.0 short model record keeps (container/small.py).
+SHORT_FINGERPRINT = 16
 #: int-v1/v2 encode by prefill: segments are stacked into batches of about this many
 #: positions (a bigger batch gives bigger GEMMs; the attention scores grow with it).
 PREFILL_POSITIONS = 1024
@@ -196,7 +198,11 @@ def check_model(
 ) -> list[str]:
     """Refuse a different model; return warnings for environment differences (only
     lockstep-v1 depends on the environment)."""
-    if not loaded.accepts(fingerprint):
+    # A format 3.0 short record keeps the version-2 fingerprint's first 16 bytes
+    # (spec/format.md §12.3); a full one may also be a version-1 value (model.md §6.2).
+    accepted = (loaded.fingerprint[:SHORT_FINGERPRINT] == fingerprint
+                if len(fingerprint) == SHORT_FINGERPRINT else loaded.accepts(fingerprint))
+    if not accepted:
         raise ModelMismatchError(mismatch_message(loaded, fingerprint, name, profile))
     settings = settings_from_profile(profile)
     check_model_limits(loaded, settings)
@@ -214,7 +220,8 @@ def mismatch_message(loaded: Any, fingerprint: bytes, name: str,
     """Why this model cannot decode the entry, and what to do: the component that
     differs where the archive recorded component digests (llmarc >= 0.2)."""
     here = loaded.source.display_name
-    what = (f"archive was made with model {name!r} (fingerprint {fingerprint.hex()[:16]}); "
+    shown = repr(name) if name else "(unnamed)"  # small 3.0 archives record no name
+    what = (f"archive was made with model {shown} (fingerprint {fingerprint.hex()[:16]}); "
             f"the model given here, {here!r} ({loaded.source.path}), has fingerprint "
             f"{loaded.fingerprint.hex()[:16]}")
     differing = differing_components(profile.get(COMPONENTS_KEY), loaded.components)

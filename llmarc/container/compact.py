@@ -24,6 +24,7 @@ from ..errors import CorruptArchiveError, UnsupportedFeatureError
 from .layout import (
     EMPTY_SHA256,
     FLAG_CRC32,
+    FLAG_DIGEST128,
     FLAG_SOLID_FIRST,
     FLAG_SOLID_NEXT,
     HEADER_SIZE,
@@ -54,6 +55,8 @@ MIN_RECORD = 8
 MAX_NAME_TOTAL = 256 * 1024 * 1024
 #: Frame bytes fed to the decoder at a time: a call yields at most 64 blocks of 128 KiB.
 _TABLE_FEED = 256
+#: A DIGEST128 record's digest: the first 16 bytes of the SHA-256 (format 3.0).
+DIGEST128_BYTES = 16
 
 
 # ---------------------------------------------------------------- varints
@@ -107,11 +110,23 @@ def encode_table(entries: list[EntryRecord], level: int = TABLE_LEVEL) -> bytes:
 
     Raises ValueError for entries the compact form cannot express (stored ranges that do
     not tile the data area in table order): writers only make tiling archives."""
+    raw = encode_body(entries)
+    if level:
+        packed = zstandard.ZstdCompressor(level=level, write_content_size=False).compress(raw)
+        return bytes((TABLE_ZSTD,)) + struct.pack("<I", len(raw)) + packed
+    return bytes((TABLE_PLAIN,)) + struct.pack("<I", len(raw)) + raw
+
+
+def encode_body(entries: list[EntryRecord], *, data_start: int = HEADER_SIZE,
+                small: bool = False) -> bytes:
+    """The table body (entry_count and records). ``small`` (format 3.0, whose data area
+    starts at ``data_start`` = 12): a 16-byte digest is written with FLAG_DIGEST128,
+    which a 1.1 table cannot carry."""
     body = bytearray()
     put_varint(body, len(entries))
     prev_name = b""
     prev_mtime = 0
-    pos = HEADER_SIZE
+    pos = data_start
     block: tuple[int, int, int] | None = None  # (offset, size, crc) of the open solid block
     for e in entries:
         name = e.name.encode("utf-8")
@@ -138,6 +153,12 @@ def encode_table(entries: list[EntryRecord], level: int = TABLE_LEVEL) -> bytes:
             if e.data_crc32 is None:
                 raise ValueError(f"entry {e.name!r} has neither a SHA-256 nor a CRC-32")
             flags |= FLAG_CRC32
+        elif e.type == TYPE_FILE and len(e.sha256) == DIGEST128_BYTES:
+            if not small:
+                raise ValueError(f"entry {e.name!r}: a 16-byte digest needs format 3.0")
+            flags |= FLAG_DIGEST128
+        elif e.type == TYPE_FILE and len(e.sha256) != 32:
+            raise ValueError(f"entry {e.name!r}: a digest of {len(e.sha256)} bytes")
         body += bytes((e.type, flags))
         put_varint(body, e.mode)
         put_varint(body, zigzag(wrap_i64(e.mtime_ns - prev_mtime)))
@@ -158,11 +179,7 @@ def encode_table(entries: list[EntryRecord], level: int = TABLE_LEVEL) -> bytes:
         ext = encode_ext_area(e.extensions)
         put_varint(body, len(ext))
         body += ext
-    raw = bytes(body)
-    if level:
-        packed = zstandard.ZstdCompressor(level=level, write_content_size=False).compress(raw)
-        return bytes((TABLE_ZSTD,)) + struct.pack("<I", len(raw)) + packed
-    return bytes((TABLE_PLAIN,)) + struct.pack("<I", len(raw)) + raw
+    return bytes(body)
 
 
 # ---------------------------------------------------------------- decode
@@ -278,7 +295,18 @@ def decode_table(value: bytes, data_end: int | None = None) -> list[EntryRecord]
     return _parse(_Body(source), size, data_end)
 
 
-def _parse(cur: _Body, size: int, data_end: int | None) -> list[EntryRecord]:
+def parse_body(cur: _Body, size: int, data_end: int | None, *,
+               data_start: int = HEADER_SIZE, small: bool = False) -> list[EntryRecord]:
+    """The records of a table body read through ``cur`` (whose ``tell()`` counts from
+    the start of a body of ``size`` bytes), data placed from ``data_start``. ``small``:
+    format 3.0's table, where flag bit 3 (DIGEST128) is defined; a 1.1 table keeps it
+    reserved (*corrupt*), so every 1.1 archive reads exactly as before."""
+    return _parse(cur, size, data_end, data_start, small)
+
+
+def _parse(cur: _Body, size: int, data_end: int | None, data_start: int = HEADER_SIZE,
+           small: bool = False) -> list[EntryRecord]:
+    known = FLAG_CRC32 | FLAG_SOLID_FIRST | FLAG_SOLID_NEXT | (FLAG_DIGEST128 if small else 0)
     count = cur.varint("entry count")
     if count > MAX_ENTRIES:
         raise CorruptArchiveError(f"{count} entries, over the limit of {MAX_ENTRIES}")
@@ -287,7 +315,7 @@ def _parse(cur: _Body, size: int, data_end: int | None) -> list[EntryRecord]:
     entries: list[EntryRecord] = []
     prev_name = b""
     mtime = 0
-    pos = HEADER_SIZE
+    pos = data_start
     block: list[int] = []  # indexes of the open solid block's members
     block_store: tuple[int, int, int] = (0, 0, 0)
     name_total = 0
@@ -325,7 +353,7 @@ def _parse(cur: _Body, size: int, data_end: int | None) -> list[EntryRecord]:
         mode = cur.varint("mode")
         mtime = wrap_i64(mtime + unzigzag(cur.varint("mtime")))
         size = cur.varint("size")
-        if flags & ~(FLAG_CRC32 | FLAG_SOLID_FIRST | FLAG_SOLID_NEXT):
+        if flags & ~known:
             raise CorruptArchiveError(f"entry {name!r} has reserved flag bits set")
         if mode & ~0o777:
             raise CorruptArchiveError(f"entry {name!r} has mode bits outside 0o777")
@@ -366,9 +394,13 @@ def _parse(cur: _Body, size: int, data_end: int | None) -> list[EntryRecord]:
             pos += ssize
             if first:
                 block_store = (off, ssize, crc)
+        if flags & FLAG_CRC32 and flags & FLAG_DIGEST128:
+            raise CorruptArchiveError(f"entry {name!r} has both CRC32 and DIGEST128 set")
         if flags & FLAG_CRC32:
             (dcrc,) = struct.unpack("<I", cur.take(4, "CRC-32"))
             sha, data_crc = b"", dcrc
+        elif flags & FLAG_DIGEST128:
+            sha, data_crc = cur.take(DIGEST128_BYTES, "digest"), None
         else:
             sha, data_crc = cur.take(32, "SHA-256"), None
         exts = _ext(cur, name)

@@ -28,6 +28,10 @@ from .layout import (
     MAX_PARAMS_BYTES,
     MAX_PROFILE_BYTES,
     MAX_SIZE,
+    SMALL_HEADER_SIZE,
+    SMALL_MAJOR,
+    SMALL_MINOR,
+    TRAILER_SIZE,
     TYPE_DIR,
     TYPE_NAMES,
     TYPE_SYMLINK,
@@ -40,10 +44,15 @@ from .layout import (
     crc32,
     decode_ext_area,
     decode_footer,
+    decode_header,
+    decode_trailer,
     encode_ext_area,
     encode_footer,
     encode_header,
+    encode_small_header,
+    encode_trailer,
 )
+from .small import decode_small_index, encode_small_index
 
 _ENTRY_FIXED = struct.Struct("<BBHqQH")  # type, flags, mode, mtime_ns, size, codec_id
 _ENTRY_TAIL = struct.Struct("<QQ32sI")  # stored_offset, stored_size, sha256, crc32
@@ -76,8 +85,8 @@ def encode_index(index: Index, *, compact: bool = False) -> bytes:
         raise ValueError("too many entries")
     out += struct.pack("<I", 0 if compact else len(index.entries))
     for e in () if compact else index.entries:
-        if not e.sha256:
-            raise ValueError(f"entry {e.name!r}: the 1.0 layout needs a SHA-256")
+        if len(e.sha256) != 32:
+            raise ValueError(f"entry {e.name!r}: the 1.0 layout needs a whole SHA-256")
         name = e.name.encode("utf-8")
         out += struct.pack("<H", len(name)) + name
         out += _ENTRY_FIXED.pack(e.type, 0, e.mode, e.mtime_ns, e.size, e.codec_id)
@@ -166,10 +175,39 @@ def assemble(data: bytes, index: Index, *, major: int = VERSION_MAJOR,
     return encode_header(major, minor) + data + raw + encode_footer(off, len(raw), crc32(raw))
 
 
+def assemble_small(data: bytes, index: Index, *, minor: int = SMALL_MINOR) -> bytes:
+    """A whole format 3.0 archive (spec/format.md §12) from its data area and index, with
+    no validation (for tests and vectors)."""
+    raw = encode_small_index(index)
+    return encode_small_header(minor) + data + raw + encode_trailer(raw, minor)
+
+
 def disassemble(archive: bytes) -> tuple[bytes, Index]:
-    """The data area and decoded index of a whole (valid) archive: the inverse of
-    :func:`assemble`, for tests and vector scripts that rewrite an archive."""
+    """The data area and decoded index of a whole (valid) archive of either major
+    version: the inverse of :func:`assemble` / :func:`assemble_small`, for tests and
+    vector scripts that rewrite an archive."""
+    if decode_header(archive[:HEADER_SIZE]).major == SMALL_MAJOR:
+        trailer = decode_trailer(archive[-TRAILER_SIZE:], len(archive))
+        off = trailer.index_offset
+        index = decode_small_index(archive[off:off + trailer.index_size], off)
+        return archive[SMALL_HEADER_SIZE:off], index
     footer = decode_footer(archive[-FOOTER_SIZE:], len(archive))
     index = decode_index(archive[footer.index_offset : footer.index_offset + footer.index_size],
                          footer.index_offset)
     return archive[HEADER_SIZE : footer.index_offset], index
+
+
+def data_start(archive: bytes) -> int:
+    """Where the data area of a whole archive begins: 32, or 12 in format 3.0."""
+    small = decode_header(archive[:HEADER_SIZE]).major == SMALL_MAJOR
+    return SMALL_HEADER_SIZE if small else HEADER_SIZE
+
+
+def reassemble(archive: bytes, data: bytes, index: Index) -> bytes:
+    """``archive`` rebuilt from a changed data area and index in its own layout (1.0,
+    1.1 or 3.0; offsets as :func:`disassemble` gave them), for tests and vectors."""
+    header = decode_header(archive[:HEADER_SIZE])
+    if header.major == SMALL_MAJOR:
+        return assemble_small(data, index, minor=header.minor)
+    return assemble(data, index, major=header.major, minor=header.minor,
+                    compact=header.minor >= 1)

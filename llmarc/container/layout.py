@@ -24,9 +24,21 @@ FOOTER_MAGIC = b"LMAF"
 VERSION_MAJOR = 1
 #: 1.1 writes the entry table compactly (spec/format.md §4.2); 1.0 archives stay readable.
 VERSION_MINOR = 1
+#: Format 3.0 (spec/format.md §12): the small layout, a 12-byte header and an 8-byte
+#: trailer around the data and a varint index. Its own major version because a 1.x reader
+#: must refuse it as *unsupported* (by the version in bytes 8..11), never misread it.
+#: Major 2 is reserved: format 1's vectors use 2.0 as "a version newer than the reader"
+#: (unsupported/major2.llma), and that result must not change.
+SMALL_MAJOR = 3
+SMALL_MINOR = 0
+RESERVED_MAJOR = 2
+#: The newest major version this reader reads.
+READ_MAJOR = SMALL_MAJOR
 
 HEADER_SIZE = 32
 FOOTER_SIZE = 40
+SMALL_HEADER_SIZE = 12
+TRAILER_SIZE = 8
 
 TYPE_FILE = 0
 TYPE_DIR = 1
@@ -43,6 +55,8 @@ TABLE_ZSTD = 1
 FLAG_CRC32 = 0x01  # the digest is a CRC-32 of the original bytes, not a SHA-256
 FLAG_SOLID_FIRST = 0x02  # starts a solid zstd block
 FLAG_SOLID_NEXT = 0x04  # continues the solid block of the previous file record
+#: Format 3.0 only: the digest is the first 16 bytes of the SHA-256 (spec/format.md §12.4).
+FLAG_DIGEST128 = 0x08
 _KNOWN_FLAGS = FLAG_CRC32 | FLAG_SOLID_FIRST | FLAG_SOLID_NEXT
 
 # Limits (spec/format.md, "Limits"). Readers reject anything beyond them.
@@ -89,7 +103,7 @@ class Extension:
 
 @dataclass(frozen=True)
 class ModelRecord:
-    fingerprint: bytes  # 32 bytes
+    fingerprint: bytes  # 32 bytes; 16 (its first half) from a format 3.0 short record
     name: str
     profile: str  # canonical JSON text (object)
 
@@ -152,18 +166,30 @@ def encode_header(major: int = VERSION_MAJOR, minor: int = VERSION_MINOR) -> byt
     return body + struct.pack("<I", crc32(body))
 
 
+def encode_small_header(minor: int = SMALL_MINOR) -> bytes:
+    """Format 3.0's header: the magic and the version, nothing else (spec/format.md §12.1)."""
+    return MAGIC + struct.pack("<HH", SMALL_MAJOR, minor)
+
+
 def decode_header(data: bytes) -> Header:
-    if len(data) < HEADER_SIZE:
+    """The header's checks in the spec's order (format.md §2, §12.1). ``data``: the
+    file's first 32 bytes, or all of it if shorter (a 3.0 archive may be 25 bytes)."""
+    if len(data) < SMALL_HEADER_SIZE:
         raise CorruptArchiveError("not an llmarc archive (file too short)")
-    magic, major, minor, flags, reserved, crc = _HEADER.unpack(data[:HEADER_SIZE])
-    if magic != MAGIC:
+    if data[:8] != MAGIC:
         raise CorruptArchiveError("not an llmarc archive (bad magic)")
-    if major > VERSION_MAJOR:
+    major, minor = struct.unpack_from("<HH", data, 8)
+    if major > READ_MAJOR or major == RESERVED_MAJOR:
         raise UnsupportedFeatureError(
-            f"archive format version {major}.{minor} is newer than this reader "
-            f"(supports {VERSION_MAJOR}.x)")
+            f"archive format version {major}.{minor} is not supported by this reader "
+            f"(it reads 1.x and 3.x)")
     if major < 1:
         raise CorruptArchiveError(f"invalid format version {major}.{minor}")
+    if major == SMALL_MAJOR:
+        return Header(major, minor)
+    if len(data) < HEADER_SIZE:
+        raise CorruptArchiveError("not an llmarc archive (file too short)")
+    _magic, major, minor, flags, reserved, crc = _HEADER.unpack(data[:HEADER_SIZE])
     if crc32(data[:HEADER_SIZE - 4]) != crc:
         raise CorruptArchiveError("header checksum mismatch")
     if flags != 0 or reserved != b"\0" * 12:
@@ -196,6 +222,34 @@ def decode_footer(data: bytes, file_size: int) -> Footer:
     if off < HEADER_SIZE or off + size + FOOTER_SIZE != file_size:
         raise CorruptArchiveError("footer index offset/size are inconsistent with the file")
     return Footer(off, size, archive_size, icrc)
+
+
+def encode_trailer(index: bytes, minor: int = SMALL_MINOR) -> bytes:
+    """Format 3.0's trailer: u32 index_size, u32 CRC-32 of the header then the index
+    (§12.2; the header has no CRC of its own, and a flipped minor version would
+    otherwise still read)."""
+    return struct.pack("<II", len(index), small_index_crc(encode_small_header(minor), index))
+
+
+def small_index_crc(header: bytes, index: bytes) -> int:
+    """The trailer's CRC: over the 12 header bytes, then the index bytes."""
+    return crc32(index, crc32(header[:SMALL_HEADER_SIZE]))
+
+
+def decode_trailer(data: bytes, file_size: int) -> Footer:
+    """Where a 3.0 archive's index is, checked against the file (§12.2); the CRC is
+    checked by the caller once the index is read. Every byte of the file is thus
+    either the header, a stored range (the table tiles the data area), the index or
+    this trailer."""
+    if file_size < SMALL_HEADER_SIZE + TRAILER_SIZE or len(data) != TRAILER_SIZE:
+        raise CorruptArchiveError("archive is truncated (no trailer)")
+    size, icrc = struct.unpack("<II", data)
+    if size > MAX_INDEX_SIZE:
+        raise CorruptArchiveError(f"index size {size} exceeds the limit {MAX_INDEX_SIZE}")
+    off = file_size - TRAILER_SIZE - size
+    if off < SMALL_HEADER_SIZE:
+        raise CorruptArchiveError("trailer index size is larger than the file")
+    return Footer(off, size, file_size, icrc)
 
 
 # ---------------------------------------------------------------- index

@@ -42,6 +42,9 @@ from .layout import (
     EMPTY_SHA256,
     FOOTER_SIZE,
     HEADER_SIZE,
+    SMALL_HEADER_SIZE,
+    SMALL_MAJOR,
+    TRAILER_SIZE,
     TYPE_DIR,
     TYPE_NAMES,
     EntryRecord,
@@ -50,7 +53,10 @@ from .layout import (
     crc32,
     decode_footer,
     decode_header,
+    decode_trailer,
+    small_index_crc,
 )
+from .small import decode_small_index
 
 CHUNK = 1 << 20
 #: One string for every directory's (and empty file's) digest: a hex string each cost
@@ -157,13 +163,22 @@ class ArchiveReader:
     def _load(self) -> None:
         file_size = os.fstat(self._fd).st_size
         header = decode_header(os.pread(self._fd, HEADER_SIZE, 0))
-        if file_size < HEADER_SIZE + FOOTER_SIZE:
-            raise CorruptArchiveError("archive is truncated (no footer)")
-        footer = decode_footer(self._pread(FOOTER_SIZE, file_size - FOOTER_SIZE), file_size)
+        small = header.major == SMALL_MAJOR
+        if small:  # format 3.0 (§12): 12-byte header, 8-byte trailer
+            footer = decode_trailer(os.pread(self._fd, TRAILER_SIZE, max(
+                0, file_size - TRAILER_SIZE)), file_size)
+        else:
+            if file_size < HEADER_SIZE + FOOTER_SIZE:
+                raise CorruptArchiveError("archive is truncated (no footer)")
+            footer = decode_footer(self._pread(FOOTER_SIZE, file_size - FOOTER_SIZE),
+                                   file_size)
         raw = self._pread(footer.index_size, footer.index_offset)
-        if crc32(raw) != footer.index_crc32:
+        if (small_index_crc(self._pread(SMALL_HEADER_SIZE, 0), raw) if small
+                else crc32(raw)) != footer.index_crc32:
             raise ChecksumMismatchError("index checksum mismatch")
-        index = decode_index(raw, footer.index_offset)
+        index = (decode_small_index(raw, footer.index_offset) if small
+                 else decode_index(raw, footer.index_offset))
+        self._data_start = SMALL_HEADER_SIZE if small else HEADER_SIZE
         self.version: tuple[int, int] = (header.major, header.minor)
         self.creator: str = index.creator
         self.models: list[ModelRecord] = index.models
@@ -186,7 +201,8 @@ class ArchiveReader:
         for i, e in enumerate(self._entries):
             if e.type == TYPE_DIR:
                 continue
-            if e.stored_offset < HEADER_SIZE or e.stored_offset + e.stored_size > self._data_end:
+            if e.stored_offset < self._data_start \
+                    or e.stored_offset + e.stored_size > self._data_end:
                 raise CorruptArchiveError(f"member {e.name!r} has its data outside the archive")
             if e.codec_id == CODEC_STORE and (e.codec_params or e.stored_size != e.size):
                 raise CorruptArchiveError(f"stored member {e.name!r} has inconsistent sizes")
@@ -196,7 +212,7 @@ class ArchiveReader:
                 zstd_codec.check_claim(e.size, e.stored_size, f"member {e.name!r}")
             if e.stored_size:
                 ranges.setdefault((e.stored_offset, e.stored_size), []).append(i)
-        pos = HEADER_SIZE
+        pos = self._data_start
         self._blocks: dict[int, _Block] = {}  # entry index -> its block
         for (off, size), idx in sorted(ranges.items()):
             if off != pos:
@@ -487,7 +503,7 @@ class ArchiveReader:
             yield chunk
         if n != e.size:
             raise CorruptArchiveError(f"member {e.name!r} decodes to {n} bytes, not {e.size}")
-        if h is not None and h.digest() != e.sha256:
+        if h is not None and h.digest()[:len(e.sha256)] != e.sha256:  # 32, or 16 (3.0)
             raise ChecksumMismatchError(
                 f"member {e.name!r}: SHA-256 of the decoded data does not match")
         if h is None and crc != e.data_crc32:
@@ -698,7 +714,9 @@ class ArchiveReader:
                     h.update(chunk)
                 else:
                     crc = crc32(chunk, crc)
-        return h.digest() == e.sha256 if h is not None else crc == e.data_crc32
+        if h is not None:
+            return h.digest()[:len(e.sha256)] == e.sha256
+        return crc == e.data_crc32
 
     def _write_files(self, root: int, files: list[int], parts: dict[int, tuple[str, ...]],
                      overwrite: bool, keep_modes: bool, progress, keep_going: bool,

@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from .._version import CREATOR
 from ..errors import DestinationExistsError
@@ -22,6 +23,7 @@ from ..safety import check_names
 from .index import encode_index
 from .layout import (
     HEADER_SIZE,
+    SMALL_HEADER_SIZE,
     EntryRecord,
     Extension,
     Index,
@@ -29,7 +31,30 @@ from .layout import (
     crc32,
     encode_footer,
     encode_header,
+    encode_small_header,
+    encode_trailer,
 )
+from .small import encode_small_index
+
+#: Below this many bytes of data a 3.0 archive gets no creator and no model display names
+#: (spec/format.md §12.5): 13 + 33 bytes were a fifth of a 700-byte text's archive, and a
+#: reader needs neither (the fingerprint, not the name, identifies a model).
+SMALL_DATA_NAMES = 4096
+#: Whether new archives are format 3.0 (True) or 1.1.
+WRITE_SMALL = True
+#: The codec whose members get a 16-byte digest in format 3.0 (DIGEST128, §12.4).
+_CODEC_LLM = 2
+
+
+def small_form(index: Index, data_size: int) -> Index:
+    """What llmarc writes of ``index`` in a 3.0 archive: llm members' SHA-256 cut to its
+    first 16 bytes, and no creator or model names when the data area is small."""
+    entries = [replace(e, sha256=e.sha256[:16]) if e.codec_id == _CODEC_LLM
+               and len(e.sha256) == 32 else e for e in index.entries]
+    if data_size >= SMALL_DATA_NAMES:
+        return Index(index.creator, index.models, entries, index.extensions)
+    models = [replace(m, name="") for m in index.models]
+    return Index("", models, entries, index.extensions)
 
 TEMP_SUFFIX = ".llmarc-tmp"
 
@@ -89,8 +114,14 @@ class ArchiveWriter:
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False,
                  creator: str = CREATOR,
                  verify: Callable[[str], object] | None = None,
-                 warn: Callable[[str], object] | None = None) -> None:
+                 warn: Callable[[str], object] | None = None,
+                 small: bool | None = None) -> None:
+        """``small``: write format 3.0 (spec/format.md §12); False: 1.1; None: the
+        module's WRITE_SMALL (True; the vector scripts turn it off to remake 1.1
+        vectors as they were)."""
         self.path = os.fspath(path)
+        small = WRITE_SMALL if small is None else small
+        self.small = small
         self.verify = verify  # called on the complete temporary file before the rename
         if os.path.isdir(self.path):
             raise DestinationExistsError(
@@ -123,11 +154,11 @@ class ArchiveWriter:
         self.index = Index(creator=creator)
         self._done = False
         try:
-            self._write(encode_header())
+            self._write(encode_small_header() if small else encode_header())
         except BaseException:
             self.abort()
             raise
-        self.pos = HEADER_SIZE
+        self.pos = SMALL_HEADER_SIZE if small else HEADER_SIZE
 
     def _write(self, data: bytes) -> None:
         """Write, naming the archive (not the temporary file) if the disk is full."""
@@ -187,9 +218,14 @@ class ArchiveWriter:
             return
         try:
             check_names((e.name, e.type == 1) for e in self.index.entries)
-            index = encode_index(self.index, compact=True)
-            self._write(index)
-            self._write(encode_footer(self.pos, len(index), crc32(index)))
+            if self.small:
+                index = encode_small_index(small_form(self.index,
+                                                      self.pos - SMALL_HEADER_SIZE))
+                self._write(index + encode_trailer(index))
+            else:
+                index = encode_index(self.index, compact=True)
+                self._write(index)
+                self._write(encode_footer(self.pos, len(index), crc32(index)))
             try:
                 self._f.flush()
                 os.fsync(self._f.fileno())

@@ -110,6 +110,7 @@ class NotImplementedByReference(UnsupportedFeatureError):
 MAGIC = b"\x89LLMA\r\n\x1a"
 FOOTER_MAGIC = b"LMAF"
 HEADER_SIZE, FOOTER_SIZE = 32, 40
+SMALL_HEADER, TRAILER = 12, 8  # format 3.0 (format.md §12)
 MAX_INDEX = MAX_ARCH_EXT = MAX_BODY = MAX_NAMES_TOTAL = 256 << 20
 MAX_ENTRIES = 1_000_000
 MAX_SMALL = 65536
@@ -117,7 +118,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_WINDOW = 128 << 20
 EMPTY_SHA = hashlib.sha256(b"").digest()
 TYPE_FILE, TYPE_DIR = 0, 1
-FLAG_CRC32, FLAG_SOLID_FIRST, FLAG_SOLID_NEXT = 1, 2, 4
+FLAG_CRC32, FLAG_SOLID_FIRST, FLAG_SOLID_NEXT, FLAG_DIGEST128 = 1, 2, 4, 8
 
 
 class Cursor:
@@ -364,8 +365,14 @@ def read_compact(value: bytes) -> list[Entry]:
     else:
         body = zstd_exact(payload, body_size, "compact table")
     cur = Cursor(body, "compact table")
+    return read_compact_records(cur, small=False)
+
+
+def read_compact_records(cur: Cursor, small: bool) -> list[Entry]:
+    """§4.2's body from ``cur`` to its end; ``small`` (format 3.0, §12.4): flag bit 3,
+    DIGEST128, is defined (a 16-byte SHA-256 prefix), else reserved."""
     count = cur.varint()
-    if count > MAX_ENTRIES or count > (body_size - cur.pos) // 8:
+    if count > MAX_ENTRIES or count > (len(cur.data) - cur.pos) // 8:
         raise CorruptArchiveError(f"compact table claims {count} entries")
     entries: list[Entry] = []
     previous, mtime, names_total = b"", 0, 0
@@ -391,7 +398,7 @@ def read_compact(value: bytes) -> list[Entry]:
         size = cur.varint()
         # §10.1: flags' reserved bits, mode, size, type; nothing after size is read for
         # an unknown type (its layout is unknown)
-        if flags & ~7:
+        if flags & ~(15 if small else 7):
             raise CorruptArchiveError(f"compact record {name!r}: reserved flag bits")
         if mode > 0o777:
             raise CorruptArchiveError(f"entry {name!r}: mode {mode:#o}")
@@ -418,7 +425,10 @@ def read_compact(value: bytes) -> list[Entry]:
                     raise CorruptArchiveError(f"entry {name!r}: stored size out of range")
                 entry.stored_crc = cur.u32()
             entry.crc_digest = bool(flags & FLAG_CRC32)
-            entry.digest = cur.take(4 if entry.crc_digest else 32)
+            if entry.crc_digest and flags & FLAG_DIGEST128:
+                raise CorruptArchiveError(f"record {name!r}: CRC32 and DIGEST128")
+            entry.digest = cur.take(4 if entry.crc_digest else
+                                    16 if flags & FLAG_DIGEST128 else 32)
             entry.solid = first or nxt
             in_block = entry.solid
             if nxt:
@@ -450,13 +460,18 @@ def open_archive(data: bytes) -> Archive:
     """Every check format.md §10 makes at open, in its order."""
     if len(data) < 8 or data[:8] != MAGIC:
         raise CorruptArchiveError("bad magic")
-    if len(data) < HEADER_SIZE:
+    if len(data) < SMALL_HEADER:
         raise CorruptArchiveError("file shorter than a header")
-    major, minor, flags = struct.unpack_from("<HHI", data, 8)
-    if major > 1:
+    major, minor = struct.unpack_from("<HH", data, 8)
+    if major == 2 or major > 3:  # 2 is reserved (format.md §12)
         raise UnsupportedFeatureError(f"format version {major}.{minor}")
     if major == 0:
         raise CorruptArchiveError("major version 0")
+    if major == 3:
+        return open_small(data, minor)
+    (flags,) = struct.unpack_from("<I", data, 12)
+    if len(data) < HEADER_SIZE:
+        raise CorruptArchiveError("file shorter than a header")
     if crc32(data[:28]) != struct.unpack_from("<I", data, 28)[0]:
         raise CorruptArchiveError("header CRC")
     if flags or any(data[16:28]):
@@ -523,6 +538,87 @@ def open_archive(data: bytes) -> Archive:
     return archive
 
 
+def small_text(cur: Cursor, limit: int, what: str) -> str:
+    length = cur.varint()
+    if length > limit:
+        raise CorruptArchiveError(f"{what} over {limit} bytes")
+    return utf8(cur.take(length), what)
+
+
+def read_small_model(cur: Cursor) -> Model:
+    """format.md §12.3: form 0 (a JSON profile) or form 1 (integer engines, binary)."""
+    form = cur.u8()
+    if form == 0:
+        fingerprint = cur.take(32)
+        name = small_text(cur, 255, "model name")
+        profile_len = cur.varint()
+        if profile_len > MAX_SMALL:
+            raise CorruptArchiveError("profile over 65,536 bytes")
+        return Model(fingerprint, name, parse_profile(cur.take(profile_len)))
+    if form != 1:
+        raise UnsupportedFeatureError(f"model record form {form}")
+    fingerprint = cur.take(16)
+    name = small_text(cur, 255, "model name")
+    engine, precision = cur.u8(), cur.u8()
+    if engine not in (1, 2):
+        raise UnsupportedFeatureError(f"model record engine code {engine}")
+    if not 12 <= precision <= 28:
+        raise CorruptArchiveError(f"precision {precision}")
+    length = cur.varint()
+    if not 1 <= length <= 65536:
+        raise CorruptArchiveError(f"segment length {length}")
+    digests = cur.take(12)
+    start = cur.varint()
+    if start >= 1 << 32:
+        raise CorruptArchiveError(f"start token {start}")
+    profile = {"engine": f"int-v{engine}", "precision": precision, "segment_length": length,
+               "model": {"arch": digests[:4].hex(), "table": digests[4:8].hex(),
+                         "weights": digests[8:].hex(), "start": start}}
+    return Model(fingerprint, name, profile)
+
+
+def open_small(data: bytes, minor: int) -> Archive:
+    """format.md §12: the 3.0 layout (12-byte header, index, 8-byte trailer)."""
+    if len(data) < SMALL_HEADER + TRAILER:
+        raise CorruptArchiveError("file shorter than 20 bytes")
+    index_size, index_crc = struct.unpack_from("<II", data, len(data) - TRAILER)
+    if index_size > MAX_INDEX:
+        raise CorruptArchiveError("index over 256 MiB")
+    index_offset = len(data) - TRAILER - index_size
+    if index_offset < SMALL_HEADER:
+        raise CorruptArchiveError("index size larger than the file")
+    raw = data[index_offset:len(data) - TRAILER]
+    if zlib.crc32(raw, zlib.crc32(data[:SMALL_HEADER])) != index_crc:
+        raise ChecksumMismatchError("index CRC")
+    if not raw:
+        raise CorruptArchiveError("empty index")
+    if raw[0] == 0:
+        body = raw[1:]
+    elif raw[0] == 1:
+        head = Cursor(raw[1:], "index")
+        body_size = head.varint()
+        if body_size > MAX_BODY:
+            raise CorruptArchiveError("index body over 256 MiB")
+        body = zstd_exact(raw[1 + head.pos:], body_size, "index")
+    else:
+        raise UnsupportedFeatureError(f"index encoding {raw[0]}")
+    cur = Cursor(body, "index")
+    creator = small_text(cur, 255, "creator")
+    ext_len = cur.varint()
+    if ext_len > MAX_ARCH_EXT:
+        raise CorruptArchiveError("archive extension area too large")
+    read_extensions(cur.take(ext_len), "archive", False)
+    model_count = cur.varint()
+    if model_count > 255:
+        raise CorruptArchiveError("more than 255 models")
+    models = [read_small_model(cur) for _ in range(model_count)]
+    entries = read_compact_records(cur, small=True)
+    archive = Archive(data, (3, minor), creator, models, entries, index_offset)
+    check_names(entries)
+    place_compact(archive)
+    return archive
+
+
 def check_names(entries: list[Entry]) -> None:
     """format.md §8, in index order (after the whole index parsed)."""
     seen: set[str] = set()
@@ -555,8 +651,9 @@ def check_claim(size: int, stored: int, what: str) -> None:
 
 
 def place_compact(ar: Archive) -> None:
-    """§4.2 implicit placement: ranges tile the data area by construction."""
-    pos, block_first = HEADER_SIZE, None
+    """§4.2 implicit placement: ranges tile the data area by construction (which starts
+    after the header: 32 bytes, or 12 in format 3.0)."""
+    pos, block_first = SMALL_HEADER if ar.version[0] == 3 else HEADER_SIZE, None
     skip = 0
     for i, e in enumerate(ar.entries):
         if e.type != TYPE_FILE:
@@ -697,8 +794,8 @@ def stored_bytes(ar: Archive, e: Entry) -> bytes:
 def check_digest(e: Entry, data: bytes) -> bytes:
     if len(data) != e.size:
         raise CorruptArchiveError(f"{e.name!r}: decoded to {len(data)} bytes, not {e.size}")
-    good = (struct.pack("<I", crc32(data)) == e.digest if e.crc_digest
-            else hashlib.sha256(data).digest() == e.digest)
+    good = (struct.pack("<I", crc32(data)) == e.digest if e.crc_digest  # 16 B: §12.4
+            else hashlib.sha256(data).digest()[:len(e.digest)] == e.digest)
     if not good:
         raise ChecksumMismatchError(f"{e.name!r}: digest of the decoded bytes")
     return data
@@ -1663,7 +1760,10 @@ class LLMDecoder:
         length = _profile_int(record.profile, "segment_length", 1, 65536)
         precision = _profile_int(record.profile, "precision", 12, 28)
         model, v2 = self.model()
-        if record.fingerprint != v2 and record.fingerprint not in self.v1():
+        if len(record.fingerprint) == 16:  # format.md §12.3: v2's first 16 bytes
+            if record.fingerprint != v2[:16]:
+                raise ModelMismatchError(self._mismatch(record, model, v2))
+        elif record.fingerprint != v2 and record.fingerprint not in self.v1():
             raise ModelMismatchError(self._mismatch(record, model, v2))
         width = model.arch["vocab_size"]  # §6.1: the profile against the model
         if length > model.arch["max_position_embeddings"]:

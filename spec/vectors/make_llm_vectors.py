@@ -32,8 +32,14 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
 import llmarc  # noqa: E402
+from llmarc.container import writer  # noqa: E402
 from llmarc.container.index import assemble, disassemble  # noqa: E402
-from llmarc.container.layout import canonical_json, crc32  # noqa: E402
+from llmarc.container.layout import (  # noqa: E402
+    canonical_json,
+    crc32,
+    encode_trailer,
+)
+from llmarc.container.small import encode_model, encode_small_index  # noqa: E402
 
 OUT = HERE / "llm"
 MTIME_NS = 1_700_000_000_000_000_000
@@ -46,7 +52,15 @@ FILES = {
 }
 
 
-def pack_tiny(model: str, workdir: Path, engine: str = "int-v1") -> bytes:
+def pack_tiny(model: str, workdir: Path, engine: str = "int-v1", small: bool = True) -> bytes:
+    """The FILES packed with a tiny model; ``small=False``: as format 1.1 (what llmarc
+    wrote before format 3.0), for a vector that must be regenerated as it was."""
+    if not small:
+        writer.WRITE_SMALL = False
+        try:
+            return pack_tiny(model, workdir, engine)
+        finally:
+            writer.WRITE_SMALL = True
     src = workdir / f"src-{model}-{engine}"
     for name, data in FILES.items():
         path = src / name
@@ -192,6 +206,34 @@ def set_params(archive: bytes, name: str, params: bytes) -> bytes:
     return with_index(archive, change)
 
 
+def small_patch(archive: bytes, what: str) -> bytes:
+    """A format 3.0 archive with one field of its form-1 model record (or poem.txt's
+    digest) changed, the trailer CRC fixed up: each check of format.md §12.3-§12.4
+    alone."""
+    data, parsed = disassemble(archive)
+    index = encode_small_index(parsed, level=0)  # plain: the records are there verbatim
+    record = encode_model(parsed.models[0])
+    at = index.index(record)
+    patched = bytearray(record)
+    name_end = 1 + 16 + 1  # form, fingerprint, empty name
+    if what == "form":
+        patched[0] = 7
+    elif what == "fingerprint":
+        patched[1] ^= 1
+    elif what == "engine":
+        patched[name_end] = 9
+    elif what == "precision":
+        patched[name_end + 1] = 11
+    new = bytearray(index)
+    new[at:at + len(record)] = patched
+    if what == "digest":
+        poem = next(e for e in parsed.entries if e.name == "poem.txt")
+        pos = bytes(new).index(poem.sha256)
+        new[pos] ^= 1
+    new = bytes(new)
+    return archive[:12] + data + new + encode_trailer(new)
+
+
 def frozen(name: str) -> bytes | None:
     """A vector made by an earlier release, kept as it is (None if absent)."""
     path = OUT / name
@@ -216,7 +258,10 @@ def main() -> None:
         made_v2 = {m: frozen(f"good-int-v2-tiny-{m}.llma") or pack_tiny(m, Path(tmp), "int-v2")
                    for m in MODELS}
         escaped = frozen("good-escapes.llma") or pack_with_escapes(Path(tmp))
-        made_fp2 = {m: pack_tiny(m, Path(tmp), "int-v2") for m in MODELS}
+        made_fp2 = {m: frozen(f"good-fp2-tiny-{m}.llma") or pack_tiny(m, Path(tmp), "int-v2",
+                                                                      small=False)
+                    for m in MODELS}
+        made_small = {m: pack_tiny(m, Path(tmp), "int-v2") for m in MODELS}  # format 3.0
     members = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
     vectors = {
         "good-tiny-bpe.llma": (made["bpe"], "bpe", None,
@@ -243,6 +288,30 @@ def main() -> None:
         "bad-fp2-model-mismatch.llma": (made_fp2["bpe"], "sp", "ModelMismatchError",
                                         "good-fp2-tiny-bpe decoded with the other tiny model: "
                                         "refused, naming the components that differ"),
+        "good-small-tiny-bpe.llma": (made_small["bpe"], "bpe", None,
+                                     "the same members, int-v2, in format 3.0 (format.md "
+                                     "§12): a form-1 model record (16-byte fingerprint "
+                                     "prefix, binary profile) and 16-byte digests"),
+        "good-small-tiny-sp.llma": (made_small["sp"], "sp", None,
+                                    "the same with the SentencePiece tiny model"),
+        "bad-small-model-mismatch.llma": (made_small["bpe"], "sp", "ModelMismatchError",
+                                          "good-small-tiny-bpe decoded with the other tiny "
+                                          "model: refused by the 16-byte fingerprint prefix, "
+                                          "naming the components that differ"),
+        "bad-small-digest.llma": (small_patch(made_small["bpe"], "digest"), "bpe",
+                                  "ChecksumMismatchError", "good-small-tiny-bpe with poem.txt's "
+                                  "16-byte digest changed: decodes, then fails its digest"),
+        "bad-small-precision.llma": (small_patch(made_small["bpe"], "precision"), "bpe",
+                                     "CorruptArchiveError", "form-1 model record with "
+                                     "precision 11 (refused at open)"),
+        "bad-small-fingerprint.llma": (small_patch(made_small["bpe"], "fingerprint"), "bpe",
+                                       "ModelMismatchError", "form-1 model record whose "
+                                       "16-byte fingerprint prefix has one bit changed"),
+        "unsupported-small-engine.llma": (small_patch(made_small["bpe"], "engine"), "bpe",
+                                          "UnsupportedFeatureError",
+                                          "form-1 model record with engine code 9"),
+        "unsupported-small-form.llma": (small_patch(made_small["bpe"], "form"), "bpe",
+                                        "UnsupportedFeatureError", "model record form 7"),
         "bad-stream-byte.llma": (flip_stream_byte(made["bpe"], "poem.txt"), "bpe",
                                  "CorruptArchiveError",
                                  "last byte of an llm stream flipped, stored CRC fixed up"),

@@ -28,6 +28,7 @@ from llmarc.container.layout import (  # noqa: E402
     EMPTY_SHA256,
     EXT_COMPACT_ENTRIES,
     HEADER_SIZE,
+    SMALL_HEADER_SIZE,
     TYPE_DIR,
     TYPE_FILE,
     TYPE_SYMLINK,
@@ -37,7 +38,10 @@ from llmarc.container.layout import (  # noqa: E402
     ModelRecord,
     canonical_json,
     crc32,
+    encode_small_header,
+    encode_trailer,
 )
+from llmarc.container.small import encode_small_index  # noqa: E402
 
 MTIME = 1_700_000_000_000_000_000  # fixed: 2023-11-14T22:13:20Z
 CREATOR = "llmarc test vectors"
@@ -53,7 +57,7 @@ def frame(data: bytes) -> bytes:
 
 #: (name, CRC-32) -> SHA-256 of the content of every 1.1 solid member built, so the
 #: manifest lists true SHA-256s even where the archive records only a CRC-32.
-TRUTH: dict[tuple[str, int], bytes] = {}
+TRUTH: dict[tuple[str, int | bytes], bytes] = {}
 
 
 class Builder:
@@ -297,6 +301,10 @@ def vectors() -> dict[str, dict[str, tuple[bytes, str, str]]]:
     good.update(extra_good)
     bad.update(extra_bad)
     bad.update(bounds_vectors())
+    small_good, small_bad, small_unsupported = small_vectors()
+    good.update(small_good)
+    bad.update(small_bad)
+    extra_unsupported.update(small_unsupported)
     unsupported = {
         "major2.llma": (Builder().file("a.txt", TEXT).build(major=2), "format version 2.0"),
         "codec9.llma": (Builder().file("a.txt", TEXT, codec=9).build(), "unknown codec id 9"),
@@ -524,11 +532,126 @@ def bounds_vectors() -> dict:
 def expected_members(data: bytes) -> dict[str, str]:
     """name -> "dir" or the SHA-256 of the member's bytes (for 1.1 solid members, which
     record a CRC-32, the SHA-256 of the bytes the vector was built from)."""
-    from llmarc.container.index import decode_index
-    off, size = struct.unpack("<QQ", data[-40:-24])
+    from llmarc.container.index import disassemble
+    entries = disassemble(data)[1].entries  # either major version
     return {e.name: ("dir" if e.type == TYPE_DIR else
-                     (e.sha256 or TRUTH[(e.name, e.data_crc32)]).hex())
-            for e in decode_index(data[off:off + size]).entries}
+                     sha_of(e).hex()) for e in entries}
+
+
+def sha_of(e: EntryRecord) -> bytes:
+    """The full SHA-256 of a member's bytes, also where the archive records less (a 1.1
+    solid member's CRC-32, a 3.0 DIGEST128 prefix)."""
+    if len(e.sha256) == 32:
+        return e.sha256
+    if e.sha256:
+        return TRUTH[(e.name, e.sha256)]
+    return TRUTH[(e.name, e.data_crc32)]
+
+
+def small(b: Builder, *, creator: str = CREATOR, index_hook=None, minor: int = 0) -> bytes:
+    """A format 3.0 archive (spec/format.md §12) of ``b``'s entries: offsets rebased to
+    the 12-byte header. ``index_hook`` rewrites the index bytes (bad vectors); the
+    trailer is then computed over the result, so its CRC matches."""
+    shift = SMALL_HEADER_SIZE - HEADER_SIZE
+    entries = [replace(e, stored_offset=e.stored_offset + shift) if e.type == TYPE_FILE
+               else e for e in b.entries]
+    raw = encode_small_index(Index(creator, [], entries, ()))
+    if index_hook is not None:
+        raw = index_hook(raw)
+    return encode_small_header(minor) + bytes(b.data) + raw + encode_trailer(raw, minor)
+
+
+def small_vectors() -> tuple[dict, dict, dict]:
+    """Format 3.0 (issue 24): the small layout with every kind of entry; its trailer,
+    header and index checks; DIGEST128 (and that a 1.1 table still refuses flag bit 3).
+    (good, bad, unsupported)"""
+    t = tree11()
+    good_small = small(t)
+    digest = Builder().file("a.txt", TEXT)
+    digest.entries[0] = replace(digest.entries[0], sha256=sha(TEXT)[:16])
+    TRUTH[("a.txt", sha(TEXT)[:16])] = sha(TEXT)
+    digest_bad = Builder().file("a.txt", TEXT)
+    digest_bad.entries[0] = replace(digest_bad.entries[0], sha256=bytes(16))
+    flipped_minor = bytearray(good_small)
+    flipped_minor[10] ^= 1  # the version bytes have no CRC of their own: the trailer's covers them
+    bit3 = encode_table(Builder().file("a.txt", TEXT).entries, 0)
+    body = bytearray(bit3[5:])
+    i = 1 + 1 + 1 + 5 + 1  # count, keep, add_len, "a.txt", type: then flags
+    assert body[i] == 0
+    body[i] = 0x08  # DIGEST128 in a 1.1 table: still a reserved bit there
+    table11 = bytes((0,)) + struct.pack("<I", len(body)) + bytes(body)
+    b11 = Builder().file("a.txt", TEXT)
+    idx11 = Index(CREATOR, [], [], (Extension(EXT_COMPACT_ENTRIES, table11),))
+    good = {
+        "small.llma": (good_small, "format 3.0 (§12): the 1.1 sample tree (directory, stored "
+                       "files, a zstd frame, a solid block, twins) in the small layout"),
+        "small-empty.llma": (small(Builder(), creator=""), "format 3.0, no members, no "
+                             "creator: the smallest archive (25 bytes)"),
+        "small-digest128.llma": (small(digest), "format 3.0, one stored member whose digest "
+                                 "is the first 16 bytes of its SHA-256 (DIGEST128, §12.4)"),
+        "small-zstd-index.llma": (_small_zstd_index(t), "format 3.0 with its index body as "
+                                  "one zstd frame (index encoding 1)"),
+    }
+    bad = {
+        "small-trailer-size.llma": (good_small[:-8] + struct.pack("<II", 1 << 20,
+                                                                  0), "format 3.0 trailer "
+                                    "index size larger than the file", "CorruptArchiveError"),
+        "small-index-crc.llma": (good_small[:-1] + bytes((good_small[-1] ^ 1,)),
+                                 "format 3.0 trailer CRC does not match",
+                                 "ChecksumMismatchError"),
+        "small-minor-flipped.llma": (bytes(flipped_minor), "format 3.0 header's minor "
+                                     "version changed: the trailer CRC covers the header",
+                                     "ChecksumMismatchError"),
+        "small-short.llma": (encode_small_header() + b"\0" * 7, "format 3.0 header and 7 "
+                             "bytes: no room for the trailer", "CorruptArchiveError"),
+        "small-digest128-mismatch.llma": (small(digest_bad), "format 3.0 DIGEST128 member "
+                                          "whose 16-byte digest does not match",
+                                          "ChecksumMismatchError"),
+        "small-digest128-crc32.llma": (small(digest, index_hook=lambda raw: raw.replace(
+            b"a.txt\x00\x08", b"a.txt\x00\x09", 1)), "format 3.0 record with both CRC32 "
+            "and DIGEST128 set", "CorruptArchiveError"),
+        "compact-digest128-in-1.1.llma": (assemble(bytes(b11.data), idx11, minor=1),
+                                          "format 1.1 compact record with flag bit 3 "
+                                          "(DIGEST128 exists only in 3.0): reserved",
+                                          "CorruptArchiveError"),
+    }
+    # a stored byte more than the table places: the data area is not tiled
+    gap = bytearray(small(Builder().file("a.txt", TEXT)))
+    raw_len = struct.unpack_from("<I", gap, len(gap) - 8)[0]
+    index = bytes(gap[len(gap) - 8 - raw_len:len(gap) - 8])
+    gap = encode_small_header() + bytes(Builder().file("a.txt", TEXT).data) + b"!" + index \
+        + encode_trailer(index)
+    bad["small-gap.llma"] = (gap, "format 3.0 data area one byte longer than its stored "
+                             "ranges", "CorruptArchiveError")
+    unsupported = {
+        "major4.llma": (encode_small_header()[:8] + struct.pack("<HH", 4, 0)
+                        + bytes(good_small[12:]), "format version 4.0"),
+        "small-index-encoding9.llma": (small(t, index_hook=lambda raw: bytes((9,)) + raw[1:]),
+                                       "format 3.0 index with unknown encoding 9"),
+        "small-critical-ext.llma": (_small_critical_ext(), "format 3.0 archive extension "
+                                    "area with unknown critical tag 0xc000"),
+    }
+    return good, bad, unsupported
+
+
+def _small_zstd_index(t: Builder) -> bytes:
+    shift = SMALL_HEADER_SIZE - HEADER_SIZE
+    entries = [replace(e, stored_offset=e.stored_offset + shift) if e.type == TYPE_FILE
+               else e for e in t.entries]
+    body = encode_small_index(Index(CREATOR, [], entries, ()))[1:]
+    head = bytearray((1,))
+    put_varint(head, len(body))
+    raw = bytes(head) + zstandard.ZstdCompressor(level=19, write_content_size=False) \
+        .compress(body)
+    return encode_small_header() + bytes(t.data) + raw + encode_trailer(raw)
+
+
+def _small_critical_ext() -> bytes:
+    b = Builder().file("a.txt", TEXT)
+    entries = [replace(e, stored_offset=e.stored_offset + SMALL_HEADER_SIZE - HEADER_SIZE)
+               for e in b.entries]
+    raw = encode_small_index(Index(CREATOR, [], entries, (Extension(0xC000, b""),)))
+    return encode_small_header() + bytes(b.data) + raw + encode_trailer(raw)
 
 
 def main() -> None:
