@@ -73,11 +73,15 @@ def test_the_integer_model_keeps_no_view_of_the_float_weights() -> None:
 
     loaded = load_model(str(MODELS["bpe"]), device="cpu")
     engine = IntegerModel(loaded.derived, 16)
-    kept = [engine.embedding, engine.final_norm, engine.lm_head.matrix.rows]
+    def stored(linear) -> list[np.ndarray]:
+        return [linear.matrix.rows] if linear.matrix.packed is None else list(
+            linear.matrix.packed)
+
+    kept = [engine.final_norm, *stored(engine.lm_head)]
     for layer in engine.layers:
         kept += [layer.input_norm, layer.post_norm]
-        kept += [linear.matrix.rows for linear in (layer.qkv_proj, layer.o_proj,
-                                                   layer.gate_up_proj, layer.down_proj)]
+        for linear in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            kept += stored(linear)
     mappings = {id(f): np.frombuffer(f._map, np.uint8)
                 for f in loaded.derived.weights.files.values()}
     assert mappings
@@ -184,11 +188,12 @@ def test_every_product_path_is_the_exact_integer_product(monkeypatch, path: str,
     if path == "vnni" and not vnni.available():
         pytest.skip("this CPU has no AVX-512 VNNI")
     q, weights = _extreme_operands(rows, 70, inner, rows + inner)
-    matrix = Int8Matrix(weights)
-    if path != "rows":
-        monkeypatch.setattr(exact_product, "SMALL_GEMM_ROWS", 0)
-    if path == "blas":
+    if path != "vnni":
         monkeypatch.setattr(vnni, "available", lambda: False)
+    if path == "blas":
+        monkeypatch.setattr(exact_product, "SMALL_GEMM_ROWS", 0)
+    matrix = Int8Matrix(weights)
+    assert (matrix.packed is not None) == (path == "vnni")
     exact = q.astype(np.int64) @ weights.astype(np.int64).T
     assert abs(int(exact[0, 0])) == 127 * 127 * inner
     got = matrix.product(q)
@@ -231,7 +236,7 @@ def test_vnni_and_blas_products_give_the_same_logits(monkeypatch, engine: str) -
     plain = IntegerModel(loaded.derived, 32, attention_levels=levels)
     assert same_bits(plain.prefill(tokens), expected)
     assert same_bits(step_all(plain, tokens), stepped)
-    assert plain.lm_head.matrix._packed is None  # the VNNI layout was never made
+    assert plain.lm_head.matrix.packed is None  # the VNNI layout was never made
 
 
 def test_weight_derivation_follows_the_spec() -> None:

@@ -69,6 +69,20 @@ def test_each_stored_type_dequantizes_as_the_gguf_package_does(qtype: str,
     assert np.array_equal(ours.view(np.uint32), theirs.astype(np.float32).view(np.uint32))
 
 
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_embedding_rows_are_the_tensors_rows(qtype: str, gguf_dir: Path) -> None:
+    """The engine reads the embedding's rows per step (``DerivedModel.rows``) instead of
+    holding the table: every stored type gives the same values as the whole tensor,
+    for repeated and unordered tokens."""
+    path = write_gguf(gguf_dir / f"rows-{qtype}.gguf", "tiny-llama-bpe", qtype)
+    derived = read_gguf(resolve(path))
+    index = np.array([5, 0, 299, 5, 17])
+    whole = derived.tensor("model.embed_tokens.weight")
+    got = derived.rows("model.embed_tokens.weight", index)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32),
+                                                      whole[index].view(np.uint32))
+
+
 def test_a_quantized_gguf_roundtrips_through_the_cli(gguf_dir: Path, tmp_path: Path) -> None:
     """A Q4_1 GGUF with a SentencePiece ('llama') tokenizer, as LLaMA GGUFs have: its
     encoder tokenizer is rebuilt from the metadata, and extraction is byte-exact."""
@@ -124,6 +138,9 @@ def test_safetensors_reader_widens_f16_and_bf16_exactly(tmp_path: Path) -> None:
     assert np.array_equal(stored.float32("a"), values.half().float().numpy())
     assert np.array_equal(stored.float32("b"), values.bfloat16().float().numpy())
     assert np.array_equal(stored.float32("c"), values.numpy())
+    index = np.array([4, 0, 4, 2])
+    for name in "abc":  # the rows a step reads: the same values as the whole tensor's
+        assert np.array_equal(stored.float32_rows(name, index), stored.float32(name)[index])
 
 
 def test_sentencepiece_pieces_are_read_without_the_library() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llmarc.inference import vnni
-from llmarc.inference.exact_product import SMALL_GEMM_ROWS, Int8Matrix
+from llmarc.inference.exact_product import Int8Matrix
 
 needs_vnni = pytest.mark.skipif(not vnni.available(),
                                 reason="this CPU has no AVX-512 VNNI: the kernel is not used")
@@ -70,22 +70,17 @@ def test_the_kernel_is_exact_at_the_extremes(rows: int, inner: int, outputs: int
 
 
 @needs_vnni
-def test_products_of_three_rows_or_more_go_to_the_kernel() -> None:
-    """One or two rows go to int8_rows (faster on one thread) and never pack the VNNI
-    copy of the weights (+134 MB for SmolLM2); from 3 rows on, the kernel's layout is
-    made once and every product is the exact one."""
+def test_weights_are_kept_in_the_kernels_layout_alone() -> None:
+    """With the kernel, a matrix holds its weights once, packed (the plain copy for
+    int8_rows was +134 MB for SmolLM2), and every row count's product is exact."""
     generator = np.random.default_rng(3)
     weight = generator.integers(-127, 128, (96, 192)).astype(np.int8)
     matrix = Int8Matrix(weight)
-    for rows in range(1, SMALL_GEMM_ROWS + 1):
+    assert matrix.rows is None and matrix.packed is not None
+    assert matrix.nbytes == sum(part.nbytes for part in vnni.pack(weight))
+    for rows in (1, 2, 3, 17, 300):
         q = generator.integers(-127, 128, (rows, 192)).astype(np.int8)
         assert np.array_equal(matrix.product(q), q.astype(np.int64) @ weight.T.astype(np.int64))
-    assert matrix._packed is None
-    for rows in (3, 17, 300):
-        q = generator.integers(-127, 128, (rows, 192)).astype(np.int8)
-        assert np.array_equal(matrix.product(q), q.astype(np.int64) @ weight.T.astype(np.int64))
-        packed = matrix._packed
-        assert packed is not None and matrix.packed is packed  # made once
 
 
 def test_the_kernel_closes_over_constants_only() -> None:

@@ -4,13 +4,13 @@ The integer engines' linear layers need ``sum_k q[m, k] * w[n, k]`` for int8 q a
 exactly.  Every kernel that returns that integer gives the same archive, so the fastest
 one this host can run is used, chosen by the shape of the work:
 
-* ``int8_rows`` (:mod:`llmarc.inference.kernels`) for one or two rows: each weight row
-  read once at memory speed, the decoder's step with few segments;
-* the AVX-512 VNNI tiles of :mod:`llmarc.inference.vnni` for more rows, on CPUs that
-  have them (exact by integer arithmetic; measured on the 2-core host at 330-400 G
-  multiply-adds/s from 256 rows on, against 210-410 for oneDNN's int8 GEMM, which this
-  module replaced along with torch);
-* elsewhere float32 GEMMs through NumPy's BLAS over chunks of the inner dimension of at
+* the AVX-512 VNNI tiles of :mod:`llmarc.inference.vnni` on CPUs that have them (exact
+  by integer arithmetic; measured on the 2-core host at 330-400 G multiply-adds/s from
+  256 rows on, against 210-410 for oneDNN's int8 GEMM, which this module replaced along
+  with torch);
+* elsewhere ``int8_rows`` (:mod:`llmarc.inference.kernels`) for one or two rows: each
+  weight row read once at memory speed, the decoder's step with few segments;
+* and float32 GEMMs through NumPy's BLAS over chunks of the inner dimension of at
   most :data:`FP32_EXACT_CHUNK`: every product is an integer of at most 127 * 127 and
   every partial sum an integer below 2^24, exactly representable, so any BLAS, any
   order of addition and any fused multiply-add give the exact sum.
@@ -25,8 +25,6 @@ for the same matrices one at a time).
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from llmarc.inference import vnni
@@ -34,8 +32,7 @@ from llmarc.inference.kernels import DOT_BLOCK, _kernels
 
 #: Inner-dimension chunk for which an fp32 GEMM of int8 values is exact: 127*127*1040 < 2^24.
 FP32_EXACT_CHUNK = 1040
-#: Up to this many rows a product runs on ``int8_rows`` (faster than the VNNI tiles at
-#: 1 row on one thread: 13 against 21 us for a 576 x 1728 layer here).
+#: Up to this many rows a product runs on ``int8_rows`` where there is no VNNI kernel.
 SMALL_GEMM_ROWS = 2
 #: Output columns widened to float32 at a time by the BLAS path: its temporaries stay at
 #: a few MB even for a 49,152-row lm_head.
@@ -47,26 +44,28 @@ PARALLEL_MACS = 1 << 26
 
 
 class Int8Matrix:
-    """int8 weights ``rows`` [outputs, inner] and their exact products with int8 rows.
+    """int8 weights [outputs, inner] and their exact products with int8 rows.
 
-    The VNNI layout (another copy of the weights, +134 MB for SmolLM2) is made on the
-    first product of more than :data:`SMALL_GEMM_ROWS` rows, once even when several
-    threads multiply at the same time."""
+    On a CPU with the VNNI kernel the weights are kept in its layout only (one copy:
+    keeping the plain one too for ``int8_rows`` cost SmolLM2 +134 MB, for a kernel that
+    is faster only for one or two rows on one thread); elsewhere as they are."""
 
     def __init__(self, rows: np.ndarray) -> None:
         if rows.dtype != np.int8 or rows.ndim != 2:
             raise ValueError("Int8Matrix takes int8 [outputs, inner] weights")
-        self.rows = np.ascontiguousarray(rows)
-        self._packed: tuple[np.ndarray, np.ndarray] | None = None
-        self._lock = threading.Lock()
+        self.outputs, self.inner = (int(n) for n in rows.shape)
+        self.rows: np.ndarray | None = None
+        self.packed: tuple[np.ndarray, np.ndarray] | None = None
+        if vnni.available() and self.inner <= vnni.MAX_INNER:
+            self.packed = vnni.pack(rows)
+        else:
+            self.rows = np.ascontiguousarray(rows)
 
     @property
-    def outputs(self) -> int:
-        return int(self.rows.shape[0])
-
-    @property
-    def inner(self) -> int:
-        return int(self.rows.shape[1])
+    def nbytes(self) -> int:
+        """The bytes the weights take here."""
+        parts = self.packed if self.packed is not None else (self.rows,)
+        return sum(part.nbytes for part in parts if part is not None)
 
     def product(self, q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """out [M, outputs] (int32) = q [M, inner] (int8, |q| <= 127) times the weights."""
@@ -75,24 +74,17 @@ class Int8Matrix:
             out = np.empty((count, self.outputs), dtype=np.int32)
         if count == 0:
             return out
-        if count <= SMALL_GEMM_ROWS and self.inner % DOT_BLOCK == 0:
-            _kernels().int8_rows(q, self.rows, out)
-        elif vnni.available() and self.inner <= vnni.MAX_INNER:
+        if self.packed is not None:
             big = count * self.outputs * self.inner >= PARALLEL_MACS
             parallel = big and _kernels(1 << 30).parallel  # False with one thread
             vnni.kernel(parallel)(q, *self.packed, out)
+            return out
+        assert self.rows is not None
+        if count <= SMALL_GEMM_ROWS and self.inner % DOT_BLOCK == 0:
+            _kernels().int8_rows(q, self.rows, out)
         else:
             blas_product(q, self.rows, out)
         return out
-
-    @property
-    def packed(self) -> tuple[np.ndarray, np.ndarray]:
-        """The weights in the VNNI kernel's layout and their compensation."""
-        if self._packed is None:
-            with self._lock:
-                if self._packed is None:
-                    self._packed = vnni.pack(self.rows)
-        return self._packed
 
 
 def blas_product(q: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:

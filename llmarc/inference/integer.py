@@ -150,7 +150,14 @@ class IntegerModel:
         self.eps = float(config.rms_norm_eps)
         #: N of the attention's quantizers: what makes this int-v1 or int-v2.
         self.attention_levels = attention_levels
-        self.embedding = np.ascontiguousarray(model.tensor("model.embed_tokens.weight"))
+        #: The embedding's rows for tokens: read from the model's files as a step needs
+        #: them where the model can (a DerivedModel), so the float32 table (SmolLM2:
+        #: 113 MB) is not held; else the whole table.
+        self.embedding_rows: Callable[[np.ndarray], np.ndarray]
+        if hasattr(model, "rows"):
+            self.embedding_rows = functools.partial(model.rows, "model.embed_tokens.weight")
+        else:
+            self.embedding_rows = model.tensor("model.embed_tokens.weight").__getitem__
 
         def norm(name: str) -> np.ndarray:
             return model.tensor(name).astype(F64)
@@ -196,7 +203,9 @@ class IntegerModel:
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """h = round_half_even(E[token] * 2^24), float64 integers."""
-        return np.round(self.embedding[tokens].astype(F64) * float(1 << RESIDUAL_BITS))
+        tokens = np.asarray(tokens, dtype=np.int64)
+        rows = self.embedding_rows(tokens.reshape(-1)).reshape(*tokens.shape, -1)
+        return np.round(rows.astype(F64) * float(1 << RESIDUAL_BITS))
 
     #: Rows of the lm_head computed at a time: keeps the int32 product of a
     #: [T, vocabulary] GEMM in megabytes instead of hundreds.

@@ -65,6 +65,21 @@ class Cursor:
         raise self.fail("varint longer than 10 bytes")
 
 
+def release_pages(mapped: Any, begin: int, size: int) -> None:
+    """Drop bytes ``begin .. begin + size`` of a mapped file from this process's resident
+    memory (the pages stay in the page cache, and a later read maps them back), once a
+    tensor has been read from them: the model file's pages (SmolLM2: 90 MB) would
+    otherwise count in the RSS for as long as the mapping lives, on top of the engine's
+    own copy of the weights.  Whole pages: a neighbour's first or last page dropped with
+    them is read again if needed."""
+    if not isinstance(mapped, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or size <= 0:
+        return
+    start = begin - begin % mmap.PAGESIZE
+    end = min(len(mapped), begin + size)
+    if end > start:
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def map_file(path: Path) -> Any:
     """The file's bytes, mapped read-only (pages are read as tensors are used, and shared
     with the page cache); an unreadable file is a ModelError naming it."""

@@ -57,6 +57,8 @@ class WeightReader(Protocol):
 
     def tensor(self, name: str) -> np.ndarray: ...
 
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray: ...
+
 
 @dataclass
 class DerivedModel:
@@ -87,6 +89,11 @@ class DerivedModel:
         if name == "lm_head.weight" and self.architecture.tie_word_embeddings:
             name = "model.embed_tokens.weight"
         return self.weights.tensor(name)
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` of 2-D weight ``name`` (the embedding): the same float32
+        values as ``tensor(name)[index]``, without reading the rest."""
+        return self.weights.rows(name, index)
 
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, float32 values) in canonical order, one at a time."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmarc.model.cursor import Cursor, map_file
+from llmarc.model.cursor import Cursor, map_file, release_pages
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -102,6 +102,10 @@ class GGUFFile:
             if offset % alignment:
                 raise cursor.fail(f"tensor {name!r} is not aligned to {alignment}")
             self.tensors[name] = TensorInfo(name, dims, ggml_type, data_start + offset)
+
+    def release(self, info: TensorInfo, size: int) -> None:
+        """The pages of a tensor read by :meth:`raw` out of resident memory."""
+        release_pages(self._map, info.offset, size)
 
     def raw(self, info: TensorInfo, size: int) -> memoryview:
         """The ``size`` stored bytes of ``info``, checked to lie inside the file."""

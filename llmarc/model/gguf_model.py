@@ -75,9 +75,21 @@ class _GGUFWeights:
         for name, info in names.items():
             gguf.raw(info, self.sizes[name])
 
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` of a 2-D tensor that is not un-permuted (the embedding), as
+        float32 [len(index), row]: each stored row is whole blocks, so its bytes are one
+        run of the tensor's, dequantized as a tensor of one row."""
+        info = self.names[name]
+        rows, width = info.shape
+        row_bytes = self.sizes[name] // rows
+        raw = np.frombuffer(self.gguf.raw(info, self.sizes[name]), dtype=np.uint8)
+        picked = raw.reshape(rows, row_bytes)[np.asarray(index, dtype=np.int64)]
+        return dequantize(memoryview(picked.reshape(-1)), info.ggml_type, (len(picked), width))
+
     def tensor(self, name: str) -> np.ndarray:
         info = self.names[name]
         values = dequantize(self.gguf.raw(info, self.sizes[name]), info.ggml_type, info.shape)
+        self.gguf.release(info, self.sizes[name])  # a view of F32 pages reads them back
         if name.endswith("self_attn.q_proj.weight"):
             return unpermute(values, self.arch.num_attention_heads)
         if name.endswith("self_attn.k_proj.weight"):

@@ -71,6 +71,13 @@ class _FolderWeights:
         tensor = self._bin_tensors().get(name)
         return None if tensor is None else tuple(tensor.shape)
 
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` of a 2-D weight as float32 values."""
+        if self.files:
+            return self.files[name].float32_rows(name, index)
+        return self.tensor(name)[index]
+
     def tensor(self, name: str) -> np.ndarray:
         if self.files:
             return self.files[name].float32(name)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from llmarc.errors import ModelError
-from llmarc.model.cursor import Cursor, map_file
+from llmarc.model.cursor import Cursor, map_file, release_pages
 from llmarc.model.dequantize import widen_bf16
 
 MAX_HEADER = 100 << 20
@@ -68,6 +68,21 @@ class SafetensorsFile:
                 raise cursor.fail(f"tensor {name!r}: {end - begin} bytes for {shape}")
             self.tensors[name] = StoredTensor(dtype, shape, begin, end)
 
+
+    def float32_rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` of 2-D tensor ``name`` as float32 values (the embedding's rows
+        for the tokens of a step, without the whole table in memory)."""
+        stored = self.tensors[name]
+        if stored.dtype not in _DTYPES or len(stored.shape) != 2:
+            return self.float32(name)[index]
+        raw = np.frombuffer(self._map, dtype=np.uint8, count=stored.end - stored.begin,
+                            offset=self.data_start + stored.begin)
+        picked = raw.reshape(stored.shape[0], -1)[np.asarray(index, dtype=np.int64)]
+        if stored.dtype == "BF16":
+            return widen_bf16(picked.reshape(-1)).reshape(len(picked), stored.shape[1])
+        values = picked.reshape(-1).view(_DTYPES[stored.dtype][0]).astype("<f4")
+        return values.reshape(len(picked), stored.shape[1])
+
     def float32(self, name: str) -> np.ndarray:
         """Tensor ``name`` as float32 values (exact for F32, F16 and BF16)."""
         stored = self.tensors[name]
@@ -80,4 +95,5 @@ class SafetensorsFile:
             values = widen_bf16(raw)
         else:
             values = raw.view(_DTYPES[stored.dtype][0]).astype("<f4")
+        release_pages(self._map, self.data_start + stored.begin, stored.end - stored.begin)
         return np.ascontiguousarray(values.reshape(stored.shape))
