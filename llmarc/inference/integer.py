@@ -69,6 +69,14 @@ def check_architecture(config: Any) -> None:
         raise ModelError("int-v1/v2 support hidden sizes up to 8192")
 
 
+def dimensions(config: Any) -> tuple[int, int, int, int, float]:
+    """(hidden size, heads, key/value heads, head width, RMSNorm epsilon) of an
+    architecture int-v1/v2 define (refused with a ModelError otherwise)."""
+    check_architecture(config)
+    return (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.head_dim, float(config.rms_norm_eps))
+
+
 def derive_linear(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A float32 weight [out, in] as (int8 [out, in], float64 scale [out]) by §5.2:
     w_q = round_half_even(w * (127 / max|w_row|)), scale = max|w_row| / 127 (a zero row
@@ -141,13 +149,9 @@ class IntegerModel:
         and ``tensor(name)``: float32 NumPy values under Hugging Face names), one weight
         at a time, so no float copy of the whole model is ever held."""
         config = model.architecture
-        check_architecture(config)
-        self.hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.hidden, self.num_heads, self.num_kv_heads, self.head_dim, self.eps = \
+            dimensions(config)
         self.group = self.num_heads // self.num_kv_heads
-        self.eps = float(config.rms_norm_eps)
         #: N of the attention's quantizers: what makes this int-v1 or int-v2.
         self.attention_levels = attention_levels
         #: The embedding's rows for tokens: read from the model's files as a step needs

@@ -35,7 +35,7 @@ from llmarc.inference.constants import (
     RESIDUAL_BITS,
 )
 from llmarc.inference.exact_product import FP32_EXACT_CHUNK
-from llmarc.inference.integer import ATTENTION_LEVELS, check_architecture, derive_linear
+from llmarc.inference.integer import ATTENTION_LEVELS, derive_linear, dimensions
 from llmarc.inference.rope import rope_tables
 
 F64 = torch.float64
@@ -146,15 +146,11 @@ class TorchIntegerModel:
     def __init__(self, model: Any, max_length: int, device: Any,
                  attention_levels: int = ATTENTION_LEVELS["int-v1"]) -> None:
         config = model.architecture
-        check_architecture(config)
+        self.hidden, self.num_heads, self.num_kv_heads, self.head_dim, self.eps = \
+            dimensions(config)
+        self.group = self.num_heads // self.num_kv_heads
         self.device = torch.device(str(device))
         self.device_type = self.device.type
-        self.hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.group = self.num_heads // self.num_kv_heads
-        self.eps = float(config.rms_norm_eps)
         self.attention_levels = attention_levels
 
         def tensor(name: str) -> torch.Tensor:
