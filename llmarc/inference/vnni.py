@@ -1,20 +1,21 @@
-"""An exact int8 GEMM for a few rows on CPUs with AVX-512 VNNI (the decoder's step).
+"""An exact int8 GEMM on CPUs with AVX-512 VNNI: every linear layer's product, and
+int-v2's prefill attention sums (:mod:`llmarc.inference.exact_product`).
 
-A decoding step multiplies 32 rows (one per segment) by every weight matrix.  oneDNN's
-int8 GEMM is tuned for many rows: at 32 it reaches 110-180 G multiply-adds/s on the
-2-core host where it reaches 450 at 256 rows, and the step spends ~40 % of its time
-there.  This kernel is the small-M shape done directly: a tile of 4 rows x 64 output
-columns kept in 16 vector registers, one ``vpdpbusd`` (64 multiply-adds) per register
-and group of 4 inner indexes, the weights' column block read once per call and reused
-from cache by every tile of rows.
+Written first for the decoder's step (32 rows, where oneDNN's int8 GEMM reached 110-180
+G multiply-adds/s on the 2-core host against 450 at 256 rows), it turned out as fast as
+oneDNN at any row count (330-400 G from 256 rows on, measured side by side), so it
+replaced it and torch with it.  A tile of 4 rows x 64 output columns is kept in 16
+vector registers, one ``vpdpbusd`` (64 multiply-adds) per register and group of 4 inner
+indexes, the weights' column block read once per call and reused from cache by every
+tile of rows.
 
 Exactness does not depend on the CPU's rounding, only on integer arithmetic:
 ``vpdpbusd`` multiplies unsigned by signed bytes, so the int8 inputs q are offset to
 q + 128 (in [1, 255]; a byte XOR 0x80), and 128 * sum_k w[k, n] (the compensation,
 computed once per layer) is subtracted from each column's sum.  Every int32 sum is below
-255 * 127 * K < 2^31 for K <= 65,536 (the bound the int8 GEMM probe enforces), and
-vpdpbusd wraps, never saturates (that is vpdpbusds).  So the result is the same integer
-sum oneDNN or the fp32 path return, and nothing in an archive changes.
+255 * 127 * K < 2^31 for K <= 65,536 (:data:`MAX_INNER`), and vpdpbusd wraps, never
+saturates (that is vpdpbusds).  So the result is the same integer sum the other exact
+paths return, and nothing in an archive changes.
 
 It is used only where numba generates code for this host's CPU and that CPU has
 AVX-512 VNNI (numba's cache is keyed on the CPU, so a cached kernel never runs on
