@@ -1,0 +1,79 @@
+"""Ratio against speed for the settings a user can choose (issue 24 item 5, first rows).
+
+    python -m benchmarks.pareto [--input alice29.txt ...] [--lengths 512 1024 2048 4096]
+
+For each input (a file of ../shared/corpus, whole) and each segment length, with the
+embedded SmolLM2 and int-v2 on this machine's CPUs: one ``llmarc pack --codec llm`` and
+one ``llmarc extract`` in fresh processes; prints whole-archive bits per byte (archive
+bytes x 8 / input bytes), pack and extract tokens/s (model load included, so short
+inputs understate the rate) and peak RSS, as a Markdown table.  Every extract is
+compared with its input.  zstd -19 and xz -9 of the same bytes are printed beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zstandard
+
+from benchmarks.inputs import CORPUS
+from benchmarks.lean import tokens_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of ``llmarc ARGS``; a failure ends the benchmark."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "llmarc.cli", *args], cwd=ROOT,
+                               stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    assert process.stderr is not None
+    error = process.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"llmarc {' '.join(args)} failed: {error}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", nargs="+", default=["alice29.txt"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096])
+    args = parser.parse_args()
+    print("| input | setting | whole-archive bits/byte | pack tokens/s | extract tokens/s "
+          "| pack / extract peak RSS MB |")
+    print("|---|---|---:|---:|---:|---|")
+    with tempfile.TemporaryDirectory(prefix="llmarc-pareto-") as tmp:
+        work = Path(tmp)
+        for name in args.input:
+            data = (CORPUS / name).read_bytes()
+            src = work / name.replace("/", "_")
+            src.mkdir()
+            (src / name.split("/")[-1]).write_bytes(data)
+            tokens = tokens_of(src)
+            for label, packed in (("zstd -19", zstandard.ZstdCompressor(level=19).compress(data)),
+                                  ("xz -9", lzma.compress(data, preset=9))):
+                print(f"| {name} | {label} | {len(packed) * 8 / len(data):.3f} | | | |")
+            for length in args.lengths:
+                archive = work / f"{src.name}-{length}.llma"
+                pack, pack_rss = run("pack", "-q", "--codec", "llm", "--segment-length",
+                                     str(length), str(src), str(archive))
+                out = work / f"{src.name}-{length}-out"
+                extract, extract_rss = run("extract", "-q", str(archive), "-C", str(out))
+                same = all((out / f.name).read_bytes() == f.read_bytes() for f in src.iterdir())
+                bits = archive.stat().st_size * 8 / len(data)
+                print(f"| {name} | int-v2, L = {length} | {bits:.3f} | {tokens / pack:.0f} "
+                      f"| {tokens / extract:.0f}{'' if same else ' DIFFERS'} "
+                      f"| {pack_rss:.0f} / {extract_rss:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
