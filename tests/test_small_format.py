@@ -68,6 +68,22 @@ def test_llm_archive_is_3_0_compact_and_roundtrips(tmp_path: Path) -> None:
         assert (tmp_path / "out" / name).read_bytes() == data
 
 
+def test_an_update_with_the_same_model_keeps_one_model_record(tmp_path: Path) -> None:
+    """A 3.0 record read back holds 16 bytes of the fingerprint and no name; updating the
+    archive with new text coded by the same model must reuse it, not add a second."""
+    from llmarc.update import update
+
+    out = _pack(tmp_path)
+    (tmp_path / "src" / "new.txt").write_bytes(b"Another line of English text to code.\n" * 4)
+    update(out, tmp_path / "src", codec="llm", llm=LLMOptions(model=str(TINY_BPE),
+                                                             device="cpu"),
+           warn=lambda m: None)
+    with _open(out) as ar:
+        assert len(ar.models) == 1
+        assert ar.read("new.txt") == b"Another line of English text to code.\n" * 4
+        ar.test()
+
+
 def test_a_1_x_reader_refuses_3_0_as_unsupported(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """What a reader of 1.x does with the first 12 bytes (format.md §2): unsupported."""

@@ -200,9 +200,12 @@ class ArchiveWriter:
     def add_model(self, model: ModelRecord) -> int:
         """Add a model record; return its index for the llm codec's params. A record
         already in the table is not added twice (an update copies the old archive's
-        records, then codes new entries with the same model)."""
-        if model in self.index.models:
-            return self.index.models.index(model)
+        records, then codes new entries with the same model): the same profile and
+        fingerprint, where a 3.0 record read back holds only the fingerprint's first 16
+        bytes and may have lost its display name (format.md §12)."""
+        for index, kept in enumerate(self.index.models):
+            if kept.profile == model.profile and _same_fingerprint(kept, model):
+                return index
         self.index.models.append(model)
         return len(self.index.models) - 1
 
@@ -260,3 +263,10 @@ class ArchiveWriter:
             self.close()
         else:
             self.abort()
+
+
+def _same_fingerprint(a: ModelRecord, b: ModelRecord) -> bool:
+    """Whether two records name one model: equal fingerprints, or one the other's prefix
+    (a 3.0 form-1 record keeps 16 of the 32 bytes)."""
+    short, full = sorted((a.fingerprint, b.fingerprint), key=len)
+    return len(short) >= 16 and full.startswith(short)

@@ -1,0 +1,93 @@
+"""The ``--ray`` driver's memory against the corpus size (issue 22): does it stay flat?
+
+    python -m benchmarks.ray_memory [--mib 4 16] [--model fixtures/tiny-llama-bpe]
+
+For each size, a corpus of text files (slices of ../shared/corpus/enwik8_first1MB, each
+file 1 MiB, each slice rotated so no two files are equal) is packed with ``--ray`` (a
+local runtime: two actors on this machine) and extracted with ``--ray``; the driver's own
+peak RSS (VmHWM, read in the driver as it exits: the actors are other processes) and the
+wall time are printed, every extract is compared with its input, and the archive is
+compared byte for byte with a pack of the same corpus in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.inputs import CORPUS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Runs the CLI, then prints the process's own peak RSS in MiB on its last stderr line.
+DRIVER = r"""
+import sys
+from llmarc.cli import run
+code = run(sys.argv[1:])
+peak = next(int(line.split()[1]) for line in open("/proc/self/status")
+            if line.startswith("VmHWM"))
+print(f"PEAK {peak / 1024:.0f}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def driver(*args: str) -> tuple[float, int]:
+    """(wall seconds, the driver's peak RSS in MiB) of ``llmarc ARGS``."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=ROOT,
+                            capture_output=True, text=True, check=False,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    seconds = time.perf_counter() - started
+    if result.returncode:
+        raise SystemExit(f"llmarc {' '.join(args)} failed: {result.stderr[-2000:]}")
+    peak = int(result.stderr.strip().splitlines()[-1].split()[1])
+    return seconds, peak
+
+
+def make_corpus(folder: Path, mib: int) -> None:
+    text = (CORPUS / "enwik8_first1MB").read_bytes()[: 1 << 20]
+    folder.mkdir()
+    for i in range(mib):
+        cut = (i * 104_729) % len(text)
+        (folder / f"part{i:04d}.txt").write_bytes(text[cut:] + text[:cut])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", nargs="+", type=int, default=[4, 16])
+    parser.add_argument("--model", default=str(ROOT / "fixtures" / "tiny-llama-bpe"))
+    args = parser.parse_args()
+    print("| corpus | run | wall s | driver peak RSS MiB | check |")
+    print("|---|---|---:|---:|---|")
+    with tempfile.TemporaryDirectory(prefix="llmarc-ray-memory-") as tmp:
+        work = Path(tmp)
+        for mib in args.mib:
+            src = work / f"src{mib}"
+            make_corpus(src, mib)
+            common = ["--codec", "llm", "--model", args.model, "-q"]
+            ray_archive, local_archive = work / f"ray{mib}.llma", work / f"local{mib}.llma"
+            rows = [("pack --ray", driver("pack", *common, "--ray", "--", str(src),
+                                          str(ray_archive)), "")]
+            seconds = driver("pack", *common, str(src), str(local_archive))
+            same = ray_archive.read_bytes() == local_archive.read_bytes()
+            rows.append(("pack, one process", seconds,
+                         "same archive as --ray" if same else "ARCHIVES DIFFER"))
+            out = work / f"out{mib}"
+            extracted = driver("extract", str(ray_archive), "-C", str(out), "--model",
+                               args.model, "-q", "--ray")
+            equal = not filecmp.dircmp(src, out).diff_files and \
+                sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+            rows.append(("extract --ray", extracted, "exact" if equal else "DIFFERS"))
+            for what, (wall, peak), check in rows:
+                print(f"| {mib} MiB | {what} | {wall:.1f} | {peak} | {check} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
