@@ -38,9 +38,8 @@ from .layout import (
     TABLE_ZSTD,
     TYPE_DIR,
     TYPE_FILE,
-    TYPE_NAMES,
-    TYPE_SYMLINK,
     EntryRecord,
+    check_entry_fields,
     decode_ext_area,
     encode_ext_area,
 )
@@ -355,15 +354,7 @@ def _parse(cur: _Body, size: int, data_end: int | None, data_start: int = HEADER
         size = cur.varint("size")
         if flags & ~known:
             raise CorruptArchiveError(f"entry {name!r} has reserved flag bits set")
-        if mode & ~0o777:
-            raise CorruptArchiveError(f"entry {name!r} has mode bits outside 0o777")
-        if size > MAX_SIZE:
-            raise CorruptArchiveError(f"entry {name!r} declares an impossible size")
-        if etype == TYPE_SYMLINK:
-            raise UnsupportedFeatureError(f"entry {name!r} is a symbolic link, which this "
-                                          "reader does not support")
-        if etype not in TYPE_NAMES:
-            raise UnsupportedFeatureError(f"entry {name!r} has unknown type {etype}")
+        check_entry_fields(name, etype, mode, size)
         if etype == TYPE_DIR:
             if flags or size:
                 raise CorruptArchiveError(f"directory entry {name!r} carries file data")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from ..errors import CorruptArchiveError, UnsupportedFeatureError
+from ..errors import CorruptArchiveError
 from .compact import decode_table, encode_table
 from .json_safe import parse_profile_json
 from .layout import (
@@ -27,20 +27,18 @@ from .layout import (
     MAX_NAME_BYTES,
     MAX_PARAMS_BYTES,
     MAX_PROFILE_BYTES,
-    MAX_SIZE,
     SMALL_HEADER_SIZE,
     SMALL_MAJOR,
     SMALL_MINOR,
     TRAILER_SIZE,
     TYPE_DIR,
-    TYPE_NAMES,
-    TYPE_SYMLINK,
     VERSION_MAJOR,
     Cursor,
     EntryRecord,
     Extension,
     Index,
     ModelRecord,
+    check_entry_fields,
     crc32,
     decode_ext_area,
     decode_footer,
@@ -145,15 +143,7 @@ def decode_index(data: bytes, data_end: int | None = None) -> Index:
         exts = _decode_ext(cur, MAX_ENTRY_EXT_BYTES, f"entry {name!r}")
         if flags != 0:
             raise CorruptArchiveError(f"entry {name!r} has reserved flag bits set")
-        if mode & ~0o777:
-            raise CorruptArchiveError(f"entry {name!r} has mode bits outside 0o777")
-        if size > MAX_SIZE or ssize > MAX_SIZE:
-            raise CorruptArchiveError(f"entry {name!r} declares an impossible size")
-        if etype == TYPE_SYMLINK:
-            raise UnsupportedFeatureError(f"entry {name!r} is a symbolic link, which this "
-                                          "reader does not support")
-        if etype not in TYPE_NAMES:
-            raise UnsupportedFeatureError(f"entry {name!r} has unknown type {etype}")
+        check_entry_fields(name, etype, mode, size, ssize)
         if etype == TYPE_DIR and (size or codec or params or ssize or off or crc
                                   or sha != EMPTY_SHA256):
             raise CorruptArchiveError(f"directory entry {name!r} carries file data")

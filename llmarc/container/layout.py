@@ -255,6 +255,20 @@ def decode_trailer(data: bytes, file_size: int) -> Footer:
 # ---------------------------------------------------------------- index
 
 
+def check_entry_fields(name: str, etype: int, mode: int, *sizes: int) -> None:
+    """The checks every entry layout makes of its type, mode and sizes (§4.1, §4.2), in
+    one order: mode bits, sizes, a symbolic link, an unknown type."""
+    if mode & ~0o777:
+        raise CorruptArchiveError(f"entry {name!r} has mode bits outside 0o777")
+    if any(size > MAX_SIZE for size in sizes):
+        raise CorruptArchiveError(f"entry {name!r} declares an impossible size")
+    if etype == TYPE_SYMLINK:
+        raise UnsupportedFeatureError(f"entry {name!r} is a symbolic link, which this "
+                                      "reader does not support")
+    if etype not in TYPE_NAMES:
+        raise UnsupportedFeatureError(f"entry {name!r} has unknown type {etype}")
+
+
 def encode_ext_area(exts: tuple[Extension, ...]) -> bytes:
     return b"".join(struct.pack("<HI", e.tag, len(e.value)) + e.value for e in exts)
 
