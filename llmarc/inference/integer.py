@@ -41,6 +41,7 @@ from llmarc.inference.constants import LINEAR_LEVELS, RESIDUAL_BITS, WEIGHT_LEVE
 from llmarc.inference.exact_product import Int8Matrix, batched_int8_product, float_product
 from llmarc.inference.kernels import _kernels
 from llmarc.inference.rope import rope_tables
+from llmarc.model.derived import layer_tensor
 
 #: Largest magnitude of quantized queries, keys, values and attention weights, per
 #: engine (spec/llm-codec.md §5.6).  int-v2's int8 attention halves the decoder's cache
@@ -52,6 +53,10 @@ SUPPORTED_ROPE_TYPES = ("default", None)
 DERIVE_ROWS = 4096
 
 F64 = np.float64
+#: A layer's linear weights as both engines fuse them (q, k and v; gate and up side by
+#: side: each output column is the same exact integer sum as in its own layer).
+FUSED_LINEAR = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
 def check_architecture(config: Any) -> None:
@@ -75,6 +80,19 @@ def dimensions(config: Any) -> tuple[int, int, int, int, float]:
     check_architecture(config)
     return (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
             config.head_dim, float(config.rms_norm_eps))
+
+
+def layer_parts(model: Any, index: int, linear: Callable[..., Any],
+                norm: Callable[[str], Any]) -> dict[str, Any]:
+    """The fields of layer ``index``'s record in either engine: its two norms by
+    ``norm(name)``, each fused linear layer by ``linear(*float32 weights [out, in])``,
+    one group of weights read at a time."""
+    parts = {"input_norm": norm(layer_tensor(index, "input_layernorm")),
+             "post_norm": norm(layer_tensor(index, "post_attention_layernorm"))}
+    for field_name, members in FUSED_LINEAR.items():
+        parts[field_name] = linear(*(model.tensor(layer_tensor(index, member))
+                                     for member in members))
+    return parts
 
 
 def derive_linear(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,9 +122,8 @@ class IntLinear:
 
     @classmethod
     def derive(cls, *weights: np.ndarray) -> IntLinear:
-        """The layer of float32 weights [out, in], several side by side as one (q, k
-        and v; gate and up): each output column is the same exact integer sum as in its
-        own layer, so fusing changes no value."""
+        """The layer of float32 weights [out, in], several side by side as one
+        (:data:`FUSED_LINEAR`)."""
         parts = [derive_linear(weight) for weight in weights]
         rows = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
         scale = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
@@ -166,20 +183,8 @@ class IntegerModel:
         def norm(name: str) -> np.ndarray:
             return model.tensor(name).astype(F64)
 
-        self.layers = []
-        for index in range(config.num_hidden_layers):
-            prefix = f"model.layers.{index}."
-            attention, mlp = prefix + "self_attn.", prefix + "mlp."
-            self.layers.append(IntLayer(
-                input_norm=norm(prefix + "input_layernorm.weight"),
-                qkv_proj=IntLinear.derive(*(model.tensor(attention + f"{x}_proj.weight")
-                                            for x in "qkv")),
-                o_proj=IntLinear.derive(model.tensor(attention + "o_proj.weight")),
-                post_norm=norm(prefix + "post_attention_layernorm.weight"),
-                gate_up_proj=IntLinear.derive(model.tensor(mlp + "gate_proj.weight"),
-                                              model.tensor(mlp + "up_proj.weight")),
-                down_proj=IntLinear.derive(model.tensor(mlp + "down_proj.weight")),
-            ))
+        self.layers = [IntLayer(**layer_parts(model, index, IntLinear.derive, norm))
+                       for index in range(config.num_hidden_layers)]
         self.final_norm = norm("model.norm.weight")
         self.lm_head = IntLinear.derive(model.tensor("lm_head.weight"))
         self.vocab_size = config.vocab_size

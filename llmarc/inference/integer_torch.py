@@ -35,7 +35,12 @@ from llmarc.inference.constants import (
     RESIDUAL_BITS,
 )
 from llmarc.inference.exact_product import FP32_EXACT_CHUNK
-from llmarc.inference.integer import ATTENTION_LEVELS, derive_linear, dimensions
+from llmarc.inference.integer import (
+    ATTENTION_LEVELS,
+    derive_linear,
+    dimensions,
+    layer_parts,
+)
 from llmarc.inference.rope import rope_tables
 
 F64 = torch.float64
@@ -160,20 +165,9 @@ class TorchIntegerModel:
             return tensor(name).to(F64)
 
         self.embedding = tensor("model.embed_tokens.weight")
-        self.layers = []
-        for index in range(config.num_hidden_layers):
-            prefix = f"model.layers.{index}."
-            attention, mlp = prefix + "self_attn.", prefix + "mlp."
-            self.layers.append(TorchLayer(
-                input_norm=norm(prefix + "input_layernorm.weight"),
-                qkv_proj=TorchLinear.derive(self.device, *(
-                    model.tensor(attention + f"{x}_proj.weight") for x in "qkv")),
-                o_proj=TorchLinear.derive(self.device, model.tensor(attention + "o_proj.weight")),
-                post_norm=norm(prefix + "post_attention_layernorm.weight"),
-                gate_up_proj=TorchLinear.derive(self.device, model.tensor(mlp + "gate_proj.weight"),
-                                                model.tensor(mlp + "up_proj.weight")),
-                down_proj=TorchLinear.derive(self.device, model.tensor(mlp + "down_proj.weight")),
-            ))
+        linear = functools.partial(TorchLinear.derive, self.device)
+        self.layers = [TorchLayer(**layer_parts(model, index, linear, norm))
+                       for index in range(config.num_hidden_layers)]
         self.final_norm = norm("model.norm.weight")
         self.lm_head = TorchLinear.derive(self.device, model.tensor("lm_head.weight"))
         self.vocab_size = config.vocab_size
