@@ -20,6 +20,7 @@ import stat
 import unicodedata
 from collections.abc import Iterable
 
+from .container.layout import digest_matches
 from .errors import ChecksumMismatchError, DestinationExistsError, UnsafeArchiveError
 
 MAX_NAME_BYTES = 4096
@@ -372,8 +373,8 @@ def write_file(parent_fd: int, leaf: str, shown: str, chunks: Iterable[bytes],
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise
             raise OSError(exc.errno, f"cannot write {shown!r}: {exc.strerror}") from None
-        # None: ``chunks`` checks itself; 16 bytes: a format 3.0 DIGEST128 prefix
-        if sha256 is not None and h.digest()[:len(sha256)] != sha256:
+        # None: ``chunks`` checks itself
+        if sha256 is not None and not digest_matches(h.digest(), sha256):
             raise ChecksumMismatchError(f"member {shown!r}: SHA-256 of the decoded data "
                                         "does not match the archive")
         os.fchmod(fd, mode & 0o777)

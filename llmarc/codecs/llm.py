@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from llmarc.container.layout import SHORT_FINGERPRINT
 from llmarc.errors import (
     CorruptArchiveError,
     ModelError,
@@ -52,8 +53,6 @@ MAX_BATCH_WIDTH = 1024
 MAX_SEGMENT_LENGTH = 1 << 16
 MAX_VARINT_BYTES = 10
 MAX_THREADS = 1024
-#: Fingerprint bytes a format 3.0 short model record keeps (container/small.py).
-SHORT_FINGERPRINT = 16
 #: int-v1/v2 encode by prefill: segments are stacked into batches of about this many
 #: positions (a bigger batch gives bigger GEMMs; the attention scores grow with it).
 PREFILL_POSITIONS = 1024

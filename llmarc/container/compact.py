@@ -22,6 +22,7 @@ import zstandard
 from ..codecs import zstd as zstd_codec
 from ..errors import CorruptArchiveError, UnsupportedFeatureError
 from .layout import (
+    DIGEST128_BYTES,
     EMPTY_SHA256,
     FLAG_CRC32,
     FLAG_DIGEST128,
@@ -54,8 +55,6 @@ MIN_RECORD = 8
 MAX_NAME_TOTAL = 256 * 1024 * 1024
 #: Frame bytes fed to the decoder at a time: a call yields at most 64 blocks of 128 KiB.
 _TABLE_FEED = 256
-#: A DIGEST128 record's digest: the first 16 bytes of the SHA-256 (format 3.0).
-DIGEST128_BYTES = 16
 
 
 # ---------------------------------------------------------------- varints

@@ -57,6 +57,10 @@ FLAG_SOLID_FIRST = 0x02  # starts a solid zstd block
 FLAG_SOLID_NEXT = 0x04  # continues the solid block of the previous file record
 #: Format 3.0 only: the digest is the first 16 bytes of the SHA-256 (spec/format.md §12.4).
 FLAG_DIGEST128 = 0x08
+#: A DIGEST128 record's digest: the first 16 bytes of the SHA-256 (format 3.0).
+DIGEST128_BYTES = 16
+#: Bytes of the fingerprint a format 3.0 form-1 model record keeps (its first half).
+SHORT_FINGERPRINT = 16
 _KNOWN_FLAGS = FLAG_CRC32 | FLAG_SOLID_FIRST | FLAG_SOLID_NEXT
 
 # Limits (spec/format.md, "Limits"). Readers reject anything beyond them.
@@ -253,6 +257,12 @@ def decode_trailer(data: bytes, file_size: int) -> Footer:
 
 
 # ---------------------------------------------------------------- index
+
+
+def digest_matches(digest: bytes, stored: bytes) -> bool:
+    """Whether a member's computed SHA-256 ``digest`` is the one its record stores: all
+    32 bytes, or a format 3.0 DIGEST128 record's first 16."""
+    return len(stored) in (DIGEST128_BYTES, len(digest)) and digest[:len(stored)] == stored
 
 
 def check_entry_fields(name: str, etype: int, mode: int, *sizes: int) -> None:

@@ -54,6 +54,7 @@ from .layout import (
     decode_footer,
     decode_header,
     decode_trailer,
+    digest_matches,
     small_index_crc,
 )
 from .small import decode_small_index
@@ -503,7 +504,7 @@ class ArchiveReader:
             yield chunk
         if n != e.size:
             raise CorruptArchiveError(f"member {e.name!r} decodes to {n} bytes, not {e.size}")
-        if h is not None and h.digest()[:len(e.sha256)] != e.sha256:  # 32, or 16 (3.0)
+        if h is not None and not digest_matches(h.digest(), e.sha256):
             raise ChecksumMismatchError(
                 f"member {e.name!r}: SHA-256 of the decoded data does not match")
         if h is None and crc != e.data_crc32:
@@ -714,9 +715,7 @@ class ArchiveReader:
                     h.update(chunk)
                 else:
                     crc = crc32(chunk, crc)
-        if h is not None:
-            return h.digest()[:len(e.sha256)] == e.sha256
-        return crc == e.data_crc32
+        return digest_matches(h.digest(), e.sha256) if h is not None else crc == e.data_crc32
 
     def _write_files(self, root: int, files: list[int], parts: dict[int, tuple[str, ...]],
                      overwrite: bool, keep_modes: bool, progress, keep_going: bool,

@@ -32,6 +32,7 @@ from .layout import (
     MAX_MODEL_NAME_BYTES,
     MAX_MODELS,
     MAX_PROFILE_BYTES,
+    SHORT_FINGERPRINT,
     SMALL_HEADER_SIZE,
     TABLE_PLAIN,
     TABLE_ZSTD,
@@ -44,8 +45,6 @@ from .layout import (
 #: Model record forms (§12.3): 0 any profile as JSON, 1 the integer engines in binary.
 FORM_JSON = 0
 FORM_INTEGER = 1
-#: Bytes of the fingerprint a form-1 record keeps (its first half: 128 bits).
-SHORT_FINGERPRINT = 16
 #: Engine codes of form 1.
 ENGINE_CODES = {1: "int-v1", 2: "int-v2"}
 _ENGINE_IDS = {name: code for code, name in ENGINE_CODES.items()}

@@ -18,11 +18,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from .._version import CREATOR
+from ..codecs import CODEC_LLM
 from ..errors import DestinationExistsError
 from ..safety import check_names
 from .index import encode_index
 from .layout import (
+    DIGEST128_BYTES,
     HEADER_SIZE,
+    SHORT_FINGERPRINT,
     SMALL_HEADER_SIZE,
     EntryRecord,
     Extension,
@@ -42,14 +45,12 @@ from .small import encode_small_index
 SMALL_DATA_NAMES = 4096
 #: Whether new archives are format 3.0 (True) or 1.1.
 WRITE_SMALL = True
-#: The codec whose members get a 16-byte digest in format 3.0 (DIGEST128, §12.4).
-_CODEC_LLM = 2
 
 
 def small_form(index: Index, data_size: int) -> Index:
     """What llmarc writes of ``index`` in a 3.0 archive: llm members' SHA-256 cut to its
     first 16 bytes, and no creator or model names when the data area is small."""
-    entries = [replace(e, sha256=e.sha256[:16]) if e.codec_id == _CODEC_LLM
+    entries = [replace(e, sha256=e.sha256[:DIGEST128_BYTES]) if e.codec_id == CODEC_LLM
                and len(e.sha256) == 32 else e for e in index.entries]
     if data_size >= SMALL_DATA_NAMES:
         return Index(index.creator, index.models, entries, index.extensions)
@@ -269,4 +270,4 @@ def _same_fingerprint(a: ModelRecord, b: ModelRecord) -> bool:
     """Whether two records name one model: equal fingerprints, or one the other's prefix
     (a 3.0 form-1 record keeps 16 of the 32 bytes)."""
     short, full = sorted((a.fingerprint, b.fingerprint), key=len)
-    return len(short) >= 16 and full.startswith(short)
+    return len(short) >= SHORT_FINGERPRINT and full.startswith(short)
