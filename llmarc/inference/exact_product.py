@@ -61,12 +61,6 @@ class Int8Matrix:
         else:
             self.rows = np.ascontiguousarray(rows)
 
-    @property
-    def nbytes(self) -> int:
-        """The bytes the weights take here."""
-        parts = self.packed if self.packed is not None else (self.rows,)
-        return sum(part.nbytes for part in parts if part is not None)
-
     def product(self, q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """out [M, outputs] (int32) = q [M, inner] (int8, |q| <= 127) times the weights."""
         count = q.shape[0]
