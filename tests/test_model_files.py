@@ -83,6 +83,27 @@ def test_embedding_rows_are_the_tensors_rows(qtype: str, gguf_dir: Path) -> None
                                                       whole[index].view(np.uint32))
 
 
+def test_embedding_rows_of_a_bin_checkpoint(tmp_path: Path) -> None:
+    """A folder of ``*.bin`` weights (read through torch's ``weights_only`` loader) gives
+    the same embedding rows as its safetensors twin, and as its whole tensor."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-model"
+    shutil.copytree(FIXTURES / "tiny-llama-bpe", folder)
+    weights = folder / "model.safetensors"
+    torch.save(load_file(str(weights)), folder / "pytorch_model.bin")
+    weights.unlink()
+    derived = read_hf_folder(resolve(folder))
+    twin = read_hf_folder(resolve(FIXTURES / "tiny-llama-bpe"))
+    index = np.array([3, 299, 3, 0])
+    name = "model.embed_tokens.weight"
+    got = derived.rows(name, index)
+    assert got.dtype == np.float32
+    assert np.array_equal(got, twin.rows(name, index))
+    assert np.array_equal(got, derived.tensor(name)[index])
+
+
 def test_a_quantized_gguf_roundtrips_through_the_cli(gguf_dir: Path, tmp_path: Path) -> None:
     """A Q4_1 GGUF with a SentencePiece ('llama') tokenizer, as LLaMA GGUFs have: its
     encoder tokenizer is rebuilt from the metadata, and extraction is byte-exact."""

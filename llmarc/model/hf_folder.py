@@ -71,12 +71,15 @@ class _FolderWeights:
         tensor = self._bin_tensors().get(name)
         return None if tensor is None else tuple(tensor.shape)
 
-
     def rows(self, name: str, index: np.ndarray) -> np.ndarray:
-        """Rows ``index`` of a 2-D weight as float32 values."""
+        """Rows ``index`` of a 2-D weight as float32 values: only those rows are widened
+        (a step's few tokens, not a 32,000 x 4,096 embedding per step)."""
         if self.files:
             return self.files[name].float32_rows(name, index)
-        return self.tensor(name)[index]
+        import torch
+
+        picked = self._bin_tensors()[name][torch.from_numpy(np.asarray(index, dtype=np.int64))]
+        return picked.to(torch.float32).numpy()
 
     def tensor(self, name: str) -> np.ndarray:
         if self.files:
