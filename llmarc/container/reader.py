@@ -163,7 +163,8 @@ class ArchiveReader:
 
     def _load(self) -> None:
         file_size = os.fstat(self._fd).st_size
-        header = decode_header(os.pread(self._fd, HEADER_SIZE, 0))
+        head = os.pread(self._fd, HEADER_SIZE, 0)
+        header = decode_header(head)
         small = header.major == SMALL_MAJOR
         if small:  # format 3.0 (§12): 12-byte header, 8-byte trailer
             footer = decode_trailer(os.pread(self._fd, TRAILER_SIZE, max(
@@ -174,8 +175,7 @@ class ArchiveReader:
             footer = decode_footer(self._pread(FOOTER_SIZE, file_size - FOOTER_SIZE),
                                    file_size)
         raw = self._pread(footer.index_size, footer.index_offset)
-        if (small_index_crc(self._pread(SMALL_HEADER_SIZE, 0), raw) if small
-                else crc32(raw)) != footer.index_crc32:
+        if (small_index_crc(head, raw) if small else crc32(raw)) != footer.index_crc32:
             raise ChecksumMismatchError("index checksum mismatch")
         index = (decode_small_index(raw, footer.index_offset) if small
                  else decode_index(raw, footer.index_offset))
