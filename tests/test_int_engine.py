@@ -477,3 +477,26 @@ def test_unsupported_architectures_are_refused() -> None:
         other = replace(derived, architecture=replace(derived.architecture, **change))
         with pytest.raises(ModelError, match=message):
             IntegerModel(other, 16)
+
+
+def test_torch_path_divides_only_through_one_ieee_division():
+    """On CUDA, PyTorch computes ``tensor / float`` as ``tensor * (1 / float)`` (two
+    roundings), and ``float / tensor`` is a reciprocal everywhere: the first GPU run packed
+    archives that differed from the CPU's by such a division.  The CPU cannot show it, so
+    the torch path's source is held to the rule: no ``/`` operator, and ``torch.div`` only
+    in ``_div``, which makes both operands tensors."""
+    import ast
+    import inspect
+
+    from llmarc.inference import integer_torch
+
+    tree = ast.parse(inspect.getsource(integer_torch))
+    divisions = [node.lineno for node in ast.walk(tree)
+                 if isinstance(node, (ast.BinOp, ast.AugAssign))
+                 and isinstance(node.op, ast.Div)]
+    assert divisions == [], f"'/' on lines {divisions}: use _div"
+    callers = [function.name for function in ast.walk(tree)
+               if isinstance(function, ast.FunctionDef)
+               for node in ast.walk(function)
+               if isinstance(node, ast.Attribute) and node.attr in ("div", "div_", "true_divide")]
+    assert callers == ["_div"]

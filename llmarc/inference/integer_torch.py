@@ -9,11 +9,14 @@ a time and are kept as int8 on the device (a quarter of float32: LLaMA-7B's 6.5 
 weights take 6.5 GB), widened to float32 one chunk at a time for the GEMMs.
 
 Performance traps in PyTorch that would break the contract, and are avoided here:
-``scalar / tensor`` is computed as ``reciprocal(tensor) * scalar`` (two roundings), so
-divisions always take two tensors; ``addcmul``/``lerp`` may fuse into an FMA; TF32 and
-reduced-precision reductions are off on CUDA (:func:`llmarc.model.loader.configure_determinism`;
-int8 values are exact in TF32 anyway).  On the CPU (``device="cpu"``) the same code runs
-too: the tests and ``make portability`` check it against the CPU engine there.
+``scalar / tensor`` is computed as ``reciprocal(tensor) * scalar``, and on CUDA
+``tensor / scalar`` as ``tensor * (1 / scalar)`` (two roundings each: the first GPU run
+found archives that differed from the CPU's by one bit of a quantization scale), so every
+division is :func:`_div` of two tensors on the device; ``addcmul``/``lerp`` may fuse
+into an FMA; TF32 and reduced-precision reductions are off on CUDA
+(:func:`llmarc.model.loader.configure_determinism`; int8 values are exact in TF32 anyway).
+On the CPU (``device="cpu"``) the same code runs too: the tests and ``make portability``
+check it against the CPU engine there; ``benchmarks/gpu_roundtrip.py`` on a GPU.
 """
 
 from __future__ import annotations
@@ -46,11 +49,15 @@ from llmarc.inference.rope import rope_tables
 F64 = torch.float64
 
 
-def _div(numerator: torch.Tensor | float, denominator: torch.Tensor) -> torch.Tensor:
-    """IEEE division with both operands as tensors (``float / tensor`` is not IEEE in
-    PyTorch: it multiplies by a rounded reciprocal)."""
+def _div(numerator: torch.Tensor | float, denominator: torch.Tensor | float) -> torch.Tensor:
+    """IEEE division, a Python number on either side made a tensor on the other's device
+    first: PyTorch computes ``float / tensor`` as a rounded reciprocal times the float,
+    and its CUDA kernel ``tensor / float`` as the tensor times a rounded ``1 / float``."""
     if not isinstance(numerator, torch.Tensor):
+        assert isinstance(denominator, torch.Tensor)
         numerator = torch.full_like(denominator, numerator)
+    elif not isinstance(denominator, torch.Tensor):
+        denominator = torch.full_like(numerator, denominator)
     return torch.div(numerator, denominator)
 
 
@@ -63,7 +70,7 @@ def quantize_rows(values: torch.Tensor, levels: int) -> tuple[torch.Tensor, torc
     safe = torch.where(peak > 0, peak, torch.ones_like(peak))
     factor = _div(float(levels), safe)
     q = torch.round(values * factor)
-    scale = peak / float(levels)  # tensor / scalar is one IEEE division
+    scale = _div(peak, float(levels))
     return q, scale
 
 
@@ -204,7 +211,7 @@ class TorchIntegerModel:
         shift = (exponent.to(torch.int64) - NORM_BITS).clamp(min=0)
         reduced = torch.floor(h * power_of_two(-shift))
         squares = (reduced * reduced).sum(dim=-1, keepdim=True)  # exact: < 2^53
-        mean = squares * power_of_two(2 * shift - 2 * RESIDUAL_BITS) / float(h.shape[-1])
+        mean = _div(squares * power_of_two(2 * shift - 2 * RESIDUAL_BITS), float(h.shape[-1]))
         root = torch.sqrt(mean + self.eps)
         q, scale = quantize_rows(h * weight, LINEAR_LEVELS)
         return q, _div(scale * 2.0**-RESIDUAL_BITS, root)
