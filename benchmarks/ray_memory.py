@@ -1,10 +1,12 @@
 """The ``--ray`` driver's memory against the corpus size (issue 22): does it stay flat?
 
-    python -m benchmarks.ray_memory [--mib 4 16] [--model fixtures/tiny-llama-bpe]
+    python -m benchmarks.ray_memory [--mib 4 16] [--model fixtures/tiny-llama-bpe] [--nodes 2]
 
 For each size, a corpus of text files (slices of ../shared/corpus/enwik8_first1MB, each
 file 1 MiB, each slice rotated so no two files are equal) is packed with ``--ray`` (a
-local runtime: two actors on this machine) and extracted with ``--ray``; the driver's own
+local runtime: two actors on this machine; with ``--nodes N``, a cluster of N nodes of
+one CPU each started on this machine by Ray's ``cluster_utils.Cluster``, which the
+driver joins by its address) and extracted with ``--ray``; the driver's own
 peak RSS (VmHWM, read in the driver as it exits: the actors are other processes) and the
 wall time are printed, every extract is compared with its input, and the archive is
 compared byte for byte with a pack of the same corpus in one process.
@@ -13,12 +15,14 @@ compared byte for byte with a pack of the same corpus in one process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.inputs import CORPUS
@@ -58,34 +62,59 @@ def make_corpus(folder: Path, mib: int) -> None:
         (folder / f"part{i:04d}.txt").write_bytes(text[cut:] + text[:cut])
 
 
+@contextlib.contextmanager
+def ray_option(nodes: int) -> Iterator[list[str]]:
+    """The ``--ray`` arguments: a local runtime (``nodes`` 1), else the address of a
+    cluster of ``nodes`` raylets of one CPU each, shut down when the block ends."""
+    if nodes == 1:
+        yield ["--ray", "--"]
+        return
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield ["--ray", cluster.address, "--"]
+    finally:
+        cluster.shutdown()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", nargs="+", type=int, default=[4, 16])
     parser.add_argument("--model", default=str(ROOT / "fixtures" / "tiny-llama-bpe"))
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="1: a local runtime; N: a cluster of N one-CPU nodes")
     args = parser.parse_args()
     print("| corpus | run | wall s | driver peak RSS MiB | check |")
     print("|---|---|---:|---:|---|")
-    with tempfile.TemporaryDirectory(prefix="llmarc-ray-memory-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="llmarc-ray-memory-") as tmp, \
+            ray_option(args.nodes) as ray:
         work = Path(tmp)
         for mib in args.mib:
             src = work / f"src{mib}"
             make_corpus(src, mib)
             common = ["--codec", "llm", "--model", args.model, "-q"]
             ray_archive, local_archive = work / f"ray{mib}.llma", work / f"local{mib}.llma"
-            rows = [("pack --ray", driver("pack", *common, "--ray", "--", str(src),
-                                          str(ray_archive)), "")]
+            rows = [("pack --ray", driver("pack", *common, *ray, str(src), str(ray_archive)),
+                     "")]
             seconds = driver("pack", *common, str(src), str(local_archive))
             same = ray_archive.read_bytes() == local_archive.read_bytes()
             rows.append(("pack, one process", seconds,
                          "same archive as --ray" if same else "ARCHIVES DIFFER"))
             out = work / f"out{mib}"
-            extracted = driver("extract", str(ray_archive), "-C", str(out), "--model",
-                               args.model, "-q", "--ray")
+            extracted = driver("extract", "--model", args.model, "-q", *ray, str(ray_archive),
+                               "-C", str(out))
             equal = not filecmp.dircmp(src, out).diff_files and \
                 sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
             rows.append(("extract --ray", extracted, "exact" if equal else "DIFFERS"))
             for what, (wall, peak), check in rows:
-                print(f"| {mib} MiB | {what} | {wall:.1f} | {peak} | {check} |", flush=True)
+                where = "" if args.nodes == 1 else f", {args.nodes} nodes"
+                print(f"| {mib} MiB | {what}{where} | {wall:.1f} | {peak} | {check} |",
+                      flush=True)
     return 0
 
 

@@ -111,6 +111,21 @@ def test_two_nodes_pack_and_extract_byte_identically(cluster, tree, local, coder
     assert live_llmarc_actors() == []
 
 
+def test_actors_fit_nodes_smaller_than_the_thread_count(cluster, tree, local, coders,
+                                                        tmp_path, monkeypatch) -> None:
+    """--threads 2 on nodes of one CPU each: an actor reserves at most a node's CPUs (it
+    once asked for 2 and waited forever for a node that has them), one per node, and the
+    archive is the one-process pack's (int-v2 does not depend on the thread count)."""
+    from llmarc.distributed import scheduler
+
+    monkeypatch.setattr(scheduler, "START_TIMEOUT", 60.0)  # a fault fails, not hangs
+    out = tmp_path / "threads.llma"
+    llmarc.pack(tree, out, codec="llm",
+                llm=LLMOptions(ray=cluster.address, **{**SETTINGS, "threads": 2}))
+    assert out.read_bytes() == local
+    assert coders[0].last_run.workers == 2
+
+
 def test_a_node_removed_mid_run_is_survived(cluster, tree, local, coders, tmp_path) -> None:
     """The worker node goes away at the first coded group (another joins, so the
     restarted actor has a CPU): its groups are re-run and the archive is unchanged."""

@@ -148,7 +148,9 @@ class RayCoder(SegmentCoder):
     def _plan(self) -> tuple[int, dict[str, Any], str]:
         """(actors, ray actor resources, device for the workers): one actor per GPU when
         the model is to run on CUDA and the cluster has GPUs; else one per ``threads``
-        CPU cores (threads is part of the recorded numerics, so every actor uses it)."""
+        CPU cores of a node (threads is part of lockstep-v1's recorded numerics, so every
+        actor runs that many; an actor reserves no more CPUs than the largest node has,
+        or a cluster of nodes smaller than ``threads`` could never place one)."""
         resources = self.ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         threads = self.loaded.threads
@@ -158,9 +160,11 @@ class RayCoder(SegmentCoder):
             raise ClusterError(f"--device {self.device} was asked for, but the Ray cluster "
                                "has no GPU")
         else:
-            cpus = max(1, int(resources.get("CPU", 1)))
-            count, device = max(1, cpus // threads), "cpu"
-            options = {"num_cpus": min(threads, cpus)}  # a smaller cluster must still fit one
+            nodes = [int(node["Resources"].get("CPU", 0)) for node in self.ray.nodes()
+                     if node.get("Alive")] or [max(1, int(resources.get("CPU", 1)))]
+            per_actor = max(1, min(threads, max(nodes)))
+            count, device = max(1, sum(cpus // per_actor for cpus in nodes)), "cpu"
+            options = {"num_cpus": per_actor}
         if self.max_workers is not None:
             count = min(count, self.max_workers)
         return count, options, device
