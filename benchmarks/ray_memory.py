@@ -106,13 +106,13 @@ def main() -> int:
             rows.append(("pack, one process", seconds,
                          "same archive as --ray" if same else "ARCHIVES DIFFER"))
             out = work / f"out{mib}"
-            extracted = driver("extract", "--model", args.model, "-q", *ray, str(ray_archive),
-                               "-C", str(out))
+            extracted = driver("extract", "--model", args.model, "-q", "-C", str(out), *ray,
+                               str(ray_archive))
             equal = not filecmp.dircmp(src, out).diff_files and \
                 sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
             rows.append(("extract --ray", extracted, "exact" if equal else "DIFFERS"))
             for what, (wall, peak), check in rows:
-                where = "" if args.nodes == 1 else f", {args.nodes} nodes"
+                where = "" if args.nodes == 1 or "--ray" not in what else f", {args.nodes} nodes"
                 print(f"| {mib} MiB | {what}{where} | {wall:.1f} | {peak} | {check} |",
                       flush=True)
     return 0
