@@ -114,7 +114,8 @@ def test_two_nodes_pack_and_extract_byte_identically(cluster, tree, local, coder
 def test_actors_fit_nodes_smaller_than_the_thread_count(cluster, tree, local, coders,
                                                         tmp_path, monkeypatch) -> None:
     """--threads 2 on nodes of one CPU each: an actor reserves at most a node's CPUs (it
-    once asked for 2 and waited forever for a node that has them), one per node, and the
+    once asked for 2 and waited out START_TIMEOUT for a node that had them), one per
+    node, and the
     archive is the one-process pack's (int-v2 does not depend on the thread count)."""
     from llmarc.distributed import scheduler
 
