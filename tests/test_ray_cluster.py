@@ -115,16 +115,25 @@ def test_actors_fit_nodes_smaller_than_the_thread_count(cluster, tree, local, co
                                                         tmp_path, monkeypatch) -> None:
     """--threads 2 on nodes of one CPU each: an actor reserves at most a node's CPUs (it
     once asked for 2 and waited out START_TIMEOUT for a node that had them), one per
-    node, and the
+    node, each running that many threads, and the
     archive is the one-process pack's (int-v2 does not depend on the thread count)."""
     from llmarc.distributed import scheduler
 
     monkeypatch.setattr(scheduler, "START_TIMEOUT", 60.0)  # a fault fails, not hangs
+    threads: list[int] = []
+    check = ray_coder.RayCoder._check
+
+    def record(self, report) -> None:
+        threads.append(report.threads)
+        check(self, report)
+
+    monkeypatch.setattr(ray_coder.RayCoder, "_check", record)
     out = tmp_path / "threads.llma"
     llmarc.pack(tree, out, codec="llm",
                 llm=LLMOptions(ray=cluster.address, **{**SETTINGS, "threads": 2}))
     assert out.read_bytes() == local
     assert coders[0].last_run.workers == 2
+    assert threads and set(threads) == {1}  # every actor runs the one CPU it reserved
 
 
 def test_a_node_removed_mid_run_is_survived(cluster, tree, local, coders, tmp_path) -> None:

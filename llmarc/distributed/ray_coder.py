@@ -148,9 +148,9 @@ class RayCoder(SegmentCoder):
     def _plan(self) -> tuple[int, dict[str, Any], str]:
         """(actors, ray actor resources, device for the workers): one actor per GPU when
         the model is to run on CUDA and the cluster has GPUs; else one per ``threads``
-        CPU cores of a node (threads is part of lockstep-v1's recorded numerics, so every
-        actor runs that many; an actor reserves no more CPUs than the largest node has,
-        or a cluster of nodes smaller than ``threads`` could never place one)."""
+        CPU cores of a node (an actor reserves no more CPUs than the largest node has, or
+        a cluster of nodes smaller than ``threads`` could never place one; threads is
+        part of lockstep-v1's recorded numerics, so its actors run that many anyway)."""
         resources = self.ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         threads = self.loaded.threads
@@ -174,11 +174,15 @@ class RayCoder(SegmentCoder):
         remote = self.ray.remote(SegmentWorker)
         common = dict(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
                       namespace=NAMESPACE, **resources)
+        # int-v1/v2 on CPUs: the thread count is the actor's own choice (the numbers do not
+        # depend on it), so each runs the CPUs it reserved, no more than a node has.
+        threads = resources["num_cpus"] if device == "cpu" and self.portable \
+            else self.loaded.threads
         actors = []
         for index in range(count):
             name = f"worker {index + 1}"
             spec = WorkerSpec(name=name, model=worker_model(self.loaded.source), device=device,
-                              dtype=self.loaded.dtype_name, threads=self.loaded.threads,
+                              dtype=self.loaded.dtype_name, threads=threads,
                               settings=self.settings)
             actors.append((name, remote.options(name=f"{run}-{index + 1}", **common).remote(spec)))
         log.info("ray: %d workers (%s) for run %s", count, resources, run)
