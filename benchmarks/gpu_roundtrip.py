@@ -17,8 +17,10 @@ the float32 GEMM chunks the GPU path adds up, and a *7B-shaped* one (LLaMA-7B's 
 hidden 4,096, 32 heads, intermediate 11,008; 4 of its 32 layers) for the flagship's speed
 and memory on the GPU.
 
-``device`` packs every case with ``--device cuda``, extracts its own archives and the
-CPU's on the GPU, and writes ``gpu.json`` (archive digests, times, GPU memory) and
+On the GPU machine ``WORK`` arrives as a carried path (``.gpu/`` is git-ignored; the
+device tool carries ``.gpu/work`` and a ``.whl/`` of the wheels its image lacks, e.g.
+zstandard).  ``device`` packs every case with ``--device cuda``, extracts its own
+archives and the CPU's on the GPU, and writes ``gpu.json`` (archive digests, times, GPU memory) and
 ``archives.tar``.  ``compare`` requires every GPU archive to equal the CPU's byte for
 byte, extracts each on the CPU, and prints a Markdown table.
 """
