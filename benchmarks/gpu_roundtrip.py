@@ -42,9 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.inputs import CORPUS
+from benchmarks.small_files import same_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
-CORPUS = ROOT.parent / "shared" / "corpus"
 FIXED_MTIME_NS = 1_767_225_600 * 10**9  # 2026-01-01
 
 
@@ -87,15 +89,12 @@ def sha256(path: Path) -> str:
 
 
 def tree_digest(folder: Path) -> str:
-    """One digest of a folder's files (names and bytes), to compare models and outputs."""
+    """One digest of a folder's files (names and bytes): a model folder, compared across
+    machines."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + sha256(path).encode())
     return digest.hexdigest()
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    return tree_digest(a) == tree_digest(b)
 
 
 # ---------------------------------------------------------------------------- models

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import filecmp
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.inputs import CORPUS
+from benchmarks.small_files import same_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,9 +108,8 @@ def main() -> int:
             out = work / f"out{mib}"
             extracted = driver("extract", "--model", args.model, "-q", "-C", str(out), *ray,
                                str(ray_archive))
-            equal = not filecmp.dircmp(src, out).diff_files and \
-                sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
-            rows.append(("extract --ray", extracted, "exact" if equal else "DIFFERS"))
+            rows.append(("extract --ray", extracted,
+                         "exact" if same_tree(src, out) else "DIFFERS"))
             for what, (wall, peak), check in rows:
                 where = "" if args.nodes == 1 or "--ray" not in what else f", {args.nodes} nodes"
                 print(f"| {mib} MiB | {what}{where} | {wall:.1f} | {peak} | {check} |",
