@@ -1,8 +1,9 @@
 """Ratio against speed for the settings a user can choose (issue 24 item 5, first rows).
 
-    python -m benchmarks.pareto [--input alice29.txt ...] [--lengths 512 1024 2048 4096]
+    python -m benchmarks.pareto [--input alice29.txt ...] [--settings 1024 2048 1024:256:8]
 
-For each input (a file of ../shared/corpus, whole) and each segment length, with the
+For each input (a file of ../shared/corpus, whole) and each setting (a segment length L,
+or L:C:G for context carry of C tokens in chains of G segments), with the
 embedded SmolLM2 and int-v2 on this machine's CPUs: one ``llmarc pack --codec llm`` and
 one ``llmarc extract`` in fresh processes; prints whole-archive bits per byte (archive
 bytes x 8 / input bytes), pack and extract tokens/s (model load included, so short
@@ -45,7 +46,8 @@ def run(*args: str) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", default=["alice29.txt"])
-    parser.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096])
+    parser.add_argument("--settings", nargs="+", default=["1024", "2048", "1024:256:8"],
+                        help="L, or L:C:G (context carry C in chains of G)")
     args = parser.parse_args()
     print("| input | setting | whole-archive bits/byte | pack tokens/s | extract tokens/s "
           "| pack / extract peak RSS MB |")
@@ -61,15 +63,21 @@ def main() -> int:
             for label, packed in (("zstd -19", zstandard.ZstdCompressor(level=19).compress(data)),
                                   ("xz -9", lzma.compress(data, preset=9))):
                 print(f"| {name} | {label} | {len(packed) * 8 / len(data):.3f} | | | |")
-            for length in args.lengths:
-                archive = work / f"{src.name}-{length}.llma"
-                pack, pack_rss = run("pack", "-q", "--codec", "llm", "--segment-length",
-                                     str(length), str(src), str(archive))
-                out = work / f"{src.name}-{length}-out"
+            for setting in args.settings:
+                length, carry, chain = [*setting.split(":"), "0", "1"][:3]
+                options = ["--segment-length", length]
+                label = f"L = {length}"
+                if int(carry):
+                    options += ["--carry", carry, "--chain", chain]
+                    label += f", carry {carry}, chain {chain}"
+                archive = work / f"{src.name}-{setting}.llma"
+                pack, pack_rss = run("pack", "-q", "--codec", "llm", *options, str(src),
+                                     str(archive))
+                out = work / f"{src.name}-{setting}-out"
                 extract, extract_rss = run("extract", "-q", str(archive), "-C", str(out))
                 same = all((out / f.name).read_bytes() == f.read_bytes() for f in src.iterdir())
                 bits = archive.stat().st_size * 8 / len(data)
-                print(f"| {name} | int-v2, L = {length} | {bits:.3f} | {tokens / pack:.0f} "
+                print(f"| {name} | int-v2, {label} | {bits:.3f} | {tokens / pack:.0f} "
                       f"| {tokens / extract:.0f}{'' if same else ' DIFFERS'} "
                       f"| {pack_rss:.0f} / {extract_rss:.0f} |", flush=True)
     return 0

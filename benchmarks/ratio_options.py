@@ -78,7 +78,8 @@ def llm_frequencies(loaded: LoadedModel, tokens: list[int], length: int,
     model = loaded.integer_model(length + carry, "int-v2")
     freq = np.zeros(len(tokens), dtype=np.int64)
     pos = 0
-    for segment in split_segments(tokens, length):
+    for part in split_segments(tokens, length):
+        segment = part.tokens
         context = tokens[max(0, pos - carry):pos] if carry else []
         sequence = [loaded.start_token, *context, *segment]
         final, scales = model.final_rows(np.array([sequence[:-1]], dtype=np.int64))

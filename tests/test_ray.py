@@ -19,7 +19,7 @@ import pytest
 
 import llmarc
 from llmarc.cli import _ray_argv, run
-from llmarc.codecs.llm import CodingSettings, LLMCodec
+from llmarc.codecs.llm import CodingSettings, LLMCodec, Segment
 from llmarc.codecs.llm_options import LLMOptions
 from llmarc.distributed import ClusterError, ray_coder
 from llmarc.errors import ModelMismatchError
@@ -156,6 +156,24 @@ def test_local_archive_extracts_and_tests_on_ray(runtime, tree, local_archives, 
     assert live_llmarc_actors() == []
 
 
+def test_context_carry_packs_and_extracts_on_ray_as_in_one_process(
+    runtime, tree, coders, tmp_path, monkeypatch
+):
+    """Chains of 2 segments with 4 carried tokens: the actors get each segment with its
+    context, the archive is the one-process one, and extraction runs in rounds."""
+    monkeypatch.setenv(ray_coder.WORKERS_ENV, "2")
+    carry = {**SETTINGS, "carry": 4, "chain": 2}
+    local, out = tmp_path / "local.llma", tmp_path / "ray.llma"
+    llmarc.pack(tree, local, codec="llm", llm=LLMOptions(**carry))
+    llmarc.pack(tree, out, codec="llm", llm=LLMOptions(ray=runtime, **carry))
+    assert out.read_bytes() == local.read_bytes()
+    with llmarc.open(out, model=TINY_BPE, ray=runtime) as archive:
+        archive.extract(tmp_path / "out")
+    assert snapshot(tmp_path / "out") == snapshot(tree)
+    assert coders[-1].runs >= 2  # a round per chain position
+    assert live_llmarc_actors() == []
+
+
 class KillOnce:
     """A progress sink whose token bar kills worker 1 (Ray restarts it) at the first
     finished group, while other groups of that worker are still in flight."""
@@ -266,11 +284,11 @@ def test_a_group_that_keeps_failing_ends_the_run(runtime, monkeypatch):
     # A token id past the vocabulary makes the worker's coder raise on every attempt.
     last_error = r"failed 3 times; last error: .*ValueError: one token per row"
     with pytest.raises(ClusterError, match=last_error):
-        coder.encode_segments([[3, 4], [10**7]])
+        coder.encode_segments([Segment([3, 4]), Segment([10**7])])
     assert coder.last_run.retried == 2
     assert live_llmarc_actors() == []
     # The same coder still works afterwards (fresh actors per call).
-    good = [[5, 6, 7, 8], [9, 10]]
+    good = [Segment([5, 6, 7, 8]), Segment([9, 10], [5, 6])]
     assert coder.encode_segments(good) == LLMCodec(loaded, settings).encode_segments(good)
 
 
@@ -283,7 +301,7 @@ def test_a_failed_ray_pack_leaves_nothing_under_out(runtime, tmp_path, monkeypat
     original = ray_coder.RayCoder.encode_segments
 
     def with_a_bad_segment(self, segments, *args, **kwargs):
-        return original(self, [*segments, [10**7]], *args, **kwargs)
+        return original(self, [*segments, Segment([10**7])], *args, **kwargs)
 
     monkeypatch.setattr(ray_coder.RayCoder, "encode_segments", with_a_bad_segment)
     src = make_tree(tmp_path / "src", {"a.txt": b"a text for the actors " * 8})

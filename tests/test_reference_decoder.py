@@ -194,10 +194,14 @@ def test_model_components_and_logits(model: str) -> None:
         assert hashlib.sha256(raw).hexdigest() == digest["sha256_float32_le"], engine
 
 
-def test_an_archive_llmarc_packs_now_with_smollm2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("settings", [{"segment_length": 32},
+                                      {"segment_length": 12, "carry": 6, "chain": 2}],
+                         ids=["plain", "context-carry"])
+def test_an_archive_llmarc_packs_now_with_smollm2(tmp_path: Path, settings: dict) -> None:
     """A short text, with a byte SmolLM2's vocabulary lacks (an escape), packed by this
-    llmarc with the embedded model (fingerprint version 2): the independent decoder
-    gives back the same bytes."""
+    llmarc with the embedded model (fingerprint version 2), also with context carry
+    (28 tokens: segments 0-1 and 2 are chains, segment 1 fed 6 tokens of segment 0): the
+    independent decoder gives back the same bytes."""
     import llmarc
     from llmarc.codecs.llm_options import LLMOptions
 
@@ -210,6 +214,6 @@ def test_an_archive_llmarc_packs_now_with_smollm2(tmp_path: Path) -> None:
     (src / "note.txt").write_bytes(text)
     out = tmp_path / "smollm2.llma"
     llmarc.pack(src, out, codec="llm", warn=lambda m: None,
-                llm=LLMOptions(model="smollm2", device="cpu", segment_length=32))
+                llm=LLMOptions(model="smollm2", device="cpu", **settings))
     assert decode_with_the_cli(out, gguf, tmp_path) == {
         "note.txt": hashlib.sha256(text).hexdigest()}

@@ -144,6 +144,14 @@ def _form1(**change: int) -> bytes:
     return bytes(out)
 
 
+def _form2(carry: int = 256, chain: int = 8, **change: int) -> bytes:
+    """A form-2 record (form 1's fields, then carry and chain: context carry)."""
+    out = bytearray(_form1(form=2, **change))
+    put_varint(out, carry)
+    put_varint(out, chain)
+    return bytes(out)
+
+
 @pytest.mark.parametrize(("fields", "error"), [
     (_form1(), None),
     (_form1(form=7), UnsupportedFeatureError),
@@ -159,6 +167,16 @@ def _form1(**change: int) -> bytes:
     (_form1()[:20], CorruptArchiveError),  # cut inside the record
     (bytes((0,)) + bytes(32) + b"\x00\x05{bad}", CorruptArchiveError),  # form 0, bad JSON
     (bytes((0,)) + bytes(32) + b"\x00\x80\x80\x04", CorruptArchiveError),  # profile > 64 KiB
+    (_form2(), None),
+    (_form2(carry=1024), None),  # carry may be the whole segment length
+    (_form2(chain=65536), None),
+    (_form2(carry=0), CorruptArchiveError),
+    (_form2(carry=1025), CorruptArchiveError),  # more than L
+    (_form2(chain=1), CorruptArchiveError),
+    (_form2(chain=65537), CorruptArchiveError),
+    (_form2(engine=3), UnsupportedFeatureError),
+    (_form2()[:-1], CorruptArchiveError),  # chain missing
+    (_form1(form=3), UnsupportedFeatureError),
 ])
 def test_hostile_model_records(fields: bytes, error: type[Exception] | None) -> None:
     raw = _model_index(fields)

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from llmarc.codecs.llm import CodingSettings, LLMCodec, SegmentJob, _group_width
+from llmarc.codecs.llm import CodingSettings, LLMCodec, Segment, SegmentJob, _group_width
 from llmarc.errors import CorruptArchiveError
 from llmarc.inference import threads
 from llmarc.model.loader import load_model
@@ -107,19 +107,22 @@ def _segments(count: int, length: int) -> list[list[int]]:
 def test_split_coding_gives_the_bytes_of_one_thread(loaded, engine, monkeypatch) -> None:
     """Encoder batches (3: two on workers, one on the caller) and decoder groups (7 rows:
     4 + 3 on two workers) against the same work on one thread, with every token counted
-    once by the progress callback."""
+    once by the progress callback; every other segment has a context (context carry)."""
     monkeypatch.setattr("llmarc.codecs.llm.PREFILL_POSITIONS", 96)  # rows 2 + 2 + 3
     segments = _segments(7, 48)
+    contexts = [segments[i - 1][-8:] if i % 2 else [] for i in range(len(segments))]
     codec = LLMCodec(loaded, CodingSettings(32, 48, engine=engine))
     results = {}
     for count in (1, 2):
         threads.set_thread_count(count)
         counted: list[int] = []
         try:
-            encoded = codec.encode_segments(segments, progress=counted.append)
+            encoded = codec.encode_segments(
+                [Segment(s, c) for s, c in zip(segments, contexts, strict=True)],
+                progress=counted.append)
             assert sum(counted) == sum(map(len, segments))
-            jobs = [SegmentJob(stream, len(tokens), 10**6)
-                    for (stream, _), tokens in zip(encoded, segments, strict=True)]
+            jobs = [SegmentJob(stream, len(tokens), 10**6, context) for (stream, _), tokens,
+                    context in zip(encoded, segments, contexts, strict=True)]
             counted.clear()
             decoded = codec.decode_segments(jobs, progress=counted.append)
             assert sum(counted) == sum(map(len, segments))
@@ -134,7 +137,8 @@ def test_a_corrupt_segment_fails_alone_in_a_split_decode(loaded, two_threads) ->
     segments = _segments(8, 40)
     codec = LLMCodec(loaded, CodingSettings(32, 40, engine="int-v2"))
     jobs = [SegmentJob(stream, len(tokens), 10**6) for (stream, _), tokens
-            in zip(codec.encode_segments(segments), segments, strict=True)]
+            in zip(codec.encode_segments([Segment(s) for s in segments]), segments,
+                   strict=True)]
     jobs[5] = SegmentJob(jobs[5].stream, jobs[5].count, 3)  # decodes past its byte limit
     decoded = codec.decode_segments(jobs)
     assert isinstance(decoded[5], CorruptArchiveError)

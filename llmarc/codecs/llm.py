@@ -9,15 +9,16 @@ Layout (spec/llm-codec.md is normative):
   ``ceil(token_count / L)`` segments, then the segments' range-coded streams back to back.
 
 A segment holds at most L tokens and starts from the model's start token at position 0,
-so its stream depends on nothing but its own tokens: extracting one member decodes only
-that member's segments, padded to B rows.  Segments of many entries share the B rows of
-a lockstep group, sorted longest first so short segments waste few steps.
+so its stream depends on nothing but its own tokens (and, with context carry, on the
+last C tokens of the segment before it: spec/llm-codec.md §3.4): extracting one member
+decodes only that member's segments.  Segments of many entries share the rows stepped
+together, sorted longest first so short segments waste few steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import dataclasses
 import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -51,6 +52,12 @@ DEFAULT_CPU_BATCH_WIDTH = 32
 DEFAULT_PRECISION = 24
 MAX_BATCH_WIDTH = 1024
 MAX_SEGMENT_LENGTH = 1 << 16
+#: Most segments per chain, and most positions of a row with context (L + C): the
+#: int-v2 attention's int32 sums are proven for up to 2^16 positions (llm-codec.md §5.6).
+MAX_CHAIN = 1 << 16
+MAX_POSITIONS = 1 << 16
+#: Segments per chain when a pack asks for context carry without saying (§3.4).
+DEFAULT_CHAIN = 8
 MAX_VARINT_BYTES = 10
 MAX_THREADS = 1024
 #: int-v1/v2 encode by prefill: segments are stacked into batches of about this many
@@ -112,9 +119,26 @@ class CodingSettings:
     segment_length: int
     precision: int = DEFAULT_PRECISION
     engine: str = DEFAULT_ENGINE
+    #: Context carry (spec/llm-codec.md §3.4): C tokens of the segment before fed to
+    #: each segment that does not start a chain of ``chain`` segments; 0: none.
+    carry: int = 0
+    chain: int = 1
 
     def validate(self) -> None:
         """Bounds-check settings read from a (hostile) archive before allocating anything."""
+        if self.carry:
+            if self.engine not in INTEGER_ENGINES:
+                raise CorruptArchiveError(f"llm profile: context carry needs int-v1 or int-v2, "
+                                          f"not {self.engine}")
+            if not 1 <= self.carry <= self.segment_length:
+                raise CorruptArchiveError(f"llm profile: carry {self.carry} out of range "
+                                          f"(1 to the segment length {self.segment_length})")
+            if not 2 <= self.chain <= MAX_CHAIN:
+                raise CorruptArchiveError(f"llm profile: chain {self.chain} out of range")
+            if self.segment_length + self.carry > MAX_POSITIONS:
+                raise CorruptArchiveError(
+                    f"llm profile: segment length {self.segment_length} plus carry "
+                    f"{self.carry} exceeds {MAX_POSITIONS} positions")
         if not 1 <= self.batch_width <= MAX_BATCH_WIDTH:
             raise CorruptArchiveError(f"llm profile: batch width {self.batch_width} out of range")
         if not 1 <= self.segment_length <= MAX_SEGMENT_LENGTH:
@@ -140,10 +164,12 @@ def build_profile(loaded: Any, settings: CodingSettings) -> dict[str, Any]:
     reader with another model can say which part of it differs."""
     components = {COMPONENTS_KEY: loaded.components.short()}
     if settings.engine in INTEGER_ENGINES:
+        carry = {"carry": settings.carry, "chain": settings.chain} if settings.carry else {}
         return {
             "engine": settings.engine,
             "segment_length": settings.segment_length,
             "precision": settings.precision,
+            **carry,
             **components,
         }
     profile = dict(loaded.environment)
@@ -182,12 +208,16 @@ def settings_from_profile(
         )
     length = _profile_int(profile, "segment_length", 1, MAX_SEGMENT_LENGTH)
     precision = _profile_int(profile, "precision", 12, 28)
+    carry, chain = 0, 1
+    if engine in INTEGER_ENGINES and ("carry" in profile or "chain" in profile):
+        carry = _profile_int(profile, "carry", 1, length)  # §2.2: both keys, or neither
+        chain = _profile_int(profile, "chain", 2, MAX_CHAIN)
     if engine == ENGINE_LOCKSTEP:
         batch_width = _profile_int(profile, "batch_width", 1, MAX_BATCH_WIDTH)
         _profile_int(profile, "threads", 1, MAX_THREADS)
         if profile.get("dtype") not in ("float32", "bfloat16", "float16"):
             raise CorruptArchiveError(f"llm profile: unknown dtype {profile.get('dtype')!r}")
-    settings = CodingSettings(batch_width, length, precision, engine)
+    settings = CodingSettings(batch_width, length, precision, engine, carry, chain)
     settings.validate()
     return settings
 
@@ -242,10 +272,11 @@ def check_model_limits(loaded: Any, settings: CodingSettings) -> None:
     the logits width V leaves no room for every symbol's frequency of at least 1
     (entropy.md §2)."""
     window = loaded.context_window
-    if settings.segment_length > window:
+    if settings.segment_length + settings.carry > window:
+        carried = f" plus carry {settings.carry}" if settings.carry else ""
         raise CorruptArchiveError(
-            f"llm profile: segment length {settings.segment_length} exceeds the model's "
-            f"window of {window} positions")
+            f"llm profile: segment length {settings.segment_length}{carried} exceeds the "
+            f"model's window of {window} positions")
     if loaded.vocab_size >= 1 << settings.precision:
         raise CorruptArchiveError(
             f"llm profile: precision {settings.precision} is too small for the model's "
@@ -427,14 +458,35 @@ class CodingStats:
 
 # --------------------------------------------------------------------------- segments
 @dataclass(frozen=True, slots=True)
+class Segment:
+    """One segment to encode: its tokens, and the uncoded context fed before them (the
+    tokens before it, with context carry: spec/llm-codec.md §3.4; else none)."""
+
+    tokens: list[int]
+    context: list[int] = field(default_factory=list)
+
+    @property
+    def positions(self) -> int:
+        """Model positions the segment takes (its cost)."""
+        return len(self.context) + len(self.tokens)
+
+
+@dataclass(frozen=True, slots=True)
 class SegmentJob:
-    """One segment to decode: its range-coder stream, how many tokens it holds, and the
+    """One segment to decode: its range-coder stream, how many tokens it holds, the
     most bytes its tokens may produce (:func:`segment_byte_limit`: a hostile stream
-    cannot make the decoder build more than that)."""
+    cannot make the decoder build more than that), and its context (§3.4: tokens of the
+    segment before, already decoded and verified; empty without carry)."""
 
     stream: bytes
     count: int
     byte_limit: int
+    context: list[int] = field(default_factory=list)
+
+    @property
+    def positions(self) -> int:
+        """Model positions the segment takes at most (its cost)."""
+        return len(self.context) + self.count
 
 
 def segment_byte_limit(original_size: int, escape_count: int, token_count: int,
@@ -447,9 +499,14 @@ def segment_byte_limit(original_size: int, escape_count: int, token_count: int,
     return original_size - escape_count - (token_count - count)
 
 
-def split_segments(tokens: list[int], length: int) -> list[list[int]]:
-    """Cut an entry's tokens into segments of ``length`` (the last may be shorter)."""
-    return [tokens[begin : begin + length] for begin in range(0, len(tokens), length)]
+def split_segments(tokens: list[int], length: int, carry: int = 0,
+                   chain: int = 1) -> list[Segment]:
+    """Cut an entry's tokens into segments of ``length`` (the last may be shorter), each
+    with its context (spec/llm-codec.md §3.4): the ``carry`` tokens before it, unless it
+    starts a chain of ``chain`` segments."""
+    return [Segment(tokens[begin : begin + length],
+                    tokens[begin - carry : begin] if carry and index % chain else [])
+            for index, begin in enumerate(range(0, len(tokens), length))]
 
 
 class SegmentCoder:
@@ -465,17 +522,19 @@ class SegmentCoder:
 
     def encode_segments(
         self,
-        segments: list[list[int]],
+        segments: list[Segment],
         progress: ProgressCallback | None = None,
         collect_stats: bool = False,
     ) -> list[tuple[bytes, CodingStats]]:
-        """Code each segment (at most L tokens) into its own stream (input order kept)."""
+        """Code each segment (at most L tokens, after its context) into its own stream
+        (input order kept)."""
         raise NotImplementedError
 
     def decode_segments(
         self, jobs: list[SegmentJob], progress: ProgressCallback | None = None
     ) -> list[list[int] | CorruptArchiveError]:
-        """Decode each segment's tokens; a hostile stream gives an error in its slot."""
+        """Decode each segment's tokens (without its context); a hostile stream gives an
+        error in its slot."""
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -504,11 +563,12 @@ class SegmentCoder:
 
         ``escapes`` (int-v1/v2 payloads) are the bytes cut out of each entry before it was
         tokenized; None writes the lockstep-v1 layout, which has no escape list."""
-        length = self.settings.segment_length
+        settings = self.settings
         owners: list[int] = []
-        segments: list[list[int]] = []
+        segments: list[Segment] = []
         for owner, tokens in enumerate(token_lists):
-            for part in split_segments(tokens, length):
+            for part in split_segments(tokens, settings.segment_length, settings.carry,
+                                       settings.chain):
                 owners.append(owner)
                 segments.append(part)
         coded = self.encode_segments(segments, progress, collect_stats)
@@ -534,17 +594,27 @@ class SegmentCoder:
         A hostile payload gives a CorruptArchiveError *in its slot* (the others still
         decode); wrong-but-plausible output cannot be ruled out here and is caught by the
         caller's SHA-256.
+
+        Segments are decoded in rounds over chains (spec/llm-codec.md §3.4): round r
+        decodes segment r of every chain at hand as independent rows, each fed the tail
+        of the segment round r - 1 decoded.  Without context carry every segment is its
+        own chain, and one round decodes them all.
         """
-        length, table = self.settings.segment_length, self.table
-        with_escapes = self.settings.engine in INTEGER_ENGINES
+        settings, table = self.settings, self.table
+        length, carry = settings.segment_length, settings.carry
+        chain = settings.chain if carry else 1
+        with_escapes = settings.engine in INTEGER_ENGINES
         jobs = list(jobs)
         results: list[bytes | CorruptArchiveError] = [b""] * len(jobs)
         escapes: list[Escapes] = [[] for _ in jobs]
-        parts: list[list[bytes]] = [[] for _ in jobs]
+        chains: list[list[_Chain]] = [[] for _ in jobs]  # each entry's, in text order
 
-        def segments() -> Iterator[tuple[int, SegmentJob]]:
-            """(owner, job) of every segment, one payload at a time: the per-segment
-            state of a payload of a million one-token segments is never all alive."""
+        def failed(owner: int) -> bool:
+            return isinstance(results[owner], CorruptArchiveError)
+
+        def pending_chains() -> Iterator[_Chain]:
+            """Every chain of segments, one payload at a time: the per-segment state of a
+            payload of a million one-token segments is never all alive."""
             for owner, (payload, original_size) in enumerate(jobs):
                 try:
                     token_count, escapes[owner], streams = parse_payload(
@@ -553,30 +623,40 @@ class SegmentCoder:
                 except CorruptArchiveError as exc:
                     results[owner] = exc
                     continue
-                for index, stream in enumerate(streams):
-                    if isinstance(results[owner], CorruptArchiveError):
+                for first in range(0, len(streams), chain):
+                    if failed(owner):
                         break  # a segment failed (in an earlier chunk): the entry is corrupt
-                    count = min(length, token_count - index * length)
-                    limit = segment_byte_limit(original_size, len(escapes[owner]),
-                                               token_count, count)
-                    yield owner, SegmentJob(stream, count, limit)
+                    links = []
+                    for index in range(first, min(first + chain, len(streams))):
+                        count = min(length, token_count - index * length)
+                        limit = segment_byte_limit(original_size, len(escapes[owner]),
+                                                   token_count, count)
+                        links.append(SegmentJob(streams[index], count, limit))
+                    chains[owner].append(_Chain(owner, links))
+                    yield chains[owner][-1]
 
-        pending = segments()
-        while chunk := list(itertools.islice(pending, DECODE_CHUNK)):  # bounded live state
-            decoded_chunk = self.decode_segments([job for _owner, job in chunk], progress)
-            for (owner, _job), decoded in zip(chunk, decoded_chunk, strict=True):
-                if isinstance(results[owner], CorruptArchiveError):
-                    continue
-                if isinstance(decoded, CorruptArchiveError):
-                    results[owner] = decoded
-                    parts[owner] = []
-                    continue
-                parts[owner].append(b"".join(table[t] for t in decoded))  # type: ignore[misc]
+        pending = pending_chains()
+        while chunk := _take_chains(pending, DECODE_CHUNK):  # bounded live state
+            for depth in range(max(len(link.jobs) for link in chunk)):
+                live = [link for link in chunk if depth < len(link.jobs) and not failed(link.owner)]
+                round_jobs = [dataclasses.replace(link.jobs[depth], context=link.tail)
+                              for link in live]
+                for link, decoded in zip(live, self.decode_segments(round_jobs, progress),
+                                         strict=True):
+                    if failed(link.owner):
+                        continue
+                    if isinstance(decoded, CorruptArchiveError):
+                        results[link.owner] = decoded
+                        chains[link.owner] = []
+                        continue
+                    link.parts.append(b"".join(table[t] for t in decoded))  # type: ignore[misc]
+                    link.tail = decoded[len(decoded) - carry:] if carry else []
         for owner, (_payload, original_size) in enumerate(jobs):
-            if isinstance(results[owner], CorruptArchiveError):
+            if failed(owner):
                 continue
-            data = apply_escapes(b"".join(parts[owner]), escapes[owner])
-            parts[owner] = []
+            text = b"".join(part for link in chains[owner] for part in link.parts)
+            chains[owner] = []
+            data = apply_escapes(text, escapes[owner])
             if len(data) > original_size:
                 results[owner] = CorruptArchiveError(
                     "llm stream decodes to more bytes than recorded"
@@ -586,16 +666,40 @@ class SegmentCoder:
         return results
 
 
+@dataclass(eq=False)
+class _Chain:
+    """One chain of an entry's segments being decoded round by round (§3.4)."""
+
+    owner: int  # index of the entry
+    jobs: list[SegmentJob]  # its segments, in order
+    parts: list[bytes] = field(default_factory=list)  # decoded bytes, segment by segment
+    tail: list[int] = field(default_factory=list)  # the next segment's context
+
+
+def _take_chains(pending: Iterator[_Chain], segments: int) -> list[_Chain]:
+    """Chains from ``pending`` up to about ``segments`` segments (one chain at least)."""
+    chunk: list[_Chain] = []
+    total = 0
+    for link in pending:
+        chunk.append(link)
+        total += len(link.jobs)
+        if total >= segments:
+            break
+    return chunk
+
+
 @dataclass
 class _Row:
     """One segment being coded in a lockstep group."""
 
     slot: int  # index into the caller's segment list
-    length: int  # tokens in the segment
-    tokens: list[int] = field(default_factory=list)  # encode: known; decode: grows
+    length: int  # positions: the segment's context and tokens
+    tokens: list[int] = field(default_factory=list)  # context, then: encode known; decode grows
     produced: int = 0  # decode: bytes the decoded tokens stand for
     error: CorruptArchiveError | None = None  # a decoding failure stops only this row
-    given: int = 0  # decode: leading tokens decoded before stepping (fed, not decoded)
+    given: int = 0  # leading tokens known before stepping (fed, not coded): the context,
+    #: and for a decoder the first token decoded without the model
+    context: int = 0  # leading tokens that are context (§3.4), not the segment's
 
 
 def _groups(rows: list[_Row], width: int) -> list[list[_Row]]:
@@ -762,7 +866,7 @@ class LLMCodec(SegmentCoder):
 
     def encode_segments(
         self,
-        segments: list[list[int]],
+        segments: list[Segment],
         progress: ProgressCallback | None = None,
         collect_stats: bool = False,
     ) -> list[tuple[bytes, CodingStats]]:
@@ -770,7 +874,7 @@ class LLMCodec(SegmentCoder):
 
         precision = self.settings.precision
         encoders = [RangeEncoder(precision) for _ in segments]
-        stats = [CodingStats(tokens=len(tokens)) for tokens in segments]
+        stats = [CodingStats(tokens=len(segment.tokens)) for segment in segments]
         total = float(1 << precision)
 
         def code(row: _Row, start: int, freq: int) -> None:
@@ -783,7 +887,9 @@ class LLMCodec(SegmentCoder):
             code(row, start, int(ends[token]) - start)
             return token
 
-        rows = [_Row(slot, len(tokens), list(tokens)) for slot, tokens in enumerate(segments)]
+        rows = [_Row(slot, segment.positions, [*segment.context, *segment.tokens],
+                     given=len(segment.context), context=len(segment.context))
+                for slot, segment in enumerate(segments)]
         if self.settings.engine == ENGINE_LOCKSTEP:
             def stepped(row: _Row, t: int, freqs: np.ndarray, logits: Any) -> int:
                 if collect_stats:
@@ -819,7 +925,7 @@ class LLMCodec(SegmentCoder):
             batch, feed = item
             final, scales = model.final_rows(feed)
             for i, row in enumerate(batch):
-                for begin in range(0, row.length, FREQUENCY_ROWS):
+                for begin in range(row.given, row.length, FREQUENCY_ROWS):
                     end = min(row.length, begin + FREQUENCY_ROWS)
                     logits = model.lm_head_logits(final[i, begin:end], scales[i, begin:end])
                     tokens = row.tokens[begin:end]
@@ -830,7 +936,7 @@ class LLMCodec(SegmentCoder):
                     if model_stats is not None:
                         model_stats(row, logits, tokens)
                 if report is not None:
-                    report(row.length)
+                    report(row.length - row.given)
 
         threads.run_split(batches, encode, workers)
 
@@ -853,12 +959,16 @@ class LLMCodec(SegmentCoder):
             row.tokens.append(token)
             return token
 
-        rows = [_Row(slot, job.count) for slot, job in enumerate(jobs)]
+        rows = [_Row(slot, job.positions, list(job.context), given=len(job.context),
+                     context=len(job.context)) for slot, job in enumerate(jobs)]
         stepped = rows
         if self.settings.engine in INTEGER_ENGINES:
-            stepped = self._first_tokens(rows, code_row, progress)
+            cold = [row for row in rows if not row.context]
+            stepped = [row for row in rows if row.context]
+            stepped += self._first_tokens(cold, code_row, progress)
         self._run_groups(stepped, code_row, progress)
-        return [row.error if row.error is not None else row.tokens for row in rows]
+        return [row.error if row.error is not None else row.tokens[row.context:]
+                for row in rows]
 
     def _first_tokens(
         self,
@@ -869,9 +979,9 @@ class LLMCodec(SegmentCoder):
         """Decode every row's first token from the one table all segments share; return
         the rows that still need the model.
 
-        Every segment starts with the start token at position 0, so with an integer
-        engine (whose logits depend on a row's tokens alone) its first prediction is
-        the same for all: computed once per codec.  A payload of a million one-token
+        Every segment without context starts with the start token at position 0, so
+        with an integer engine (whose logits depend on a row's tokens alone) its first
+        prediction is the same for all: computed once per codec.  A payload of a million one-token
         segments (or of segments whose streams fail at once) then costs a range
         decoder step each, not a model step per row."""
         if self._first_table is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmarc.codecs.llm import DEFAULT_ENGINE, DEFAULT_SEGMENT_LENGTH, CodingStats
+from llmarc.codecs.llm import DEFAULT_CHAIN, DEFAULT_ENGINE, DEFAULT_SEGMENT_LENGTH, CodingStats
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,12 @@ class LLMOptions:
     #: int-v1/v2; lockstep-v1 records it and its extraction adopts the archive's.
     threads: int | None = None
     segment_length: int = DEFAULT_SEGMENT_LENGTH
+    #: Context carry (int-v1/v2, spec/llm-codec.md §3.4): tokens of the segment before
+    #: fed to each segment that does not start a chain; 0: none.  Pack only.
+    carry: int = 0
+    #: Segments per chain with context carry: more gives fewer cold segments, fewer
+    #: gives an extraction more independent rows to step together.  Pack only.
+    chain: int = DEFAULT_CHAIN
     #: Rows stepped together; None: sized from memory and workload.  Recorded by
     #: lockstep-v1; with int-v1/v2 a runtime ceiling for decoding (encoding is prefill).
     batch_width: int | None = None

@@ -18,6 +18,8 @@ from llmarc.codecs.llm import (
     DEFAULT_CPU_BATCH_WIDTH,
     ENGINE_LOCKSTEP,
     INTEGER_ENGINES,
+    MAX_CHAIN,
+    MAX_POSITIONS,
     CodingSettings,
     CodingStats,
     LLMCodec,
@@ -67,6 +69,21 @@ def llm_available(options: LLMOptions) -> str | None:
     except ModelError as exc:
         return str(exc)
     return None
+
+
+def check_carry(options: LLMOptions, window: int) -> None:
+    """Refuse (ModelError, a user's mistake) carry options that no archive may record
+    (spec/llm-codec.md §2.2, §3.4), before any text is read."""
+    carry, chain, length = options.carry, options.chain, options.segment_length
+    if options.engine not in INTEGER_ENGINES:
+        raise ModelError(f"--carry needs the int-v1 or int-v2 engine, not {options.engine}")
+    if not 1 <= carry <= length:
+        raise ModelError(f"--carry {carry} is outside 1..{length} (the segment length)")
+    if length + carry > min(window, MAX_POSITIONS):
+        raise ModelError(f"--segment-length {length} plus --carry {carry} exceeds the "
+                         f"model's window of {min(window, MAX_POSITIONS)} positions")
+    if not 2 <= chain <= MAX_CHAIN:
+        raise ModelError(f"--chain {chain} is outside 2..{MAX_CHAIN}")
 
 
 def make_coder(loaded: Any, settings: CodingSettings, options: LLMOptions) -> SegmentCoder:
@@ -169,6 +186,8 @@ class TextEncoder:
         length = options.segment_length
         if not 1 <= length <= loaded.context_window:
             raise ModelError(f"segment length {length} is outside 1..{loaded.context_window}")
+        if options.carry:
+            check_carry(options, loaded.context_window)
         self._loaded = loaded
         self._tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
 
@@ -205,7 +224,9 @@ class TextEncoder:
         if self._coder is None:
             segments = sum(-(-len(token_lists[i]) // length) for i in todo)  # type: ignore[arg-type]
             width = options.batch_width or default_batch_width(loaded, length, segments)
-            self._settings = CodingSettings(width, length, engine=options.engine)
+            self._settings = CodingSettings(width, length, engine=options.engine,
+                                            carry=options.carry,
+                                            chain=options.chain if options.carry else 1)
             self._coder = make_coder(loaded, self._settings, options)
             self._sessions.enter_context(self._coder.session())
         total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]

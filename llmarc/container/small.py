@@ -42,9 +42,12 @@ from .layout import (
     encode_ext_area,
 )
 
-#: Model record forms (§12.3): 0 any profile as JSON, 1 the integer engines in binary.
+#: Model record forms (§12.3): 0 any profile as JSON, 1 the integer engines in binary,
+#: 2 form 1 with context carry (llm-codec.md §3.4).
 FORM_JSON = 0
 FORM_INTEGER = 1
+FORM_CARRY = 2
+MAX_CHAIN = 65536
 #: Engine codes of form 1.
 ENGINE_CODES = {1: "int-v1", 2: "int-v2"}
 _ENGINE_IDS = {name: code for code, name in ENGINE_CODES.items()}
@@ -57,7 +60,8 @@ MAX_START_TOKEN = 2**32 - 1
 
 def _integer_form(profile: dict) -> tuple[int, int, int, bytes, int] | None:
     """(engine code, precision, L, 12 digest bytes, start) when ``profile`` is exactly
-    what form 1 stands for, else None (the record is written as form 0, JSON)."""
+    what form 1 stands for (form 2 without its carry and chain), else None (the record
+    is written as form 0, JSON)."""
     comps = profile.get("model")
     if set(profile) != {"engine", "precision", "segment_length", "model"} \
             or profile["engine"] not in _ENGINE_IDS or not isinstance(comps, dict) \
@@ -80,25 +84,46 @@ def _integer_form(profile: dict) -> tuple[int, int, int, bytes, int] | None:
     return _ENGINE_IDS[profile["engine"]], p, length, digests, start
 
 
+def _carry(profile: dict) -> tuple[int, int] | None:
+    """(carry, chain) of a profile with context carry, else None; ValueError for carry
+    keys that form 2 cannot hold (a writer may record carry in no other form)."""
+    if "carry" not in profile and "chain" not in profile:
+        return None
+    carry, chain = profile.get("carry"), profile.get("chain")
+    length = profile.get("segment_length")
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (carry, chain, length)) \
+            or not (1 <= carry <= length and 2 <= chain <= MAX_CHAIN):
+        raise ValueError(f"carry {carry!r} / chain {chain!r}: no model record can hold them")
+    return carry, chain
+
+
 def encode_model(m: ModelRecord) -> bytes:
     """One model record: form 1 when the profile is an integer engine's as llmarc writes
-    it (the fingerprint is cut to its first 16 bytes), else form 0 (the 1.x record's
-    fields, lengths as varints)."""
+    it (the fingerprint is cut to its first 16 bytes), form 2 when it also has context
+    carry, else form 0 (the 1.x record's fields, lengths as varints)."""
     out = bytearray()
     name = m.name.encode("utf-8")
     if len(name) > MAX_MODEL_NAME_BYTES:
         raise ValueError("model name too long")
-    form = _integer_form(parse_profile_json(m.profile))
+    profile = parse_profile_json(m.profile)
+    carry = _carry(profile)
+    if carry is not None:
+        profile = {k: v for k, v in profile.items() if k not in ("carry", "chain")}
+    form = _integer_form(profile)
     if form is not None and len(m.fingerprint) in (SHORT_FINGERPRINT, 32):
         engine, precision, length, digests, start = form
-        out.append(FORM_INTEGER)
+        out.append(FORM_INTEGER if carry is None else FORM_CARRY)
         out += m.fingerprint[:SHORT_FINGERPRINT]
         put_varint(out, len(name))
         out += name + bytes((engine, precision))
         put_varint(out, length)
         out += digests
         put_varint(out, start)
+        for value in carry or ():
+            put_varint(out, value)
         return bytes(out)
+    if carry is not None:
+        raise ValueError("a profile with context carry must be recorded in form 2")
     if len(m.fingerprint) != 32:
         raise ValueError("a JSON-profile model record needs the 32-byte fingerprint")
     prof = m.profile.encode("utf-8")
@@ -164,7 +189,7 @@ def _decode_model(cur: _Body, i: int) -> ModelRecord:
         prof = _text(cur, MAX_PROFILE_BYTES, f"model {i} numerics profile")
         parse_profile_json(prof, what=f"model {i} numerics profile")  # hostile: bounded
         return ModelRecord(fp, name, prof)
-    if form != FORM_INTEGER:
+    if form not in (FORM_INTEGER, FORM_CARRY):
         raise UnsupportedFeatureError(f"model {i} uses record form {form}, which this "
                                       "reader does not know")
     fp = cur.take(SHORT_FINGERPRINT, f"model {i} fingerprint")
@@ -187,6 +212,15 @@ def _decode_model(cur: _Body, i: int) -> ModelRecord:
     comps["start"] = start
     profile = {"engine": ENGINE_CODES[engine], "model": comps, "precision": precision,
                "segment_length": length}
+    if form == FORM_CARRY:
+        carry = cur.varint(f"model {i} carry")
+        if not 1 <= carry <= length:
+            raise CorruptArchiveError(f"model {i}: carry {carry} out of range (1 to the "
+                                      f"segment length {length})")
+        chain = cur.varint(f"model {i} chain")
+        if not 2 <= chain <= MAX_CHAIN:
+            raise CorruptArchiveError(f"model {i}: chain {chain} out of range")
+        profile.update(carry=carry, chain=chain)
     return ModelRecord(fp, name, canonical_json(profile))
 
 

@@ -26,6 +26,7 @@ from llmarc.codecs.llm import (
     CodingSettings,
     CodingStats,
     ProgressCallback,
+    Segment,
     SegmentCoder,
     SegmentJob,
 )
@@ -278,14 +279,14 @@ class RayCoder(SegmentCoder):
 
     def encode_segments(
         self,
-        segments: list[list[int]],
+        segments: list[Segment],
         progress: ProgressCallback | None = None,
         collect_stats: bool = False,
     ) -> list[tuple[bytes, CodingStats]]:
-        return self._run(segments, [len(s) for s in segments], "encode", progress,
+        return self._run(segments, [s.positions for s in segments], "encode", progress,
                          collect_stats)
 
     def decode_segments(
         self, jobs: list[SegmentJob], progress: ProgressCallback | None = None
     ) -> list[list[int] | CorruptArchiveError]:
-        return self._run(jobs, [job.count for job in jobs], "decode", progress)
+        return self._run(jobs, [job.positions for job in jobs], "decode", progress)

@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmarc.codecs.llm import CodingSettings, CodingStats, SegmentJob
+from llmarc.codecs.llm import CodingSettings, CodingStats, Segment, SegmentJob
 from llmarc.errors import CorruptArchiveError, LlmarcError
 
 
@@ -103,7 +103,7 @@ class SegmentWorker:
         return self.codec
 
     def encode(
-        self, segments: list[list[int]], collect_stats: bool
+        self, segments: list[Segment], collect_stats: bool
     ) -> tuple[WorkerReport, list[tuple[bytes, CodingStats]]]:
         """Code one chunk of segments (a whole lockstep group, longest first)."""
         return self._report, self._coder().encode_segments(segments, None, collect_stats)

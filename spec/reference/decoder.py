@@ -7,11 +7,13 @@ sentencepiece: NumPy, zstandard and mpmath (through ``int_numpy``) and the stand
 library, which is what someone holding only spec/ would have.  Every layer is here:
 
 * the container (format.md): header, footer, index, 1.0 entry records and the 1.1
-  compact table, extension areas, names, stored ranges, solid blocks, zstd frames,
-  every CRC-32 and SHA-256, in the order of checks of §10;
-* the LLM codec (llm-codec.md): profile, fingerprint (weights digest, token table read
-  from ``tokenizer.json`` or, through a small protobuf reader, ``tokenizer.model``,
-  architecture, start token), payload, escapes, the int-v1/int-v2 engine (§5, stepped
+  compact table, format 3.0's layout (§12: model records of forms 0, 1 and 2, compact
+  records with DIGEST128), extension areas, names, stored ranges, solid blocks, zstd
+  frames, every CRC-32 and SHA-256, in the order of checks of §10;
+* the LLM codec (llm-codec.md 1.4): profile, fingerprint (weights digest, token table
+  read from ``tokenizer.json`` or, through a small protobuf reader, ``tokenizer.model``,
+  architecture, start token), payload, escapes, context carry (§3.4: ``carry`` and
+  ``chain``, segments decoded one after another), the int-v1/int-v2 engine (§5, stepped
   one position at a time with a cache; ``int_numpy`` holds the shared primitives), and
   entropy.md's frequencies and range decoder;
 * the model's derivation (model.md): HF folders (safetensors, ``tokenizer.json`` or
@@ -114,6 +116,7 @@ SMALL_HEADER, TRAILER = 12, 8  # format 3.0 (format.md §12)
 MAX_INDEX = MAX_ARCH_EXT = MAX_BODY = MAX_NAMES_TOTAL = 256 << 20
 MAX_ENTRIES = 1_000_000
 MAX_SMALL = 65536
+MAX_CHAIN = MAX_POSITIONS = 65536  # llm-codec.md §2.2 (`chain`), §3.4 (L + C)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_WINDOW = 128 << 20
 EMPTY_SHA = hashlib.sha256(b"").digest()
@@ -546,7 +549,9 @@ def small_text(cur: Cursor, limit: int, what: str) -> str:
 
 
 def read_small_model(cur: Cursor) -> Model:
-    """format.md §12.3: form 0 (a JSON profile) or form 1 (integer engines, binary)."""
+    """format.md §12.3: form 0 (a JSON profile), form 1 (integer engines, binary) or
+    form 2 (form 1's fields, then ``carry`` and ``chain``: llm-codec.md §3.4), every
+    field checked as it is read."""
     form = cur.u8()
     if form == 0:
         fingerprint = cur.take(32)
@@ -555,7 +560,7 @@ def read_small_model(cur: Cursor) -> Model:
         if profile_len > MAX_SMALL:
             raise CorruptArchiveError("profile over 65,536 bytes")
         return Model(fingerprint, name, parse_profile(cur.take(profile_len)))
-    if form != 1:
+    if form not in (1, 2):
         raise UnsupportedFeatureError(f"model record form {form}")
     fingerprint = cur.take(16)
     name = small_text(cur, 255, "model name")
@@ -574,6 +579,14 @@ def read_small_model(cur: Cursor) -> Model:
     profile = {"engine": f"int-v{engine}", "precision": precision, "segment_length": length,
                "model": {"arch": digests[:4].hex(), "table": digests[4:8].hex(),
                          "weights": digests[8:].hex(), "start": start}}
+    if form == 2:  # form 1's profile plus "carry" and "chain"
+        carry = cur.varint()
+        if not 1 <= carry <= length:
+            raise CorruptArchiveError(f"carry {carry} outside 1...{length}")
+        chain = cur.varint()
+        if not 2 <= chain <= MAX_CHAIN:
+            raise CorruptArchiveError(f"chain {chain}")
+        profile["carry"], profile["chain"] = carry, chain
     return Model(fingerprint, name, profile)
 
 
@@ -1720,6 +1733,87 @@ def _profile_int(profile: dict, key: str, low: int, high: int) -> int:
     return value
 
 
+@dataclass
+class Settings:
+    """The keys int-v1/int-v2 read (llm-codec.md §2.2): L, P, and context carry's C and G
+    (C = 0 without ``carry``: then G is unused)."""
+
+    length: int
+    precision: int
+    carry: int = 0
+    chain: int = 0
+
+
+def read_settings(profile: dict) -> Settings:
+    """llm-codec.md §2.2, once ``engine`` named an integer engine: ``segment_length``,
+    ``precision``, then ``carry`` (optional, 1...L with L + C <= 65,536) and ``chain``
+    (2...65,536, present exactly when ``carry`` is); any failure is *corrupt*.  Other
+    keys are ignored."""
+    length = _profile_int(profile, "segment_length", 1, 65536)
+    precision = _profile_int(profile, "precision", 12, 28)
+    if "carry" not in profile:
+        if "chain" in profile:
+            raise CorruptArchiveError("profile has chain without carry")
+        return Settings(length, precision)
+    carry = _profile_int(profile, "carry", 1, min(length, MAX_POSITIONS - length))
+    chain = _profile_int(profile, "chain", 2, MAX_CHAIN)
+    return Settings(length, precision, carry, chain)
+
+
+def segment_context(previous: list[int], s: int, settings: Settings) -> list[int]:
+    """llm-codec.md §3.4: the context of segment ``s``, given ``previous``, the tokens of
+    segment s - 1 (ignored where s starts a chain).  Chains of G segments; the first of a
+    chain (s a multiple of G) and every segment without carry have none; any other has
+    ``t[s·L − C … s·L − 1]``, the last C of segment s − 1's exactly L tokens."""
+    if not settings.carry or s % settings.chain == 0:
+        return []
+    if len(previous) != settings.length:  # s − 1 is not the last segment: it is full
+        raise AssertionError("segment s - 1 does not hold L tokens")
+    return previous[settings.length - settings.carry:]
+
+
+def segment_positions(count: int, settings: Settings) -> int:
+    """The positions the entry's segments use (llm-codec.md §3.4: c + count_s for segment
+    s), to size the rotary tables: the longest segment, and with carry C more for a
+    segment with context.  Segment 1 is one (G ≥ 2) and the longest of them (a full
+    segment unless it is the last)."""
+    positions = min(settings.length, count)
+    if settings.carry and count > settings.length:
+        positions = max(positions,
+                        settings.carry + min(settings.length, count - settings.length))
+    return positions
+
+
+def decode_segment(stepper: Engine, start: int, context: list[int], stream: bytes,
+                   precision: int, tokens: int, table: list[bytes | None],
+                   text: bytearray, own_limit: int, limit: int, what: str) -> list[int]:
+    """llm-codec.md §3.3: segment of ``tokens`` tokens from its ``stream``, its bytes
+    appended to ``text``; its tokens returned.  The model is stepped fresh from the start
+    token at position 0, then fed the ``context`` (positions 1 ... c, logits unused), and
+    the logits at position c + i code token i.  ``own_limit`` is the bound this segment
+    alone proves (its own tokens only, §3.4), ``limit`` the entry's, size − E."""
+    decoder = RangeDecoder(stream, precision)
+    stepper.reset()
+    feed = start
+    for token in context:  # positions 0 ... c − 1: they fill the cache, code nothing
+        stepper.step(feed)
+        feed = token
+    out: list[int] = []
+    produced = 0
+    for _ in range(tokens):
+        token = decoder.decode(frequencies(stepper.step(feed), precision))
+        piece = table[token]
+        if piece is None:
+            raise CorruptArchiveError(f"{what}: token {token} has no bytes")
+        text += piece
+        produced += len(piece)
+        if produced > own_limit or len(text) > limit:
+            raise CorruptArchiveError(f"{what}: text longer than size - E")
+        out.append(token)
+        feed = token
+    return out
+
+
 class LLMDecoder:
     """llm-codec.md §3 and §6, in the order of checks of §6."""
 
@@ -1757,8 +1851,8 @@ class LLMDecoder:
             raise NotImplementedByReference("lockstep-v1 (float, machine-bound) archives")
         if engine not in ATTENTION_LEVELS:
             raise UnsupportedFeatureError(f"engine {engine!r}")
-        length = _profile_int(record.profile, "segment_length", 1, 65536)
-        precision = _profile_int(record.profile, "precision", 12, 28)
+        settings = read_settings(record.profile)
+        length, precision, carry = settings.length, settings.precision, settings.carry
         model, v2 = self.model()
         if len(record.fingerprint) == 16:  # format.md §12.3: v2's first 16 bytes
             if record.fingerprint != v2[:16]:
@@ -1766,36 +1860,33 @@ class LLMDecoder:
         elif record.fingerprint != v2 and record.fingerprint not in self.v1():
             raise ModelMismatchError(self._mismatch(record, model, v2))
         width = model.arch["vocab_size"]  # §6.1: the profile against the model
-        if length > model.arch["max_position_embeddings"]:
+        window = model.arch["max_position_embeddings"]
+        if length > window:
             raise CorruptArchiveError(f"segment length {length} over the model's window")
+        if length + carry > window:
+            raise CorruptArchiveError(f"segment length {length} + carry {carry} over the "
+                                      f"model's window")
         if width >= 1 << precision:
             raise CorruptArchiveError("logits width not below 2^P")
         payload = stored_bytes(self.ar, e)
         count, escapes, streams = parse_payload(payload, e.size, length)
-        positions = min(length, count)  # rotary tables for the positions that occur
+        positions = segment_positions(count, settings)  # rotary tables: positions used
         key = (engine, positions)
         if key not in self._engines:
             self._engines = {key: Engine(model, positions, engine)}
         stepper = self._engines[key]
         limit = e.size - len(escapes)
         text = bytearray()
+        previous: list[int] = []
+        # One segment after another: segment s − 1 is whole before s starts (§3.4), and
+        # any failure ends the entry, so no segment after a failed one is decoded.
         for s, stream in enumerate(streams):
-            decoder = RangeDecoder(stream, precision)
-            stepper.reset()
-            feed = model.start
             tokens = min(length, count - s * length)
             own_limit = limit - (count - tokens)  # §3.3: this segment alone proves it
-            produced = 0
-            for _ in range(tokens):
-                token = decoder.decode(frequencies(stepper.step(feed), precision))
-                piece = model.table[token]
-                if piece is None:
-                    raise CorruptArchiveError(f"{e.name!r}: token {token} has no bytes")
-                text += piece
-                produced += len(piece)
-                if produced > own_limit or len(text) > limit:
-                    raise CorruptArchiveError(f"{e.name!r}: text longer than size - E")
-                feed = token
+            previous = decode_segment(stepper, model.start,
+                                      segment_context(previous, s, settings), stream,
+                                      precision, tokens, model.table, text, own_limit,
+                                      limit, repr(e.name))
         data = bytearray(text)
         for offset, byte in escapes:
             data[offset:offset] = bytes([byte])

@@ -52,25 +52,32 @@ FILES = {
 }
 
 
-def pack_tiny(model: str, workdir: Path, engine: str = "int-v1", small: bool = True) -> bytes:
-    """The FILES packed with a tiny model; ``small=False``: as format 1.1 (what llmarc
-    wrote before format 3.0), for a vector that must be regenerated as it was."""
+#: The context-carry vectors' settings (spec/llm-codec.md §3.4): poem.txt spans chains of
+#: 3 segments of 16 tokens, the last chain partial.
+CARRY = {"segment_length": 16, "carry": 6, "chain": 3}
+
+
+def pack_tiny(model: str, workdir: Path, engine: str = "int-v1", small: bool = True,
+              **settings: int) -> bytes:
+    """The FILES packed with a tiny model (L = 48 unless ``settings`` say otherwise);
+    ``small=False``: as format 1.1 (what llmarc wrote before format 3.0), for a vector
+    that must be regenerated as it was."""
     if not small:
         writer.WRITE_SMALL = False
         try:
-            return pack_tiny(model, workdir, engine)
+            return pack_tiny(model, workdir, engine, **settings)
         finally:
             writer.WRITE_SMALL = True
-    src = workdir / f"src-{model}-{engine}"
+    src = workdir / f"src-{model}-{engine}-{len(settings)}"
     for name, data in FILES.items():
         path = src / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         os.utime(path, ns=(MTIME_NS, MTIME_NS))
     os.utime(src / "notes", ns=(MTIME_NS, MTIME_NS))
-    out = workdir / f"{model}-{engine}.llma"
+    out = workdir / f"{model}-{engine}-{len(settings)}.llma"
     options = llmarc.LLMOptions(model=str(ROOT / MODELS[model]), device="cpu",
-                                segment_length=48, engine=engine)
+                                engine=engine, **{"segment_length": 48, **settings})
     llmarc.pack(src, out, codec="llm", llm=options, warn=lambda message: None)
     return out.read_bytes()
 
@@ -108,7 +115,7 @@ LOGIT_TOKENS = [5, 17, 300, 42, 42, 7, 255, 100, 1, 64, 199, 3]
 def model_components(model: str) -> dict:
     """Every input of the fingerprint (version 2, and the version-1 values llmarc 0.1
     recorded), and the int-v1 and int-v2 logits digests, for one model."""
-    import torch
+    import numpy as np
 
     from llmarc.model.architecture import legacy_forms
     from llmarc.model.fingerprint import canonical_json, legacy_fingerprints
@@ -119,10 +126,10 @@ def model_components(model: str) -> dict:
     tokens = [loaded.start_token, *LOGIT_TOKENS]
 
     def digest(engine: str) -> dict:
-        logits = loaded.integer_model(len(tokens), engine).prefill(torch.tensor([tokens]))[0]
+        logits = loaded.integer_model(len(tokens), engine).prefill(np.array([tokens]))[0]
         return {
             "tokens": tokens,
-            "sha256_float32_le": hashlib.sha256(logits.numpy().astype("<f4").tobytes())
+            "sha256_float32_le": hashlib.sha256(logits.astype("<f4").tobytes())
             .hexdigest(),
             "first_row_first_8": [float(x) for x in logits[0, :8]],
             "last_row_argmax": int(logits[-1].argmax()),
@@ -234,6 +241,28 @@ def small_patch(archive: bytes, what: str) -> bytes:
     return archive[:12] + data + new + encode_trailer(new)
 
 
+def small_profile(archive: bytes, **changes: int) -> bytes:
+    """A format 3.0 archive with its model record's profile changed (the record
+    re-encoded, the trailer CRC fixed up)."""
+    data, parsed = disassemble(archive)
+    record = parsed.models[0]
+    profile = {**json.loads(record.profile), **changes}
+    parsed.models[0] = replace(record, profile=canonical_json(profile))
+    index = encode_small_index(parsed, level=0)
+    return archive[:12] + data + index + encode_trailer(index)
+
+
+def carry_patch(archive: bytes, carry: int, chain: int) -> bytes:
+    """A format 3.0 archive whose form-2 record's last two fields (carry and chain, one
+    byte each here) say ``carry`` and ``chain``: values no writer may record."""
+    data, parsed = disassemble(archive)
+    index = encode_small_index(parsed, level=0)
+    record = encode_model(parsed.models[0])
+    at = index.index(record) + len(record) - 2
+    index = index[:at] + bytes((carry, chain)) + index[at + 2:]
+    return archive[:12] + data + index + encode_trailer(index)
+
+
 def frozen(name: str) -> bytes | None:
     """A vector made by an earlier release, kept as it is (None if absent)."""
     path = OUT / name
@@ -262,6 +291,7 @@ def main() -> None:
                                                                       small=False)
                     for m in MODELS}
         made_small = {m: pack_tiny(m, Path(tmp), "int-v2") for m in MODELS}  # format 3.0
+        carried = {m: pack_tiny(m, Path(tmp), "int-v2", **CARRY) for m in MODELS}
     members = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
     vectors = {
         "good-tiny-bpe.llma": (made["bpe"], "bpe", None,
@@ -341,6 +371,35 @@ def main() -> None:
                                          None, "good-tiny-bpe with unknown profile keys and "
                                          "lockstep-v1 keys out of their range: ignored by an "
                                          "int-v1 reader (§2.2)"),
+        "good-carry-tiny-bpe.llma": (carried["bpe"], "bpe", None,
+                                     "the same members, int-v2, format 3.0, with context carry "
+                                     "(llm-codec.md §3.4): L = 16, C = 6, G = 3 in a form-2 "
+                                     "model record"),
+        "good-carry-tiny-sp.llma": (carried["sp"], "sp", None,
+                                    "the same with the SentencePiece tiny model"),
+        "bad-carry-over-window.llma": (small_profile(carried["bpe"], segment_length=2048),
+                                       "bpe", "CorruptArchiveError",
+                                       "good-carry-tiny-bpe with L = 2048: L + C is over the "
+                                       "model's window of 2,048 (§6.1)"),
+        "bad-carry-over-65536.llma": (small_profile(carried["bpe"], segment_length=65536,
+                                                    carry=1), "bpe", "CorruptArchiveError",
+                                      "good-carry-tiny-bpe with L = 65,536 and C = 1: over "
+                                      "65,536 positions (§2.2)"),
+        "bad-carry-zero.llma": (carry_patch(carried["bpe"], 0, 3), "bpe",
+                                "CorruptArchiveError", "good-carry-tiny-bpe with a form-2 "
+                                "record of carry 0 (format.md §12.3)"),
+        "bad-carry-over-segment.llma": (carry_patch(carried["bpe"], 17, 3), "bpe",
+                                        "CorruptArchiveError", "good-carry-tiny-bpe with carry "
+                                        "17, over L = 16 (format.md §12.3)"),
+        "bad-chain-one.llma": (carry_patch(carried["bpe"], 6, 1), "bpe",
+                               "CorruptArchiveError", "good-carry-tiny-bpe with chain 1 "
+                               "(format.md §12.3)"),
+        "bad-carry-other-values.llma": (carry_patch(carried["bpe"], 16, 65), "bpe",
+                                        "CorruptArchiveError", "good-carry-tiny-bpe with "
+                                        "carry 16 and chain 65, valid values but not the ones "
+                                        "it was coded with: bytes.txt, its second segment fed "
+                                        "another context, decodes to more bytes than its "
+                                        "size allows (§3.3)"),
         "bad-text-longer.llma": (set_size(escaped, "bytes.txt", len(FILES["bytes.txt"]) - 1),
                                  "bpe", "CorruptArchiveError",
                                  "good-escapes with the entry's size one less: its text "
@@ -369,7 +428,8 @@ def main() -> None:
         "",
         "Generated by `python spec/vectors/make_llm_vectors.py` with the tiny seeded LLaMA "
         "models in `fixtures/` (their weights are in the repository), L = 48, engine int-v1 "
-        "but for the `good-int-v2-` vectors (engine int-v2). "
+        "but for the `good-int-v2-`, `-small-` and `-carry-` vectors (engine int-v2; the "
+        "`carry` ones L = 16 with context carry C = 6, G = 3). "
         "They decode bit-exactly on any machine. `manifest.json` gives, per file, the model "
         "folder to decode with and either the SHA-256 of every member or the error class; "
         "`tests/test_llm_vectors.py` runs them all. `models.json` gives every component of "

@@ -1,0 +1,166 @@
+"""Context carry (spec/llm-codec.md §3.4): segments fed the tail of the segment before them,
+in chains of G, decoded in rounds; on the tiny seeded models of fixtures/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import llmarc
+from llmarc.codecs.llm import (
+    CodingSettings,
+    LLMCodec,
+    SegmentCoder,
+    SegmentJob,
+    build_payload,
+    check_model_limits,
+    settings_from_profile,
+    split_segments,
+)
+from llmarc.codecs.llm_options import LLMOptions
+from llmarc.container.index import Index, encode_index
+from llmarc.container.layout import ModelRecord
+from llmarc.errors import CorruptArchiveError, ModelError
+from llmarc.model.loader import load_model
+from tests.test_llm_codec import TINY_BPE, TINY_SP, make_tree, pack_llm
+
+TEXT = (Path(__file__).resolve().parent.parent / "fixtures" / "tiny-training.txt").read_bytes()
+#: Files of 1 to about 10 segments of 32 tokens: partial chains, whole chains, one segment.
+FILES = {"one-segment.txt": TEXT[:40], "long.txt": TEXT[:2400],
+         "sub/middle.txt": TEXT[3000:3900], "exact.txt": TEXT[5000:5700]}
+CARRY = {"segment_length": 32, "carry": 8, "chain": 3}
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(str(TINY_BPE), device="cpu", threads=1)
+
+
+@pytest.mark.parametrize("engine", ["int-v2", "int-v1"])
+@pytest.mark.parametrize("model", [TINY_BPE, TINY_SP], ids=["byte-level-bpe", "sentencepiece"])
+def test_carry_roundtrips_byte_for_byte_and_records_form_2(tmp_path: Path, model: Path,
+                                                           engine: str) -> None:
+    src = make_tree(tmp_path / "src", FILES)
+    out = tmp_path / "a.llma"
+    members = pack_llm(src, out, model=model, engine=engine, batch_width=2, **CARRY)
+    assert {m.name: m.codec for m in members if m.name in FILES} == dict.fromkeys(FILES, "llm")
+    with llmarc.open(out, model=model, device="cpu", batch_width=3) as archive:
+        profile = json.loads(archive.models[0].profile)
+        profile.pop("model")
+        assert profile == {"engine": engine, "precision": 24, "segment_length": 32,
+                           "carry": 8, "chain": 3}
+        assert archive.read("sub/middle.txt") == FILES["sub/middle.txt"]  # on its own
+        archive.extract(tmp_path / "dest")
+    for name, data in FILES.items():
+        assert (tmp_path / "dest" / name).read_bytes() == data, name
+    plain = tmp_path / "plain.llma"
+    pack_llm(src, plain, model=model, engine=engine, segment_length=32)
+    assert out.read_bytes() != plain.read_bytes()  # the carry changed the streams
+
+
+def test_a_chain_start_is_coded_as_without_carry_and_the_rest_differ(loaded) -> None:
+    """Segments 0 and 3 of a 3-segment chain start cold: their streams are the no-carry
+    ones; segments 1, 2 and 4 were predicted after the 8 tokens before them."""
+    tokens = loaded.tokenizer.encode(TEXT[:1500].decode()).ids[:32 * 4 + 5]
+    carried = split_segments(tokens, 32, carry=8, chain=3)
+    assert [len(s.context) for s in carried] == [0, 8, 8, 0, 8]
+    assert carried[1].context == tokens[24:32] and carried[4].context == tokens[120:128]
+    codec = LLMCodec(loaded, CodingSettings(4, 32, carry=8, chain=3))
+    with_carry = [stream for stream, _ in codec.encode_segments(carried)]
+    without = [stream for stream, _ in codec.encode_segments(split_segments(tokens, 32))]
+    assert [a == b for a, b in zip(with_carry, without, strict=True)] == \
+        [True, False, False, True, False]
+    jobs = [SegmentJob(stream, len(s.tokens), 10**6, s.context)
+            for stream, s in zip(with_carry, carried, strict=True)]
+    assert codec.decode_segments(jobs) == [s.tokens for s in carried]
+
+
+class Rounds(SegmentCoder):
+    """A coder that records each decode_segments call (one per round) and 'decodes'
+    segment k of a payload to the tokens [k] * count, or fails the ones in ``fail``."""
+
+    def __init__(self, fail: set[bytes] = frozenset()) -> None:
+        self.settings = CodingSettings(4, 4, engine="int-v2", carry=2, chain=2)
+        self.table = [bytes((i,)) for i in range(256)]
+        self.rounds: list[list[SegmentJob]] = []
+        self.fail = fail
+
+    def decode_segments(self, jobs, progress=None):
+        self.rounds.append(list(jobs))
+        return [CorruptArchiveError("bad") if job.stream in self.fail
+                else [job.stream[0]] * job.count for job in jobs]
+
+
+def test_decoding_runs_in_rounds_fed_with_the_tail_of_the_round_before() -> None:
+    """Entry A: 5 segments of 4 tokens (chains 0-1, 2-3, 4); entry B: 3 (chains 0-1, 2).
+    Round 0 decodes every chain's first segment; round 1 the second, each fed the last
+    2 tokens of the first."""
+    coder = Rounds()
+    a = build_payload(18, [bytes((k,)) for k in range(5)], [])
+    b = build_payload(9, [bytes((k,)) for k in (7, 8, 9)], [])
+    first, second = coder.decode_many([(a, 18), (b, 9)])
+    assert first == bytes([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 + [4] * 2)
+    assert second == bytes([7] * 4 + [8] * 4 + [9] * 1)
+    round0, round1 = coder.rounds
+    assert [(j.stream, j.context) for j in round0] == [
+        (b"\x00", []), (b"\x02", []), (b"\x04", []), (b"\x07", []), (b"\x09", [])]
+    assert [(j.stream, j.context) for j in round1] == [
+        (b"\x01", [0, 0]), (b"\x03", [2, 2]), (b"\x08", [7, 7])]
+
+
+def test_a_failed_segment_stops_its_entry_and_no_other() -> None:
+    coder = Rounds(fail={b"\x02"})
+    a = build_payload(18, [bytes((k,)) for k in range(5)], [])
+    b = build_payload(9, [bytes((k,)) for k in (7, 8, 9)], [])
+    first, second = coder.decode_many([(a, 18), (b, 9)])
+    assert isinstance(first, CorruptArchiveError)
+    assert second == bytes([7] * 4 + [8] * 4 + [9] * 1)
+    assert [j.stream for j in coder.rounds[1]] == [b"\x08"]  # nothing more of entry A
+
+
+@pytest.mark.parametrize("change", [
+    {"carry": 0}, {"carry": 33}, {"carry": True}, {"carry": None}, {"chain": 1},
+    {"chain": 65537}, {"chain": "3"}, {"carry": 4, "chain": None}, {"chain": 3, "carry": None},
+])
+def test_hostile_carry_profiles_are_corrupt(change: dict) -> None:
+    base = {"engine": "int-v2", "segment_length": 32, "precision": 24, "carry": 8, "chain": 3}
+    assert settings_from_profile(base).carry == 8
+    profile = {k: v for k, v in {**base, **change}.items() if v is not None}
+    with pytest.raises(CorruptArchiveError):
+        settings_from_profile(profile)
+
+
+def test_carry_beyond_the_window_or_65536_positions_is_corrupt(loaded) -> None:
+    window = loaded.context_window  # the tiny models: 2,048
+    check_model_limits(loaded, CodingSettings(1, window - 8, carry=8, chain=2))
+    with pytest.raises(CorruptArchiveError, match="window"):
+        check_model_limits(loaded, CodingSettings(1, window - 8, carry=9, chain=2))
+    with pytest.raises(CorruptArchiveError, match="65536"):
+        settings_from_profile({"engine": "int-v1", "segment_length": 65536, "precision": 24,
+                               "carry": 1, "chain": 2})
+
+
+def test_a_carry_profile_is_never_written_where_old_readers_would_ignore_it() -> None:
+    """llm-codec.md §2.2: only form 2 of format 3.0 may hold carry (a 1.x index is JSON,
+    which a reader of llm-codec ≤ 1.3 reads without it)."""
+    profile = json.dumps({"carry": 8, "chain": 3, "engine": "int-v2", "precision": 24,
+                          "segment_length": 32}, separators=(",", ":"), sort_keys=True)
+    with pytest.raises(ValueError, match=r"format 3\.0"):
+        encode_index(Index("", [ModelRecord(bytes(32), "", profile)], []), compact=True)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"carry": 33, "segment_length": 32}, "outside 1..32"),
+    ({"carry": 8, "chain": 1}, "--chain 1"),
+    ({"carry": 8, "segment_length": 2044}, "window of 2048"),
+    ({"carry": 8, "engine": "lockstep-v1"}, "int-v1 or int-v2"),
+])
+def test_impossible_carry_options_are_a_clear_error(tmp_path: Path, options: dict,
+                                                    message: str) -> None:
+    src = make_tree(tmp_path / "src", {"a.txt": TEXT[:300]})
+    with pytest.raises(ModelError, match=message):
+        llmarc.pack(src, tmp_path / "a.llma", codec="llm",
+                    llm=LLMOptions(model=str(TINY_BPE), device="cpu", **options))
+    assert not (tmp_path / "a.llma").exists()
