@@ -3,6 +3,7 @@
     python spec/reference/portability.py                  # tiny fixture models (CI, ~2 min)
     python spec/reference/portability.py --smollm2        # SmolLM2 on alice29.txt's first 16 KB
     python spec/reference/portability.py --engine int-v1  # the other integer engine
+    python spec/reference/portability.py --carry 16:3     # context carry C:G (§3.4)
 
 One pack (int-v2 unless ``--engine``) in this process's default environment, then the same
 pack through the torch operations a GPU runs (``LLMARC_CPU_ENGINE=torch``), which must be
@@ -203,27 +204,29 @@ def same_tree(a: Path, b: Path) -> bool:
     return files == got and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
 
 
-def run(smollm2: bool, workdir: Path, engine: str) -> int:
+def run(smollm2: bool, workdir: Path, engine: str, carry: str | None = None) -> int:
     model = "smollm2" if smollm2 else str(ROOT / "fixtures" / "tiny-llama-bpe")
     length = "256" if smollm2 else "48"
     src = workdir / "src"
     make_source(src, smollm2)
     archive = workdir / "portable.llma"
+    settings = ["--segment-length", length, "--engine", engine]
+    if carry:  # C:G, context carry of C tokens in chains of G segments
+        settings += ["--carry", carry.split(":")[0], "--chain", carry.split(":")[1]]
     started = time.perf_counter()
     packed = cli("pack", str(src), str(archive), "--codec", "llm", "--model", model,
-                 "--device", "cpu", "--segment-length", length, "--engine", engine, "--quiet")
+                 "--device", "cpu", *settings, "--quiet")
     if packed.returncode:
         print(packed.stderr, file=sys.stderr)
         return 1
-    print(f"packed {src} -> {archive.stat().st_size} B ({engine}) in "
+    print(f"packed {src} -> {archive.stat().st_size} B ({' '.join(settings)}) in "
           f"{time.perf_counter() - started:.1f} s")
     # the same pack through the torch operations (a GPU's path): the same bytes
     failures = 0
     torch_archive = workdir / "portable-torch.llma"
     started = time.perf_counter()
     packed = cli("pack", str(src), str(torch_archive), "--codec", "llm", "--model", model,
-                 "--device", "cpu", "--segment-length", length, "--engine", engine, "--quiet",
-                 env=TORCH_PATH)
+                 "--device", "cpu", *settings, "--quiet", env=TORCH_PATH)
     same = packed.returncode == 0 and torch_archive.read_bytes() == archive.read_bytes()
     failures += not same
     print(f"{'pack by the torch path':<27} {'same archive' if same else 'DIFFERS'}  "
@@ -275,9 +278,11 @@ def main() -> int:
     parser.add_argument("--smollm2", action="store_true",
                         help="the embedded model on alice29.txt's first 16 KB")
     parser.add_argument("--engine", choices=("int-v2", "int-v1"), default="int-v2")
+    parser.add_argument("--carry", metavar="C:G",
+                        help="pack with context carry of C tokens in chains of G segments")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmarc-portability-") as tmp:
-        return run(args.smollm2, Path(tmp), args.engine)
+        return run(args.smollm2, Path(tmp), args.engine, args.carry)
 
 
 if __name__ == "__main__":
