@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from llmarc.container.layout import SHORT_FINGERPRINT
+from llmarc.container.layout import MAX_CHAIN, SHORT_FINGERPRINT
 from llmarc.errors import (
     CorruptArchiveError,
     ModelError,
@@ -52,9 +52,8 @@ DEFAULT_CPU_BATCH_WIDTH = 32
 DEFAULT_PRECISION = 24
 MAX_BATCH_WIDTH = 1024
 MAX_SEGMENT_LENGTH = 1 << 16
-#: Most segments per chain, and most positions of a row with context (L + C): the
-#: int-v2 attention's int32 sums are proven for up to 2^16 positions (llm-codec.md §5.6).
-MAX_CHAIN = 1 << 16
+#: Most positions of a row with context (L + C): the int-v2 attention's int32 sums are
+#: proven for up to 2^16 positions (llm-codec.md §5.6).
 MAX_POSITIONS = 1 << 16
 #: Segments per chain when a pack asks for context carry without saying (§3.4).
 DEFAULT_CHAIN = 8
@@ -697,8 +696,9 @@ class _Row:
     tokens: list[int] = field(default_factory=list)  # context, then: encode known; decode grows
     produced: int = 0  # decode: bytes the decoded tokens stand for
     error: CorruptArchiveError | None = None  # a decoding failure stops only this row
-    given: int = 0  # leading tokens known before stepping (fed, not coded): the context,
-    #: and for a decoder the first token decoded without the model
+    #: Leading tokens known before stepping (fed, not coded): the context, and for a
+    #: decoder also a first token decoded without the model (_first_tokens).
+    given: int = 0
     context: int = 0  # leading tokens that are context (§3.4), not the segment's
 
 
@@ -981,9 +981,9 @@ class LLMCodec(SegmentCoder):
 
         Every segment without context starts with the start token at position 0, so
         with an integer engine (whose logits depend on a row's tokens alone) its first
-        prediction is the same for all: computed once per codec.  A payload of a million one-token
-        segments (or of segments whose streams fail at once) then costs a range
-        decoder step each, not a model step per row."""
+        prediction is the same for all: computed once per codec.  A payload of a million
+        one-token segments (or of segments whose streams fail at once) then costs a
+        range decoder step each, not a model step per row."""
         if self._first_table is None:
             from llmarc.entropy.fast import frequency_tables
 

@@ -73,7 +73,7 @@ def llm_available(options: LLMOptions) -> str | None:
 
 def check_carry(options: LLMOptions, window: int) -> None:
     """Refuse (ModelError, a user's mistake) carry options that no archive may record
-    (spec/llm-codec.md §2.2, §3.4), before any text is read."""
+    (spec/llm-codec.md §2.2, §3.4), before any text is coded."""
     carry, chain, length = options.carry, options.chain, options.segment_length
     if options.engine not in INTEGER_ENGINES:
         raise ModelError(f"--carry needs the int-v1 or int-v2 engine, not {options.engine}")

@@ -27,6 +27,7 @@ from .json_safe import canonical_json, parse_profile_json
 from .layout import (
     EXT_COMPACT_ENTRIES,
     MAX_ARCHIVE_EXT_BYTES,
+    MAX_CHAIN,
     MAX_CREATOR_BYTES,
     MAX_INDEX_SIZE,
     MAX_MODEL_NAME_BYTES,
@@ -47,7 +48,6 @@ from .layout import (
 FORM_JSON = 0
 FORM_INTEGER = 1
 FORM_CARRY = 2
-MAX_CHAIN = 65536
 #: Engine codes of form 1.
 ENGINE_CODES = {1: "int-v1", 2: "int-v2"}
 _ENGINE_IDS = {name: code for code, name in ENGINE_CODES.items()}
