@@ -78,6 +78,55 @@ class IntegerStepper:
     def reset(self) -> None:
         self.position = 0
 
+    def prefill(self, tokens: np.ndarray) -> None:
+        """Feed known tokens [width, T] at positions 0 .. T-1 in one forward pass, as T
+        :meth:`step` calls would (the same quantized keys and values in the caches: both
+        come from ``forward_fused``'s qkv), without their logits: a decoder's context
+        (spec/llm-codec.md §3.4), whose predictions code nothing.  Batched GEMMs over
+        the T positions instead of T steps of ``width`` rows."""
+        model = self.model
+        width, count = tokens.shape
+        if self.position or width != self.width or count > self.length:
+            raise ValueError("prefill: a fresh stepper and at most its length per row")
+        while self.capacity < count:
+            self._grow(min(self.length, max(2 * self.capacity, count)))
+        heads, kv = model.num_heads, model.num_kv_heads
+
+        def attend(index: int, qkv: np.ndarray, scale: np.ndarray) -> np.ndarray:
+            qkv = qkv.reshape(width, count, *qkv.shape[1:])
+            scale = scale.reshape(width, count, -1)
+            self._store(index, qkv[:, :, heads : heads + kv], scale[:, :, heads : heads + kv],
+                        qkv[:, :, heads + kv :], scale[:, :, heads + kv :])
+            return model.attend_causal(qkv, scale).reshape(width * count, -1)
+
+        h = model.embed(np.asarray(tokens, dtype=np.int64)).reshape(width * count, -1)
+        positions = np.tile(np.arange(count, dtype=np.int64), width)
+        model.forward_fused(h, positions, attend, Workspace(model, width * count))
+        self.position = count
+
+    def _store(self, index: int, keys: np.ndarray, key_scales: np.ndarray,
+               values: np.ndarray, value_scales: np.ndarray) -> None:
+        """Write positions 0 .. T-1 of every row (keys and values [width, T, Hkv, Dh],
+        scales [width, T, Hkv]) into layer ``index``'s caches, in the tiled layout of
+        :meth:`_grow` (``attend_step`` writes one position the same way)."""
+        key_cache, key_scale_cache, value_cache, value_scale_cache = self.caches[index]
+        width, count, heads, dh = keys.shape
+        per, columns = key_cache.shape[5], key_cache.shape[3] * key_cache.shape[5]
+        tiles = -(-count // PAIR_LANES)
+        padded = np.zeros((width, tiles * PAIR_LANES, heads, columns), dtype=np.int16)
+        padded[:, :count, :, :dh] = keys
+        if per == 4:  # int8 keys as k + 128 in unsigned bytes; padding columns stay 0
+            padded[:, :count, :, :dh] += 128
+        key_cache[:, :, :tiles] = padded.reshape(
+            width, tiles, PAIR_LANES, heads, columns // per, per).transpose(0, 3, 1, 4, 2, 5)
+        pairs = -(-count // 2)
+        padded = np.zeros((width, 2 * pairs, heads, columns), dtype=value_cache.dtype)
+        padded[:, :count, :, :dh] = values
+        value_cache[:, :, :pairs] = padded.reshape(
+            width, pairs, 2, heads, columns).transpose(0, 3, 1, 4, 2)
+        key_scale_cache[:, :, :count] = key_scales.transpose(0, 2, 1)
+        value_scale_cache[:, :, :count] = value_scales.transpose(0, 2, 1)
+
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """Feed one token per row at the current position; float32 logits [width, V].
 
