@@ -28,7 +28,6 @@ from . import __version__
 from . import open as open_archive
 from .codecs import zstd as zstd_codec
 from .codecs.llm import (
-    DEFAULT_CHAIN,
     DEFAULT_ENGINE,
     DEFAULT_SEGMENT_LENGTH,
     ENGINES,
@@ -204,10 +203,11 @@ def pack_cmd(
              "uncoded context (0: none), so fewer tokens are predicted cold, e.g. "
              "alice29.txt -4.5 % bytes for 256; costs CARRY more positions a segment "
              "and, with --chain, fewer rows an extraction steps together.")] = 0,
-    chain: Annotated[int, typer.Option(
+    chain: Annotated[int | None, typer.Option(
         help="With --carry: segments per chain; a chain's first segment starts cold, "
-             "and extraction decodes the chains of a file side by side.")
-    ] = DEFAULT_CHAIN,
+             "and extraction decodes the chains of a file side by side (default: the "
+             "longest, 2 to 8, that still gives extraction 32 rows to step together).")
+    ] = None,
     batch_width: Annotated[int | None, typer.Option(
         help="lockstep-v1: rows stepped together, recorded (default: sized from memory "
              "and the input). int-v1/v2 encode whole segments at once.")] = None,

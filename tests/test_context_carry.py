@@ -11,6 +11,7 @@ import pytest
 import llmarc
 from llmarc.codecs.llm import (
     CodingSettings,
+    auto_chain,
     LLMCodec,
     SegmentCoder,
     SegmentJob,
@@ -149,6 +150,37 @@ def test_a_carry_profile_is_never_written_where_old_readers_would_ignore_it() ->
                           "segment_length": 32}, separators=(",", ":"), sort_keys=True)
     with pytest.raises(ValueError, match=r"format 3\.0"):
         encode_index(Index("", [ModelRecord(bytes(32), "", profile)], []), compact=True)
+
+
+@pytest.mark.parametrize(("counts", "chain"), [
+    ([41], 2),  # one book: 21 rows a round with G = 2, 14 with 3: fewer than 32 anyway
+    ([290], 8),  # 1 MB of text: 37 rows with G = 8
+    ([120], 3),  # 40 rows with G = 3, 30 with 4
+    ([16] * 5, 2),  # five 64 KB texts: 40 rows with G = 2, 30 with 3
+    ([1] * 100 + [40], 8),  # many small files give the rows: the long one gets G = 8
+    ([2], 2),
+])
+def test_the_pack_picks_the_longest_chain_that_keeps_32_rows(counts: list[int],
+                                                               chain: int) -> None:
+    assert auto_chain(counts) == chain
+
+
+def test_an_unspecified_chain_is_picked_from_the_work(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"long.txt": TEXT[:6000]})
+    out = tmp_path / "a.llma"
+    pack_llm(src, out, segment_length=16, carry=4)
+    with llmarc.open(out, model=TINY_BPE, device="cpu") as archive:
+        profile = json.loads(archive.models[0].profile)
+        assert archive.read("long.txt") == TEXT[:6000]
+    segments = -(-len(loaded_tokens(TEXT[:6000])) // 16)
+    assert profile["carry"] == 4 and profile["chain"] == auto_chain([segments]) >= 2
+
+
+def loaded_tokens(data: bytes) -> list[int]:
+    from llmarc.model.tokenize import LosslessTokenizer
+
+    model = load_model(str(TINY_BPE), device="cpu", threads=1)
+    return LosslessTokenizer(model.tokenizer, model.table).encode(data)
 
 
 @pytest.mark.parametrize(("options", "message"), [

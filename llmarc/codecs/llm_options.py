@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmarc.codecs.llm import DEFAULT_CHAIN, DEFAULT_ENGINE, DEFAULT_SEGMENT_LENGTH, CodingStats
+from llmarc.codecs.llm import DEFAULT_ENGINE, DEFAULT_SEGMENT_LENGTH, CodingStats
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class LLMOptions:
     #: fed to each segment that does not start a chain; 0: none.  Pack only.
     carry: int = 0
     #: Segments per chain with context carry: more gives fewer cold segments, fewer
-    #: gives an extraction more independent rows to step together.  Pack only.
-    chain: int = DEFAULT_CHAIN
+    #: gives an extraction more independent rows to step together; None: the longest
+    #: that keeps a round's rows (:func:`~llmarc.codecs.llm.auto_chain`).  Pack only.
+    chain: int | None = None
     #: Rows stepped together; None: sized from memory and workload.  Recorded by
     #: lockstep-v1; with int-v1/v2 a runtime ceiling for decoding (encoding is prefill).
     batch_width: int | None = None

@@ -24,6 +24,7 @@ from llmarc.codecs.llm import (
     CodingStats,
     LLMCodec,
     SegmentCoder,
+    auto_chain,
     build_profile,
     check_model,
     decode_params,
@@ -82,7 +83,7 @@ def check_carry(options: LLMOptions, window: int) -> None:
     if length + carry > min(window, MAX_POSITIONS):
         raise ModelError(f"--segment-length {length} plus --carry {carry} exceeds the "
                          f"model's window of {min(window, MAX_POSITIONS)} positions")
-    if not 2 <= chain <= MAX_CHAIN:
+    if chain is not None and not 2 <= chain <= MAX_CHAIN:
         raise ModelError(f"--chain {chain} is outside 2..{MAX_CHAIN}")
 
 
@@ -222,11 +223,11 @@ class TextEncoder:
             escape_lists.append(escapes)
         todo = [i for i, t in enumerate(token_lists) if t]
         if self._coder is None:
-            segments = sum(-(-len(token_lists[i]) // length) for i in todo)  # type: ignore[arg-type]
-            width = options.batch_width or default_batch_width(loaded, length, segments)
+            counts = [-(-len(token_lists[i]) // length) for i in todo]  # type: ignore[arg-type]
+            width = options.batch_width or default_batch_width(loaded, length, sum(counts))
+            chain = (options.chain or auto_chain(counts)) if options.carry else 1
             self._settings = CodingSettings(width, length, engine=options.engine,
-                                            carry=options.carry,
-                                            chain=options.chain if options.carry else 1)
+                                            carry=options.carry, chain=chain)
             self._coder = make_coder(loaded, self._settings, options)
             self._sessions.enter_context(self._coder.session())
         total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]
