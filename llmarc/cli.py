@@ -200,9 +200,10 @@ def pack_cmd(
     ] = DEFAULT_SEGMENT_LENGTH,
     carry: Annotated[int, typer.Option(
         help="int-v1/v2: feed each segment the last CARRY tokens of the one before it as "
-             "uncoded context (0: none), so fewer tokens are predicted cold, e.g. "
-             "alice29.txt -4.5 % bytes for 256; costs CARRY more positions a segment "
-             "and, with --chain, fewer rows an extraction steps together.")] = 0,
+             "uncoded context (0: none), so fewer tokens are predicted cold, e.g. 256: "
+             "alice29.txt -2.2 % (chain 2) to -3.9 % (chain 8), enwik8's first MB -3.9 %; "
+             "costs CARRY more positions a segment and, with --chain, fewer rows an "
+             "extraction steps together.")] = 0,
     chain: Annotated[int | None, typer.Option(
         help="With --carry: segments per chain; a chain's first segment starts cold, "
              "and extraction decodes the chains of a file side by side (default: the "

@@ -11,10 +11,10 @@ import pytest
 import llmarc
 from llmarc.codecs.llm import (
     CodingSettings,
-    auto_chain,
     LLMCodec,
     SegmentCoder,
     SegmentJob,
+    auto_chain,
     build_payload,
     check_model_limits,
     settings_from_profile,
