@@ -165,22 +165,17 @@ def test_the_pack_picks_the_longest_chain_that_keeps_32_rows(counts: list[int],
     assert auto_chain(counts) == chain
 
 
-def test_an_unspecified_chain_is_picked_from_the_work(tmp_path: Path) -> None:
+def test_an_unspecified_chain_is_picked_from_the_work(tmp_path: Path, loaded) -> None:
+    from llmarc.model.tokenize import LosslessTokenizer
+
     src = make_tree(tmp_path / "src", {"long.txt": TEXT[:6000]})
     out = tmp_path / "a.llma"
     pack_llm(src, out, segment_length=16, carry=4)
     with llmarc.open(out, model=TINY_BPE, device="cpu") as archive:
         profile = json.loads(archive.models[0].profile)
         assert archive.read("long.txt") == TEXT[:6000]
-    segments = -(-len(loaded_tokens(TEXT[:6000])) // 16)
-    assert profile["carry"] == 4 and profile["chain"] == auto_chain([segments]) >= 2
-
-
-def loaded_tokens(data: bytes) -> list[int]:
-    from llmarc.model.tokenize import LosslessTokenizer
-
-    model = load_model(str(TINY_BPE), device="cpu", threads=1)
-    return LosslessTokenizer(model.tokenizer, model.table).encode(data)
+    tokens = LosslessTokenizer(loaded.tokenizer, loaded.table).encode(TEXT[:6000])
+    assert profile["carry"] == 4 and profile["chain"] == auto_chain([-(-len(tokens) // 16)])
 
 
 @pytest.mark.parametrize(("options", "message"), [
