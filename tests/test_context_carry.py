@@ -16,12 +16,12 @@ from llmarc.codecs.llm import (
     SegmentJob,
     auto_chain,
     build_payload,
+    build_profile,
     check_model_limits,
     settings_from_profile,
     split_segments,
 )
 from llmarc.codecs.llm_options import LLMOptions
-from llmarc.container.index import Index, encode_index
 from llmarc.container.layout import ModelRecord
 from llmarc.errors import CorruptArchiveError, ModelError
 from llmarc.model.loader import load_model
@@ -123,7 +123,7 @@ def test_a_failed_segment_stops_its_entry_and_no_other() -> None:
 
 @pytest.mark.parametrize("change", [
     {"carry": 0}, {"carry": 33}, {"carry": True}, {"carry": None}, {"chain": 1},
-    {"chain": 65537}, {"chain": "3"}, {"carry": 4, "chain": None}, {"chain": 3, "carry": None},
+    {"chain": 257}, {"chain": "3"}, {"carry": 4, "chain": None}, {"chain": 3, "carry": None},
 ])
 def test_hostile_carry_profiles_are_corrupt(change: dict) -> None:
     base = {"engine": "int-v2", "segment_length": 32, "precision": 24, "carry": 8, "chain": 3}
@@ -143,13 +143,17 @@ def test_carry_beyond_the_window_or_65536_positions_is_corrupt(loaded) -> None:
                                "carry": 1, "chain": 2})
 
 
-def test_a_carry_profile_is_never_written_where_old_readers_would_ignore_it() -> None:
+def test_a_carry_profile_is_never_written_where_old_readers_would_ignore_it(
+        tmp_path: Path) -> None:
     """llm-codec.md §2.2: only form 2 of format 3.0 may hold carry (a 1.x index is JSON,
-    which a reader of llm-codec ≤ 1.3 reads without it)."""
+    which a reader of llm-codec <= 1.3 reads without it)."""
+    from llmarc.container.writer import ArchiveWriter
+
     profile = json.dumps({"carry": 8, "chain": 3, "engine": "int-v2", "precision": 24,
                           "segment_length": 32}, separators=(",", ":"), sort_keys=True)
-    with pytest.raises(ValueError, match=r"format 3\.0"):
-        encode_index(Index("", [ModelRecord(bytes(32), "", profile)], []), compact=True)
+    with ArchiveWriter(tmp_path / "a.llma", small=False) as writer, \
+            pytest.raises(ValueError, match=r"format 3\.0"):
+        writer.add_model(ModelRecord(bytes(32), "", profile))
 
 
 @pytest.mark.parametrize(("counts", "chain"), [
@@ -216,3 +220,41 @@ def test_a_prefilled_context_leaves_the_stepper_as_steps_would(loaded, engine: s
             assert np.array_equal(a[..., :width], b[..., :width]), part
     for t in range(known, known + 5):
         assert np.array_equal(prefilled.step(tokens[:, t]), stepped.step(tokens[:, t]))
+
+
+def test_one_token_segments_in_long_chains_decode_in_batched_rounds(loaded, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """8,192 one-token segments in chains of 256 (the most §3.4 allows), each after the
+    first of its chain carrying one token: a decoder cannot take their first token from
+    the shared table (§3.2), but a round steps one segment of every chain at hand (16
+    chains of a 4,096-segment chunk) together: 256 rounds a chunk, never 8,192 steps
+    one after another."""
+    import hashlib
+
+    from llmarc.codecs import llm
+    from llmarc.container.index import assemble_small
+    from llmarc.container.layout import SMALL_HEADER_SIZE, TYPE_FILE, EntryRecord, Index, crc32
+    from llmarc.model.fingerprint import canonical_json
+
+    token = next(t for t, piece in enumerate(loaded.table) if piece == b"a")
+    settings = CodingSettings(32, 1, carry=1, chain=256)
+    (payload,), _ = LLMCodec(loaded, settings).encode_many([[token] * 8192], escapes=[[]])
+    data = b"a" * 8192
+    entry = EntryRecord("a.txt", TYPE_FILE, 0o644, 0, len(data), 2, b"\0\0",
+                        SMALL_HEADER_SIZE, len(payload), hashlib.sha256(data).digest(),
+                        crc32(payload))
+    record = ModelRecord(loaded.fingerprint, "", canonical_json(build_profile(loaded, settings)))
+    path = tmp_path / "chains.llma"
+    path.write_bytes(assemble_small(payload, Index("", [record], [entry])))
+    rounds: list[int] = []
+    decode = LLMCodec.decode_segments
+
+    def counted(self, jobs, progress=None):
+        rounds.append(len(jobs))
+        return decode(self, jobs, progress)
+
+    monkeypatch.setattr(LLMCodec, "decode_segments", counted)
+    with llmarc.open(path, model=TINY_BPE, device="cpu") as archive:
+        assert archive.read("a.txt") == data
+    assert llm.DECODE_CHUNK == 16 * 256
+    assert rounds == [16] * (2 * 256)  # 2 chunks of 16 chains

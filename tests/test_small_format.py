@@ -169,11 +169,11 @@ def _form2(carry: int = 256, chain: int = 8, **change: int) -> bytes:
     (bytes((0,)) + bytes(32) + b"\x00\x80\x80\x04", CorruptArchiveError),  # profile > 64 KiB
     (_form2(), None),
     (_form2(carry=1024), None),  # carry may be the whole segment length
-    (_form2(chain=65536), None),
+    (_form2(chain=256), None),
     (_form2(carry=0), CorruptArchiveError),
     (_form2(carry=1025), CorruptArchiveError),  # more than L
     (_form2(chain=1), CorruptArchiveError),
-    (_form2(chain=65537), CorruptArchiveError),
+    (_form2(chain=257), CorruptArchiveError),
     (_form2(engine=3), UnsupportedFeatureError),
     (_form2()[:-1], CorruptArchiveError),  # chain missing
     (_form1(form=3), UnsupportedFeatureError),

@@ -56,16 +56,6 @@ _ENTRY_FIXED = struct.Struct("<BBHqQH")  # type, flags, mode, mtime_ns, size, co
 _ENTRY_TAIL = struct.Struct("<QQ32sI")  # stored_offset, stored_size, sha256, crc32
 
 
-def _has_carry(profile: str) -> bool:
-    """Whether a profile has context carry, which only format 3.0's form 2 may record (a
-    1.x profile is JSON, whose unknown keys older readers ignore).  Text that is not a
-    valid profile is written as given: the vector scripts make hostile ones."""
-    try:
-        return "carry" in parse_profile_json(profile)
-    except CorruptArchiveError:
-        return False
-
-
 def encode_index(index: Index, *, compact: bool = False) -> bytes:
     """The index bytes: the 1.0 layout, or (``compact``, format 1.1) the same layout with
     no entry records and the compact entry table (§4.2) in archive extension 0x8001."""
@@ -87,8 +77,6 @@ def encode_index(index: Index, *, compact: bool = False) -> bytes:
         prof = m.profile.encode("utf-8")
         if len(m.fingerprint) != 32:
             raise ValueError("model fingerprint must be 32 bytes")
-        if '"carry"' in m.profile and _has_carry(m.profile):  # llm-codec.md §2.2
-            raise ValueError("a profile with context carry needs format 3.0")
         out += m.fingerprint + struct.pack("<H", len(name)) + name
         out += struct.pack("<I", len(prof)) + prof
     if len(index.entries) > MAX_ENTRIES:

@@ -74,8 +74,9 @@ MAX_MODEL_NAME_BYTES = 255
 MAX_PROFILE_BYTES = 65536
 MAX_PARAMS_BYTES = 65536
 MAX_ENTRY_EXT_BYTES = 65536
-#: Most segments per chain of context carry (spec/llm-codec.md §2.2), as form 2 records it.
-MAX_CHAIN = 65536
+#: Most segments per chain of context carry (spec/llm-codec.md §2.2, §3.4): it bounds the
+#: model steps a decoder must run one after another.
+MAX_CHAIN = 256
 #: 1 MiB in format 1.0; from 1.1 the area also holds the compact entry table, so only the
 #: index limit applies.
 MAX_ARCHIVE_EXT_BYTES = 256 * 1024 * 1024

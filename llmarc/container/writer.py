@@ -22,6 +22,7 @@ from ..codecs import CODEC_LLM
 from ..errors import DestinationExistsError
 from ..safety import check_names
 from .index import encode_index
+from .json_safe import parse_profile_json
 from .layout import (
     DIGEST128_BYTES,
     HEADER_SIZE,
@@ -207,6 +208,10 @@ class ArchiveWriter:
         for index, kept in enumerate(self.index.models):
             if kept.profile == model.profile and _same_fingerprint(kept, model):
                 return index
+        if not self.small and "carry" in parse_profile_json(model.profile):
+            # spec/llm-codec.md §2.2: a 1.x record is JSON, whose unknown keys a reader
+            # of llm-codec <= 1.3 ignores; only format 3.0's form 2 makes it refuse.
+            raise ValueError("a profile with context carry needs format 3.0")
         self.index.models.append(model)
         return len(self.index.models) - 1
 

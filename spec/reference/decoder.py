@@ -116,7 +116,8 @@ SMALL_HEADER, TRAILER = 12, 8  # format 3.0 (format.md §12)
 MAX_INDEX = MAX_ARCH_EXT = MAX_BODY = MAX_NAMES_TOTAL = 256 << 20
 MAX_ENTRIES = 1_000_000
 MAX_SMALL = 65536
-MAX_CHAIN = MAX_POSITIONS = 65536  # llm-codec.md §2.2 (`chain`), §3.4 (L + C)
+MAX_CHAIN = 256  # llm-codec.md §2.2 (`chain`)
+MAX_POSITIONS = 65536  # §3.4 (L + C)
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_WINDOW = 128 << 20
 EMPTY_SHA = hashlib.sha256(b"").digest()
@@ -1747,7 +1748,7 @@ class Settings:
 def read_settings(profile: dict) -> Settings:
     """llm-codec.md §2.2, once ``engine`` named an integer engine: ``segment_length``,
     ``precision``, then ``carry`` (optional, 1...L with L + C <= 65,536) and ``chain``
-    (2...65,536, present exactly when ``carry`` is); any failure is *corrupt*.  Other
+    (2...256, present exactly when ``carry`` is); any failure is *corrupt*.  Other
     keys are ignored."""
     length = _profile_int(profile, "segment_length", 1, 65536)
     precision = _profile_int(profile, "precision", 12, 28)
