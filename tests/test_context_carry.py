@@ -258,3 +258,54 @@ def test_one_token_segments_in_long_chains_decode_in_batched_rounds(loaded, tmp_
         assert archive.read("a.txt") == data
     assert llm.DECODE_CHUNK == 16 * 256
     assert rounds == [16] * (2 * 256)  # 2 chunks of 16 chains
+
+
+def test_mutated_carry_archives_give_only_typed_errors_or_their_bytes(tmp_path: Path) -> None:
+    """Seeded mutations of good-carry-tiny-bpe, read with its model: half anywhere in the
+    archive (the index's with its CRC fixed, so the form-2 record's fields reach the
+    parser), half in an llm member's stored bytes with the member's CRC fixed, so the
+    streams reach the decoder's rounds.  Every outcome is a typed error or the bytes the
+    archive records."""
+    import random
+    from dataclasses import replace
+
+    from llmarc.container.index import assemble_small, disassemble
+    from llmarc.container.layout import SMALL_HEADER_SIZE, crc32
+    from llmarc.errors import LlmarcError
+    from tests.test_fuzz import _check_member_bytes, mutate
+
+    seed = (Path(__file__).resolve().parent.parent / "spec" / "vectors" / "llm"
+            / "good-carry-tiny-bpe.llma").read_bytes()
+    area, index = disassemble(seed)
+    rng = random.Random(20261204)
+    path = tmp_path / "m.llma"
+    outcomes: dict[str, int] = {}
+    for case in range(300):
+        if case % 2:
+            data = mutate(rng, seed)
+        else:
+            entry = rng.choice([e for e in index.entries if e.stored_size])
+            begin = entry.stored_offset - SMALL_HEADER_SIZE
+            changed = bytearray(area)
+            for _ in range(rng.choice((1, 1, 2, 3))):
+                changed[begin + rng.randrange(entry.stored_size)] ^= 1 << rng.randrange(8)
+            stored = bytes(changed[begin:begin + entry.stored_size])
+            entries = [replace(e, crc32=crc32(stored)) if e is entry else e
+                       for e in index.entries]
+            data = assemble_small(bytes(changed), replace(index, entries=entries))
+        path.write_bytes(data)
+        try:
+            with llmarc.open(path, model=TINY_BPE, device="cpu") as archive:
+                for member in archive.members():
+                    if member.is_file():
+                        _check_member_bytes(member, archive.read(member.name))
+            outcome = "ok"
+        except LlmarcError as exc:
+            outcome = type(exc).__name__
+        except Exception as exc:  # anything else is a bug: show the reproducer
+            pytest.fail(f"case {case}: {type(exc).__name__}: {exc} ({data.hex()[:400]})")
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    # the payload half reaches the decoder: streams that decode to other bytes are
+    # caught by the digest, streams that run out or overshoot by the codec's bounds
+    assert outcomes.get("ChecksumMismatchError", 0) >= 30, outcomes
+    assert outcomes.get("CorruptArchiveError", 0) >= 100, outcomes
