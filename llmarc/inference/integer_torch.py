@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,23 +323,37 @@ class TorchIntegerModel:
     @torch.no_grad()
     def final_rows(self, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The final norm's quantized rows (q [N, T, D], scale [N, T]) on the device."""
+        h = self.layers_over(tokens)
+        q, scale = self.norm_quantized(h, self.final_norm)
+        return q, scale.view(*h.shape[:2])
+
+    def layers_over(self, tokens: np.ndarray, keep: KeepKeys | None = None) -> torch.Tensor:
+        """The residual rows h [N, T, D] after every layer, for rows of tokens [N, T] fed
+        at positions 0..T-1; ``keep(layer index, k, ks, v, vs)`` sees each layer's
+        quantized keys and values (a stepper's prefill stores them in its caches)."""
         feed = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)
-        n, t = feed.shape
+        t = feed.shape[1]
         if t > self.max_length:
             raise ValueError(f"{t} positions exceed the engine's {self.max_length}")
         positions = torch.arange(t, device=self.device)
         h = self.embed(feed)
         mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             q, qs, k, ks, v, vs = self.qkv(layer, h, positions)
+            if keep is not None:
+                keep(index, k, ks, v, vs)
             context = self.attend(
                 q.transpose(1, 2), qs.transpose(1, 2), k.transpose(1, 2),
                 ks.squeeze(-1).transpose(1, 2), v.transpose(1, 2),
                 vs.squeeze(-1).transpose(1, 2), mask,
             )
             h = self.mlp(layer, self.attention(layer, context, h))
-        q, scale = self.norm_quantized(h, self.final_norm)
-        return q, scale.view(n, t)
+        return h
+
+
+#: What :meth:`TorchIntegerModel.layers_over` hands a caller per layer: (index, keys
+#: [N, T, Hkv, Dh], their scales [N, T, Hkv, 1], values, their scales).
+KeepKeys = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class TorchStepper:
@@ -382,6 +397,27 @@ class TorchStepper:
 
     def reset(self) -> None:
         self.position = 0
+
+    @torch.no_grad()
+    def prefill(self, tokens: np.ndarray) -> None:
+        """Feed known tokens [width, T] at positions 0 .. T-1 in one pass, as T
+        :meth:`step` calls would (the caches get the same quantized keys and values),
+        without their logits: a decoder's context (spec/llm-codec.md §3.4)."""
+        width, count = np.shape(tokens)
+        if self.position or width != self.width or count > self.length:
+            raise ValueError("prefill: a fresh stepper and at most its length per row")
+        while self.capacity < count:
+            self._grow(min(self.length, max(2 * self.capacity, count)))
+
+        def keep(index: int, k: torch.Tensor, ks: torch.Tensor, v: torch.Tensor,
+                 vs: torch.Tensor) -> None:
+            self.keys[index][:, :, :count] = k.transpose(1, 2).to(self.keys[index].dtype)
+            self.values[index][:, :, :count] = v.transpose(1, 2).to(self.values[index].dtype)
+            self.key_scales[index][:, :, :count] = ks[..., 0].transpose(1, 2)
+            self.value_scales[index][:, :, :count] = vs[..., 0].transpose(1, 2)
+
+        self.model.layers_over(tokens, keep)
+        self.position = count
 
     @torch.no_grad()
     def step(self, tokens: np.ndarray) -> np.ndarray:
