@@ -1,14 +1,20 @@
 """Ratio against speed for the settings a user can choose (issue 24 item 5, first rows).
 
-    python -m benchmarks.pareto [--input alice29.txt ...] [--settings 1024 2048 1024:256:8]
+    python -m benchmarks.pareto [--input alice29.txt lcet10.txt:100000:8192 llmarc/ ...]
+                                [--settings 1024 2048 1024:256:8]
 
-For each input (a file of ../shared/corpus, whole) and each setting (a segment length L,
-or L:C:G for context carry of C tokens in chains of G segments), with the
+For each input and each setting (a segment length L, or L:C:G for context carry of C
+tokens in chains of G segments), with the
 embedded SmolLM2 and int-v2 on this machine's CPUs: one ``llmarc pack --codec llm`` and
 one ``llmarc extract`` in fresh processes; prints whole-archive bits per byte (archive
 bytes x 8 / input bytes), pack and extract tokens/s (model load included, so short
 inputs understate the rate) and peak RSS, as a Markdown table.  Every extract is
 compared with its input.  zstd -19 and xz -9 of the same bytes are printed beside.
+
+An input is a file of ../shared/corpus, whole or as NAME:OFFSET:SIZE (a slice, e.g. the
+held-out 8 KB texts of ratio_options.py), or a folder ending in ``/`` (relative to the
+repository): its ``*.py`` files, flattened into one folder of files, a source tree; the
+classic compressors then see the files concatenated in name order.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import zstandard
 
 from benchmarks.inputs import CORPUS
 from benchmarks.lean import tokens_of
+from benchmarks.small_files import same_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,11 +50,26 @@ def run(*args: str) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss / 1024
 
 
+def input_files(name: str) -> dict[str, bytes]:
+    """{file name: bytes} of an input (see the module's docstring)."""
+    if name.endswith("/"):
+        folder = ROOT / name
+        return {"_".join(path.relative_to(folder).parts): path.read_bytes()
+                for path in sorted(folder.rglob("*.py"))}
+    file_name, *cut = name.split(":")
+    data = (CORPUS / file_name).read_bytes()
+    if cut:
+        offset, size = map(int, cut)
+        data = data[offset:offset + size]
+    return {file_name: data}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", default=["alice29.txt"])
     parser.add_argument("--settings", nargs="+", default=["1024", "2048", "1024:256:8"],
-                        help="L, or L:C:G (context carry C in chains of G)")
+                        help="L, or L:C:G (context carry C in chains of G), or L:C "
+                             "(G: the pack's default)")
     args = parser.parse_args()
     print("| input | setting | whole-archive bits/byte | pack tokens/s | extract tokens/s "
           "| pack / extract peak RSS MB |")
@@ -55,27 +77,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="llmarc-pareto-") as tmp:
         work = Path(tmp)
         for name in args.input:
-            data = (CORPUS / name).read_bytes()
-            src = work / name.replace("/", "_")
+            src = work / name.replace("/", "_").replace(":", "_")
             src.mkdir()
-            (src / name.split("/")[-1]).write_bytes(data)
+            for file_name, content in input_files(name).items():
+                (src / file_name).write_bytes(content)
+            data = b"".join(path.read_bytes() for path in sorted(src.iterdir()))
             tokens = tokens_of(src)
             for label, packed in (("zstd -19", zstandard.ZstdCompressor(level=19).compress(data)),
                                   ("xz -9", lzma.compress(data, preset=9))):
                 print(f"| {name} | {label} | {len(packed) * 8 / len(data):.3f} | | | |")
             for setting in args.settings:
-                length, carry, chain = [*setting.split(":"), "0", "1"][:3]
+                length, carry, chain = [*setting.split(":"), "0", ""][:3]
                 options = ["--segment-length", length]
                 label = f"L = {length}"
                 if int(carry):
-                    options += ["--carry", carry, "--chain", chain]
-                    label += f", carry {carry}, chain {chain}"
+                    options += ["--carry", carry, *(["--chain", chain] if chain else [])]
+                    label += f", carry {carry}, chain {chain or 'auto'}"
                 archive = work / f"{src.name}-{setting}.llma"
                 pack, pack_rss = run("pack", "-q", "--codec", "llm", *options, str(src),
                                      str(archive))
                 out = work / f"{src.name}-{setting}-out"
                 extract, extract_rss = run("extract", "-q", str(archive), "-C", str(out))
-                same = all((out / f.name).read_bytes() == f.read_bytes() for f in src.iterdir())
+                same = same_tree(src, out)
                 bits = archive.stat().st_size * 8 / len(data)
                 print(f"| {name} | int-v2, {label} | {bits:.3f} | {tokens / pack:.0f} "
                       f"| {tokens / extract:.0f}{'' if same else ' DIFFERS'} "
