@@ -87,10 +87,10 @@ def main() -> int:
                                   ("xz -9", lzma.compress(data, preset=9))):
                 print(f"| {name} | {label} | {len(packed) * 8 / len(data):.3f} | | | |")
             for setting in args.settings:
-                length, carry, chain = [*setting.split(":"), "0", ""][:3]
+                length, carry, chain = [*setting.split(":"), "", ""][:3]
                 options = ["--segment-length", length]
                 label = f"L = {length}"
-                if int(carry):
+                if carry:
                     options += ["--carry", carry, *(["--chain", chain] if chain else [])]
                     label += f", carry {carry}, chain {chain or 'auto'}"
                 archive = work / f"{src.name}-{setting}.llma"
