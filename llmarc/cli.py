@@ -231,6 +231,9 @@ def pack_cmd(
     if engine not in ENGINES:
         raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}, not {engine!r}",
                                  param_hint="--engine")
+    if chain is not None and not carry:
+        raise typer.BadParameter("chains only exist with context carry: add --carry C",
+                                 param_hint="--chain")
     options = LLMOptions(model=model, device=device, engine=engine, dtype=dtype,
                          threads=threads, segment_length=segment_length, carry=carry,
                          chain=chain, batch_width=batch_width, ray=_ray(ray))

@@ -323,3 +323,12 @@ def test_mutated_carry_archives_give_only_typed_errors_or_their_bytes(tmp_path: 
     # caught by the digest, streams that run out or overshoot by the codec's bounds
     assert outcomes.get("ChecksumMismatchError", 0) >= 30, outcomes
     assert outcomes.get("CorruptArchiveError", 0) >= 100, outcomes
+
+
+def test_a_chain_without_carry_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    from llmarc.cli import run
+
+    src = make_tree(tmp_path / "src", {"a.txt": TEXT[:300]})
+    assert run(["pack", str(src), str(tmp_path / "a.llma"), "--chain", "4", "-q"]) == 2
+    assert "add --carry" in capsys.readouterr().err
+    assert not (tmp_path / "a.llma").exists()
