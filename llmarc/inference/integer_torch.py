@@ -409,15 +409,18 @@ class TorchStepper:
         while self.capacity < count:
             self._grow(min(self.length, max(2 * self.capacity, count)))
 
-        def keep(index: int, k: torch.Tensor, ks: torch.Tensor, v: torch.Tensor,
-                 vs: torch.Tensor) -> None:
-            self.keys[index][:, :, :count] = k.transpose(1, 2).to(self.keys[index].dtype)
-            self.values[index][:, :, :count] = v.transpose(1, 2).to(self.values[index].dtype)
-            self.key_scales[index][:, :, :count] = ks[..., 0].transpose(1, 2)
-            self.value_scales[index][:, :, :count] = vs[..., 0].transpose(1, 2)
-
-        self.model.layers_over(tokens, keep)
+        self.model.layers_over(tokens, functools.partial(self._store, slice(0, count)))
         self.position = count
+
+    def _store(self, positions: slice, index: int, k: torch.Tensor, ks: torch.Tensor,
+               v: torch.Tensor, vs: torch.Tensor) -> None:
+        """Layer ``index``'s quantized keys and values of ``positions`` (k, v [width, T,
+        Hkv, Dh], their scales [width, T, Hkv, 1]) into the caches: one position per
+        :meth:`step`, a context's at once in :meth:`prefill`."""
+        self.keys[index][:, :, positions] = k.transpose(1, 2).to(self.keys[index].dtype)
+        self.values[index][:, :, positions] = v.transpose(1, 2).to(self.values[index].dtype)
+        self.key_scales[index][:, :, positions] = ks[..., 0].transpose(1, 2)
+        self.value_scales[index][:, :, positions] = vs[..., 0].transpose(1, 2)
 
     @torch.no_grad()
     def step(self, tokens: np.ndarray) -> np.ndarray:
@@ -432,10 +435,7 @@ class TorchStepper:
         h = model.embed(feed)[:, None, :]  # [B, 1, D]
         for index, layer in enumerate(model.layers):
             q, qs, k, ks, v, vs = model.qkv(layer, h, positions)
-            self.keys[index][:, :, t] = k[:, 0].to(self.keys[index].dtype)
-            self.values[index][:, :, t] = v[:, 0].to(self.values[index].dtype)
-            self.key_scales[index][:, :, t] = ks[:, 0, :, 0]
-            self.value_scales[index][:, :, t] = vs[:, 0, :, 0]
+            self._store(slice(t, t + 1), index, k, ks, v, vs)
             context = model.attend(
                 q.transpose(1, 2), qs.transpose(1, 2),
                 self.keys[index][:, :, : t + 1].to(F64), self.key_scales[index][:, :, : t + 1],
