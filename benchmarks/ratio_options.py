@@ -78,9 +78,9 @@ def llm_frequencies(loaded: LoadedModel, tokens: list[int], length: int,
     model = loaded.integer_model(length + carry, "int-v2")
     freq = np.zeros(len(tokens), dtype=np.int64)
     pos = 0
-    for part in split_segments(tokens, length):
-        segment = part.tokens
-        context = tokens[max(0, pos - carry):pos] if carry else []
+    # one chain of them all: every segment but the first carries the tokens before it
+    for part in split_segments(tokens, length, carry, chain=len(tokens) + 1):
+        segment, context = part.tokens, part.context
         sequence = [loaded.start_token, *context, *segment]
         final, scales = model.final_rows(np.array([sequence[:-1]], dtype=np.int64))
         skip = len(context)

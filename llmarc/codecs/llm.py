@@ -517,10 +517,11 @@ def segment_byte_limit(original_size: int, escape_count: int, token_count: int,
 def split_segments(tokens: list[int], length: int, carry: int = 0,
                    chain: int = 1) -> list[Segment]:
     """Cut an entry's tokens into segments of ``length`` (the last may be shorter), each
-    with its context (spec/llm-codec.md §3.4): the ``carry`` tokens before it, unless it
-    starts a chain of ``chain`` segments."""
+    with its context (spec/llm-codec.md §3.4): the ``carry`` tokens before it (as many as
+    there are: an archive's C is at most L), unless it starts a chain of ``chain``
+    segments."""
     return [Segment(tokens[begin : begin + length],
-                    tokens[begin - carry : begin] if carry and index % chain else [])
+                    tokens[max(0, begin - carry) : begin] if carry and index % chain else [])
             for index, begin in enumerate(range(0, len(tokens), length))]
 
 
