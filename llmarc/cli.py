@@ -27,12 +27,7 @@ from rich.console import Console
 from . import __version__
 from . import open as open_archive
 from .codecs import zstd as zstd_codec
-from .codecs.llm import (
-    DEFAULT_ENGINE,
-    DEFAULT_SEGMENT_LENGTH,
-    ENGINES,
-    parse_profile,
-)
+from .codecs.llm import DEFAULT_ENGINE, DEFAULT_SEGMENT_LENGTH, ENGINES, parse_profile
 from .codecs.llm_options import LLMOptions
 from .errors import CorruptArchiveError, DamagedMembersError, LlmarcError
 from .packer import CODEC_CHOICES, PackReport, SkippedEntryWarning, UnarchivableError, pack
