@@ -1,10 +1,11 @@
 """Ratio against speed for the settings a user can choose (issue 24 item 5, first rows).
 
     python -m benchmarks.pareto [--input alice29.txt lcet10.txt:100000:8192 llmarc/ ...]
-                                [--settings 1024 2048 1024:256:8]
+                                [--settings 1024 2048 1024:256:8 1024/nosolid]
 
 For each input and each setting (a segment length L, or L:C:G for context carry of C
-tokens in chains of G segments), with the
+tokens in chains of G segments; ``/nosolid`` after either: ``--no-solid``, each small
+file its own member instead of sharing an LLM solid block), with the
 embedded SmolLM2 and int-v2 on this machine's CPUs: one ``llmarc pack --codec llm`` and
 one ``llmarc extract`` in fresh processes; prints whole-archive bits per byte (archive
 bytes x 8 / input bytes), pack and extract tokens/s (model load included, so short
@@ -12,9 +13,10 @@ inputs understate the rate) and peak RSS, as a Markdown table.  Every extract is
 compared with its input.  zstd -19 and xz -9 of the same bytes are printed beside.
 
 An input is a file of ../shared/corpus, whole or as NAME:OFFSET:SIZE (a slice, e.g. the
-held-out 8 KB texts of ratio_options.py), or a folder ending in ``/`` (relative to the
-repository): its ``*.py`` files, flattened into one folder of files, a source tree; the
-classic compressors then see the files concatenated in name order.
+held-out 8 KB texts of ratio_options.py), such a slice cut into files of PIECE bytes as
+NAME:OFFSET:SIZE/PIECE (a folder of small texts), or a folder ending in ``/`` (relative
+to the repository): its ``*.py`` files, flattened into one folder of files, a source
+tree; the classic compressors then see the files concatenated in name order.
 """
 
 from __future__ import annotations
@@ -56,12 +58,16 @@ def input_files(name: str) -> dict[str, bytes]:
         folder = ROOT / name
         return {"_".join(path.relative_to(folder).parts): path.read_bytes()
                 for path in sorted(folder.rglob("*.py"))}
+    name, _, piece = name.partition("/")
     file_name, *cut = name.split(":")
     data = (CORPUS / file_name).read_bytes()
     if cut:
         offset, size = map(int, cut)
         data = data[offset:offset + size]
-    return {file_name: data}
+    if not piece:
+        return {file_name: data}
+    step = int(piece)
+    return {f"{file_name}.{i // step:04d}": data[i:i + step] for i in range(0, len(data), step)}
 
 
 def main() -> int:
@@ -87,16 +93,20 @@ def main() -> int:
                                   ("xz -9", lzma.compress(data, preset=9))):
                 print(f"| {name} | {label} | {len(packed) * 8 / len(data):.3f} | | | |")
             for setting in args.settings:
-                length, carry, chain = [*setting.split(":"), "", ""][:3]
+                coding, _, solid = setting.partition("/")
+                length, carry, chain = [*coding.split(":"), "", ""][:3]
                 options = ["--segment-length", length]
                 label = f"L = {length}"
+                if solid == "nosolid":
+                    options.append("--no-solid")
+                    label += ", no LLM blocks"
                 if carry:
                     options += ["--carry", carry, *(["--chain", chain] if chain else [])]
                     label += f", carry {carry}, chain {chain or 'auto'}"
-                archive = work / f"{src.name}-{setting}.llma"
+                archive = work / f"{src.name}-{setting.replace('/', '_')}.llma"
                 pack, pack_rss = run("pack", "-q", "--codec", "llm", *options, str(src),
                                      str(archive))
-                out = work / f"{src.name}-{setting}-out"
+                out = work / f"{src.name}-{setting.replace('/', '_')}-out"
                 extract, extract_rss = run("extract", "-q", str(archive), "-C", str(out))
                 same = same_tree(src, out)
                 bits = archive.stat().st_size * 8 / len(data)

@@ -174,7 +174,9 @@ def pack_cmd(
     codec: Annotated[str, typer.Option(help=f"One of: {', '.join(CODEC_CHOICES)}.")] = "auto",
     level: Annotated[int, typer.Option(help="zstd level.", min=zstd_codec.MIN_LEVEL,
                                        max=zstd_codec.MAX_LEVEL)] = 19,
-    solid: Annotated[bool, typer.Option(help="Share one zstd frame among small files.")] = True,
+    solid: Annotated[bool, typer.Option(
+        help="Share one zstd frame (LLM-coded text: one LLM payload) among small files.",
+    )] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace OUT if it exists.")] = False,
     verify: Annotated[bool, typer.Option(
         help="Decode the finished archive and check every SHA-256 before keeping it.")] = False,
@@ -510,7 +512,8 @@ def delete_cmd(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
 ) -> None:
     """Remove MEMBERs from ARCHIVE (zip -d, 7z d, tar --delete), rewriting it beside
-    itself; nothing is recoded except a solid zstd block that loses members."""
+    itself; nothing is recoded except a solid block that loses members (what remains of
+    an LLM block is decoded and stored as a solid zstd block)."""
     gone = delete(archive, members, exclude=exclude or (), warn=_warn)
     if not quiet:
         print(f"{len(gone)} member{'s' if len(gone) != 1 else ''} removed", file=sys.stderr)

@@ -51,6 +51,12 @@ CHUNK = 1 << 20
 #: Solid zstd blocks hold at most this many original bytes (a reader extracting one
 #: member decodes at most one block).
 SOLID_BLOCK_SIZE = 64 << 20
+#: LLM solid blocks (spec/format.md §12.6): files under LLM_BLOCK_MEMBER bytes share one
+#: LLM payload of at most LLM_BLOCK_SIZE, so each is predicted after the ones before it
+#: (40 files of 1 KB of English: 1.536 -> 1.133 bits/byte); the cap bounds what
+#: extracting one member decodes (about 16 segments of 1,024 tokens, as many rows).
+LLM_BLOCK_SIZE = 64 << 10
+LLM_BLOCK_MEMBER = 16 << 10
 CODEC_CHOICES = ("auto", "zstd", "store", "llm")
 #: ``--codec auto`` sends text files up to this size to the LLM codec.
 MAX_AUTO_LLM_SIZE = 16 << 20
@@ -75,6 +81,7 @@ class SourceEntry:
 class Group:
     kind: str  # "dir" | "store" | "zstd" | "solid" | "llm"
     entries: list[SourceEntry] = field(default_factory=list)
+    solid: bool = False  # "llm": small files may share LLM solid blocks (llm_units)
 
 
 Warn = Callable[[str], None]
@@ -407,7 +414,7 @@ def plan(entries: list[SourceEntry], codec: str = "auto", *, solid: bool = True,
     dirs = Group("dir")
     stored: list[SourceEntry] = []
     zstd: list[SourceEntry] = []
-    llm = Group("llm")
+    llm = Group("llm", solid=solid)
     for e in entries:
         if e.type == TYPE_DIR:
             dirs.entries.append(e)
@@ -476,39 +483,74 @@ class _Outcome:
         return True
 
 
+@dataclass
+class Coded:
+    """What ``encode_llm_batch`` made of some sources: one member (any codec), or the
+    members of one LLM solid block (spec/format.md §12.6), whose payload codes their
+    bytes back to back."""
+
+    sources: list[_Source]
+    datas: list[bytes]
+    codec_id: int
+    params: bytes  # the llm params of a block (its members' own add skip and share)
+    payload: bytes
+
+
+def llm_units(sizes: list[int], blocks: bool) -> list[list[int]]:
+    """Indexes of the llm entries (by their scanned ``sizes``), in order, grouped as the
+    LLM codes them: runs of files under LLM_BLOCK_MEMBER bytes into solid blocks of at
+    most LLM_BLOCK_SIZE (``blocks``: the archive can hold them), every other file on its
+    own."""
+    units: list[list[int]] = []
+    run: list[int] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        small = blocks and size < LLM_BLOCK_MEMBER
+        if run and (not small or total + size > LLM_BLOCK_SIZE):
+            units.append(run)
+            run, total = [], 0
+        if small:
+            run.append(i)
+            total += size
+        else:
+            units.append([i])
+    if run:
+        units.append(run)
+    return units
+
+
 def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level: int,
                      options: LLMOptions, forced: bool, progress=None, warn: Warn | None = None,
-                     outcome: _Outcome | None = None,
-                     ) -> Iterator[tuple[_Source, bytes, int, bytes, bytes, int]]:
+                     outcome: _Outcome | None = None, solid: bool = True) -> Iterator[Coded]:
     """Encode the llm-candidate entries, a window of text at a time (llm_pipeline's
     WINDOW_BYTES: the caller writes a window's entries before the next is read, so
     memory holds one window, not the corpus).
 
-    Yields (source, sha256, codec id, codec params, payload, size): the LLM payload where
-    it won (or was forced), else the entry's zstd frame or its plain bytes.  A window's
-    entries are read into memory: the LLM codec is for text, capped in auto mode by
-    ``plan``.
+    Yields each entry coded on its own (the LLM payload where it won or was forced, else
+    its zstd frame or its plain bytes), or (``solid``, in a format 3.0 archive) small
+    files grouped (``llm_units``) as one LLM solid block; a block the LLM does not win is
+    yielded as its members, each on its own.  A window's entries are read into memory:
+    the LLM codec is for text, capped in auto mode by ``plan``.
     """
     # A sink that can defer is told these bytes now and credits them as their tokens
     # are coded: counted as read, they made the bar say done before the model started.
     deferring = hasattr(progress, "defer")
     with TextEncoder(options, forced=forced, add_model=writer.add_model, progress=progress,
                      status=getattr(progress, "note", None)) as encoder:
-        for window in windows(entries, lambda e: e.size, window_bytes(options)):
-            sources, datas = [], []
-            for e in window:
-                for attempt in range(1 + REREADS):
-                    src = _Source(e, None if deferring else progress)
-                    data = b"".join(src)
-                    if not src.changed or attempt == REREADS:
-                        break
-                    if progress is not None and not deferring:
-                        progress.advance(-src.size)
-                if outcome is None or outcome.accept(src):
-                    sources.append(src)
-                    datas.append(data)
+        # Blocks are formed from the scanned sizes before any window: the archive does
+        # not depend on the window size (a memory knob). A window holds whole blocks.
+        grouped = [[entries[i] for i in unit] for unit in
+                   llm_units([e.size for e in entries], solid and writer.small)]
+        for window in windows(grouped, lambda u: sum(e.size for e in u),
+                              window_bytes(options)):
+            units: list[tuple[list[_Source], list[bytes]]] = []
+            for unit in window:
+                read = [(src, data) for src, data in map(_read_source(progress), unit)
+                        if outcome is None or outcome.accept(src)]
+                if read:
+                    units.append(([src for src, _ in read], [data for _, data in read]))
             if deferring:
-                progress.defer(sum(map(len, datas)))
+                progress.defer(sum(len(d) for _, datas in units for d in datas))
             frames: dict[int, bytes] = {}
 
             def zstd_frame(data: bytes, frames: dict[int, bytes] = frames) -> bytes:
@@ -516,16 +558,37 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
                     frames[id(data)] = b"".join(zstd_codec.encode([data], level, len(data)))
                 return frames[id(data)]
 
-            results = encoder.encode(datas, [s.entry.name for s in sources],
-                                     lambda d: len(zstd_frame(d)))
-            for src, data, result in zip(sources, datas, results, strict=True):
-                sha = hashlib.sha256(data).digest()
+            texts = [b"".join(datas) for _, datas in units]
+            names = [srcs[0].entry.name + (f" and {len(srcs) - 1} more" if len(srcs) > 1
+                                           else "") for srcs, _ in units]
+            results = encoder.encode(texts, names, lambda d: len(zstd_frame(d)))
+            for (srcs, datas), result in zip(units, results, strict=True):
                 if result is not None:
-                    yield src, sha, result.codec_id, result.params, result.payload, len(data)
-                elif data and len(zstd_frame(data)) < len(data):
-                    yield src, sha, CODEC_ZSTD, b"", zstd_frame(data), len(data)
-                else:
-                    yield src, sha, CODEC_STORE, b"", data, len(data)
+                    yield Coded(srcs, datas, result.codec_id, result.params, result.payload)
+                    continue
+                for src, data in zip(srcs, datas, strict=True):  # on its own: zstd or stored
+                    if data and len(zstd_frame(data)) < len(data):
+                        yield Coded([src], [data], CODEC_ZSTD, b"", zstd_frame(data))
+                    else:
+                        yield Coded([src], [data], CODEC_STORE, b"", data)
+
+
+def _read_source(progress) -> Callable[[SourceEntry], tuple[_Source, bytes]]:
+    """A reader of one source's bytes, read again (up to REREADS times) while it changes;
+    a sink that can defer is credited later, as the tokens are coded."""
+    deferring = hasattr(progress, "defer")
+
+    def read(e: SourceEntry) -> tuple[_Source, bytes]:
+        for attempt in range(1 + REREADS):
+            src = _Source(e, None if deferring else progress)
+            data = b"".join(src)
+            if not src.changed or attempt == REREADS:
+                break
+            if progress is not None and not deferring:
+                progress.advance(-src.size)
+        return src, data
+
+    return read
 
 
 #: A file that changed while it was read is read again this many times (a single file:
@@ -599,11 +662,23 @@ def write_plan(groups: list[Group], writer: ArchiveWriter, *, level: int = 19,
         elif g.kind == "llm":
             batch = encode_llm_batch(g.entries, writer, level=level, options=llm or LLMOptions(),
                                      forced=forced_llm, progress=progress, warn=warn,
-                                     outcome=outcome)
-            for src, sha, codec_id, params, payload, size in batch:
-                stored = writer.write_stored([payload])
-                entry = record(src, codec_id, params, stored, sha)
-                writer.add_entry(replace(entry, size=size))
+                                     outcome=outcome, solid=g.solid)
+            for coded in batch:
+                stored = writer.write_stored([coded.payload])
+                if len(coded.sources) == 1:
+                    data = coded.datas[0]
+                    entry = record(coded.sources[0], coded.codec_id, coded.params, stored,
+                                   hashlib.sha256(data).digest())
+                    writer.add_entry(replace(entry, size=len(data)))
+                    continue
+                sizes = [len(d) for d in coded.datas]
+                skips = itertools.accumulate([0, *sizes[:-1]])
+                for src, data, skip, share in zip(coded.sources, coded.datas, skips,
+                                                  solid_shares(sizes, stored[1]), strict=True):
+                    entry = record(src, coded.codec_id,
+                                   coded.params + struct.pack("<QQ", skip, share), stored,
+                                   b"", zlib.crc32(data))
+                    writer.add_entry(replace(entry, size=len(data)))
         else:  # pragma: no cover - plan() only makes the kinds above
             raise ValueError(g.kind)
 

@@ -23,7 +23,7 @@ from .codecs import zstd as zstd_codec
 from .codecs.llm import decode_params, encode_params
 from .codecs.llm_options import LLMOptions
 from .container.compact import solid_shares
-from .container.layout import TYPE_DIR, TYPE_FILE, EntryRecord
+from .container.layout import LLM_PARAMS_BYTES, TYPE_DIR, TYPE_FILE, EntryRecord
 from .container.reader import ArchiveReader, MemberInfo
 from .container.writer import ArchiveWriter
 from .errors import ChecksumMismatchError, SourceError
@@ -108,6 +108,11 @@ def update(archive: str | os.PathLike[str],
                     report.deleted.append(e.name)
                 else:
                     keep.append(i)
+        again = _broken_llm_blocks(reader, keep, named)
+        if again:  # coded again from their unchanged files, in source order
+            keep = [i for i in keep if i not in again]
+            names = {old[i].name for i in again} | {s.name for s in fresh}
+            fresh = [s for s in sources if s.name in names]
         _copy(reader, keep, writer, modes)
         report.copied.extend(old[i].name for i in keep)
         report.coded.extend(s.name for s in fresh if s.type == TYPE_FILE)
@@ -164,6 +169,20 @@ def _compare(reader: ArchiveReader, sources: list[SourceEntry],
     return keep, modes, fresh
 
 
+def _broken_llm_blocks(reader: ArchiveReader, keep: list[int], named: set[str]) -> set[int]:
+    """Kept members of LLM solid blocks that lose a member and whose files are in the
+    source (unchanged: kept members are): coded again from those files, so they keep the
+    model's ratio. The rest of such a block (files not in the source) is decoded and
+    stored as a solid zstd block by ``_copy``, which needs no model."""
+    keep_set = set(keep)
+    again: set[int] = set()
+    for block in {id(b): b for b in reader._blocks.values()}.values():
+        if block.codec == CODEC_LLM and not keep_set.issuperset(block.members):
+            again.update(i for i in block.members
+                         if i in keep_set and _entries(reader)[i].name in named)
+    return again
+
+
 def _copy(reader: ArchiveReader, keep: list[int], writer: ArchiveWriter,
           modes: dict[int, int]) -> None:
     """Write the kept members into ``writer`` as stored, in stored order (see module)."""
@@ -171,13 +190,17 @@ def _copy(reader: ArchiveReader, keep: list[int], writer: ArchiveWriter,
     keep_set = set(keep)
     models: dict[int, int] = {}  # old model index -> new
 
-    def params(e: EntryRecord) -> bytes:
+    def params(e: EntryRecord, block: bool = False) -> bytes:
+        """``e``'s params with its model index (an llm member's params; an llm ``block``
+        member's first two bytes, before its skip and share) renumbered for the new table."""
         if e.codec_id != CODEC_LLM:
             return e.codec_params
-        index = decode_params(e.codec_params)
+        cut = LLM_PARAMS_BYTES if block else len(e.codec_params)
+        own, rest = e.codec_params[:cut], e.codec_params[cut:]
+        index = decode_params(own)
         if index not in models:
             models[index] = writer.add_model(reader.models[index])
-        return encode_params(models[index])
+        return encode_params(models[index]) + rest
 
     def add(i: int, **fields) -> None:
         e = old[i]
@@ -204,7 +227,8 @@ def _copy(reader: ArchiveReader, keep: list[int], writer: ArchiveWriter,
                                              block.stored_size, block.crc32,
                                              f"solid block at offset {block.offset}")
                 for j in members:
-                    add(j, stored_offset=off, stored_size=size, crc32=crc)
+                    add(j, codec_params=params(old[j], True), stored_offset=off, stored_size=size,
+                        crc32=crc)
             else:
                 _recompress(reader, writer, members, add)
 

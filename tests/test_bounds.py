@@ -396,7 +396,15 @@ def test_a_pack_writes_each_window_before_reading_the_next(tmp_path: Path,
     for i in range(8):
         (src / f"t{i}.txt").write_bytes(b"the quick brown fox %d jumps over it\n" % i * 6)
     options = LLMOptions(model=str(TINY), threads=1, segment_length=16)
-    llmarc.pack(src, tmp_path / "one.llma", codec="llm", llm=options)
+    # one LLM block of the 8 files: formed before windowing, so no window changes it
+    llmarc.pack(src, tmp_path / "block.llma", codec="llm", llm=options)
+    with monkeypatch.context() as patch:
+        patch.setattr(llm_pipeline, "WINDOW_BYTES", 700)
+        llmarc.pack(src, tmp_path / "block-windows.llma", codec="llm", llm=options)
+    assert (tmp_path / "block.llma").read_bytes() == \
+        (tmp_path / "block-windows.llma").read_bytes()
+    # each file its own member (--no-solid): windows of 3, 3 and 2 of them
+    llmarc.pack(src, tmp_path / "one.llma", codec="llm", llm=options, solid=False)
     events: list[str] = []
     encode, write = llm_pipeline.TextEncoder.encode, ArchiveWriter.write_stored
 
@@ -411,7 +419,7 @@ def test_a_pack_writes_each_window_before_reading_the_next(tmp_path: Path,
     monkeypatch.setattr(llm_pipeline, "WINDOW_BYTES", 700)
     monkeypatch.setattr(llm_pipeline.TextEncoder, "encode", encoded)
     monkeypatch.setattr(ArchiveWriter, "write_stored", written)
-    llmarc.pack(src, tmp_path / "windows.llma", codec="llm", llm=options)
+    llmarc.pack(src, tmp_path / "windows.llma", codec="llm", llm=options, solid=False)
     assert (tmp_path / "windows.llma").read_bytes() == (tmp_path / "one.llma").read_bytes()
     llm_events = events[events.index("window 3"):]  # 8 entries of 228 bytes: 3 + 3 + 2
     assert llm_events == ["window 3", *["write"] * 3, "window 3", *["write"] * 3,
@@ -431,8 +439,8 @@ def test_an_extract_decodes_a_window_at_a_time(tmp_path: Path,
     texts = {f"t{i}.txt": b"the quick brown fox %d jumps over it\n" % i * 6 for i in range(8)}
     for name, data in texts.items():
         (src / name).write_bytes(data)
-    path = tmp_path / "a.llma"
-    llmarc.pack(src, path, codec="llm",
+    path = tmp_path / "a.llma"  # solid=False: 8 members, not one LLM block
+    llmarc.pack(src, path, codec="llm", solid=False,
                 llm=LLMOptions(model=str(TINY), threads=1, segment_length=16))
     events: list[str] = []
     decode, finish = llm_pipeline.LLMDecoder.decode, llmarc.safety.write_file

@@ -470,8 +470,8 @@ def _stored(path: Path, name: str) -> bytes:
 
 
 def test_update_codes_only_what_changed_and_copies_llm_entries(tmp_path, text_tree):
-    out = tmp_path / "u.llma"
-    assert llmarc("pack", text_tree, out, "--codec", "llm", "-q").returncode == 0
+    out = tmp_path / "u.llma"  # --no-solid: each file its own member (no LLM block)
+    assert llmarc("pack", text_tree, out, "--codec", "llm", "--no-solid", "-q").returncode == 0
     before = {row["name"]: row for row in json.loads(llmarc("list", out, "--json").stdout)}
     (tmp_path / "before.llma").write_bytes(out.read_bytes())
     (text_tree / "blob.bin").write_bytes(bytes(range(255, -1, -1)) * 8)  # changed

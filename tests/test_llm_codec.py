@@ -40,9 +40,10 @@ def make_tree(root: Path, files: dict[str, bytes]) -> Path:
     return root
 
 
-def pack_llm(src: Path, out: Path, model: Path = TINY_BPE, **settings) -> list:
+def pack_llm(src: Path, out: Path, model: Path = TINY_BPE, solid: bool = True,
+             **settings) -> list:
     options = LLMOptions(model=str(model), device="cpu", **settings)
-    return llmarc.pack(src, out, codec="llm", llm=options, warn=lambda m: None)
+    return llmarc.pack(src, out, codec="llm", llm=options, warn=lambda m: None, solid=solid)
 
 
 @pytest.mark.parametrize("model", [TINY_BPE, TINY_SP], ids=["byte-level-bpe", "sentencepiece"])
@@ -100,9 +101,9 @@ def test_int_v1_escapes_bytes_the_vocabulary_lacks(
     data = b"text with " + bytes(missing[:3]) + b" rare bytes " + bytes(missing[:1]) * 4
     src = make_tree(tmp_path / "src", {"a.txt": data, "only.txt": bytes(missing[:1]) * 3})
     out = tmp_path / "a.llma"
-    members = {m.name: m for m in pack_llm(src, out)}
+    members = {m.name: m for m in pack_llm(src, out, solid=False)}
     assert members["a.txt"].codec == "llm"
-    assert members["only.txt"].codec != "llm"  # nothing left to tokenize
+    assert members["only.txt"].codec != "llm"  # on its own: nothing left to tokenize
     with llmarc.open(out, model=TINY_BPE, device="cpu") as archive:
         assert archive.read("a.txt") == data
 
@@ -163,7 +164,7 @@ def test_coding_statistics_account_for_every_token(tmp_path: Path) -> None:
     options = LLMOptions(model=str(TINY_BPE), device="cpu", segment_length=64,
                          on_encoded=seen.update)
     members = llmarc.pack(src, tmp_path / "a.llma", codec="llm", llm=options,
-                          warn=lambda m: None)
+                          warn=lambda m: None, solid=False)  # per file, not one block
     assert set(seen) == set(files)
     for member in members:
         stats = seen[member.name]

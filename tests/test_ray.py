@@ -235,9 +235,12 @@ def test_ray_pack_in_windows_keeps_one_actor_set_and_the_archive(
         return original(self, datas, names, zstd_size)
 
     monkeypatch.setattr(llm_pipeline.TextEncoder, "encode", counted)
-    out = tmp_path / "windows.llma"
-    llmarc.pack(tree, out, codec="llm", llm=LLMOptions(ray=runtime, **SETTINGS))
-    assert out.read_bytes() == local_archives["int-v2"]
+    out = tmp_path / "windows.llma"  # solid=False: every file its own window item
+    llmarc.pack(tree, out, codec="llm", llm=LLMOptions(ray=runtime, **SETTINGS), solid=False)
+    monkeypatch.setattr(llm_pipeline.TextEncoder, "encode", original)
+    llmarc.pack(tree, tmp_path / "local.llma", codec="llm", llm=LLMOptions(**SETTINGS),
+                solid=False)
+    assert out.read_bytes() == (tmp_path / "local.llma").read_bytes()
     assert len(windows) >= 3 and max(windows) <= 600, windows
     (coder,) = coders
     assert coder.starts == 1 and coder.runs == len(windows)  # one actor set for all

@@ -37,8 +37,9 @@ FILES = {"a.txt": b"The quick brown fox jumps over the lazy dog.\n" * 3,
          "d/b.txt": b"tabs\tand NUL \x00 bytes\n", "e/empty": b""}
 
 
-def _pack(tmp_path: Path, codec: str = "llm", model: Path = TINY_BPE) -> Path:
-    src = make_tree(tmp_path / "src", FILES)
+def _pack(tmp_path: Path, codec: str = "llm", model: Path = TINY_BPE,
+          files: dict[str, bytes] = FILES) -> Path:
+    src = make_tree(tmp_path / "src", files)
     out = tmp_path / "a.llma"
     llmarc.pack(src, out, codec=codec, llm=LLMOptions(model=str(model), device="cpu"),
                 warn=lambda m: None)
@@ -60,8 +61,8 @@ def test_llm_archive_is_3_0_compact_and_roundtrips(tmp_path: Path) -> None:
         for m in ar.members():
             if m.is_file():
                 assert ar.read(m.name) == FILES[m.name]
-                if m.codec == "llm":
-                    assert len(m.sha256) == 32  # DIGEST128: 16 bytes in hex
+                if m.codec == "llm":  # both texts share one LLM block: a CRC-32 each
+                    assert m.sha256 == "" and len(m.codec_params) == 18
         ar.test()
         ar.extract(tmp_path / "out")
     for name, data in FILES.items():
@@ -203,7 +204,7 @@ def test_hostile_index_headers_are_corrupt(raw: bytes) -> None:
 
 
 def test_digest128_mismatch_is_a_checksum_error(tmp_path: Path) -> None:
-    out = _pack(tmp_path)
+    out = _pack(tmp_path, files={"a.txt": FILES["a.txt"]})  # alone: no block, DIGEST128
     archive = out.read_bytes()
     _, index = disassemble(archive)
     entry = next(e for e in index.entries if e.name == "a.txt")

@@ -10,6 +10,7 @@ broken archive (checked here too, so the injection is known to reach the archive
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -38,9 +39,9 @@ def corrupt_llm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every LLM payload reaches the writer with one byte flipped."""
     original = packer.encode_llm_batch
 
-    def damaged(*args, **kwargs) -> Iterator[tuple]:
-        for src, sha, codec_id, params, payload, size in original(*args, **kwargs):
-            yield src, sha, codec_id, params, _flip(payload), size
+    def damaged(*args, **kwargs) -> Iterator[packer.Coded]:
+        for coded in original(*args, **kwargs):
+            yield dataclasses.replace(coded, payload=_flip(coded.payload))
 
     monkeypatch.setattr(packer, "encode_llm_batch", damaged)
 

@@ -39,5 +39,6 @@ class LLMOptions:
     #: (``ray://host:port`` or ``auto``).  None: in this process.
     ray: str | None = None
     #: Called after a pack's LLM coding with {member name: CodingStats} for every entry
-    #: the model coded (whether or not it kept the LLM payload): benchmarks, diagnostics.
+    #: the model coded (whether or not it kept the LLM payload; an LLM solid block as
+    #: "FIRST and N more"): benchmarks, diagnostics.
     on_encoded: Callable[[dict[str, CodingStats]], None] | None = None

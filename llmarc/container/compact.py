@@ -22,6 +22,8 @@ import zstandard
 from ..codecs import zstd as zstd_codec
 from ..errors import CorruptArchiveError, UnsupportedFeatureError
 from .layout import (
+    BLOCK_LLM,
+    BLOCK_ZSTD,
     DIGEST128_BYTES,
     EMPTY_SHA256,
     FLAG_CRC32,
@@ -29,6 +31,7 @@ from .layout import (
     FLAG_SOLID_FIRST,
     FLAG_SOLID_NEXT,
     HEADER_SIZE,
+    LLM_PARAMS_BYTES,
     MAX_ENTRIES,
     MAX_ENTRY_EXT_BYTES,
     MAX_INDEX_SIZE,
@@ -40,12 +43,12 @@ from .layout import (
     TYPE_DIR,
     TYPE_FILE,
     EntryRecord,
+    block_position,
     check_entry_fields,
     decode_ext_area,
     encode_ext_area,
 )
 
-CODEC_ZSTD = 1
 #: zstd level of the table (the table is small next to the data; 19 costs little).
 TABLE_LEVEL = 19
 #: The smallest compact record: six one-byte varints, type, flags (a directory).
@@ -137,7 +140,9 @@ def encode_body(entries: list[EntryRecord], *, data_start: int = HEADER_SIZE,
         body += name[keep:]
         prev_name = name
         flags = 0
-        solid = (e.type == TYPE_FILE and e.codec_id == CODEC_ZSTD and len(e.codec_params) == 16)
+        solid = block_position(e) is not None
+        if solid and e.codec_id == BLOCK_LLM and not small:
+            raise ValueError(f"entry {e.name!r}: an LLM solid block needs format 3.0")
         if solid:
             here = (e.stored_offset, e.stored_size, e.crc32)
             if block is not None and here == block and e.stored_size:
@@ -164,7 +169,10 @@ def encode_body(entries: list[EntryRecord], *, data_start: int = HEADER_SIZE,
         put_varint(body, e.size)
         if e.type == TYPE_FILE:
             put_varint(body, e.codec_id)
-            params = b"" if solid else e.codec_params
+            params = e.codec_params
+            if solid:  # an llm block's first record carries the llm params (§12.6)
+                llm_first = e.codec_id == BLOCK_LLM and not flags & FLAG_SOLID_NEXT
+                params = params[:LLM_PARAMS_BYTES] if llm_first else b""
             put_varint(body, len(params))
             body += params
             if not flags & FLAG_SOLID_NEXT:
@@ -294,16 +302,19 @@ def decode_table(value: bytes, data_end: int | None = None) -> list[EntryRecord]
 
 
 def parse_body(cur: _Body, size: int, data_end: int | None, *,
-               data_start: int = HEADER_SIZE, small: bool = False) -> list[EntryRecord]:
+               data_start: int = HEADER_SIZE, small: bool = False,
+               llm_blocks: bool = False) -> list[EntryRecord]:
     """The records of a table body read through ``cur`` (whose ``tell()`` counts from
     the start of a body of ``size`` bytes), data placed from ``data_start``. ``small``:
     format 3.0's table, where flag bit 3 (DIGEST128) is defined; a 1.1 table keeps it
-    reserved (*corrupt*), so every 1.1 archive reads exactly as before."""
-    return _parse(cur, size, data_end, data_start, small)
+    reserved (*corrupt*), so every 1.1 archive reads exactly as before. ``llm_blocks``:
+    the archive declares LLM solid blocks (EXT_LLM_BLOCKS, §12.6), so a solid flag may
+    go with codec 2."""
+    return _parse(cur, size, data_end, data_start, small, llm_blocks)
 
 
 def _parse(cur: _Body, size: int, data_end: int | None, data_start: int = HEADER_SIZE,
-           small: bool = False) -> list[EntryRecord]:
+           small: bool = False, llm_blocks: bool = False) -> list[EntryRecord]:
     known = FLAG_CRC32 | FLAG_SOLID_FIRST | FLAG_SOLID_NEXT | (FLAG_DIGEST128 if small else 0)
     count = cur.varint("entry count")
     if count > MAX_ENTRIES:
@@ -316,6 +327,8 @@ def _parse(cur: _Body, size: int, data_end: int | None, data_start: int = HEADER
     pos = data_start
     block: list[int] = []  # indexes of the open solid block's members
     block_store: tuple[int, int, int] = (0, 0, 0)
+    block_head = (BLOCK_ZSTD, b"")  # the open block's codec and its first record's params
+    solid_codecs = (BLOCK_ZSTD, BLOCK_LLM) if llm_blocks else (BLOCK_ZSTD,)
     name_total = 0
 
     def close_block() -> None:
@@ -327,8 +340,8 @@ def _parse(cur: _Body, size: int, data_end: int | None, data_start: int = HEADER
         for j, share in zip(block, shares, strict=True):
             e = entries[j]
             entries[j] = EntryRecord(e.name, e.type, e.mode, e.mtime_ns, e.size, e.codec_id,
-                                     struct.pack("<QQ", skip, share), off, ssize, e.sha256,
-                                     crc, e.extensions, e.data_crc32)
+                                     block_head[1] + struct.pack("<QQ", skip, share), off,
+                                     ssize, e.sha256, crc, e.extensions, e.data_crc32)
             skip += e.size
         block.clear()
 
@@ -367,12 +380,16 @@ def _parse(cur: _Body, size: int, data_end: int | None, data_start: int = HEADER
             raise CorruptArchiveError(f"entry {name!r} codec params are over the limit")
         params = cur.take(plen, "codec params")
         first, nxt = bool(flags & FLAG_SOLID_FIRST), bool(flags & FLAG_SOLID_NEXT)
-        if (first or nxt) and (codec != CODEC_ZSTD or params or (first and nxt)):
+        if (first or nxt) and (codec not in solid_codecs or (first and nxt) or len(params)
+                               != (LLM_PARAMS_BYTES if first and codec == BLOCK_LLM else 0)):
             raise CorruptArchiveError(f"entry {name!r} has inconsistent solid block flags")
         if nxt:
             if not block:
                 raise CorruptArchiveError(f"entry {name!r} continues a solid block that was "
                                           "never started")
+            if codec != block_head[0]:
+                raise CorruptArchiveError(f"entry {name!r} continues a solid block of "
+                                          "another codec")
             off, ssize, crc = block_store
         else:
             close_block()
@@ -383,7 +400,7 @@ def _parse(cur: _Body, size: int, data_end: int | None, data_start: int = HEADER
             off = pos
             pos += ssize
             if first:
-                block_store = (off, ssize, crc)
+                block_store, block_head = (off, ssize, crc), (codec, params)
         if flags & FLAG_CRC32 and flags & FLAG_DIGEST128:
             raise CorruptArchiveError(f"entry {name!r} has both CRC32 and DIGEST128 set")
         if flags & FLAG_CRC32:
@@ -396,6 +413,10 @@ def _parse(cur: _Body, size: int, data_end: int | None, data_start: int = HEADER
         exts = _ext(cur, name)
         if first or nxt:
             block.append(len(entries))
+            params = b""  # close_block sets the members' params
+        elif codec == BLOCK_LLM and llm_blocks and len(params) != LLM_PARAMS_BYTES:
+            # checked at open (§12.6): 18 bytes is an llm block member's form in memory
+            raise CorruptArchiveError(f"entry {name!r} has llm params of {len(params)} bytes")
         entries.append(EntryRecord(name, TYPE_FILE, mode, mtime, size, codec, params, off,
                                    ssize, sha, crc, exts, data_crc))
     close_block()

@@ -165,10 +165,12 @@ def assemble(data: bytes, index: Index, *, major: int = VERSION_MAJOR,
     return encode_header(major, minor) + data + raw + encode_footer(off, len(raw), crc32(raw))
 
 
-def assemble_small(data: bytes, index: Index, *, minor: int = SMALL_MINOR) -> bytes:
+def assemble_small(data: bytes, index: Index, *, minor: int = SMALL_MINOR,
+                   ext_area: bytes | None = None) -> bytes:
     """A whole format 3.0 archive (spec/format.md §12) from its data area and index, with
-    no validation (for tests and vectors)."""
-    raw = encode_small_index(index)
+    no validation (for tests and vectors); ``ext_area``: the archive extension area's
+    bytes verbatim (default: as the writer makes it)."""
+    raw = encode_small_index(index, ext_area=ext_area)
     return encode_small_header(minor) + data + raw + encode_trailer(raw, minor)
 
 

@@ -48,12 +48,21 @@ TYPE_NAMES = {TYPE_FILE: "file", TYPE_DIR: "dir"}
 EXT_CRITICAL = 0x8000
 #: Archive extension holding the compact entry table (format 1.1, spec/format.md §4.2).
 EXT_COMPACT_ENTRIES = 0x8001
+#: Archive extension of format 3.0 declaring LLM solid blocks (spec/format.md §12.6):
+#: empty, critical, so a reader without §12.6 refuses the archive instead of calling it
+#: corrupt. The writer adds it from the entries; readers drop it from ``extensions``.
+EXT_LLM_BLOCKS = 0x8002
+#: Codec ids a solid block may have: zstd (§6.2) and, with EXT_LLM_BLOCKS, llm (§12.6).
+BLOCK_ZSTD, BLOCK_LLM = 1, 2
+#: An llm block member's params in memory: the llm params (the model index, recorded on
+#: the block's first record), then (skip, share) as a zstd member's 16 bytes.
+LLM_PARAMS_BYTES = 2
 #: Compact entry table encodings.
 TABLE_PLAIN = 0
 TABLE_ZSTD = 1
 #: Compact entry record flags.
 FLAG_CRC32 = 0x01  # the digest is a CRC-32 of the original bytes, not a SHA-256
-FLAG_SOLID_FIRST = 0x02  # starts a solid zstd block
+FLAG_SOLID_FIRST = 0x02  # starts a solid block (zstd; llm with EXT_LLM_BLOCKS)
 FLAG_SOLID_NEXT = 0x04  # continues the solid block of the previous file record
 #: Format 3.0 only: the digest is the first 16 bytes of the SHA-256 (spec/format.md §12.4).
 FLAG_DIGEST128 = 0x08
@@ -136,6 +145,19 @@ class EntryRecord:
     #: CRC-32 of the original bytes, for members whose sha256 is b"" (format 1.1 solid
     #: block members: 32 incompressible bytes per tiny file would dominate the index).
     data_crc32: int | None = None
+
+
+def block_position(e: EntryRecord, llm_blocks: bool = True) -> tuple[int, int] | None:
+    """(skip, share) of a solid block member, None for any other entry: a zstd member
+    has 16-byte params (§6.2), an llm member (only where ``llm_blocks``: a 3.0 archive
+    with EXT_LLM_BLOCKS, §12.6) the llm params and then the same 16 bytes."""
+    if e.type != TYPE_FILE:
+        return None
+    if e.codec_id == BLOCK_ZSTD and len(e.codec_params) == 16:
+        return struct.unpack("<QQ", e.codec_params)
+    if llm_blocks and e.codec_id == BLOCK_LLM and len(e.codec_params) == LLM_PARAMS_BYTES + 16:
+        return struct.unpack("<QQ", e.codec_params[LLM_PARAMS_BYTES:])
+    return None
 
 
 @dataclass

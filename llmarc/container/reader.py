@@ -13,7 +13,6 @@ import hashlib
 import os
 import shutil
 import stat
-import struct
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,9 +38,12 @@ from ..members import excluded, is_pattern, matching
 from ..progress import as_sink
 from .index import decode_index
 from .layout import (
+    BLOCK_LLM,
     EMPTY_SHA256,
+    EXT_LLM_BLOCKS,
     FOOTER_SIZE,
     HEADER_SIZE,
+    LLM_PARAMS_BYTES,
     SMALL_HEADER_SIZE,
     SMALL_MAJOR,
     TRAILER_SIZE,
@@ -50,6 +52,7 @@ from .layout import (
     EntryRecord,
     Extension,
     ModelRecord,
+    block_position,
     crc32,
     decode_footer,
     decode_header,
@@ -93,19 +96,15 @@ class MemberInfo:
 
 @dataclass(frozen=True)
 class _Block:
-    """A solid zstd block: one frame whose output is its members' bytes back to back."""
+    """A solid block: one zstd frame (§6.2) or one LLM payload (§12.6) whose output is
+    its members' bytes back to back."""
 
     offset: int
     stored_size: int
     crc32: int
-    members: tuple[int, ...]  # entry indexes, in order of their bytes in the frame
-
-
-def _solid_params(e: EntryRecord) -> tuple[int, int] | None:
-    """(skip, share) of a solid block member, None for any other entry."""
-    if e.codec_id == CODEC_ZSTD and len(e.codec_params) == 16:
-        return struct.unpack("<QQ", e.codec_params)
-    return None
+    members: tuple[int, ...]  # entry indexes, in order of their bytes in the output
+    codec: int
+    total: int  # the sum of the members' sizes: the output's length
 
 
 def _seekable_fd(stream: BinaryIO) -> int:
@@ -183,7 +182,10 @@ class ArchiveReader:
         self.version: tuple[int, int] = (header.major, header.minor)
         self.creator: str = index.creator
         self.models: list[ModelRecord] = index.models
-        self.extensions: tuple[Extension, ...] = index.extensions
+        # LLM solid blocks exist only where a 3.0 archive declares them (§12.6)
+        self._llm_blocks = small and any(e.tag == EXT_LLM_BLOCKS for e in index.extensions)
+        self.extensions: tuple[Extension, ...] = tuple(
+            e for e in index.extensions if e.tag != EXT_LLM_BLOCKS)
         self._entries = index.entries
         self._data_end = footer.index_offset
         for e in self._entries:  # name_len is 1..4096 (spec §5): a field rule, so corrupt
@@ -197,7 +199,7 @@ class ArchiveReader:
 
     def _check_ranges(self) -> None:
         """Stored ranges lie in the data area, tile it exactly, and are shared only by the
-        members of a solid zstd block (whose bytes tile the frame's output in order)."""
+        members of a solid block (whose bytes tile the block's output in order)."""
         ranges: dict[tuple[int, int], list[int]] = {}
         for i, e in enumerate(self._entries):
             if e.type == TYPE_DIR:
@@ -219,28 +221,39 @@ class ArchiveReader:
             if off != pos:
                 raise CorruptArchiveError("stored data ranges overlap or leave gaps")
             pos = off + size
-            params = [_solid_params(self._entries[i]) for i in idx]
+            params = [self._block_position(i) for i in idx]
             if len(idx) > 1 or params[0] is not None:
                 if any(p is None for p in params):
                     raise CorruptArchiveError("members share stored bytes without a solid block")
+                head = self._entries[idx[0]]
                 expect = shared = 0
                 for i, (skip, share) in zip(idx, params, strict=True):  # type: ignore[misc]
-                    if skip != expect or self._entries[i].crc32 != self._entries[idx[0]].crc32:
+                    e = self._entries[i]
+                    if skip != expect or e.crc32 != head.crc32 or e.codec_id != head.codec_id \
+                            or e.codec_params[:-16] != head.codec_params[:-16]:
                         raise CorruptArchiveError("solid block members are inconsistent")
-                    expect += self._entries[i].size
+                    expect += e.size
                     shared += share
                 if shared != size:
                     raise CorruptArchiveError("solid block shares do not add up to its size")
-                zstd_codec.check_claim(expect, size, f"solid block at offset {off}")
-                block = _Block(off, size, self._entries[idx[0]].crc32, tuple(idx))
+                if head.codec_id == BLOCK_LLM and not expect:
+                    raise CorruptArchiveError(f"LLM solid block at offset {off} holds no byte")
+                if head.codec_id != BLOCK_LLM:  # an LLM payload bounds its own work (§12.6)
+                    zstd_codec.check_claim(expect, size, f"solid block at offset {off}")
+                block = _Block(off, size, head.crc32, tuple(idx), head.codec_id, expect)
                 for i in idx:
                     self._blocks[i] = block
         if pos != self._data_end:
             raise CorruptArchiveError("stored data ranges leave a gap before the index")
 
+    def _block_position(self, i: int) -> tuple[int, int] | None:
+        """(skip, share) of entry ``i`` if it is a solid block member (an llm one only
+        where the archive declares LLM blocks), else None."""
+        return block_position(self._entries[i], self._llm_blocks)
+
     def _info(self, i: int) -> MemberInfo:
         e = self._entries[i]
-        solid = _solid_params(e) if i in self._blocks else None
+        solid = self._block_position(i) if i in self._blocks else None
         packed = solid[1] if solid else e.stored_size
         digest = _EMPTY_HEX if e.sha256 == EMPTY_SHA256 else e.sha256.hex()
         return MemberInfo(e.name, TYPE_NAMES[e.type], e.mode, e.mtime_ns, e.size, packed,
@@ -384,9 +397,9 @@ class ArchiveReader:
         for i, exc in failed.items():
             yield i, _raising(exc)
         todo = [i for i in todo if i not in failed]
-        llm = [i for i in todo if self._entries[i].codec_id == CODEC_LLM]
-        done_blocks: set[int] = set()
         todo_set = set(todo)
+        llm = self._llm_units([i for i in todo if self._entries[i].codec_id == CODEC_LLM])
+        done_blocks: set[int] = set()
         for i in todo:
             e = self._entries[i]
             if e.codec_id == CODEC_LLM:
@@ -410,9 +423,31 @@ class ArchiveReader:
                 yield from members
         if llm:  # a window of output at a time: memory holds one, not every member
             with self._llm_session():
-                for window in llm_pipeline.windows(llm, lambda i: self._entries[i].size,
+                for window in llm_pipeline.windows(llm, self._unit_size,
                                                    llm_pipeline.WINDOW_BYTES):
                     yield from self._decode_llm(window, progress, keep_going)
+
+    def _llm_units(self, indexes: list[int]) -> list[tuple[int, ...]]:
+        """The llm members to decode as decoder items: a member on its own, or the wanted
+        members of one LLM solid block (decoded whole, once), in stored order."""
+        units: list[tuple[int, ...]] = []
+        blocks: dict[int, list[int]] = {}
+        for i in indexes:
+            block = self._blocks.get(i)
+            if block is None:
+                units.append((i,))
+            elif block.offset not in blocks:
+                blocks[block.offset] = [i]
+                units.append(())  # filled below, keeping the block's place
+            else:
+                blocks[block.offset].append(i)
+        filled = iter(blocks.values())
+        return [unit or tuple(next(filled)) for unit in units]
+
+    def _unit_size(self, unit: tuple[int, ...]) -> int:
+        """Bytes the decoder outputs for ``unit``: a whole block, or one member."""
+        block = self._blocks.get(unit[0])
+        return block.total if block is not None else self._entries[unit[0]].size
 
     def _block_or_failures(self, block: _Block, wanted: set[int],
                            members: Iterator[tuple[int, Iterator[bytes]]],
@@ -437,23 +472,24 @@ class ArchiveReader:
         with self._llm_decoder.session():
             yield
 
-    def _decode_llm(self, indexes: Sequence[int], progress=None, keep_going: bool = False,
-                    ) -> Iterator[tuple[int, Iterable[bytes]]]:
-        """Decode all given llm-codec members in one batch, yielding (entry index, chunks).
+    def _decode_llm(self, units: Sequence[tuple[int, ...]], progress=None,
+                    keep_going: bool = False) -> Iterator[tuple[int, Iterable[bytes]]]:
+        """Decode all given llm units (``_llm_units``) in one batch, yielding (entry
+        index, chunks) for each member.
 
         Stored CRCs are checked before any model runs; the model is loaded once per
         reader (and only if an llm member is actually read). The caller checks SHA-256."""
         items, ready = [], []
-        for i in indexes:
+        for unit in units:
             try:
-                payload = self._llm_payload(self._infos[i])
+                items.append(self._llm_item(unit))
             except LlmarcError as exc:
                 if not keep_going:
                     raise
-                yield i, _raising(exc)
+                for i in unit:
+                    yield i, _raising(exc)
                 continue
-            items.append((self._entries[i].codec_params, payload, self._entries[i].size))
-            ready.append(i)
+            ready.append(unit)
         if not ready:
             return
         if hasattr(progress, "defer"):  # credited as the tokens are decoded
@@ -465,23 +501,55 @@ class ArchiveReader:
         except LlmarcError as exc:  # the model cannot load, or refuses the archive
             if not keep_going:
                 raise
-            for i in ready:
-                yield i, _raising(exc)
+            for unit in ready:
+                for i in unit:
+                    yield i, _raising(exc)
             return
-        for i, result in zip(ready, results, strict=True):
+        for unit, result, (_params, _payload, size) in zip(ready, results, items,
+                                                            strict=True):
+            if not isinstance(result, BaseException) and len(result) != size:
+                # a block's members are cut from its output: its length decides for all
+                result = ValueError(f"decodes to {len(result)} bytes, not {size}")
             if isinstance(result, BaseException):
-                error = CorruptArchiveError(f"member {self._entries[i].name!r}: {result}")
+                block = self._blocks.get(unit[0])
+                what = (f"LLM solid block at offset {block.offset}" if block is not None
+                        else f"member {self._entries[unit[0]].name!r}")
+                error = CorruptArchiveError(f"{what}: {result}")
                 if not keep_going:
                     raise error
-                yield i, _raising(error)
+                for i in unit:
+                    yield i, _raising(error)
             else:
-                yield i, (result,)
+                yield from self._split(unit, result)
 
-    def _llm_payload(self, member: MemberInfo) -> bytes:
-        """The CRC-checked stored bytes of one llm member (a helper for ``_decode_llm``)."""
-        e = self._entries[self._index(member)]
-        self._verify_crc(e.stored_offset, e.stored_size, e.crc32, f"member {e.name!r}")
-        return b"".join(self._stored(e.stored_offset, e.stored_size))
+    def _llm_item(self, unit: tuple[int, ...]) -> tuple[bytes, bytes, int]:
+        """(llm params, CRC-checked payload, output size) of one unit: a block's payload
+        is decoded as one entry of its members' total size (llm-codec.md §3.5)."""
+        block = self._blocks.get(unit[0])
+        if block is None:
+            e = self._entries[unit[0]]
+            self._verify_crc(e.stored_offset, e.stored_size, e.crc32, f"member {e.name!r}")
+            return e.codec_params, b"".join(self._stored(e.stored_offset, e.stored_size)), \
+                e.size
+        self._verify_crc(block.offset, block.stored_size, block.crc32,
+                         f"LLM solid block at offset {block.offset}")
+        params = self._entries[block.members[0]].codec_params[:LLM_PARAMS_BYTES]
+        return params, b"".join(self._stored(block.offset, block.stored_size)), block.total
+
+    def _split(self, unit: tuple[int, ...], output: bytes,
+               ) -> Iterator[tuple[int, Iterable[bytes]]]:
+        """(entry index, chunks) of each member of ``unit`` from the decoded output."""
+        block = self._blocks.get(unit[0])
+        if block is None:
+            yield unit[0], (output,)
+            return
+        view = memoryview(output)
+        wanted = set(unit)
+        for i in block.members:
+            size = self._entries[i].size
+            if i in wanted:
+                yield i, (bytes(view[:size]),)
+            view = view[size:]
 
     @staticmethod
     def _hashed(chunks: Iterable[bytes], e: EntryRecord, progress=None) -> Iterator[bytes]:

@@ -25,7 +25,9 @@ from ..errors import CorruptArchiveError, UnsupportedFeatureError
 from .compact import TABLE_LEVEL, _Body, _inflate, encode_body, parse_body, put_varint
 from .json_safe import canonical_json, parse_profile_json
 from .layout import (
+    BLOCK_LLM,
     EXT_COMPACT_ENTRIES,
+    EXT_LLM_BLOCKS,
     MAX_ARCHIVE_EXT_BYTES,
     MAX_CHAIN,
     MAX_CREATOR_BYTES,
@@ -37,8 +39,10 @@ from .layout import (
     SMALL_HEADER_SIZE,
     TABLE_PLAIN,
     TABLE_ZSTD,
+    Extension,
     Index,
     ModelRecord,
+    block_position,
     decode_ext_area,
     encode_ext_area,
 )
@@ -135,8 +139,11 @@ def encode_model(m: ModelRecord) -> bytes:
     return bytes(out + prof)
 
 
-def encode_small_index(index: Index, level: int = TABLE_LEVEL) -> bytes:
-    """The 3.0 index of ``index``: plain, or one zstd frame when that is smaller."""
+def encode_small_index(index: Index, level: int = TABLE_LEVEL, *,
+                       ext_area: bytes | None = None) -> bytes:
+    """The 3.0 index of ``index``: plain, or one zstd frame when that is smaller.
+    ``ext_area``: the archive extension area's bytes as given, not made from
+    ``index.extensions`` and the entries (for tests and vectors of hostile archives)."""
     body = bytearray()
     creator = index.creator.encode("utf-8")
     if len(creator) > MAX_CREATOR_BYTES:
@@ -145,7 +152,11 @@ def encode_small_index(index: Index, level: int = TABLE_LEVEL) -> bytes:
         raise ValueError("tag 0x8001 belongs to format 1.1")
     put_varint(body, len(creator))
     body += creator
-    ext = encode_ext_area(index.extensions)
+    # 0x8002 follows the entries, whatever ``index`` read from an archive said
+    exts = tuple(e for e in index.extensions if e.tag != EXT_LLM_BLOCKS)
+    if any(e.codec_id == BLOCK_LLM and block_position(e) for e in index.entries):
+        exts = (Extension(EXT_LLM_BLOCKS, b""), *exts)  # §12.6: declared when used
+    ext = encode_ext_area(exts) if ext_area is None else ext_area
     put_varint(body, len(ext))
     body += ext
     if len(index.models) > MAX_MODELS:
@@ -245,10 +256,15 @@ def decode_small_index(raw: bytes, data_end: int) -> Index:
     n = cur.varint("archive extension length")
     if n > MAX_ARCHIVE_EXT_BYTES:
         raise CorruptArchiveError(f"archive extension area of {n} bytes is over the limit")
-    exts = decode_ext_area(cur.take(n, "archive extension area"), "archive")
+    exts = decode_ext_area(cur.take(n, "archive extension area"), "archive",
+                           frozenset({EXT_LLM_BLOCKS}))
+    llm_blocks = next((e.value for e in exts if e.tag == EXT_LLM_BLOCKS), None)
+    if llm_blocks:
+        raise CorruptArchiveError("archive extension 0x8002 (LLM solid blocks) is not empty")
     n_models = cur.varint("model count")
     if n_models > MAX_MODELS:
         raise CorruptArchiveError(f"{n_models} models, over the limit of {MAX_MODELS}")
     models = [_decode_model(cur, i) for i in range(n_models)]
-    entries = parse_body(cur, size, data_end, data_start=SMALL_HEADER_SIZE, small=True)
+    entries = parse_body(cur, size, data_end, data_start=SMALL_HEADER_SIZE, small=True,
+                         llm_blocks=llm_blocks is not None)
     return Index(creator, models, entries, exts)

@@ -8,14 +8,16 @@ library, which is what someone holding only spec/ would have.  Every layer is he
 
 * the container (format.md): header, footer, index, 1.0 entry records and the 1.1
   compact table, format 3.0's layout (§12: model records of forms 0, 1 and 2, compact
-  records with DIGEST128), extension areas, names, stored ranges, solid blocks, zstd
-  frames, every CRC-32 and SHA-256, in the order of checks of §10;
-* the LLM codec (llm-codec.md 1.4): profile, fingerprint (weights digest, token table
+  records with DIGEST128, LLM solid blocks under archive tag 0x8002), extension areas,
+  names, stored ranges, solid blocks, zstd frames, every CRC-32 and SHA-256, in the order
+  of checks of §10;
+* the LLM codec (llm-codec.md 1.5): profile, fingerprint (weights digest, token table
   read from ``tokenizer.json`` or, through a small protobuf reader, ``tokenizer.model``,
   architecture, start token), payload, escapes, context carry (§3.4: ``carry`` and
   ``chain``, segments decoded one after another), the int-v1/int-v2 engine (§5, stepped
-  one position at a time with a cache; ``int_numpy`` holds the shared primitives), and
-  entropy.md's frequencies and range decoder;
+  one position at a time with a cache; ``int_numpy`` holds the shared primitives), solid
+  blocks (§3.5: one payload for several members), and entropy.md's frequencies and range
+  decoder;
 * the model's derivation (model.md): HF folders (safetensors, ``tokenizer.json`` or
   ``tokenizer.model``, ``config.json``) and GGUF files (F32/F16/BF16/Q8_0/Q4_0/Q4_1),
   fingerprints of version 2 and, for archives of llmarc 0.1, version 1.
@@ -123,6 +125,7 @@ MAX_WINDOW = 128 << 20
 EMPTY_SHA = hashlib.sha256(b"").digest()
 TYPE_FILE, TYPE_DIR = 0, 1
 FLAG_CRC32, FLAG_SOLID_FIRST, FLAG_SOLID_NEXT, FLAG_DIGEST128 = 1, 2, 4, 8
+TAG_COMPACT, TAG_LLM_SOLID = 0x8001, 0x8002  # format.md §4.2 (1.1), §12.6 (3.0)
 
 
 class Cursor:
@@ -293,13 +296,17 @@ class Entry:
     digest: bytes = EMPTY_SHA  # SHA-256, or a u32 CRC-32 when crc_digest
     stored_crc: int = 0
     crc_digest: bool = False
-    solid: bool = False  # a member of a solid zstd block
+    solid: bool = False  # a member of a solid block: zstd, or LLM (format.md §12.6)
     skip: int = 0
+    block: int = -1  # a solid member's block: the index of its first member (Archive.blocks)
 
 
-def read_extensions(raw: bytes, what: str, archive_level: bool) -> dict[int, bytes]:
-    """format.md §7: TLV records filling the area exactly; unknown critical tags are
-    *unsupported*; 0x8001 only in the archive area."""
+def read_extensions(raw: bytes, what: str, known: frozenset[int] = frozenset(),
+                    ) -> dict[int, bytes]:
+    """format.md §7: TLV records filling the area exactly, each checked as it is read
+    (§10.1); critical tags not in ``known`` are *unsupported* (the archive area knows
+    0x8001 in 1.x, 0x8002 in 3.0; an entry's area none), and 0x8002's value MUST be
+    empty (§12.6)."""
     cur = Cursor(raw, what)
     found: dict[int, bytes] = {}
     while not cur.at_end():
@@ -308,9 +315,10 @@ def read_extensions(raw: bytes, what: str, archive_level: bool) -> dict[int, byt
         if tag in found:
             raise CorruptArchiveError(f"{what}: tag {tag:#x} twice")
         found[tag] = value
-    for tag in found:
-        if tag & 0x8000 and not (archive_level and tag == 0x8001):
+        if tag & 0x8000 and tag not in known:
             raise UnsupportedFeatureError(f"{what}: unknown critical extension {tag:#x}")
+        if tag == TAG_LLM_SOLID and value:
+            raise CorruptArchiveError(f"{what}: tag {tag:#x} with a value")
     return found
 
 
@@ -331,7 +339,7 @@ def read_entry_record(cur: Cursor) -> Entry:
     ext_len = cur.u32()
     if ext_len > MAX_SMALL:
         raise CorruptArchiveError("entry extension area over 65,536 bytes")
-    read_extensions(cur.take(ext_len), f"entry {name!r}", False)
+    read_extensions(cur.take(ext_len), f"entry {name!r}")
     if flags:
         raise CorruptArchiveError(f"entry {name!r}: reserved flags set")
     if mode > 0o777:
@@ -372,15 +380,16 @@ def read_compact(value: bytes) -> list[Entry]:
     return read_compact_records(cur, small=False)
 
 
-def read_compact_records(cur: Cursor, small: bool) -> list[Entry]:
+def read_compact_records(cur: Cursor, small: bool, llm_solid: bool = False) -> list[Entry]:
     """§4.2's body from ``cur`` to its end; ``small`` (format 3.0, §12.4): flag bit 3,
-    DIGEST128, is defined (a 16-byte SHA-256 prefix), else reserved."""
+    DIGEST128, is defined (a 16-byte SHA-256 prefix), else reserved; ``llm_solid`` (3.0
+    with archive tag 0x8002, §12.6): solid blocks of codec 2 are allowed."""
     count = cur.varint()
     if count > MAX_ENTRIES or count > (len(cur.data) - cur.pos) // 8:
         raise CorruptArchiveError(f"compact table claims {count} entries")
     entries: list[Entry] = []
     previous, mtime, names_total = b"", 0, 0
-    in_block = False
+    block_codec: int | None = None  # the codec of the open solid block's first record
     for _ in range(count):
         keep = cur.varint()
         if keep > len(previous):
@@ -419,9 +428,12 @@ def read_compact_records(cur: Cursor, small: bool) -> list[Entry]:
             first, nxt = bool(flags & FLAG_SOLID_FIRST), bool(flags & FLAG_SOLID_NEXT)
             if first and nxt:
                 raise CorruptArchiveError(f"record {name!r}: SOLID_FIRST and SOLID_NEXT")
-            if (first or nxt) and (entry.codec != 1 or params_len):
-                raise CorruptArchiveError(f"solid record {name!r} with codec or params")
-            if nxt and not in_block:
+            if first or nxt:
+                check_solid_codec(entry, first, block_codec, llm_solid)
+            elif llm_solid and entry.codec == 2 and len(entry.params) != 2:
+                raise CorruptArchiveError(f"record {name!r}: llm params of "
+                                          f"{len(entry.params)} bytes (§12.6: at open)")
+            if nxt and block_codec is None:
                 raise CorruptArchiveError(f"record {name!r} continues no solid block")
             if not nxt:
                 entry.stored_size = cur.varint()
@@ -434,7 +446,7 @@ def read_compact_records(cur: Cursor, small: bool) -> list[Entry]:
             entry.digest = cur.take(4 if entry.crc_digest else
                                     16 if flags & FLAG_DIGEST128 else 32)
             entry.solid = first or nxt
-            in_block = entry.solid
+            block_codec = entry.codec if entry.solid else None
             if nxt:
                 entry.stored_size = -1  # filled from the block's first member below
         elif flags or size:
@@ -442,11 +454,27 @@ def read_compact_records(cur: Cursor, small: bool) -> list[Entry]:
         ext_len = cur.varint()
         if ext_len > MAX_SMALL:
             raise CorruptArchiveError("entry extension area over 65,536 bytes")
-        read_extensions(cur.take(ext_len), f"entry {name!r}", False)
+        read_extensions(cur.take(ext_len), f"entry {name!r}")
         entries.append(entry)
     if not cur.at_end():
         raise CorruptArchiveError("compact table has trailing bytes")
     return entries
+
+
+def check_solid_codec(entry: Entry, first: bool, block_codec: int | None,
+                      llm_solid: bool) -> None:
+    """§4.2: a record with a solid flag has codec 1 and no params.  With tag 0x8002
+    (``llm_solid``, §12.6) codec 2 too: a SOLID_FIRST of codec 2 carries the llm params
+    (2 bytes), and a SOLID_NEXT has its block's codec and no params."""
+    if entry.codec not in ((1, 2) if llm_solid else (1,)):
+        raise CorruptArchiveError(f"solid record {entry.name!r} with codec {entry.codec}")
+    if not first and block_codec is not None and entry.codec != block_codec:
+        raise CorruptArchiveError(f"record {entry.name!r} of codec {entry.codec} continues "
+                                  f"a block of codec {block_codec}")
+    expected = 2 if first and entry.codec == 2 else 0
+    if len(entry.params) != expected:
+        raise CorruptArchiveError(f"solid record {entry.name!r} with {len(entry.params)} "
+                                  f"bytes of params, not {expected}")
 
 
 @dataclass
@@ -457,7 +485,9 @@ class Archive:
     models: list[Model]
     entries: list[Entry]
     index_offset: int
-    blocks: dict[int, list[int]] = field(default_factory=dict)  # offset -> entry indexes
+    # a solid block's first member -> its members (entry indexes); not keyed by offset,
+    # which an empty stored range shares with the next one
+    blocks: dict[int, list[int]] = field(default_factory=dict)
 
 
 def open_archive(data: bytes) -> Archive:
@@ -507,7 +537,7 @@ def open_archive(data: bytes) -> Archive:
     ext_len = cur.u32()
     if ext_len > (MAX_ARCH_EXT if minor >= 1 else 1 << 20):
         raise CorruptArchiveError("archive extension area too large")
-    extensions = read_extensions(cur.take(ext_len), "archive", True)
+    extensions = read_extensions(cur.take(ext_len), "archive", frozenset({TAG_COMPACT}))
     model_count = cur.u16()
     if model_count > 255:
         raise CorruptArchiveError("more than 255 models")
@@ -621,12 +651,12 @@ def open_small(data: bytes, minor: int) -> Archive:
     ext_len = cur.varint()
     if ext_len > MAX_ARCH_EXT:
         raise CorruptArchiveError("archive extension area too large")
-    read_extensions(cur.take(ext_len), "archive", False)
+    extensions = read_extensions(cur.take(ext_len), "archive", frozenset({TAG_LLM_SOLID}))
     model_count = cur.varint()
     if model_count > 255:
         raise CorruptArchiveError("more than 255 models")
     models = [read_small_model(cur) for _ in range(model_count)]
-    entries = read_compact_records(cur, small=True)
+    entries = read_compact_records(cur, small=True, llm_solid=TAG_LLM_SOLID in extensions)
     archive = Archive(data, (3, minor), creator, models, entries, index_offset)
     check_names(entries)
     place_compact(archive)
@@ -676,25 +706,29 @@ def place_compact(ar: Archive) -> None:
             first = ar.entries[block_first]
             e.offset, e.stored_size, e.stored_crc = first.offset, first.stored_size, \
                 first.stored_crc
-            e.skip = skip
+            e.skip, e.block = skip, block_first
             skip += e.size
-            ar.blocks[first.offset].append(i)
+            ar.blocks[block_first].append(i)
             continue
         e.offset = pos
         if pos + e.stored_size > ar.index_offset:
             raise CorruptArchiveError(f"{e.name!r}: stored range passes the index")
         pos += e.stored_size
         if e.solid:
-            block_first, skip = i, e.size
-            ar.blocks[e.offset] = [i]
+            block_first, skip, e.block = i, e.size, i
+            ar.blocks[i] = [i]
         else:
             block_first = None
     if pos != ar.index_offset:
         raise CorruptArchiveError("stored ranges leave a gap")
     for members in ar.blocks.values():
         first = ar.entries[members[0]]
-        check_claim(sum(ar.entries[i].size for i in members), first.stored_size,
-                    f"solid block at {first.offset}")
+        total = sum(ar.entries[i].size for i in members)
+        if first.codec == 2:  # §12.6: T >= 1; §6.1's size claim is zstd's only
+            if not total:
+                raise CorruptArchiveError(f"LLM solid block at {first.offset} of 0 bytes")
+        else:
+            check_claim(total, first.stored_size, f"solid block at {first.offset}")
     for e in ar.entries:
         if e.type == TYPE_FILE and e.codec == 1 and not e.solid:
             check_claim(e.size, e.stored_size, e.name)
@@ -725,12 +759,12 @@ def place_records(ar: Archive) -> None:
                 skip, share = struct.unpack("<QQ", e.params)
                 if skip != expect or e.stored_crc != solid[0].stored_crc:
                     raise CorruptArchiveError("inconsistent solid block")
-                e.solid, e.skip = True, skip
+                e.solid, e.skip, e.block = True, skip, members[0]
                 expect += e.size
                 shares += share
             if shares != size:
                 raise CorruptArchiveError("solid block shares do not add up")
-            ar.blocks[offset] = members
+            ar.blocks[members[0]] = members
             check_claim(expect, size, f"solid block at {offset}")
     if pos != ar.index_offset:
         raise CorruptArchiveError("stored ranges leave a gap")
@@ -827,10 +861,10 @@ def read_all(ar: Archive, model_path: Path | None = None) -> dict[str, bytes | N
         if e.codec == 2:
             continue
         if e.solid:
-            if e.offset in done_blocks:
+            if e.block in done_blocks:
                 continue
-            done_blocks.add(e.offset)
-            members = [ar.entries[i] for i in ar.blocks[e.offset]]
+            done_blocks.add(e.block)
+            members = [ar.entries[i] for i in ar.blocks[e.block]]
             total = sum(m.size for m in members)
             block = zstd_exact(stored_bytes(ar, e), total, f"solid block at {e.offset}")
             for m in members:
@@ -846,7 +880,11 @@ def read_all(ar: Archive, model_path: Path | None = None) -> dict[str, bytes | N
     if llm:
         decoder = LLMDecoder(ar, model_path)
         for e in sorted(llm, key=lambda x: x.offset):
-            out[e.name] = decoder.decode(e)
+            if not e.solid:
+                out[e.name] = decoder.decode(e)
+            elif e.block not in done_blocks:  # format.md §12.6: one payload, all members
+                done_blocks.add(e.block)
+                out.update(decoder.decode_block([ar.entries[i] for i in ar.blocks[e.block]]))
     return out
 
 
@@ -1841,11 +1879,27 @@ class LLMDecoder:
         return self._v1
 
     def decode(self, e: Entry) -> bytes:
+        """An LLM member (§3): its bytes, of its size, then its digest (format.md §5)."""
+        return check_digest(e, self.payload(e, e.size, repr(e.name)))
+
+    def decode_block(self, members: list[Entry]) -> dict[str, bytes]:
+        """An LLM solid block (format.md §12.6, §3.5): its payload decoded once as one
+        entry of T bytes (T the members' sizes added, every bound using T) with the model
+        of its first record's params; member k is bytes [c_k, c_k + size_k) (``skip``),
+        each checked on its own bytes: its length, then its digest."""
+        first = members[0]
+        total = sum(m.size for m in members)
+        data = self.payload(first, total, f"LLM solid block at {first.offset}")
+        return {m.name: check_digest(m, data[m.skip:m.skip + m.size]) for m in members}
+
+    def payload(self, e: Entry, size: int, what: str) -> bytes:
+        """The stored bytes of ``e`` (a member, or a solid block's first record: its
+        params and stored range) decoded to exactly ``size`` bytes (§3.2-§3.4)."""
         if len(e.params) != 2:
-            raise CorruptArchiveError(f"{e.name!r}: llm params of {len(e.params)} bytes")
+            raise CorruptArchiveError(f"{what}: llm params of {len(e.params)} bytes")
         (index,) = struct.unpack("<H", e.params)
         if index >= len(self.ar.models):
-            raise CorruptArchiveError(f"{e.name!r}: model {index} of {len(self.ar.models)}")
+            raise CorruptArchiveError(f"{what}: model {index} of {len(self.ar.models)}")
         record = self.ar.models[index]
         engine = record.profile.get("engine")
         if engine == "lockstep-v1":  # optional (llm-codec.md §5.9): not implemented here
@@ -1870,13 +1924,13 @@ class LLMDecoder:
         if width >= 1 << precision:
             raise CorruptArchiveError("logits width not below 2^P")
         payload = stored_bytes(self.ar, e)
-        count, escapes, streams = parse_payload(payload, e.size, length)
+        count, escapes, streams = parse_payload(payload, size, length)
         positions = segment_positions(count, settings)  # rotary tables: positions used
         key = (engine, positions)
         if key not in self._engines:
             self._engines = {key: Engine(model, positions, engine)}
         stepper = self._engines[key]
-        limit = e.size - len(escapes)
+        limit = size - len(escapes)
         text = bytearray()
         previous: list[int] = []
         # One segment after another: segment s − 1 is whole before s starts (§3.4), and
@@ -1887,11 +1941,13 @@ class LLMDecoder:
             previous = decode_segment(stepper, model.start,
                                       segment_context(previous, s, settings), stream,
                                       precision, tokens, model.table, text, own_limit,
-                                      limit, repr(e.name))
+                                      limit, what)
         data = bytearray(text)
         for offset, byte in escapes:
             data[offset:offset] = bytes([byte])
-        return check_digest(e, bytes(data))
+        if len(data) != size:  # a text shorter than size - E (§3.3)
+            raise CorruptArchiveError(f"{what}: decoded to {len(data)} bytes, not {size}")
+        return bytes(data)
 
     def _mismatch(self, record: Model, model: DerivedModel, v2: bytes) -> str:
         """Names both models and, from the profile's `model` member, what differs."""

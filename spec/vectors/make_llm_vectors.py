@@ -33,8 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 import llmarc  # noqa: E402
 from llmarc.container import writer  # noqa: E402
-from llmarc.container.index import assemble, disassemble  # noqa: E402
+from llmarc.container.index import assemble, assemble_small, disassemble  # noqa: E402
 from llmarc.container.layout import (  # noqa: E402
+    EXT_LLM_BLOCKS,
+    Extension,
     canonical_json,
     crc32,
     encode_trailer,
@@ -58,27 +60,28 @@ CARRY = {"segment_length": 16, "carry": 6, "chain": 3}
 
 
 def pack_tiny(model: str, workdir: Path, engine: str = "int-v1", small: bool = True,
-              **settings: int) -> bytes:
+              solid: bool = False, **settings: int) -> bytes:
     """The FILES packed with a tiny model (L = 48 unless ``settings`` say otherwise);
     ``small=False``: as format 1.1 (what llmarc wrote before format 3.0), for a vector
-    that must be regenerated as it was."""
+    that must be regenerated as it was; ``solid``: the files in one LLM solid block
+    (format.md §12.6; without it each file is its own member, as before blocks)."""
     if not small:
         writer.WRITE_SMALL = False
         try:
             return pack_tiny(model, workdir, engine, **settings)
         finally:
             writer.WRITE_SMALL = True
-    src = workdir / f"src-{model}-{engine}-{len(settings)}"
+    src = workdir / f"src-{model}-{engine}-{len(settings)}-{solid}"
     for name, data in FILES.items():
         path = src / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         os.utime(path, ns=(MTIME_NS, MTIME_NS))
     os.utime(src / "notes", ns=(MTIME_NS, MTIME_NS))
-    out = workdir / f"{model}-{engine}-{len(settings)}.llma"
+    out = workdir / f"{model}-{engine}-{len(settings)}-{solid}.llma"
     options = llmarc.LLMOptions(model=str(ROOT / MODELS[model]), device="cpu",
                                 engine=engine, **{"segment_length": 48, **settings})
-    llmarc.pack(src, out, codec="llm", llm=options, warn=lambda message: None)
+    llmarc.pack(src, out, codec="llm", llm=options, warn=lambda message: None, solid=solid)
     return out.read_bytes()
 
 
@@ -263,6 +266,45 @@ def carry_patch(archive: bytes, carry: int, chain: int) -> bytes:
     return archive[:12] + data + index + encode_trailer(index)
 
 
+def solid_area(archive: bytes, area: bytes) -> bytes:
+    """A 3.0 archive with its archive extension area replaced by ``area``."""
+    data, index = disassemble(archive)
+    return assemble_small(data, index, ext_area=area)
+
+
+def solid_entry(archive: bytes, name: str, **fields) -> bytes:
+    """A 3.0 archive with fields of member ``name`` changed (a codec change keeps the
+    member's skip and share, dropping the llm params)."""
+    data, index = disassemble(archive)
+    def changed(e):
+        if "codec_id" in fields and fields["codec_id"] == 1:
+            fields["codec_params"] = e.codec_params[-16:]
+        return replace(e, **{k: v(e) if callable(v) else v for k, v in fields.items()})
+    index.entries = [changed(e) if e.name == name else e for e in index.entries]
+    return assemble_small(data, index)
+
+
+def solid_first_params(archive: bytes, length: int) -> bytes:
+    """A 3.0 archive whose LLM block's first record carries ``length`` bytes of params
+    (the encoder writes the first LLM_PARAMS_BYTES of a member's params: 2)."""
+    from llmarc.container import compact
+
+    data, index = disassemble(archive)
+    saved = compact.LLM_PARAMS_BYTES
+    compact.LLM_PARAMS_BYTES = length
+    try:
+        return assemble_small(data, index)
+    finally:
+        compact.LLM_PARAMS_BYTES = saved
+
+
+def tag_in_1_1(archive: bytes) -> bytes:
+    """A 1.1 archive whose archive area also holds tag 0x8002 (a 3.0 tag)."""
+    data, index = disassemble(archive)
+    index.extensions = (*index.extensions, Extension(EXT_LLM_BLOCKS, b""))
+    return assemble(data, index, minor=1, compact=True)
+
+
 def frozen(name: str) -> bytes | None:
     """A vector made by an earlier release, kept as it is (None if absent)."""
     path = OUT / name
@@ -292,6 +334,8 @@ def main() -> None:
                     for m in MODELS}
         made_small = {m: pack_tiny(m, Path(tmp), "int-v2") for m in MODELS}  # format 3.0
         carried = {m: pack_tiny(m, Path(tmp), "int-v2", **CARRY) for m in MODELS}
+        blocked = {m: pack_tiny(m, Path(tmp), "int-v2", solid=True) for m in MODELS}
+        blocked_carry = pack_tiny("bpe", Path(tmp), "int-v2", solid=True, **CARRY)
     members = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
     vectors = {
         "good-tiny-bpe.llma": (made["bpe"], "bpe", None,
@@ -400,6 +444,47 @@ def main() -> None:
                                         "it was coded with: bytes.txt, its second segment fed "
                                         "another context, decodes to more bytes than its "
                                         "size allows (§3.3)"),
+"good-solid-tiny-bpe.llma": (blocked["bpe"], "bpe", None,
+                                     "the same members, int-v2, format 3.0, in one LLM solid "
+                                     "block (format.md §12.6, llm-codec.md §3.5; a directory "
+                                     "record between two of them): one payload for their "
+                                     "bytes back to back, archive tag 0x8002, a CRC-32 each"),
+        "good-solid-tiny-sp.llma": (blocked["sp"], "sp", None,
+                                    "the same with the SentencePiece tiny model"),
+        "good-solid-carry-tiny-bpe.llma": (blocked_carry, "bpe", None,
+                                           "good-solid-tiny-bpe with context carry (L = 16, "
+                                           "C = 6, G = 3): the block's payload decoded as one "
+                                           "entry with carry"),
+        "bad-solid-no-tag.llma": (solid_area(blocked["bpe"], b""), "bpe",
+                                  "CorruptArchiveError", "good-solid-tiny-bpe without tag "
+                                  "0x8002: a solid flag with codec 2 (format.md §4.2)"),
+        "bad-solid-tag-value.llma": (solid_area(blocked["bpe"], b"\x02\x80\x01\x00\x00\x00\x00"),
+                                     "bpe", "CorruptArchiveError", "good-solid-tiny-bpe whose "
+                                     "tag 0x8002 has a 1-byte value (§12.6: MUST be empty)"),
+        "bad-solid-next-codec.llma": (solid_entry(blocked["bpe"], "poem.txt", codec_id=1),
+                                      "bpe", "CorruptArchiveError", "good-solid-tiny-bpe whose "
+                                      "last member says codec 1 (zstd) in the LLM block"),
+        "bad-solid-first-params.llma": (solid_first_params(blocked["bpe"], 3), "bpe",
+                                        "CorruptArchiveError", "good-solid-tiny-bpe whose "
+                                        "block's first record has 3 bytes of params, not 2"),
+        "bad-solid-member-crc.llma": (solid_entry(blocked["bpe"], "poem.txt",
+                                                  data_crc32=lambda e: e.data_crc32 ^ 1), "bpe",
+                                      "ChecksumMismatchError", "good-solid-tiny-bpe with "
+                                      "poem.txt's CRC-32 changed: the block decodes, poem.txt "
+                                      "fails its digest"),
+        "bad-solid-size.llma": (solid_entry(blocked["bpe"], "poem.txt",
+                                            size=lambda e: e.size + 1), "bpe",
+                                "CorruptArchiveError", "good-solid-tiny-bpe with poem.txt's "
+                                "size one more: the block's text is one byte short of "
+                                "T − E (llm-codec.md §3.5)"),
+        "bad-solid-empty.llma": (solid_entry(solid_entry(solid_entry(
+            blocked["bpe"], "poem.txt", size=0), "bytes.txt", size=0), "notes/one.txt",
+            size=0), "bpe", "CorruptArchiveError", "good-solid-tiny-bpe with every member's "
+            "size 0: an LLM block of no byte (format.md §12.6, at open)"),
+        "unsupported-solid-tag-in-1-1.llma": (tag_in_1_1(made_fp2["bpe"]), "bpe",
+                                              "UnsupportedFeatureError", "good-fp2-tiny-bpe "
+                                              "(format 1.1) with tag 0x8002 in its archive "
+                                              "area: a 3.0 tag, unknown to 1.x"),
         "bad-text-longer.llma": (set_size(escaped, "bytes.txt", len(FILES["bytes.txt"]) - 1),
                                  "bpe", "CorruptArchiveError",
                                  "good-escapes with the entry's size one less: its text "
