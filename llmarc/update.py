@@ -6,8 +6,11 @@ complete (ArchiveWriter), so a failure or Ctrl-C leaves the old archive as it wa
 
 Members that stay are copied as their stored bytes, CRC-checked on the way: an LLM entry
 is never coded again (that costs minutes of model time; its model record is carried
-over), a zstd frame is never recompressed. Only a solid zstd block that loses some of its
-members is decoded and compressed again, because its members share one frame.
+over), a zstd frame is never recompressed. Only a solid block that loses some of its
+members is redone, because its members share one frame or payload: a zstd block is
+decoded and compressed again; an LLM block's other members are coded again from their
+files when ``update`` has them (``_broken_llm_blocks``), else decoded and kept as a solid
+zstd block (no model needed).
 """
 
 from __future__ import annotations
