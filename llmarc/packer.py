@@ -53,8 +53,9 @@ CHUNK = 1 << 20
 SOLID_BLOCK_SIZE = 64 << 20
 #: LLM solid blocks (spec/format.md §12.6): files under LLM_BLOCK_MEMBER bytes share one
 #: LLM payload of at most LLM_BLOCK_SIZE, so each is predicted after the ones before it
-#: (40 files of 1 KB of English: 1.536 -> 1.133 bits/byte); the cap bounds what
-#: extracting one member decodes (about 16 segments of 1,024 tokens, as many rows).
+#: (40 files of 1 KB of held-out English: 1.542 -> 1.204 bits/byte, benchmarks/results/
+#: pareto.md); the cap bounds what extracting one member decodes (about 16 segments of
+#: 1,024 tokens, as many rows).
 LLM_BLOCK_SIZE = 64 << 10
 LLM_BLOCK_MEMBER = 16 << 10
 CODEC_CHOICES = ("auto", "zstd", "store", "llm")
