@@ -546,7 +546,7 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
                               window_bytes(options)):
             units: list[tuple[list[_Source], list[bytes]]] = []
             for unit in window:
-                read = [(src, data) for src, data in map(_read_source(progress), unit)
+                read = [(src, data) for src, data in (_read_source(e, progress) for e in unit)
                         if outcome is None or outcome.accept(src)]
                 if read:
                     units.append(([src for src, _ in read], [data for _, data in read]))
@@ -574,22 +574,18 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
                         yield Coded([src], [data], CODEC_STORE, b"", data)
 
 
-def _read_source(progress) -> Callable[[SourceEntry], tuple[_Source, bytes]]:
-    """A reader of one source's bytes, read again (up to REREADS times) while it changes;
-    a sink that can defer is credited later, as the tokens are coded."""
+def _read_source(e: SourceEntry, progress) -> tuple[_Source, bytes]:
+    """One source and its bytes, read again (up to REREADS times) while it changes; a
+    sink that can defer is credited later, as the tokens are coded."""
     deferring = hasattr(progress, "defer")
-
-    def read(e: SourceEntry) -> tuple[_Source, bytes]:
-        for attempt in range(1 + REREADS):
-            src = _Source(e, None if deferring else progress)
-            data = b"".join(src)
-            if not src.changed or attempt == REREADS:
-                break
-            if progress is not None and not deferring:
-                progress.advance(-src.size)
-        return src, data
-
-    return read
+    for attempt in range(1 + REREADS):
+        src = _Source(e, None if deferring else progress)
+        data = b"".join(src)
+        if not src.changed or attempt == REREADS:
+            break
+        if progress is not None and not deferring:
+            progress.advance(-src.size)
+    return src, data
 
 
 #: A file that changed while it was read is read again this many times (a single file:

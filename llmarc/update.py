@@ -179,7 +179,7 @@ def _broken_llm_blocks(reader: ArchiveReader, keep: list[int], named: set[str]) 
     stored as a solid zstd block by ``_copy``, which needs no model."""
     keep_set = set(keep)
     again: set[int] = set()
-    for block in {id(b): b for b in reader._blocks.values()}.values():
+    for block in set(reader._blocks.values()):
         if block.codec == CODEC_LLM and not keep_set.issuperset(block.members):
             again.update(i for i in block.members
                          if i in keep_set and _entries(reader)[i].name in named)

@@ -430,19 +430,12 @@ class ArchiveReader:
     def _llm_units(self, indexes: list[int]) -> list[tuple[int, ...]]:
         """The llm members to decode as decoder items: a member on its own, or the wanted
         members of one LLM solid block (decoded whole, once), in stored order."""
-        units: list[tuple[int, ...]] = []
-        blocks: dict[int, list[int]] = {}
+        units: dict[tuple[str, int], list[int]] = {}  # in first-seen order
         for i in indexes:
             block = self._blocks.get(i)
-            if block is None:
-                units.append((i,))
-            elif block.offset not in blocks:
-                blocks[block.offset] = [i]
-                units.append(())  # filled below, keeping the block's place
-            else:
-                blocks[block.offset].append(i)
-        filled = iter(blocks.values())
-        return [unit or tuple(next(filled)) for unit in units]
+            units.setdefault(("member", i) if block is None else ("block", block.offset),
+                             []).append(i)
+        return [tuple(unit) for unit in units.values()]
 
     def _unit_size(self, unit: tuple[int, ...]) -> int:
         """Bytes the decoder outputs for ``unit``: a whole block, or one member."""

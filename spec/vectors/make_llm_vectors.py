@@ -276,10 +276,13 @@ def solid_entry(archive: bytes, name: str, **fields) -> bytes:
     """A 3.0 archive with fields of member ``name`` changed (a codec change keeps the
     member's skip and share, dropping the llm params)."""
     data, index = disassemble(archive)
+
     def changed(e):
-        if "codec_id" in fields and fields["codec_id"] == 1:
-            fields["codec_params"] = e.codec_params[-16:]
-        return replace(e, **{k: v(e) if callable(v) else v for k, v in fields.items()})
+        values = {k: v(e) if callable(v) else v for k, v in fields.items()}
+        if values.get("codec_id") == 1:
+            values["codec_params"] = e.codec_params[-16:]
+        return replace(e, **values)
+
     index.entries = [changed(e) if e.name == name else e for e in index.entries]
     return assemble_small(data, index)
 
