@@ -62,9 +62,10 @@ bench-quick: $(BENCH_STAMP)
 # Pack once per integer engine (and again by the torch path: the same archive), extract
 # bit-exactly under every numerics environment (BLAS and compiled kernels for other CPUs,
 # threads, batch widths, the torch path, the independent decoder): tiny models (CI), or
-# SmolLM2 (the default engine). The int-v2 run packs with context carry (C = 16, G = 3).
+# SmolLM2 (the default engine). The int-v2 run packs with context carry (C = 16, G = 3)
+# and n-gram mixing of orders 0..3.
 portability: $(STAMP)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py --engine int-v2 --carry 16:3
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py --engine int-v2 --carry 16:3:3
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) spec/reference/portability.py --engine int-v1
 
 portability-smollm2: $(STAMP)

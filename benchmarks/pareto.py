@@ -4,7 +4,8 @@
                                 [--settings 1024 2048 1024:256:8 1024/nosolid]
 
 For each input and each setting (a segment length L, or L:C:G for context carry of C
-tokens in chains of G segments; ``/nosolid`` after either: ``--no-solid``, each small
+tokens in chains of G segments, or L:C:G:K with n-gram mixing of orders 0..K as well;
+``/nosolid`` after any: ``--no-solid``, each small
 file its own member instead of sharing an LLM solid block), with the
 embedded SmolLM2 and int-v2 on this machine's CPUs: one ``llmarc pack --codec llm`` and
 one ``llmarc extract`` in fresh processes; prints whole-archive bits per byte (archive
@@ -75,7 +76,7 @@ def main() -> int:
     parser.add_argument("--input", nargs="+", default=["alice29.txt"])
     parser.add_argument("--settings", nargs="+", default=["1024", "2048", "1024:256:8"],
                         help="L, or L:C:G (context carry C in chains of G), or L:C "
-                             "(G: the pack's default)")
+                             "(G: the pack's default), or L:C:G:K (mixing of orders 0..K)")
     args = parser.parse_args()
     print("| input | setting | whole-archive bits/byte | pack tokens/s | extract tokens/s "
           "| pack / extract peak RSS MB |")
@@ -94,7 +95,7 @@ def main() -> int:
                 print(f"| {name} | {label} | {len(packed) * 8 / len(data):.3f} | | | |")
             for setting in args.settings:
                 coding, _, solid = setting.partition("/")
-                length, carry, chain = [*coding.split(":"), "", ""][:3]
+                length, carry, chain, mix = [*coding.split(":"), "", "", ""][:4]
                 options = ["--segment-length", length]
                 label = f"L = {length}"
                 if solid == "nosolid":
@@ -103,10 +104,13 @@ def main() -> int:
                 if carry:
                     options += ["--carry", carry, *(["--chain", chain] if chain else [])]
                     label += f", carry {carry}, chain {chain or 'auto'}"
-                archive = work / f"{src.name}-{setting.replace('/', '_')}.llma"
+                if mix:
+                    options += ["--mix", mix]
+                    label += f", mix {mix}"
+                archive = work / f"{src.name}-{setting.replace('/', '_').replace(':', '_')}.llma"
                 pack, pack_rss = run("pack", "-q", "--codec", "llm", *options, str(src),
                                      str(archive))
-                out = work / f"{src.name}-{setting.replace('/', '_')}-out"
+                out = work / f"{src.name}-{setting.replace('/', '_').replace(':', '_')}-out"
                 extract, extract_rss = run("extract", "-q", str(archive), "-C", str(out))
                 same = same_tree(src, out)
                 bits = archive.stat().st_size * 8 / len(data)

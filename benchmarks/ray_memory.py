@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -82,6 +83,11 @@ def ray_option(nodes: int) -> Iterator[list[str]]:
         cluster.shutdown()
 
 
+def print_row(mib: int, what: str, wall: float, peak: int, check: str) -> None:
+    """One table row, printed as soon as it is measured: a long run keeps what it did."""
+    print(f"| {mib} MiB | {what} | {wall:.1f} | {peak} | {check} |", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", nargs="+", type=int, default=[4, 16])
@@ -99,21 +105,19 @@ def main() -> int:
             make_corpus(src, mib)
             common = ["--codec", "llm", "--model", args.model, "-q"]
             ray_archive, local_archive = work / f"ray{mib}.llma", work / f"local{mib}.llma"
-            rows = [("pack --ray", driver("pack", *common, *ray, str(src), str(ray_archive)),
-                     "")]
+            where = "" if args.nodes == 1 else f", {args.nodes} nodes"
+            row = functools.partial(print_row, mib)
+            row(f"pack --ray{where}", *driver("pack", *common, *ray, str(src),
+                                               str(ray_archive)), "")
             seconds = driver("pack", *common, str(src), str(local_archive))
             same = ray_archive.read_bytes() == local_archive.read_bytes()
-            rows.append(("pack, one process", seconds,
-                         "same archive as --ray" if same else "ARCHIVES DIFFER"))
+            row("pack, one process", *seconds,
+                "same archive as --ray" if same else "ARCHIVES DIFFER")
             out = work / f"out{mib}"
             extracted = driver("extract", "--model", args.model, "-q", "-C", str(out), *ray,
                                str(ray_archive))
-            rows.append(("extract --ray", extracted,
-                         "exact" if same_tree(src, out) else "DIFFERS"))
-            for what, (wall, peak), check in rows:
-                where = "" if args.nodes == 1 or "--ray" not in what else f", {args.nodes} nodes"
-                print(f"| {mib} MiB | {what}{where} | {wall:.1f} | {peak} | {check} |",
-                      flush=True)
+            row(f"extract --ray{where}", *extracted,
+                "exact" if same_tree(src, out) else "DIFFERS")
     return 0
 
 

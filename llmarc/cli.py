@@ -206,6 +206,11 @@ def pack_cmd(
              "and extraction decodes the chains of a file side by side (default: the "
              "longest, 2 to 8, that still gives extraction 32 rows to step together).")
     ] = None,
+    mix: Annotated[int, typer.Option(
+        help="With --carry: mix token n-gram counts of orders 0..MIX, learnt from the "
+             "text already coded, into the model's predictions (0: none; 3 is the "
+             "measured choice), so repeated names and phrases get cheaper; costs "
+             "extraction time (see README).")] = 0,
     batch_width: Annotated[int | None, typer.Option(
         help="lockstep-v1: rows stepped together, recorded (default: sized from memory "
              "and the input). int-v1/v2 encode whole segments at once.")] = None,
@@ -231,9 +236,12 @@ def pack_cmd(
     if chain is not None and not carry:
         raise typer.BadParameter("chains only exist with context carry: add --carry C",
                                  param_hint="--chain")
+    if mix and not carry:
+        raise typer.BadParameter("mixing learns along chains of context carry: add --carry C",
+                                 param_hint="--mix")
     options = LLMOptions(model=model, device=device, engine=engine, dtype=dtype,
                          threads=threads, segment_length=segment_length, carry=carry,
-                         chain=chain, batch_width=batch_width, ray=_ray(ray))
+                         chain=chain, mix=mix, batch_width=batch_width, ray=_ray(ray))
     report = PackReport()
     try:
         members = pack(src, _output(out), codec=codec, level=level,

@@ -143,14 +143,15 @@ def test_carry_beyond_the_window_or_65536_positions_is_corrupt(loaded) -> None:
                                "carry": 1, "chain": 2})
 
 
+@pytest.mark.parametrize("mix", [{}, {"mix": 3}], ids=["carry", "carry-and-mixing"])
 def test_a_carry_profile_is_never_written_where_old_readers_would_ignore_it(
-        tmp_path: Path) -> None:
-    """llm-codec.md §2.2: only form 2 of format 3.0 may hold carry (a 1.x index is JSON,
-    which a reader of llm-codec <= 1.3 reads without it)."""
+        tmp_path: Path, mix: dict) -> None:
+    """llm-codec.md §2.2: only forms 2 and 3 of format 3.0 may hold carry and mix (a 1.x
+    index is JSON, which a reader of llm-codec <= 1.3 or 1.5 reads without them)."""
     from llmarc.container.writer import ArchiveWriter
 
     profile = json.dumps({"carry": 8, "chain": 3, "engine": "int-v2", "precision": 24,
-                          "segment_length": 32}, separators=(",", ":"), sort_keys=True)
+                          "segment_length": 32, **mix}, separators=(",", ":"), sort_keys=True)
     with ArchiveWriter(tmp_path / "a.llma", small=False) as writer, \
             pytest.raises(ValueError, match=r"format 3\.0"):
         writer.add_model(ModelRecord(bytes(32), "", profile))

@@ -10,6 +10,7 @@ import pytest
 
 import llmarc.errors
 from llmarc.entropy import RangeDecoder, RangeEncoder, logits_to_frequencies
+from llmarc.entropy.mixing import NgramMixer
 
 from .conftest import load_script
 
@@ -41,15 +42,49 @@ def test_trace_vector(name: str) -> None:
     assert [decoder.decode(t) for t in tables] == vector["symbols"]
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in VECTORS.glob("mix-*.json")))
+def test_mix_vector(name: str) -> None:
+    """entropy.md §4: every total, interval and weight, the stream, and back."""
+    vector = load(name)
+    tables = [np.array(t, dtype=np.int64) for t in vector["frequencies"]]
+    precision, order, history = vector["precision"], vector["order"], vector["history"]
+    mixer = NgramMixer(history, order, precision, len(tables[0]))
+    encoder = RangeEncoder(precision)
+    totals, intervals, weights = [], [], []
+    for table, symbol in zip(tables, vector["symbols"], strict=True):
+        start, freq, total = mixer.interval(symbol, int(table[:symbol].sum()), int(table[symbol]))
+        encoder.encode(start, freq, total)
+        totals.append(total)
+        intervals.append([start, freq])
+        weights.append(mixer.u)
+    assert (totals, intervals, weights) == (vector["totals"], vector["intervals"],
+                                            vector["weights"])
+    assert encoder.finish().hex() == vector["stream_hex"]
+    decoder = RangeDecoder(bytes.fromhex(vector["stream_hex"]), precision)
+    mixer = NgramMixer(history, order, precision, len(tables[0]))
+    decoded = []
+    for table in tables:
+        decoded.append(mixer.decode(decoder, np.cumsum(table)))
+        assert mixer.u == weights[len(decoded) - 1]
+    assert decoded == vector["symbols"]
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in VECTORS.glob("bad-*.json")))
 def test_bad_vector(name: str) -> None:
     vector = load(name)
     decoder = RangeDecoder(bytes.fromhex(vector["stream_hex"]), vector["precision"])
     *good, last = [np.array(t, dtype=np.int64) for t in vector["frequencies"]]
+    mixer = None
+    if "order" in vector:  # a mixed table (entropy.md §4)
+        mixer = NgramMixer(vector["history"], vector["order"], vector["precision"], len(last))
+
+    def decode(table: np.ndarray) -> int:
+        return decoder.decode(table) if mixer is None else mixer.decode(decoder, np.cumsum(table))
+
     for table in good:  # the tables before the last decode; the last one MUST fail
-        decoder.decode(table)
+        decode(table)
     with pytest.raises(getattr(llmarc.errors, vector["error"])):
-        decoder.decode(last)
+        decode(last)
 
 
 def test_readme_lists_every_vector() -> None:

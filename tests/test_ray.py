@@ -156,13 +156,15 @@ def test_local_archive_extracts_and_tests_on_ray(runtime, tree, local_archives, 
     assert live_llmarc_actors() == []
 
 
+@pytest.mark.parametrize("mix", [0, 3], ids=["carry", "carry-and-mixing"])
 def test_context_carry_packs_and_extracts_on_ray_as_in_one_process(
-    runtime, tree, coders, tmp_path, monkeypatch
+    runtime, tree, coders, tmp_path, monkeypatch, mix
 ):
     """Chains of 2 segments with 4 carried tokens: the actors get each segment with its
-    context, the archive is the one-process one, and extraction runs in rounds."""
+    context (and with mixing, its chain's tokens before it), the archive is the
+    one-process one, and extraction runs in rounds."""
     monkeypatch.setenv(ray_coder.WORKERS_ENV, "2")
-    carry = {**SETTINGS, "carry": 4, "chain": 2}
+    carry = {**SETTINGS, "carry": 4, "chain": 2, "mix": mix}
     local, out = tmp_path / "local.llma", tmp_path / "ray.llma"
     llmarc.pack(tree, local, codec="llm", llm=LLMOptions(**carry))
     llmarc.pack(tree, out, codec="llm", llm=LLMOptions(ray=runtime, **carry))

@@ -122,6 +122,9 @@ def test_entropy_vector(path: Path) -> None:
     tables = [np.array(f, dtype=np.int64) for f in spec["frequencies"]]
     stream = bytes.fromhex(spec["stream_hex"])
     decoder = ref.RangeDecoder(stream, precision)
+    if "order" in spec:  # entropy.md §4: the mixer, then §3 with its totals M
+        check_mixed_vector(spec, tables, decoder)
+        return
     if "error" in spec:  # every table but the last decodes; the last MUST fail
         for table in tables[:-1]:
             decoder.decode(table)
@@ -132,6 +135,44 @@ def test_entropy_vector(path: Path) -> None:
     encoder = ref.RangeEncoder(precision)
     for table, symbol in zip(tables, spec["symbols"], strict=True):
         encoder.encode(table, symbol)
+    assert encoder.finish().hex() == spec["stream_hex"]
+
+
+def check_mixed_vector(spec: dict, tables: list[np.ndarray], decoder: object) -> None:
+    """entropy.md §4.4: after the ``history`` is counted, every position's total M,
+    interval [start, G[x]] and weight u after it, the symbols decoded from the stream and
+    encoded back to it; a ``bad-`` one's last mixed table MUST fail to decode."""
+    precision = spec["precision"]
+
+    def mixer() -> ref.Mixer:
+        fresh = ref.Mixer(spec["order"], precision)
+        for token in spec["history"]:
+            fresh.add(token)
+        return fresh  # u = U_START: the segment's first token follows the history
+
+    if "error" in spec:
+        mix = mixer()
+        for table in tables[:-1]:
+            mixed, total = mix.table(table)
+            mix.learn(table, mixed, decoder.decode(mixed, total))
+        mixed, total = mix.table(tables[-1])
+        with pytest.raises(getattr(ref, spec["error"])):
+            decoder.decode(mixed, total)
+        return
+    mix, encoder = mixer(), ref.RangeEncoder(precision)
+    totals, intervals, weights, symbols = [], [], [], []
+    for table, symbol in zip(tables, spec["symbols"], strict=True):
+        mixed, total = mix.table(table)
+        totals.append(total)
+        intervals.append([int(mixed[:symbol].sum()), int(mixed[symbol])])
+        symbols.append(decoder.decode(mixed, total))
+        encoder.encode(mixed, symbol, total)
+        mix.learn(table, mixed, symbol)  # the vector's symbol: a wrong decode fails below
+        weights.append(mix.u)
+    assert totals == spec["totals"]
+    assert intervals == spec["intervals"]
+    assert weights == spec["weights"]
+    assert symbols == spec["symbols"]
     assert encoder.finish().hex() == spec["stream_hex"]
 
 

@@ -147,9 +147,16 @@ def _form1(**change: int) -> bytes:
 
 def _form2(carry: int = 256, chain: int = 8, **change: int) -> bytes:
     """A form-2 record (form 1's fields, then carry and chain: context carry)."""
-    out = bytearray(_form1(form=2, **change))
+    out = bytearray(_form1(**{"form": 2, **change}))
     put_varint(out, carry)
     put_varint(out, chain)
+    return bytes(out)
+
+
+def _form3(mix: int = 3, **change: int) -> bytes:
+    """A form-3 record (form 2's fields, then mix: adaptive mixing)."""
+    out = bytearray(_form2(**{"form": 3, **change}))
+    put_varint(out, mix)
     return bytes(out)
 
 
@@ -177,7 +184,15 @@ def _form2(carry: int = 256, chain: int = 8, **change: int) -> bytes:
     (_form2(chain=257), CorruptArchiveError),
     (_form2(engine=3), UnsupportedFeatureError),
     (_form2()[:-1], CorruptArchiveError),  # chain missing
-    (_form1(form=3), UnsupportedFeatureError),
+    (_form3(), None),
+    (_form3(mix=1), None),
+    (_form3(mix=4), None),
+    (_form3(mix=0), CorruptArchiveError),
+    (_form3(mix=5), CorruptArchiveError),
+    (_form3(precision=25), CorruptArchiveError),  # mixing needs P <= 24
+    (_form3(carry=0), CorruptArchiveError),  # form 2's checks still apply
+    (_form3()[:-1], CorruptArchiveError),  # mix missing
+    (_form1(form=4), UnsupportedFeatureError),
 ])
 def test_hostile_model_records(fields: bytes, error: type[Exception] | None) -> None:
     raw = _model_index(fields)

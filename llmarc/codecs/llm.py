@@ -12,7 +12,9 @@ A segment holds at most L tokens and starts from the model's start token at posi
 so its stream depends on nothing but its own tokens (and, with context carry, on the
 last C tokens of the segment before it: spec/llm-codec.md §3.4): extracting one member
 decodes only that member's segments.  Segments of many entries share the rows stepped
-together, sorted longest first so short segments waste few steps.
+together, sorted longest first so short segments waste few steps.  With adaptive mixing
+(§3.6) every table is refined by n-gram counts of the tokens of the segment's chain
+before it (:mod:`llmarc.entropy.mixing`), which a job carries as its ``history``.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ import contextlib
 import dataclasses
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from llmarc.container.layout import MAX_CHAIN, SHORT_FINGERPRINT
+from llmarc.entropy.mixing import MAX_MIX_PRECISION, NgramMixer
+from llmarc.entropy.mixing import MAX_ORDER as MAX_MIX_ORDER
 from llmarc.errors import (
     CorruptArchiveError,
     ModelError,
@@ -122,9 +126,21 @@ class CodingSettings:
     #: each segment that does not start a chain of ``chain`` segments; 0: none.
     carry: int = 0
     chain: int = 1
+    #: Adaptive n-gram mixing (llm-codec.md §3.6, entropy.md §4): the highest order K,
+    #: orders 0..K mixed into every table; 0: none.  Needs context carry's chains.
+    mix: int = 0
 
     def validate(self) -> None:
         """Bounds-check settings read from a (hostile) archive before allocating anything."""
+        if self.mix:
+            if not self.carry:
+                raise CorruptArchiveError("llm profile: mix needs context carry (its chains)")
+            if not 1 <= self.mix <= MAX_MIX_ORDER:
+                raise CorruptArchiveError(f"llm profile: mix {self.mix} out of range "
+                                          f"(1 to {MAX_MIX_ORDER})")
+            if self.precision > MAX_MIX_PRECISION:
+                raise CorruptArchiveError(f"llm profile: mixing needs a precision of at "
+                                          f"most {MAX_MIX_PRECISION}, not {self.precision}")
         if self.carry:
             if self.engine not in INTEGER_ENGINES:
                 raise CorruptArchiveError(f"llm profile: context carry needs int-v1 or int-v2, "
@@ -164,6 +180,8 @@ def build_profile(loaded: Any, settings: CodingSettings) -> dict[str, Any]:
     components = {COMPONENTS_KEY: loaded.components.short()}
     if settings.engine in INTEGER_ENGINES:
         carry = {"carry": settings.carry, "chain": settings.chain} if settings.carry else {}
+        if settings.mix:
+            carry["mix"] = settings.mix
         return {
             "engine": settings.engine,
             "segment_length": settings.segment_length,
@@ -211,12 +229,17 @@ def settings_from_profile(
     if engine in INTEGER_ENGINES and ("carry" in profile or "chain" in profile):
         carry = _profile_int(profile, "carry", 1, length)  # §2.2: both keys, or neither
         chain = _profile_int(profile, "chain", 2, MAX_CHAIN)
+    mix = 0
+    if engine in INTEGER_ENGINES and "mix" in profile:
+        if not carry:
+            raise CorruptArchiveError("llm profile: mix without carry")
+        mix = _profile_int(profile, "mix", 1, MAX_MIX_ORDER)
     if engine == ENGINE_LOCKSTEP:
         batch_width = _profile_int(profile, "batch_width", 1, MAX_BATCH_WIDTH)
         _profile_int(profile, "threads", 1, MAX_THREADS)
         if profile.get("dtype") not in ("float32", "bfloat16", "float16"):
             raise CorruptArchiveError(f"llm profile: unknown dtype {profile.get('dtype')!r}")
-    settings = CodingSettings(batch_width, length, precision, engine, carry, chain)
+    settings = CodingSettings(batch_width, length, precision, engine, carry, chain, mix)
     settings.validate()
     return settings
 
@@ -479,6 +502,9 @@ class Segment:
 
     tokens: list[int]
     context: list[int] = field(default_factory=list)
+    #: With mixing (§3.6): the tokens of its chain before it, whose counts it starts
+    #: from (a NumPy view into the entry's tokens: no copy per segment).
+    history: Sequence[int] = ()
 
     @property
     def positions(self) -> int:
@@ -497,6 +523,7 @@ class SegmentJob:
     count: int
     byte_limit: int
     context: list[int] = field(default_factory=list)
+    history: Sequence[int] = ()  # with mixing (§3.6): its chain's tokens before it
 
     @property
     def positions(self) -> int:
@@ -515,13 +542,15 @@ def segment_byte_limit(original_size: int, escape_count: int, token_count: int,
 
 
 def split_segments(tokens: list[int], length: int, carry: int = 0,
-                   chain: int = 1) -> list[Segment]:
+                   chain: int = 1, mix: bool = False) -> list[Segment]:
     """Cut an entry's tokens into segments of ``length`` (the last may be shorter), each
     with its context (spec/llm-codec.md §3.4): the ``carry`` tokens before it (as many as
     there are: an archive's C is at most L), unless it starts a chain of ``chain``
-    segments."""
+    segments; with ``mix``, also its chain's tokens before it (§3.6)."""
+    every = np.asarray(tokens, dtype=np.int64) if mix else None
     return [Segment(tokens[begin : begin + length],
-                    tokens[max(0, begin - carry) : begin] if carry and index % chain else [])
+                    tokens[max(0, begin - carry) : begin] if carry and index % chain else [],
+                    () if every is None else every[begin - index % chain * length : begin])
             for index, begin in enumerate(range(0, len(tokens), length))]
 
 
@@ -584,7 +613,7 @@ class SegmentCoder:
         segments: list[Segment] = []
         for owner, tokens in enumerate(token_lists):
             for part in split_segments(tokens, settings.segment_length, settings.carry,
-                                       settings.chain):
+                                       settings.chain, bool(settings.mix)):
                 owners.append(owner)
                 segments.append(part)
         coded = self.encode_segments(segments, progress, collect_stats)
@@ -655,7 +684,8 @@ class SegmentCoder:
         while chunk := _take_chains(pending, DECODE_CHUNK):  # bounded live state
             for depth in range(max(len(link.jobs) for link in chunk)):
                 live = [link for link in chunk if depth < len(link.jobs) and not failed(link.owner)]
-                round_jobs = [dataclasses.replace(link.jobs[depth], context=link.tail)
+                round_jobs = [dataclasses.replace(link.jobs[depth], context=link.tail,
+                                                  history=tuple(link.history))
                               for link in live]
                 for link, decoded in zip(live, self.decode_segments(round_jobs, progress),
                                          strict=True):
@@ -667,6 +697,8 @@ class SegmentCoder:
                         continue
                     link.parts.append(b"".join(table[t] for t in decoded))  # type: ignore[misc]
                     link.tail = decoded[len(decoded) - carry:] if carry else []
+                    if settings.mix:
+                        link.history.extend(decoded)
         for owner, (_payload, original_size) in enumerate(jobs):
             if failed(owner):
                 continue
@@ -690,6 +722,7 @@ class _Chain:
     jobs: list[SegmentJob]  # its segments, in order
     parts: list[bytes] = field(default_factory=list)  # decoded bytes, segment by segment
     tail: list[int] = field(default_factory=list)  # the next segment's context
+    history: list[int] = field(default_factory=list)  # with mixing: every token so far
 
 
 def _take_chains(pending: Iterator[_Chain], segments: int) -> list[_Chain]:
@@ -717,6 +750,8 @@ class _Row:
     #: decoder also a first token decoded without the model (_first_tokens).
     given: int = 0
     context: int = 0  # leading tokens that are context (§3.4), not the segment's
+    history: Sequence[int] = ()  # with mixing (§3.6): its chain's tokens before it
+    mixer: NgramMixer | None = None  # made at its first coded token, dropped at its end
 
 
 def _groups(rows: list[_Row], width: int) -> list[list[_Row]]:
@@ -867,6 +902,7 @@ class LLMCodec(SegmentCoder):
                     next_feed[r] = code_row(group[r], t, ends[i], logits[i])
                 except CorruptArchiveError as exc:
                     group[r].error = exc.with_traceback(None)  # frames would hold the group
+                    group[r].mixer = None
             feed = np.array(next_feed, dtype=np.int64)
             if progress is not None:
                 progress(count)
@@ -903,20 +939,24 @@ class LLMCodec(SegmentCoder):
         precision = self.settings.precision
         encoders = [RangeEncoder(precision) for _ in segments]
         stats = [CodingStats(tokens=len(segment.tokens)) for segment in segments]
-        total = float(1 << precision)
+        one = 1 << precision
 
-        def code(row: _Row, start: int, freq: int) -> None:
-            encoders[row.slot].encode(start, freq)
+        def code(row: _Row, token: int, start: int, freq: int) -> None:
+            total = one
+            if self.settings.mix:  # §3.6: code against the mixed table instead
+                start, freq, total = self._mixer(row, 0).interval(token, start, freq)
+            encoders[row.slot].encode(start, freq, total)
             stats[row.slot].coded_bits -= math.log2(freq / total)
 
         def code_row(row: _Row, t: int, ends: np.ndarray, logits: Any) -> int:
             token = row.tokens[t]
             start = int(ends[token - 1]) if token else 0
-            code(row, start, int(ends[token]) - start)
+            code(row, token, start, int(ends[token]) - start)
             return token
 
         rows = [_Row(slot, segment.positions, [*segment.context, *segment.tokens],
-                     given=len(segment.context), context=len(segment.context))
+                     given=len(segment.context), context=len(segment.context),
+                     history=segment.history)
                 for slot, segment in enumerate(segments)]
         if self.settings.engine == ENGINE_LOCKSTEP:
             def stepped(row: _Row, t: int, freqs: np.ndarray, logits: Any) -> int:
@@ -932,10 +972,22 @@ class LLMCodec(SegmentCoder):
             self._prefill(rows, code, model_stats if collect_stats else None, progress)
         return [(encoder.finish(), own) for encoder, own in zip(encoders, stats, strict=True)]
 
+    def _mixer(self, row: _Row, coded: int) -> NgramMixer:
+        """The row's n-gram mixer (§3.6), made from its chain's tokens before it and the
+        ``coded`` first tokens of its segment.  Made when first needed and dropped when
+        the row ends, so only rows being stepped hold one; a row that starts a chain
+        may decode its first token with a mixer made for it alone (_first_tokens): with
+        no counts the weight's step is exactly 0, so the one made later is the same."""
+        if row.mixer is None:
+            done = row.tokens[row.context : row.context + coded]
+            row.mixer = NgramMixer([*row.history, *done], self.settings.mix,
+                                   self.settings.precision, len(self.table))
+        return row.mixer
+
     def _prefill(
         self,
         rows: list[_Row],
-        code: Callable[[_Row, int, int], None],
+        code: Callable[[_Row, int, int, int], None],
         model_stats: Callable[[_Row, Any, list[int]], None] | None,
         progress: ProgressCallback | None,
     ) -> None:
@@ -959,10 +1011,12 @@ class LLMCodec(SegmentCoder):
                     tokens = row.tokens[begin:end]
                     starts, freqs = token_intervals(logits, np.asarray(tokens),
                                                     self.settings.precision)
-                    for start, freq in zip(starts.tolist(), freqs.tolist(), strict=True):
-                        code(row, start, freq)
+                    for token, start, freq in zip(tokens, starts.tolist(), freqs.tolist(),
+                                                  strict=True):
+                        code(row, token, start, freq)
                     if model_stats is not None:
                         model_stats(row, logits, tokens)
+                row.mixer = None
                 if report is not None:
                     report(row.length - row.given)
 
@@ -977,7 +1031,11 @@ class LLMCodec(SegmentCoder):
         decoders = [RangeDecoder(job.stream, precision) for job in jobs]
 
         def code_row(row: _Row, t: int, ends: np.ndarray, logits: Any) -> int:
-            token = decoders[row.slot].decode_cumulative(ends)
+            if self.settings.mix:  # §3.6: the mixed table
+                mixer = self._mixer(row, len(row.tokens) - row.context)
+                token = mixer.decode(decoders[row.slot], ends)
+            else:
+                token = decoders[row.slot].decode_cumulative(ends)
             piece = table[token]
             if piece is None:
                 raise CorruptArchiveError(f"llm stream decoded the non-text token {token}")
@@ -985,10 +1043,13 @@ class LLMCodec(SegmentCoder):
             if row.produced > jobs[row.slot].byte_limit:
                 raise CorruptArchiveError("llm stream decodes to more bytes than recorded")
             row.tokens.append(token)
+            if len(row.tokens) == row.length:
+                row.mixer = None
             return token
 
         rows = [_Row(slot, job.positions, list(job.context), given=len(job.context),
-                     context=len(job.context)) for slot, job in enumerate(jobs)]
+                     context=len(job.context), history=job.history)
+                for slot, job in enumerate(jobs)]
         stepped = rows
         if self.settings.engine in INTEGER_ENGINES:
             cold = [row for row in rows if not row.context]
@@ -1026,6 +1087,7 @@ class LLMCodec(SegmentCoder):
             except CorruptArchiveError as exc:
                 row.error = exc.with_traceback(None)  # its frames would keep every row alive
             row.given = 1
+            row.mixer = None  # every row here decodes; only stepped ones may hold one
         if progress is not None and rows:
             progress(len(rows))
         return [row for row in rows if row.error is None and row.length > 1]

@@ -32,6 +32,9 @@ class LLMOptions:
     #: gives an extraction more independent rows to step together; None: the longest
     #: that keeps a round's rows (:func:`~llmarc.codecs.llm.auto_chain`).  Pack only.
     chain: int | None = None
+    #: Adaptive n-gram mixing (spec/llm-codec.md §3.6): the highest order mixed into
+    #: every table, 0: none.  Needs ``carry``.  Pack only.
+    mix: int = 0
     #: Rows stepped together; None: sized from memory and workload.  Recorded by
     #: lockstep-v1; with int-v1/v2 a runtime ceiling for decoding (encoding is prefill).
     batch_width: int | None = None

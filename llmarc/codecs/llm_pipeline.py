@@ -19,6 +19,7 @@ from llmarc.codecs.llm import (
     ENGINE_LOCKSTEP,
     INTEGER_ENGINES,
     MAX_CHAIN,
+    MAX_MIX_ORDER,
     MAX_POSITIONS,
     CodingSettings,
     CodingStats,
@@ -85,6 +86,8 @@ def check_carry(options: LLMOptions, window: int) -> None:
                          f"model's window of {min(window, MAX_POSITIONS)} positions")
     if chain is not None and not 2 <= chain <= MAX_CHAIN:
         raise ModelError(f"--chain {chain} is outside 2..{MAX_CHAIN}")
+    if options.mix and not 1 <= options.mix <= MAX_MIX_ORDER:
+        raise ModelError(f"--mix {options.mix} is outside 1..{MAX_MIX_ORDER}")
 
 
 def make_coder(loaded: Any, settings: CodingSettings, options: LLMOptions) -> SegmentCoder:
@@ -187,6 +190,8 @@ class TextEncoder:
         length = options.segment_length
         if not 1 <= length <= loaded.context_window:
             raise ModelError(f"segment length {length} is outside 1..{loaded.context_window}")
+        if options.mix and not options.carry:
+            raise ModelError("--mix needs context carry (--carry C): it learns along chains")
         if options.carry:
             check_carry(options, loaded.context_window)
         self._loaded = loaded
@@ -227,7 +232,8 @@ class TextEncoder:
             width = options.batch_width or default_batch_width(loaded, length, sum(counts))
             chain = (options.chain or auto_chain(counts)) if options.carry else 1
             self._settings = CodingSettings(width, length, engine=options.engine,
-                                            carry=options.carry, chain=chain)
+                                            carry=options.carry, chain=chain,
+                                            mix=options.mix)
             self._coder = make_coder(loaded, self._settings, options)
             self._sessions.enter_context(self._coder.session())
         total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 
 import zstandard
 
+from ..entropy.mixing import MAX_MIX_PRECISION
+from ..entropy.mixing import MAX_ORDER as MAX_MIX_ORDER
 from ..errors import CorruptArchiveError, UnsupportedFeatureError
 from .compact import TABLE_LEVEL, _Body, _inflate, encode_body, parse_body, put_varint
 from .json_safe import canonical_json, parse_profile_json
@@ -48,10 +50,11 @@ from .layout import (
 )
 
 #: Model record forms (§12.3): 0 any profile as JSON, 1 the integer engines in binary,
-#: 2 form 1 with context carry (llm-codec.md §3.4).
+#: 2 form 1 with context carry (llm-codec.md §3.4), 3 form 2 with mixing (§3.6).
 FORM_JSON = 0
 FORM_INTEGER = 1
 FORM_CARRY = 2
+FORM_MIX = 3
 #: Engine codes of form 1.
 ENGINE_CODES = {1: "int-v1", 2: "int-v2"}
 _ENGINE_IDS = {name: code for code, name in ENGINE_CODES.items()}
@@ -88,17 +91,22 @@ def _integer_form(profile: dict) -> tuple[int, int, int, bytes, int] | None:
     return _ENGINE_IDS[profile["engine"]], p, length, digests, start
 
 
-def _carry(profile: dict) -> tuple[int, int] | None:
-    """(carry, chain) of a profile with context carry, else None; ValueError for carry
-    keys that form 2 cannot hold (a writer may record carry in no other form)."""
-    if "carry" not in profile and "chain" not in profile:
+def _carry(profile: dict) -> tuple[int, ...] | None:
+    """(carry, chain) of a profile with context carry, (carry, chain, mix) with mixing
+    too, else None; ValueError for keys that forms 2 and 3 cannot hold (a writer may
+    record carry and mix in no other form)."""
+    if not {"carry", "chain", "mix"} & set(profile):
         return None
     carry, chain = profile.get("carry"), profile.get("chain")
-    length = profile.get("segment_length")
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (carry, chain, length)) \
-            or not (1 <= carry <= length and 2 <= chain <= MAX_CHAIN):
-        raise ValueError(f"carry {carry!r} / chain {chain!r}: no model record can hold them")
-    return carry, chain
+    length, precision = profile.get("segment_length"), profile.get("precision")
+    mix = profile.get("mix", 1)
+    if any(isinstance(v, bool) or not isinstance(v, int)
+           for v in (carry, chain, length, precision, mix)) \
+            or not (1 <= carry <= length and 2 <= chain <= MAX_CHAIN) \
+            or not (1 <= mix <= MAX_MIX_ORDER and precision <= MAX_MIX_PRECISION):
+        raise ValueError(f"carry {carry!r} / chain {chain!r} / mix {mix!r}: no model record "
+                         "can hold them")
+    return (carry, chain, mix) if "mix" in profile else (carry, chain)
 
 
 def encode_model(m: ModelRecord) -> bytes:
@@ -112,11 +120,11 @@ def encode_model(m: ModelRecord) -> bytes:
     profile = parse_profile_json(m.profile)
     carry = _carry(profile)
     if carry is not None:
-        profile = {k: v for k, v in profile.items() if k not in ("carry", "chain")}
+        profile = {k: v for k, v in profile.items() if k not in ("carry", "chain", "mix")}
     form = _integer_form(profile)
     if form is not None and len(m.fingerprint) in (SHORT_FINGERPRINT, 32):
         engine, precision, length, digests, start = form
-        out.append(FORM_INTEGER if carry is None else FORM_CARRY)
+        out.append({0: FORM_INTEGER, 2: FORM_CARRY, 3: FORM_MIX}[len(carry or ())])
         out += m.fingerprint[:SHORT_FINGERPRINT]
         put_varint(out, len(name))
         out += name + bytes((engine, precision))
@@ -127,7 +135,7 @@ def encode_model(m: ModelRecord) -> bytes:
             put_varint(out, value)
         return bytes(out)
     if carry is not None:
-        raise ValueError("a profile with context carry must be recorded in form 2")
+        raise ValueError("a profile with context carry must be recorded in form 2 or 3")
     if len(m.fingerprint) != 32:
         raise ValueError("a JSON-profile model record needs the 32-byte fingerprint")
     prof = m.profile.encode("utf-8")
@@ -200,7 +208,7 @@ def _decode_model(cur: _Body, i: int) -> ModelRecord:
         prof = _text(cur, MAX_PROFILE_BYTES, f"model {i} numerics profile")
         parse_profile_json(prof, what=f"model {i} numerics profile")  # hostile: bounded
         return ModelRecord(fp, name, prof)
-    if form not in (FORM_INTEGER, FORM_CARRY):
+    if form not in (FORM_INTEGER, FORM_CARRY, FORM_MIX):
         raise UnsupportedFeatureError(f"model {i} uses record form {form}, which this "
                                       "reader does not know")
     fp = cur.take(SHORT_FINGERPRINT, f"model {i} fingerprint")
@@ -223,7 +231,7 @@ def _decode_model(cur: _Body, i: int) -> ModelRecord:
     comps["start"] = start
     profile = {"engine": ENGINE_CODES[engine], "model": comps, "precision": precision,
                "segment_length": length}
-    if form == FORM_CARRY:
+    if form in (FORM_CARRY, FORM_MIX):
         carry = cur.varint(f"model {i} carry")
         if not 1 <= carry <= length:
             raise CorruptArchiveError(f"model {i}: carry {carry} out of range (1 to the "
@@ -232,6 +240,15 @@ def _decode_model(cur: _Body, i: int) -> ModelRecord:
         if not 2 <= chain <= MAX_CHAIN:
             raise CorruptArchiveError(f"model {i}: chain {chain} out of range")
         profile.update(carry=carry, chain=chain)
+    if form == FORM_MIX:
+        mix = cur.varint(f"model {i} mix")
+        if not 1 <= mix <= MAX_MIX_ORDER:
+            raise CorruptArchiveError(f"model {i}: mix {mix} out of range (1 to "
+                                      f"{MAX_MIX_ORDER})")
+        if precision > MAX_MIX_PRECISION:
+            raise CorruptArchiveError(f"model {i}: mixing needs a precision of at most "
+                                      f"{MAX_MIX_PRECISION}, not {precision}")
+        profile["mix"] = mix
     return ModelRecord(fp, name, canonical_json(profile))
 
 

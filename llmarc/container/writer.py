@@ -208,10 +208,10 @@ class ArchiveWriter:
         for index, kept in enumerate(self.index.models):
             if kept.profile == model.profile and _same_fingerprint(kept, model):
                 return index
-        if not self.small and "carry" in parse_profile_json(model.profile):
+        if not self.small and {"carry", "mix"} & set(parse_profile_json(model.profile)):
             # spec/llm-codec.md §2.2: a 1.x record is JSON, whose unknown keys a reader
-            # of llm-codec <= 1.3 ignores; only format 3.0's form 2 makes it refuse.
-            raise ValueError("a profile with context carry needs format 3.0")
+            # of llm-codec <= 1.3 ignores; only format 3.0's forms 2 and 3 make it refuse.
+            raise ValueError("a profile with context carry or mixing needs format 3.0")
         self.index.models.append(model)
         return len(self.index.models) - 1
 

@@ -4,6 +4,8 @@ LZMA's carry-handling range coder, widened so that large vocabularies keep preci
 the coding interval lives in a 56-bit window (``low``, plus a carry bit at 2^56) and the
 range is renormalised to at least 2^48, so ``r = range >> P`` keeps >= 20 bits for any
 precision P <= 28 and the truncation loss stays below 2^(P-48) of the interval per symbol.
+A mixed table (spec/entropy.md §4) totals M <= 2^36 instead: ``r = range // M``, >= 12
+bits, a loss below 2^-12 of the interval.
 
 Why our own coder rather than constriction?  constriction quantizes float probabilities
 with its own internal algorithm; llmarc needs the integer frequencies it specifies
@@ -25,6 +27,8 @@ Two departures from LZMA, both to save bytes on short streams (one stream per se
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from llmarc.entropy.quantize import DEFAULT_PRECISION, MAX_PRECISION, MIN_PRECISION
@@ -33,6 +37,9 @@ from llmarc.errors import CorruptArchiveError
 WINDOW_BITS = 56
 WINDOW_MASK = (1 << WINDOW_BITS) - 1
 TOP = 1 << 48  # renormalise while range < TOP
+#: The largest table total (spec/entropy.md §3): r = range // total keeps >= 12 bits. A
+#: table of 2^P is the model's; mixed tables (§4) total up to 4096 * 2^24.
+MAX_TOTAL = 1 << 36
 FF_THRESHOLD = 0xFF << 48  # low >= this (and no carry): the top byte is 0xFF, still open
 INITIAL_RANGE = WINDOW_MASK
 WINDOW_BYTES = WINDOW_BITS // 8
@@ -78,16 +85,22 @@ class RangeEncoder:
             self._pending += 1
         self.low = (low << 8) & WINDOW_MASK
 
-    def encode(self, start: int, freq: int) -> None:
-        """Narrow the interval to [start, start + freq) of 2^precision.
+    def encode(self, start: int, freq: int, total: int | None = None) -> None:
+        """Narrow the interval to [start, start + freq) of ``total`` (default 2^precision;
+        at most MAX_TOTAL: a mixed table's, spec/entropy.md §4).
 
         Raises ValueError for an empty or out-of-range sub-interval (a zero frequency
         would otherwise make the renormalisation loop forever)."""
-        if freq <= 0 or start < 0 or start + freq > self.total:
-            raise ValueError(f"bad interval [{start}, {start + freq}) of {self.total}")
-        r = self.range >> self.precision
+        if total is None:
+            total, r = self.total, self.range >> self.precision
+        elif 1 <= total <= MAX_TOTAL:
+            r = self.range // total
+        else:
+            raise ValueError(f"table total {total} outside 1..2^36")
+        if freq <= 0 or start < 0 or start + freq > total:
+            raise ValueError(f"bad interval [{start}, {start + freq}) of {total}")
         self.low += r * start
-        rng = r * freq  # >= r >= 2^(48 - P): at most 4 shifts below
+        rng = r * freq  # >= r >= 2^12: at most 5 shifts below
         while rng < TOP:
             self._shift_low()
             rng <<= 8
@@ -142,14 +155,33 @@ class RangeDecoder:
 
         Use this when the cumulative sums are at hand (e.g. one ``np.cumsum(axis=-1)`` per
         batch); :meth:`decode` computes them from the frequencies."""
-        precision = self.precision
-        r = self.range >> precision
+        r = self.range >> self.precision
         target = self.code // r
-        if target >> precision:  # code >= r * 2^P: no encoder makes that
+        if target >> self.precision:  # code >= r * 2^P: no encoder makes that
             raise CorruptArchiveError("range decoder out of bounds (corrupt llm stream)")
         symbol = int(np.searchsorted(cumulative, target, side="right"))
         if symbol >= len(cumulative):
             raise ValueError("frequency table does not sum to 2^precision")
+        self._narrow(r, cumulative, symbol)
+        return symbol
+
+    def decode_mixed(self, cumulative_of: Callable[[], np.ndarray], total: int) -> int:
+        """Decode one symbol of a table of ``total`` (at most MAX_TOTAL) whose running
+        sums ``cumulative_of()`` makes only when needed: a stream that is out of bounds
+        fails before the table is built."""
+        r = self.range // total
+        target = self.code // r
+        if target >= total:  # code >= r * total: no encoder makes that
+            raise CorruptArchiveError("range decoder out of bounds (corrupt llm stream)")
+        cumulative = cumulative_of()
+        symbol = int(np.searchsorted(cumulative, target, side="right"))
+        if symbol >= len(cumulative) or int(cumulative[-1]) != total:
+            raise ValueError("frequency table does not sum to its total")
+        self._narrow(r, cumulative, symbol)
+        return symbol
+
+    def _narrow(self, r: int, cumulative: np.ndarray, symbol: int) -> None:
+        """Keep the symbol's part of the interval and shift in the bytes it frees."""
         end = int(cumulative[symbol])
         start = int(cumulative[symbol - 1]) if symbol else 0
         code = self.code - r * start  # 0 <= code < r * freq: the invariant holds
@@ -164,7 +196,6 @@ class RangeDecoder:
             rng <<= 8
         self.code = code
         self.range = rng
-        return symbol
 
     def decode(self, freqs: np.ndarray) -> int:
         """Decode one symbol of a full frequency table (all >= 1, sum 2^precision)."""

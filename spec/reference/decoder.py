@@ -7,17 +7,19 @@ sentencepiece: NumPy, zstandard and mpmath (through ``int_numpy``) and the stand
 library, which is what someone holding only spec/ would have.  Every layer is here:
 
 * the container (format.md): header, footer, index, 1.0 entry records and the 1.1
-  compact table, format 3.0's layout (§12: model records of forms 0, 1 and 2, compact
+  compact table, format 3.0's layout (§12: model records of forms 0, 1, 2 and 3, compact
   records with DIGEST128, LLM solid blocks under archive tag 0x8002), extension areas,
   names, stored ranges, solid blocks, zstd frames, every CRC-32 and SHA-256, in the order
   of checks of §10;
-* the LLM codec (llm-codec.md 1.5): profile, fingerprint (weights digest, token table
+* the LLM codec (llm-codec.md 1.6): profile, fingerprint (weights digest, token table
   read from ``tokenizer.json`` or, through a small protobuf reader, ``tokenizer.model``,
   architecture, start token), payload, escapes, context carry (§3.4: ``carry`` and
   ``chain``, segments decoded one after another), the int-v1/int-v2 engine (§5, stepped
   one position at a time with a cache; ``int_numpy`` holds the shared primitives), solid
-  blocks (§3.5: one payload for several members), and entropy.md's frequencies and range
-  decoder;
+  blocks (§3.5: one payload for several members), adaptive mixing (§3.6: ``mix``, the
+  mixer's counts running along each chain, its weight restarting at every segment), and
+  entropy.md 1.1's frequencies (§2), range coder for tables of any total M <= 2^36 (§3)
+  and adaptive n-gram mixer (§4: ``Mixer``);
 * the model's derivation (model.md): HF folders (safetensors, ``tokenizer.json`` or
   ``tokenizer.model``, ``config.json``) and GGUF files (F32/F16/BF16/Q8_0/Q4_0/Q4_1),
   fingerprints of version 2 and, for archives of llmarc 0.1, version 1.
@@ -580,9 +582,9 @@ def small_text(cur: Cursor, limit: int, what: str) -> str:
 
 
 def read_small_model(cur: Cursor) -> Model:
-    """format.md §12.3: form 0 (a JSON profile), form 1 (integer engines, binary) or
-    form 2 (form 1's fields, then ``carry`` and ``chain``: llm-codec.md §3.4), every
-    field checked as it is read."""
+    """format.md §12.3: form 0 (a JSON profile), form 1 (integer engines, binary),
+    form 2 (form 1's fields, then ``carry`` and ``chain``: llm-codec.md §3.4) or form 3
+    (form 2's, then ``mix``: llm-codec.md §3.6), every field checked as it is read."""
     form = cur.u8()
     if form == 0:
         fingerprint = cur.take(32)
@@ -591,7 +593,7 @@ def read_small_model(cur: Cursor) -> Model:
         if profile_len > MAX_SMALL:
             raise CorruptArchiveError("profile over 65,536 bytes")
         return Model(fingerprint, name, parse_profile(cur.take(profile_len)))
-    if form not in (1, 2):
+    if form not in (1, 2, 3):
         raise UnsupportedFeatureError(f"model record form {form}")
     fingerprint = cur.take(16)
     name = small_text(cur, 255, "model name")
@@ -610,7 +612,7 @@ def read_small_model(cur: Cursor) -> Model:
     profile = {"engine": f"int-v{engine}", "precision": precision, "segment_length": length,
                "model": {"arch": digests[:4].hex(), "table": digests[4:8].hex(),
                          "weights": digests[8:].hex(), "start": start}}
-    if form == 2:  # form 1's profile plus "carry" and "chain"
+    if form >= 2:  # form 1's profile plus "carry" and "chain"
         carry = cur.varint()
         if not 1 <= carry <= length:
             raise CorruptArchiveError(f"carry {carry} outside 1...{length}")
@@ -618,6 +620,13 @@ def read_small_model(cur: Cursor) -> Model:
         if not 2 <= chain <= MAX_CHAIN:
             raise CorruptArchiveError(f"chain {chain}")
         profile["carry"], profile["chain"] = carry, chain
+    if form == 3:  # form 2's profile plus "mix"; mixing needs P <= 24
+        mix = cur.varint()
+        if not 1 <= mix <= MAX_MIX_ORDER:
+            raise CorruptArchiveError(f"mix {mix} outside 1...{MAX_MIX_ORDER}")
+        if precision > MAX_MIX_PRECISION:
+            raise CorruptArchiveError(f"precision {precision} over 24 with mix")
+        profile["mix"] = mix
     return Model(fingerprint, name, profile)
 
 
@@ -917,7 +926,8 @@ def frequencies(logits: np.ndarray, precision: int) -> np.ndarray:
 
 
 class RangeDecoder:
-    """entropy.md §3.2."""
+    """entropy.md §3.2, for tables of total ``2^precision`` (§2) or, given ``total``, of
+    any total M <= 2^36 (§3: a mixed table of §4)."""
 
     def __init__(self, stream: bytes, precision: int) -> None:
         self.stream, self.precision, self.pos = stream, precision, 0
@@ -934,12 +944,15 @@ class RangeDecoder:
             return 0
         raise CorruptArchiveError("range decoder read past its stream")
 
-    def decode(self, freq: np.ndarray) -> int:
-        r = self.range >> self.precision
+    def decode(self, freq: np.ndarray, total: int | None = None) -> int:
+        total = 1 << self.precision if total is None else total  # M (§3)
+        r = self.range // total
         t = self.code // r
-        if t >= 1 << self.precision:
+        if t >= total:  # checked before the cumulative sums are built (§3.2 allows it)
             raise CorruptArchiveError("range decoder out of bounds")
         cumulative = np.cumsum(freq)
+        if int(cumulative[-1]) != total:  # §3.2: the table MUST sum to M (a caller bug)
+            raise ValueError(f"table sums to {int(cumulative[-1])}, not {total}")
         s = int(np.searchsorted(cumulative, t, side="right"))
         start = int(cumulative[s]) - int(freq[s])
         self.code -= r * start
@@ -951,7 +964,8 @@ class RangeDecoder:
 
 
 class RangeEncoder:
-    """entropy.md §3.1 (to check the trace vectors' streams byte for byte)."""
+    """entropy.md §3.1 (to check the trace vectors' streams byte for byte), for tables of
+    total ``2^precision`` or, given ``total``, of any total M <= 2^36."""
 
     def __init__(self, precision: int) -> None:
         self.precision, self.low, self.range = precision, 0, MASK
@@ -971,8 +985,8 @@ class RangeEncoder:
             self.pending += 1
         self.low = (self.low << 8) & MASK
 
-    def encode(self, freq: np.ndarray, symbol: int) -> None:
-        r = self.range >> self.precision
+    def encode(self, freq: np.ndarray, symbol: int, total: int | None = None) -> None:
+        r = self.range // (1 << self.precision if total is None else total)
         self.low += r * int(freq[:symbol].sum())
         self.range = r * int(freq[symbol])
         while self.range < TOP:
@@ -994,6 +1008,109 @@ class RangeEncoder:
         while cut < 7 and len(out) - cut > self.shifts and out[len(out) - 1 - cut] == 0:
             cut += 1
         return out[:len(out) - cut]
+
+
+# entropy.md §4: adaptive n-gram mixing (version 1.1)
+
+MAX_MIX_ORDER, MAX_MIX_PRECISION = 4, 24  # §4.1: K in 1...4, P <= 24 (so M <= 2^36)
+U_START, U_LIMIT = -262144, 524032  # §4.1: -4 * 2^16, 2047 * 256
+SQUASH_POINTS = (1, 2, 4, 6, 10, 17, 27, 45, 74, 120, 194, 311, 488, 747, 1102, 1546, 2048,
+                 2550, 2994, 3349, 3608, 3785, 3902, 3976, 4022, 4051, 4069, 4079, 4086,
+                 4090, 4092, 4094, 4095)  # §4.1: S[0...32], normative
+
+
+def squash(d: int) -> int:
+    """§4.1: the weight of the counts in 1/4096 (1...4095), a logistic of d / 256,
+    interpolated between the 33 points of S.  Python's ``>>`` and ``&`` on a negative
+    int are the arithmetic shift and two's complement, as §4 asks."""
+    d = min(max(d, -2047), 2047)
+    i, m = (d >> 7) + 16, d & 127
+    return (SQUASH_POINTS[i] * (128 - m) + SQUASH_POINTS[i + 1] * m + 64) >> 7
+
+
+class Mixer:
+    """entropy.md §4 over one sequence x_0, x_1, ...: ``add`` counts a token of the
+    history (§4.2, step 6 alone), ``table`` mixes the model's table F for the next
+    position (steps 1-3), ``learn`` takes the token coded there (steps 5-6).  ``u`` is
+    the weight state; llm-codec.md §3.6 restarts it at every segment (``restart``)."""
+
+    def __init__(self, order: int, precision: int) -> None:
+        if not 1 <= order <= MAX_MIX_ORDER or precision > MAX_MIX_PRECISION:
+            raise ValueError(f"mixing of order {order} at precision {precision}")
+        self.order, self.precision = order, precision
+        self.tokens: list[int] = []
+        # counts[o][context] = {token: c_o(token)} for the contexts h_o seen so far
+        self.counts: list[dict[tuple[int, ...], dict[int, int]]] = [
+            {} for _ in range(order + 1)]
+        self.u = U_START
+        self._last: tuple[int, int] | None = None  # (w, M) of the last ``table``
+
+    def restart(self) -> None:
+        """§4.2: u = U_START at a segment's first token; the counts stay."""
+        self.u = U_START
+
+    def _followers(self) -> list[dict[int, int] | None]:
+        """For o = 0 ... K: the counts under the current context h_o, or None where the
+        order takes no part (o > j, or n_o = 0)."""
+        j = len(self.tokens)
+        out: list[dict[int, int] | None] = []
+        for o in range(self.order + 1):
+            seen = None
+            if o <= j:
+                seen = self.counts[o].get(tuple(self.tokens[j - o:j]))
+            out.append(seen or None)
+        return out
+
+    def table(self, model: np.ndarray) -> tuple[np.ndarray, int]:
+        """Steps 1-3 at position j = len(tokens): the mixed table G and its total M."""
+        followers = self._followers()
+        # 1. escapes, highest order first
+        rem, escapes = 65536, [0] * (self.order + 1)
+        for o in range(self.order, -1, -1):
+            seen = followers[o]
+            if seen is not None:
+                n, d = sum(seen.values()), len(seen)
+                escapes[o] = (rem * n) // (n + d)
+                rem -= escapes[o]
+        # 2. weights
+        w = squash(self.u >> 8)
+        alpha = 4096 - w + (w * rem) // 65536
+        one = 1 << self.precision
+        # 3. G = alpha * F + sum_o beta_o * c_o, M = alpha * 2^P + sum_o beta_o * n_o
+        mixed = alpha * np.asarray(model, dtype=np.int64)
+        total = alpha * one
+        for o, seen in enumerate(followers):
+            if seen is None or escapes[o] == 0:  # beta_o = 0
+                continue
+            n = sum(seen.values())
+            beta = (w * escapes[o] * one) // (65536 * n)
+            symbols = np.fromiter(seen.keys(), dtype=np.int64, count=len(seen))
+            counts = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))
+            mixed[symbols] += beta * counts  # distinct symbols: no repeated index
+            total += beta * n
+        self._last = (w, total)
+        return mixed, total
+
+    def learn(self, model: np.ndarray, mixed: np.ndarray, x: int) -> None:
+        """Steps 5-6 for the token x coded with ``table``'s G (``mixed``) and F
+        (``model``): one gradient step of u (78-bit product: Python ints), then count x."""
+        if self._last is None:
+            raise ValueError("learn() without table()")
+        w, total = self._last
+        g, f = int(mixed[x]), int(model[x])
+        scaled = g << self.precision
+        delta = (16 * (4096 - w) * (scaled - f * total)) // scaled  # floor, also < 0
+        self.u = min(max(self.u + delta, -U_LIMIT), U_LIMIT)
+        self._last = None
+        self.add(x)
+
+    def add(self, x: int) -> None:
+        """Step 6: x_j joins the counts of every order o <= min(K, j) under h_o."""
+        j = len(self.tokens)
+        for o in range(min(self.order, j) + 1):
+            seen = self.counts[o].setdefault(tuple(self.tokens[j - o:j]), {})
+            seen[x] = seen.get(x, 0) + 1
+        self.tokens.append(x)
 
 
 # ----------------------------------------------------------------------------- models
@@ -1774,29 +1891,39 @@ def _profile_int(profile: dict, key: str, low: int, high: int) -> int:
 
 @dataclass
 class Settings:
-    """The keys int-v1/int-v2 read (llm-codec.md §2.2): L, P, and context carry's C and G
-    (C = 0 without ``carry``: then G is unused)."""
+    """The keys int-v1/int-v2 read (llm-codec.md §2.2): L, P, context carry's C and G
+    (C = 0 without ``carry``: then G is unused) and the mixing order K (0 without
+    ``mix``: no mixing)."""
 
     length: int
     precision: int
     carry: int = 0
     chain: int = 0
+    mix: int = 0
 
 
 def read_settings(profile: dict) -> Settings:
     """llm-codec.md §2.2, once ``engine`` named an integer engine: ``segment_length``,
-    ``precision``, then ``carry`` (optional, 1...L with L + C <= 65,536) and ``chain``
-    (2...256, present exactly when ``carry`` is); any failure is *corrupt*.  Other
-    keys are ignored."""
+    ``precision``, then ``carry`` (optional, 1...L with L + C <= 65,536), ``chain``
+    (2...256, present exactly when ``carry`` is) and ``mix`` (optional, 1...4, only with
+    ``carry`` and P <= 24), in this order; any failure is *corrupt*.  Other keys are
+    ignored."""
     length = _profile_int(profile, "segment_length", 1, 65536)
     precision = _profile_int(profile, "precision", 12, 28)
     if "carry" not in profile:
         if "chain" in profile:
             raise CorruptArchiveError("profile has chain without carry")
+        if "mix" in profile:
+            raise CorruptArchiveError("profile has mix without carry")
         return Settings(length, precision)
     carry = _profile_int(profile, "carry", 1, min(length, MAX_POSITIONS - length))
     chain = _profile_int(profile, "chain", 2, MAX_CHAIN)
-    return Settings(length, precision, carry, chain)
+    if "mix" not in profile:
+        return Settings(length, precision, carry, chain)
+    mix = _profile_int(profile, "mix", 1, MAX_MIX_ORDER)
+    if precision > MAX_MIX_PRECISION:
+        raise CorruptArchiveError(f"profile precision {precision} over 24 with mix")
+    return Settings(length, precision, carry, chain, mix)
 
 
 def segment_context(previous: list[int], s: int, settings: Settings) -> list[int]:
@@ -1825,13 +1952,19 @@ def segment_positions(count: int, settings: Settings) -> int:
 
 def decode_segment(stepper: Engine, start: int, context: list[int], stream: bytes,
                    precision: int, tokens: int, table: list[bytes | None],
-                   text: bytearray, own_limit: int, limit: int, what: str) -> list[int]:
+                   text: bytearray, own_limit: int, limit: int, what: str,
+                   mixer: Mixer | None = None) -> list[int]:
     """llm-codec.md §3.3: segment of ``tokens`` tokens from its ``stream``, its bytes
     appended to ``text``; its tokens returned.  The model is stepped fresh from the start
     token at position 0, then fed the ``context`` (positions 1 ... c, logits unused), and
     the logits at position c + i code token i.  ``own_limit`` is the bound this segment
-    alone proves (its own tokens only, §3.4), ``limit`` the entry's, size − E."""
+    alone proves (its own tokens only, §3.4), ``limit`` the entry's, size − E.  With
+    ``mix`` (§3.6), ``mixer`` holds the counts of the chain's earlier segments (the
+    history, which already contains the context: it is not counted again) and mixes
+    every table; its weight restarts here."""
     decoder = RangeDecoder(stream, precision)
+    if mixer is not None:
+        mixer.restart()  # §3.6: u = U_START at every segment's first token
     stepper.reset()
     feed = start
     for token in context:  # positions 0 ... c − 1: they fill the cache, code nothing
@@ -1840,7 +1973,13 @@ def decode_segment(stepper: Engine, start: int, context: list[int], stream: byte
     out: list[int] = []
     produced = 0
     for _ in range(tokens):
-        token = decoder.decode(frequencies(stepper.step(feed), precision))
+        freq = frequencies(stepper.step(feed), precision)
+        if mixer is None:
+            token = decoder.decode(freq)
+        else:  # entropy.md §4.3: code with the mixed table G of total M, then learn
+            mixed, total = mixer.table(freq)
+            token = decoder.decode(mixed, total)
+            mixer.learn(freq, mixed, token)
         piece = table[token]
         if piece is None:
             raise CorruptArchiveError(f"{what}: token {token} has no bytes")
@@ -1933,15 +2072,18 @@ class LLMDecoder:
         limit = size - len(escapes)
         text = bytearray()
         previous: list[int] = []
+        mixer: Mixer | None = None
         # One segment after another: segment s − 1 is whole before s starts (§3.4), and
         # any failure ends the entry, so no segment after a failed one is decoded.
         for s, stream in enumerate(streams):
             tokens = min(length, count - s * length)
             own_limit = limit - (count - tokens)  # §3.3: this segment alone proves it
+            if settings.mix and s % settings.chain == 0:  # §3.6: a chain's own counts
+                mixer = Mixer(settings.mix, precision)
             previous = decode_segment(stepper, model.start,
                                       segment_context(previous, s, settings), stream,
                                       precision, tokens, model.table, text, own_limit,
-                                      limit, what)
+                                      limit, what, mixer)
         data = bytearray(text)
         for offset, byte in escapes:
             data[offset:offset] = bytes([byte])

@@ -4,6 +4,7 @@
     python spec/reference/portability.py --smollm2        # SmolLM2 on alice29.txt's first 16 KB
     python spec/reference/portability.py --engine int-v1  # the other integer engine
     python spec/reference/portability.py --carry 16:3     # context carry C:G (§3.4)
+    python spec/reference/portability.py --carry 16:3:3   # ... and mixing of orders 0..K (§3.6)
 
 One pack (int-v2 unless ``--engine``) in this process's default environment, then the same
 pack through the torch operations a GPU runs (``LLMARC_CPU_ENGINE=torch``), which must be
@@ -211,8 +212,10 @@ def run(smollm2: bool, workdir: Path, engine: str, carry: str | None = None) -> 
     make_source(src, smollm2)
     archive = workdir / "portable.llma"
     settings = ["--segment-length", length, "--engine", engine]
-    if carry:  # C:G, context carry of C tokens in chains of G segments
-        settings += ["--carry", carry.split(":")[0], "--chain", carry.split(":")[1]]
+    if carry:  # C:G[:K], context carry of C tokens in chains of G segments, mixing
+        fields = carry.split(":")
+        settings += ["--carry", fields[0], "--chain", fields[1]]
+        settings += ["--mix", fields[2]] if len(fields) > 2 else []
     started = time.perf_counter()
     packed = cli("pack", str(src), str(archive), "--codec", "llm", "--model", model,
                  "--device", "cpu", *settings, "--quiet")
@@ -278,8 +281,9 @@ def main() -> int:
     parser.add_argument("--smollm2", action="store_true",
                         help="the embedded model on alice29.txt's first 16 KB")
     parser.add_argument("--engine", choices=("int-v2", "int-v1"), default="int-v2")
-    parser.add_argument("--carry", metavar="C:G",
-                        help="pack with context carry of C tokens in chains of G segments")
+    parser.add_argument("--carry", metavar="C:G[:K]",
+                        help="pack with context carry of C tokens in chains of G segments "
+                             "(and n-gram mixing of orders 0..K)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmarc-portability-") as tmp:
         return run(args.smollm2, Path(tmp), args.engine, args.carry)
