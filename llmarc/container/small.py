@@ -91,7 +91,7 @@ def _integer_form(profile: dict) -> tuple[int, int, int, bytes, int] | None:
     return _ENGINE_IDS[profile["engine"]], p, length, digests, start
 
 
-def _carry(profile: dict) -> tuple[int, ...] | None:
+def _carry_and_mix(profile: dict) -> tuple[int, ...] | None:
     """(carry, chain) of a profile with context carry, (carry, chain, mix) with mixing
     too, else None; ValueError for keys that forms 2 and 3 cannot hold (a writer may
     record carry and mix in no other form)."""
@@ -118,7 +118,7 @@ def encode_model(m: ModelRecord) -> bytes:
     if len(name) > MAX_MODEL_NAME_BYTES:
         raise ValueError("model name too long")
     profile = parse_profile_json(m.profile)
-    carry = _carry(profile)
+    carry = _carry_and_mix(profile)
     if carry is not None:
         profile = {k: v for k, v in profile.items() if k not in ("carry", "chain", "mix")}
     form = _integer_form(profile)

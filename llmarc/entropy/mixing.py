@@ -18,7 +18,7 @@ Why this shape (every choice serves bit-exact decoding on any machine):
   the encoder needs only the coded token's interval of F (as without mixing) and sparse
   sums over the tokens the contexts have seen, and the range coder codes against M
   (entropy.md §3 allows totals up to 2^36);
-* the weight's update is one exact integer quotient (Python's integers; 78 bits at most).
+* the weight's update is one exact integer quotient (Python's integers; 77 bits at most).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ U_LIMIT = 2047 << 8
 SQUASH_POINTS = (1, 2, 4, 6, 10, 17, 27, 45, 74, 120, 194, 311, 488, 747, 1102, 1546,
                  2048, 2550, 2994, 3349, 3608, 3785, 3902, 3976, 4022, 4051, 4069, 4079,
                  4086, 4090, 4092, 4094, 4095)
+
+
+#: A position's weights (§4.3 steps 1-2): w, alpha, [(beta_o, n_o, counts_o)] for the
+#: orders o >= 1 that take part, beta_0.
+Weights = tuple[int, int, list[tuple[int, int, dict[int, int]]], int]
 
 
 def squash(d: int) -> int:
@@ -77,7 +82,7 @@ class NgramMixer:
         self._dense = np.zeros(vocab, dtype=np.int64)
         self._distinct = 0
         self._counts: list[dict[tuple[int, ...], list]] = [{} for _ in range(order)]
-        self._mix: tuple[int, int, list[tuple[int, dict[int, int]]], int] | None = None
+        self._mix: Weights | None = None  # the next position's, once computed
         for token in (int(t) for t in history):
             self._count(token)
         self.u = U_START
@@ -97,9 +102,8 @@ class NgramMixer:
             seen[token] = seen.get(token, 0) + 1
         tokens.append(token)
 
-    def _weights(self) -> tuple[int, int, list[tuple[int, int, dict[int, int]]], int]:
-        """(w, alpha, [(beta_o, n_o, counts_o)] for o >= 1, beta_0) at the next position
-        (§4.3 steps 1-3)."""
+    def _weights(self) -> Weights:
+        """The next position's weights (§4.3 steps 1-2)."""
         tokens = self.tokens
         position = len(tokens)
         one = self.one
@@ -122,8 +126,9 @@ class NgramMixer:
         alpha = (1 << WEIGHT_BITS) - w + w * rem // ESCAPE_ONE
         return w, alpha, sparse, beta0
 
-    def total(self) -> int:
-        """M, the mixed table's total, at the next position (computes its weights)."""
+    def _total(self) -> int:
+        """M, the mixed table's total, at the next position (§4.3 step 3); keeps the
+        position's weights for the coding and learning that follow."""
         _w, alpha, sparse, beta0 = self._mix = self._weights()
         return (alpha * self.one + beta0 * len(self.tokens)
                 + sum(beta * n for beta, n, _seen in sparse))
@@ -132,7 +137,7 @@ class NgramMixer:
     def interval(self, token: int, start: int, freq: int) -> tuple[int, int, int]:
         """(start, freq, total) of ``token`` in the mixed table, given its interval
         [start, start + freq) in F; then learns from it (encoder)."""
-        total = self.total()
+        total = self._total()
         _w, alpha, sparse, beta0 = self._mix  # type: ignore[misc]
         below = alpha * start + beta0 * int(self._dense[:token].sum())
         mixed = alpha * freq + beta0 * int(self._dense[token])
@@ -142,9 +147,9 @@ class NgramMixer:
         self._learn(token, freq, mixed, total)
         return below, mixed, total
 
-    def cumulative(self, ends: np.ndarray) -> np.ndarray:
+    def _cumulative(self, ends: np.ndarray) -> np.ndarray:
         """The mixed table's running sums (int64 [V], last = M) from F's (``ends``), for
-        the decoder's search; :meth:`total` must have been called for this position."""
+        the decoder's search, with the weights :meth:`_total` kept."""
         _w, alpha, sparse, beta0 = self._mix  # type: ignore[misc]
         extra = self._dense * beta0 if beta0 else np.zeros_like(self._dense)
         for beta, _n, seen in sparse:
@@ -156,11 +161,11 @@ class NgramMixer:
 
     def decode(self, decoder: RangeDecoder, ends: np.ndarray) -> int:
         """Decode the next token from F's running sums ``ends``; then learn from it."""
-        total = self.total()
+        total = self._total()
         table: list[np.ndarray] = []
 
         def cumulative() -> np.ndarray:
-            table.append(self.cumulative(ends))
+            table.append(self._cumulative(ends))
             return table[0]
 
         token = decoder.decode_mixed(cumulative, total)
