@@ -275,12 +275,14 @@ def test_one_token_segments_in_long_chains_decode_in_batched_rounds(loaded, tmp_
     assert rounds == [16] * (2 * 256)  # 2 chunks of 16 chains
 
 
-def test_mutated_carry_archives_give_only_typed_errors_or_their_bytes(tmp_path: Path) -> None:
-    """Seeded mutations of good-carry-tiny-bpe, read with its model: half anywhere in the
-    archive (the index's with its CRC fixed, so the form-2 record's fields reach the
-    parser), half in an llm member's stored bytes with the member's CRC fixed, so the
-    streams reach the decoder's rounds.  Every outcome is a typed error or the bytes the
-    archive records."""
+@pytest.mark.parametrize("vector", ["good-carry-tiny-bpe", "good-mix-tiny-bpe"])
+def test_mutated_carry_archives_give_only_typed_errors_or_their_bytes(tmp_path: Path,
+                                                                     vector: str) -> None:
+    """Seeded mutations of good-carry-tiny-bpe (and of good-mix-tiny-bpe: form 3, mixed
+    tables), read with its model: half anywhere in the archive (the index's with its CRC
+    fixed, so the form-2/3 record's fields reach the parser), half in an llm member's
+    stored bytes with the member's CRC fixed, so the streams reach the decoder's rounds.
+    Every outcome is a typed error or the bytes the archive records."""
     import random
     from dataclasses import replace
 
@@ -290,7 +292,7 @@ def test_mutated_carry_archives_give_only_typed_errors_or_their_bytes(tmp_path: 
     from tests.test_fuzz import _check_member_bytes, mutate
 
     seed = (Path(__file__).resolve().parent.parent / "spec" / "vectors" / "llm"
-            / "good-carry-tiny-bpe.llma").read_bytes()
+            / f"{vector}.llma").read_bytes()
     area, index = disassemble(seed)
     rng = random.Random(20261204)
     path = tmp_path / "m.llma"
