@@ -280,10 +280,10 @@ def test_every_order_shapes_the_mix_vectors(tmp_path: Path, order: int) -> None:
     """good-mix-tiny-bpe decoded as if another order had been recorded fails: the
     vectors pin down each order's part (entropy.md §4.3), not just order 0's."""
     vectors = Path(__file__).resolve().parent.parent / "spec" / "vectors"
-    mix_patch = load_script(vectors / "make_llm_vectors.py").mix_patch
+    record_patch = load_script(vectors / "make_llm_vectors.py").record_patch
     patched = tmp_path / "patched.llma"
-    patched.write_bytes(mix_patch((vectors / "llm" / "good-mix-tiny-bpe.llma").read_bytes(),
-                                  mix=order))
+    patched.write_bytes(record_patch((vectors / "llm" / "good-mix-tiny-bpe.llma").read_bytes(),
+                                     bytes((order,))))
     with pytest.raises(CorruptArchiveError), \
             llmarc.open(patched, model=TINY_BPE, device="cpu") as archive:
         archive.extract(tmp_path / "out")

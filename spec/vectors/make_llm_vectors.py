@@ -258,28 +258,17 @@ def small_profile(archive: bytes, **changes: int) -> bytes:
     return archive[:12] + data + index + encode_trailer(index)
 
 
-def carry_patch(archive: bytes, carry: int, chain: int) -> bytes:
-    """A format 3.0 archive whose form-2 record's last two fields (carry and chain, one
-    byte each here) say ``carry`` and ``chain``: values no writer may record."""
-    data, parsed = disassemble(archive)
-    index = encode_small_index(parsed, level=0)
-    record = encode_model(parsed.models[0])
-    at = index.index(record) + len(record) - 2
-    index = index[:at] + bytes((carry, chain)) + index[at + 2:]
-    return archive[:12] + data + index + encode_trailer(index)
-
-
-def mix_patch(archive: bytes, mix: int | None = None, precision: int | None = None) -> bytes:
-    """A format 3.0 archive whose form-3 record says ``mix`` (its last byte) or
+def record_patch(archive: bytes, tail: bytes = b"", precision: int | None = None) -> bytes:
+    """A format 3.0 archive whose first model record ends in ``tail`` instead of its own
+    last bytes (form 2's carry and chain, form 3's mix: one byte each here) or says
     ``precision``: values no writer may record, or not the ones it coded with."""
     data, parsed = disassemble(archive)
     index = bytearray(encode_small_index(parsed, level=0))
     record = encode_model(parsed.models[0])
-    at = bytes(index).index(record)
-    if mix is not None:
-        index[at + len(record) - 1] = mix
+    end = bytes(index).index(record) + len(record)
+    index[end - len(tail):end] = tail
     if precision is not None:  # form, 16 B fingerprint, name length (1 B), name, engine
-        index[at + 19 + record[17]] = precision
+        index[end - len(record) + 19 + record[17]] = precision
     index = bytes(index)
     return archive[:12] + data + index + encode_trailer(index)
 
@@ -452,22 +441,22 @@ def main() -> None:
                                                     carry=1), "bpe", "CorruptArchiveError",
                                       "good-carry-tiny-bpe with L = 65,536 and C = 1: over "
                                       "65,536 positions (§2.2)"),
-        "bad-carry-zero.llma": (carry_patch(carried["bpe"], 0, 3), "bpe",
+        "bad-carry-zero.llma": (record_patch(carried["bpe"], bytes((0, 3))), "bpe",
                                 "CorruptArchiveError", "good-carry-tiny-bpe with a form-2 "
                                 "record of carry 0 (format.md §12.3)"),
-        "bad-carry-over-segment.llma": (carry_patch(carried["bpe"], 17, 3), "bpe",
+        "bad-carry-over-segment.llma": (record_patch(carried["bpe"], bytes((17, 3))), "bpe",
                                         "CorruptArchiveError", "good-carry-tiny-bpe with carry "
                                         "17, over L = 16 (format.md §12.3)"),
-        "bad-chain-one.llma": (carry_patch(carried["bpe"], 6, 1), "bpe",
+        "bad-chain-one.llma": (record_patch(carried["bpe"], bytes((6, 1))), "bpe",
                                "CorruptArchiveError", "good-carry-tiny-bpe with chain 1 "
                                "(format.md §12.3)"),
-        "bad-carry-other-values.llma": (carry_patch(carried["bpe"], 16, 65), "bpe",
+        "bad-carry-other-values.llma": (record_patch(carried["bpe"], bytes((16, 65))), "bpe",
                                         "CorruptArchiveError", "good-carry-tiny-bpe with "
                                         "carry 16 and chain 65, valid values but not the ones "
                                         "it was coded with: bytes.txt, its second segment fed "
                                         "another context, decodes to more bytes than its "
                                         "size allows (§3.3)"),
-"good-solid-tiny-bpe.llma": (blocked["bpe"], "bpe", None,
+        "good-solid-tiny-bpe.llma": (blocked["bpe"], "bpe", None,
                                      "the same members, int-v2, format 3.0, in one LLM solid "
                                      "block (format.md §12.6, llm-codec.md §3.5; a directory "
                                      "record between two of them): one payload for their "
@@ -515,15 +504,17 @@ def main() -> None:
                                          "good-solid-tiny-bpe with context carry (L = 16, "
                                          "C = 6, G = 8) and mixing of orders 0..3: the "
                                          "block's chain mixes across its members"),
-        "bad-mix-order.llma": (mix_patch(mixed["bpe"], mix=5), "bpe", "CorruptArchiveError",
+        "bad-mix-order.llma": (record_patch(mixed["bpe"], bytes((5,))), "bpe",
+                               "CorruptArchiveError",
                                "good-mix-tiny-bpe with mix 5, above 4 (format.md §12.3, "
                                "at open)"),
-        "bad-mix-zero.llma": (mix_patch(mixed["bpe"], mix=0), "bpe", "CorruptArchiveError",
+        "bad-mix-zero.llma": (record_patch(mixed["bpe"], bytes((0,))), "bpe",
+                              "CorruptArchiveError",
                               "good-mix-tiny-bpe with mix 0 in a form-3 record"),
-        "bad-mix-precision.llma": (mix_patch(mixed["bpe"], precision=25), "bpe",
+        "bad-mix-precision.llma": (record_patch(mixed["bpe"], precision=25), "bpe",
                                    "CorruptArchiveError", "good-mix-tiny-bpe with precision "
                                    "25: mixing allows at most 24 (format.md §12.3)"),
-        "bad-mix-other-order.llma": (mix_patch(mixed["bpe"], mix=4), "bpe",
+        "bad-mix-other-order.llma": (record_patch(mixed["bpe"], bytes((4,))), "bpe",
                                      "CorruptArchiveError", "good-mix-tiny-bpe with mix 4, a "
                                      "valid order but not the one it was coded with: its "
                                      "streams decode to other tokens and fail (§3.3)"),
