@@ -3,9 +3,10 @@
     python -m benchmarks.pareto [--input alice29.txt lcet10.txt:100000:8192 llmarc/ ...]
                                 [--settings 1024 2048 1024:256:8 1024/nosolid]
 
-For each input and each setting (a segment length L, or L:C:G for context carry of C
-tokens in chains of G segments, or L:C:G:K with n-gram mixing of orders 0..K as well;
-``/nosolid`` after any: ``--no-solid``, each small
+For each input and each setting (a segment length L with the pack's defaults, context
+carry ``auto`` included; L:0 without carry; L:C:G for context carry of C tokens in
+chains of G segments, with the default mixing; L:C:G:K with n-gram mixing of orders
+0..K, 0 for none; ``/nosolid`` after any: ``--no-solid``, each small
 file its own member instead of sharing an LLM solid block), with the
 embedded SmolLM2 and int-v2 on this machine's CPUs: one ``llmarc pack --codec llm`` and
 one ``llmarc extract`` in fresh processes; prints whole-archive bits per byte (archive
@@ -17,7 +18,9 @@ An input is a file of ../shared/corpus, whole or as NAME:OFFSET:SIZE (a slice, e
 held-out 8 KB texts of ratio_options.py), such a slice cut into files of PIECE bytes as
 NAME:OFFSET:SIZE/PIECE (a folder of small texts), or a folder ending in ``/`` (relative
 to the repository): its ``*.py`` files, flattened into one folder of files, a source
-tree; the classic compressors then see the files concatenated in name order.
+tree; the classic compressors then see the files concatenated in name order; or
+``bench-texts``: the five 64 KiB texts of ``make bench`` (benchmarks/inputs.py), whose
+extraction rate issue 24 bounds.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ from pathlib import Path
 
 import zstandard
 
-from benchmarks.inputs import CORPUS
+from benchmarks.inputs import CORPUS, FULL, text_inputs
 from benchmarks.lean import tokens_of
 from benchmarks.small_files import same_tree
+from llmarc.codecs.llm import AUTO_MIX
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_TEXTS = "bench-texts"
 
 
 def run(*args: str) -> tuple[float, float]:
@@ -55,6 +60,8 @@ def run(*args: str) -> tuple[float, float]:
 
 def input_files(name: str) -> dict[str, bytes]:
     """{file name: bytes} of an input (see the module's docstring)."""
+    if name == BENCH_TEXTS:
+        return {item.name: item.data for item in text_inputs(FULL)}
     if name.endswith("/"):
         folder = ROOT / name
         return {"_".join(path.relative_to(folder).parts): path.read_bytes()
@@ -74,9 +81,10 @@ def input_files(name: str) -> dict[str, bytes]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", default=["alice29.txt"])
-    parser.add_argument("--settings", nargs="+", default=["1024", "2048", "1024:256:8"],
-                        help="L, or L:C:G (context carry C in chains of G), or L:C "
-                             "(G: the pack's default), or L:C:G:K (mixing of orders 0..K)")
+    parser.add_argument("--settings", nargs="+", default=["1024", "1024:0", "1024:256:8"],
+                        help="L (the defaults), L:0 (no carry), L:C:G (context carry C in "
+                             "chains of G), L:C (G: the pack's default), or L:C:G:K "
+                             "(mixing of orders 0..K)")
     args = parser.parse_args()
     print("| input | setting | whole-archive bits/byte | pack tokens/s | extract tokens/s "
           "| pack / extract peak RSS MB |")
@@ -101,12 +109,16 @@ def main() -> int:
                 if solid == "nosolid":
                     options.append("--no-solid")
                     label += ", no LLM blocks"
-                if carry:
+                if not carry:
+                    label += ", defaults (carry auto)"
+                elif carry == "0":
+                    options += ["--carry", "0"]
+                    label += ", no carry"
+                else:
                     options += ["--carry", carry, *(["--chain", chain] if chain else [])]
-                    label += f", carry {carry}, chain {chain or 'auto'}"
-                if mix:
-                    options += ["--mix", mix]
-                    label += f", mix {mix}"
+                    options += ["--mix", mix] if mix else []
+                    label += (f", carry {carry}, chain {chain or 'auto'}, "
+                              f"{'no mix' if mix == '0' else f'mix {mix or AUTO_MIX}'}")
                 archive = work / f"{src.name}-{setting.replace('/', '_').replace(':', '_')}.llma"
                 pack, pack_rss = run("pack", "-q", "--codec", "llm", *options, str(src),
                                      str(archive))

@@ -3,6 +3,8 @@
     python -m benchmarks.ratio_options             # four texts x three settings: ~17 min, 2 cores
     python -m benchmarks.ratio_options --quick     # the two held-out 8 KB texts, L = 1024: ~10 s
     python -m benchmarks.ratio_options --texts alice29 --groups 0 1 4 16
+    python -m benchmarks.ratio_options --texts alice29 --settings 8192:0 4096:4096
+    python -m benchmarks.ratio_options --settings 1024:0 --bias-rate 0.2
 
 For each text and setting, the embedded SmolLM2 with int-v2 codes the text's tokens in
 segments as the encoder does (``split_segments``, the start token first), optionally with
@@ -16,7 +18,9 @@ results/ratio_options.md).  The n-gram state runs over the whole text, across se
 unless ``--groups`` is given: then segment s of group s // W sees the counts of every
 earlier group and of its own segment so far (W = 0: its own segment only), contexts do
 not cross a segment boundary and the weight restarts per segment, which is what
-segments decoded W at a time, in lockstep, could use.  Results: results/ratio_options.md.
+segments decoded W at a time, in lockstep, could use.  ``--bias-rate`` adds a float
+estimate of an adaptive log-space bias head (``biased``), alone and under the n-gram.
+Results: results/ratio_options.md.
 """
 
 from __future__ import annotations
@@ -71,12 +75,15 @@ QUICK_TEXTS = ("lcet10_8k", "asyoulik_8k")
 SETTINGS = ((1024, 0), (1024, 512), (2048, 0))  # (segment length L, carried tokens)
 
 
-def llm_frequencies(loaded: LoadedModel, tokens: list[int], length: int,
-                    carry: int) -> np.ndarray:
+def llm_frequencies(loaded: LoadedModel, tokens: list[int], length: int, carry: int,
+                    bias_rate: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
     """int64 [N]: the engine's frequency (of 2^24) of each actual token, segments of
-    ``length`` each preceded by the start token and up to ``carry`` earlier tokens."""
+    ``length`` each preceded by the start token and up to ``carry`` earlier tokens; and,
+    with ``bias_rate``, the same logits with an adaptive bias head (:func:`biased`)."""
     model = loaded.integer_model(length + carry, "int-v2")
     freq = np.zeros(len(tokens), dtype=np.int64)
+    biased_freq = np.zeros(len(tokens), dtype=np.int64) if bias_rate else None
+    bias = np.zeros(loaded.vocab_size)
     pos = 0
     # one chain of them all: every segment but the first carries the tokens before it
     for part in split_segments(tokens, length, carry, chain=len(tokens) + 1):
@@ -87,11 +94,31 @@ def llm_frequencies(loaded: LoadedModel, tokens: list[int], length: int,
         for begin in range(0, len(segment), ROWS):
             end = min(len(segment), begin + ROWS)
             rows = slice(skip + begin, skip + end)
-            table = frequency_tables(model.lm_head_logits(final[0, rows], scales[0, rows]),
-                                     PRECISION)
+            logits = model.lm_head_logits(final[0, rows], scales[0, rows])
+            table = frequency_tables(logits, PRECISION)
             freq[pos + begin:pos + end] = table[np.arange(end - begin), segment[begin:end]]
+            if biased_freq is not None:
+                biased_freq[pos + begin:pos + end] = biased(logits, segment[begin:end], bias,
+                                                            bias_rate)
         pos += len(segment)
-    return freq
+    return freq, biased_freq
+
+
+def biased(logits: np.ndarray, tokens: list[int], bias: np.ndarray, rate: float) -> np.ndarray:
+    """Frequencies (of 2^24, float64 estimates) of ``tokens`` under an adaptive log-space
+    bias head, as Nacrith's: softmax(logits + bias), then one SGD step of the log loss,
+    bias += rate * (onehot(x) - p), updated in place.  The state runs over the whole text,
+    across segments, like ``mix_bits`` without groups.  Float, so a measurement of what
+    such a head could save, not a codec."""
+    out = np.empty(len(tokens), dtype=np.int64)
+    for r, x in enumerate(tokens):
+        z = logits[r].astype(np.float64) + bias
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        out[r] = 1 + int(p[x] * SPARE)
+        bias -= rate * p
+        bias[x] += rate
+    return out
 
 
 def llm_bits(freq: np.ndarray) -> float:
@@ -177,6 +204,9 @@ def main() -> int:
                         help="also the n-gram with segment-grouped state, W segments a group")
     parser.add_argument("--quick", action="store_true",
                         help="the two held-out 8 KB texts at L = 1024 only")
+    parser.add_argument("--bias-rate", type=float, default=0.0,
+                        help="also an adaptive log-space bias head of this learning rate "
+                             "(float estimate; 0.2 measured best), alone and under the n-gram")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     texts = list(QUICK_TEXTS) if args.quick else args.texts
@@ -186,6 +216,8 @@ def main() -> int:
         raise SystemExit(f"the mixer is stated for a {VOCAB}-token table (SmolLM2)")
     tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
     extra = [f"+ n-gram, W = {w}" for w in args.groups]
+    if args.bias_rate:
+        extra += [f"+ bias {args.bias_rate}", f"+ bias {args.bias_rate} + n-gram"]
     print(row(["text", "bytes", "tokens", "L", "carry", "LLM alone", "+ n-gram", "Δ", "Δ %",
                *extra]))
     print(row(["---"] * 3 + ["---:"] * (6 + len(extra))))
@@ -195,14 +227,17 @@ def main() -> int:
         for setting in settings:
             length, carry = (int(v) for v in setting.split(":"))
             started = time.perf_counter()
-            freq = llm_frequencies(loaded, tokens, length, carry)
+            freq, biased_freq = llm_frequencies(loaded, tokens, length, carry, args.bias_rate)
             base = llm_bits(freq) / len(data)
             mixed = mix_bits(tokens, freq) / len(data)
             grouped = [mix_bits(tokens, freq, length, w) / len(data) - base for w in args.groups]
+            bias = [] if biased_freq is None else [
+                f"{llm_bits(biased_freq) / len(data):.4f}",
+                f"{mix_bits(tokens, biased_freq) / len(data):.4f}"]
             print(row([name, len(data), len(tokens), length, carry, f"{base:.4f}",
                        f"{mixed:.4f}", f"{mixed - base:+.4f}",
                        f"{100 * (mixed - base) / base:+.2f}",
-                       *(f"{d:+.4f}" for d in grouped)]), flush=True)
+                       *(f"{d:+.4f}" for d in grouped), *bias]), flush=True)
             print(f"bench: {name} L={length} carry={carry}: "
                   f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return 0

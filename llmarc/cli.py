@@ -119,6 +119,17 @@ def _input(archive: Path) -> Path | BinaryIO:
     return sys.stdin.buffer
 
 
+def _carry(value: str) -> int | None:
+    """--carry's value: None for ``auto``, else a count of tokens (checked later)."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"must be auto or a number of tokens, not {value!r}",
+                                 param_hint="--carry") from None
+
+
 def _ray(address: str | None) -> str | None:
     """Fail in one line, before any model is loaded, when --ray lacks the Ray extra."""
     if address is not None:
@@ -195,22 +206,24 @@ def pack_cmd(
              "1.19 -> 1.13 bits/byte from 1024 to 4096, for more attention work per "
              "token and a larger decoder cache; at most the model's window).")
     ] = DEFAULT_SEGMENT_LENGTH,
-    carry: Annotated[int, typer.Option(
+    carry: Annotated[str, typer.Option(
         help="int-v1/v2: feed each segment the last CARRY tokens of the one before it as "
              "uncoded context (0: none), so fewer tokens are predicted cold, e.g. 256: "
              "alice29.txt -2.2 % (chain 2) to -3.9 % (chain 8), enwik8's first MB -3.9 %; "
              "costs CARRY more positions a segment and, with --chain, fewer rows an "
-             "extraction steps together.")] = 0,
+             "extraction steps together. auto: 256 (with --mix 3) when the input has "
+             "enough segments that extraction keeps at least 16 rows a round (about "
+             "110 KB of text and more), else none.")] = "auto",
     chain: Annotated[int | None, typer.Option(
-        help="With --carry: segments per chain; a chain's first segment starts cold, "
+        help="With carry: segments per chain; a chain's first segment starts cold, "
              "and extraction decodes the chains of a file side by side (default: the "
              "longest, 2 to 8, that still gives extraction 32 rows to step together).")
     ] = None,
-    mix: Annotated[int, typer.Option(
-        help="With --carry: mix token n-gram counts of orders 0..MIX, learnt from the "
-             "text already coded, into the model's predictions (0: none; 3 is the "
-             "measured choice), so repeated names and phrases get cheaper: alice29.txt "
-             "-0.8 %, held-out English -1.3 % on top of --carry 256.")] = 0,
+    mix: Annotated[int | None, typer.Option(
+        help="With carry: mix token n-gram counts of orders 0..MIX, learnt from the "
+             "text already coded, into the model's predictions (0: none; default: 3 "
+             "whenever carry is on), so repeated names and phrases get cheaper: "
+             "alice29.txt -0.8 %, held-out English -1.3 % on top of --carry 256.")] = None,
     batch_width: Annotated[int | None, typer.Option(
         help="lockstep-v1: rows stepped together, recorded (default: sized from memory "
              "and the input). int-v1/v2 encode whole segments at once.")] = None,
@@ -233,14 +246,15 @@ def pack_cmd(
     if engine not in ENGINES:
         raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}, not {engine!r}",
                                  param_hint="--engine")
-    if chain is not None and not carry:
-        raise typer.BadParameter("chains only exist with context carry: add --carry C",
+    carried = _carry(carry)
+    if chain is not None and carried == 0:
+        raise typer.BadParameter("chains only exist with context carry: drop --carry 0",
                                  param_hint="--chain")
-    if mix and not carry:
-        raise typer.BadParameter("mixing learns along chains of context carry: add --carry C",
-                                 param_hint="--mix")
+    if mix and carried == 0:
+        raise typer.BadParameter("mixing learns along chains of context carry: drop "
+                                 "--carry 0", param_hint="--mix")
     options = LLMOptions(model=model, device=device, engine=engine, dtype=dtype,
-                         threads=threads, segment_length=segment_length, carry=carry,
+                         threads=threads, segment_length=segment_length, carry=carried,
                          chain=chain, mix=mix, batch_width=batch_width, ray=_ray(ray))
     report = PackReport()
     try:

@@ -536,12 +536,16 @@ def encode_llm_batch(entries: list[SourceEntry], writer: ArchiveWriter, *, level
     # A sink that can defer is told these bytes now and credits them as their tokens
     # are coded: counted as read, they made the bar say done before the model started.
     deferring = hasattr(progress, "defer")
+    # Blocks, carry and chains are chosen from the scanned sizes before any window: the
+    # archive does not depend on the window size (a memory knob). A window holds whole
+    # blocks.
+    grouped = [[entries[i] for i in unit] for unit in
+               llm_units([e.size for e in entries], solid and writer.small)]
+    if options.carry is None and not writer.small:  # only format 3.0 records carry
+        options = replace(options, carry=0)
     with TextEncoder(options, forced=forced, add_model=writer.add_model, progress=progress,
-                     status=getattr(progress, "note", None)) as encoder:
-        # Blocks are formed from the scanned sizes before any window: the archive does
-        # not depend on the window size (a memory knob). A window holds whole blocks.
-        grouped = [[entries[i] for i in unit] for unit in
-                   llm_units([e.size for e in entries], solid and writer.small)]
+                     status=getattr(progress, "note", None),
+                     sizes=[sum(e.size for e in unit) for unit in grouped]) as encoder:
         for window in windows(grouped, lambda u: sum(e.size for e in u),
                               window_bytes(options)):
             units: list[tuple[list[_Source], list[bytes]]] = []

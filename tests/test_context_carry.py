@@ -17,11 +17,14 @@ from llmarc.codecs.llm import (
     auto_chain,
     build_payload,
     build_profile,
+    carry_pays,
     check_model_limits,
+    planned_segments,
     settings_from_profile,
     split_segments,
 )
 from llmarc.codecs.llm_options import LLMOptions
+from llmarc.codecs.llm_pipeline import resolve_carry
 from llmarc.container.layout import ModelRecord
 from llmarc.errors import CorruptArchiveError, ModelError
 from llmarc.model.loader import load_model
@@ -31,7 +34,7 @@ TEXT = (Path(__file__).resolve().parent.parent / "fixtures" / "tiny-training.txt
 #: Files of 1 to about 10 segments of 32 tokens: partial chains, whole chains, one segment.
 FILES = {"one-segment.txt": TEXT[:40], "long.txt": TEXT[:2400],
          "sub/middle.txt": TEXT[3000:3900], "exact.txt": TEXT[5000:5700]}
-CARRY = {"segment_length": 32, "carry": 8, "chain": 3}
+CARRY = {"segment_length": 32, "carry": 8, "chain": 3, "mix": 0}  # form 2: no mixing
 
 
 @pytest.fixture(scope="module")
@@ -170,17 +173,61 @@ def test_the_pack_picks_the_longest_chain_that_keeps_32_rows(counts: list[int],
     assert auto_chain(counts) == chain
 
 
-def test_an_unspecified_chain_is_picked_from_the_work(tmp_path: Path, loaded) -> None:
-    from llmarc.model.tokenize import LosslessTokenizer
-
-    src = make_tree(tmp_path / "src", {"long.txt": TEXT[:6000]})
+def test_an_unspecified_chain_is_picked_from_the_work(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {"long.txt": TEXT[:6000], "short.txt": TEXT[:900]})
     out = tmp_path / "a.llma"
     pack_llm(src, out, segment_length=16, carry=4)
     with llmarc.open(out, model=TINY_BPE, device="cpu") as archive:
         profile = json.loads(archive.models[0].profile)
         assert archive.read("long.txt") == TEXT[:6000]
-    tokens = LosslessTokenizer(loaded.tokenizer, loaded.table).encode(TEXT[:6000])
-    assert profile["carry"] == 4 and profile["chain"] == auto_chain([-(-len(tokens) // 16)])
+    chain = auto_chain(planned_segments([6000, 900], 16))
+    assert profile["carry"] == 4 and profile["chain"] == chain and chain > 2
+
+
+@pytest.mark.parametrize(("counts", "pays"), [
+    ([2], False),  # an 8 KB text: two rounds of one row
+    ([30], False),  # 15 rows a round
+    ([31], True),  # 16 rows a round: half the CPU batch width
+    ([41], True),  # alice29.txt at L = 1024
+    ([18, 21, 14, 12, 29], True),  # make bench's five texts
+    ([3] * 7, False),
+    ([3] * 8, True),  # files of one archive count together
+])
+def test_carry_auto_pays_when_a_round_keeps_half_the_rows(counts: list[int], pays: bool) -> None:
+    assert carry_pays(counts) is pays
+
+
+@pytest.mark.parametrize(("options", "window", "counts", "expected"), [
+    ({}, 8192, [41], (256, auto_chain([41]), 3)),  # the defaults on alice29.txt
+    ({}, 8192, [2], (0, 1, 0)),  # the defaults on an 8 KB text
+    ({"segment_length": 16}, 8192, [40], (16, auto_chain([40]), 3)),  # C at most L
+    ({}, 1200, [41], (0, 1, 0)),  # L + 256 beyond the window: no carry, no error
+    ({"engine": "lockstep-v1"}, 8192, [41], (0, 1, 0)),  # a float engine cannot carry
+    ({"mix": 2, "chain": 4}, 8192, [41], (256, 4, 2)),
+    ({"mix": 2}, 8192, [2], (0, 1, 0)),  # mixing applies only when carry is on
+    ({"carry": 8}, 8192, [2], (8, 2, 3)),  # an explicit carry mixes by default
+    ({"carry": 8, "mix": 0}, 8192, [2], (8, 2, 0)),
+    ({"carry": 0}, 8192, [41], (0, 1, 0)),
+])
+def test_resolve_carry(options: dict, window: int, counts: list[int],
+                       expected: tuple[int, int, int]) -> None:
+    assert resolve_carry(LLMOptions(**options), window, counts) == expected
+
+
+def test_the_default_carries_and_mixes_a_long_text_but_not_a_short_one(tmp_path: Path
+                                                                        ) -> None:
+    texts = {"short": TEXT[:300], "long": TEXT[:6000]}
+    profiles = {}
+    for name, data in texts.items():
+        out = tmp_path / f"{name}.llma"
+        pack_llm(make_tree(tmp_path / name, {"a.txt": data}), out, segment_length=16)
+        with llmarc.open(out, model=TINY_BPE, device="cpu") as archive:
+            profiles[name] = json.loads(archive.models[0].profile)
+            assert archive.read("a.txt") == data
+    assert not {"carry", "chain", "mix"} & profiles["short"].keys()
+    chain = auto_chain(planned_segments([len(texts["long"])], 16))
+    assert {k: profiles["long"][k] for k in ("carry", "chain", "mix")} == {
+        "carry": 16, "chain": chain, "mix": 3}
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -332,6 +379,7 @@ def test_a_chain_without_carry_is_a_usage_error(tmp_path: Path, capsys) -> None:
     from llmarc.cli import run
 
     src = make_tree(tmp_path / "src", {"a.txt": TEXT[:300]})
-    assert run(["pack", str(src), str(tmp_path / "a.llma"), "--chain", "4", "-q"]) == 2
-    assert "add --carry" in capsys.readouterr().err
+    assert run(["pack", str(src), str(tmp_path / "a.llma"), "--carry", "0", "--chain", "4",
+                "-q"]) == 2
+    assert "drop --carry 0" in capsys.readouterr().err
     assert not (tmp_path / "a.llma").exists()

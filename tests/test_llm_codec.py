@@ -68,7 +68,7 @@ def test_many_segments_and_files_share_rows(tmp_path: Path, engine: str) -> None
     files = {f"part{i}.txt": text[i * 1500 : (i + 1) * 1500 + i * 97] for i in range(6)}
     src = make_tree(tmp_path / "src", files)
     out = tmp_path / "a.llma"
-    pack_llm(src, out, segment_length=32, batch_width=4, engine=engine)
+    pack_llm(src, out, segment_length=32, batch_width=4, engine=engine, carry=0)
     with llmarc.open(out, model=TINY_BPE, device="cpu", batch_width=3) as archive:
         profile = json.loads(archive.models[0].profile)
         components = profile.pop("model")  # the model's short component digests

@@ -259,7 +259,7 @@ def test_mix_roundtrips_byte_for_byte(tmp_path: Path, model: Path) -> None:
     for name, data in FILES.items():
         assert (tmp_path / "dest" / name).read_bytes() == data, name
     carried = tmp_path / "carried.llma"
-    pack_llm(src, carried, model=model, **{k: v for k, v in MIX.items() if k != "mix"})
+    pack_llm(src, carried, model=model, **{**MIX, "mix": 0})
     assert out.stat().st_size < carried.stat().st_size
 
 
@@ -267,8 +267,8 @@ def test_the_cli_packs_with_mix_and_refuses_it_without_carry(tmp_path: Path, cap
     src = make_tree(tmp_path / "src", {"a.txt": TEXT[:3000]})
     out = tmp_path / "a.llma"
     common = ["--codec", "llm", "--model", str(TINY_BPE), "-q", "--segment-length", "32"]
-    assert run(["pack", *common, "--mix", "3", str(src), str(out)]) == 2
-    assert "--carry" in capsys.readouterr().err and not out.exists()
+    assert run(["pack", *common, "--carry", "0", "--mix", "3", str(src), str(out)]) == 2
+    assert "drop --carry 0" in capsys.readouterr().err and not out.exists()
     assert run(["pack", *common, "--carry", "8", "--mix", "3", str(src), str(out)]) == 0
     assert run(["extract", "--model", str(TINY_BPE), "-q", "-C", str(tmp_path / "x"),
                 str(out)]) == 0

@@ -61,6 +61,15 @@ MAX_SEGMENT_LENGTH = 1 << 16
 MAX_POSITIONS = 1 << 16
 #: The longest chain a pack picks by itself (§3.4): 7 of 8 segments carry context.
 AUTO_CHAIN_LIMIT = 8
+#: What ``--carry auto`` (the default) carries and mixes when carry pays
+#: (:func:`carry_pays`): C = 256 keeps 87 % of C = 512's gain on alice29.txt for 1,280
+#: positions a segment instead of 1,536, and n-gram orders 0..3 were the measured choice
+#: (benchmarks/results/ratio_options.md, pareto.md).
+AUTO_CARRY = 256
+AUTO_MIX = 3
+#: Bytes a token when a pack sizes its choices before tokenizing (:func:`planned_segments`):
+#: SmolLM2 codes English at 3.6 (alice29.txt: 152,089 bytes, 41,931 tokens).
+PLANNING_BYTES_PER_TOKEN = 4
 MAX_VARINT_BYTES = 10
 MAX_THREADS = 1024
 #: int-v1/v2 encode by prefill: segments are stacked into batches of about this many
@@ -330,9 +339,29 @@ def default_batch_width(loaded: Any, segment_length: int, segments: int) -> int:
     return -(-segments // groups)
 
 
+def planned_segments(sizes: list[int], segment_length: int) -> list[int]:
+    """Segments that texts of ``sizes`` bytes are planned to have: what a pack's carry and
+    chain choices count, from sizes known before any text is read or tokenized, so that
+    neither the window a pack reads at a time nor a file's place in it changes them.
+    An estimate (PLANNING_BYTES_PER_TOKEN), which the choices tolerate."""
+    per_segment = PLANNING_BYTES_PER_TOKEN * segment_length
+    return [-(-size // per_segment) for size in sizes if size]
+
+
+def carry_pays(segment_counts: list[int], rows: int = DEFAULT_CPU_BATCH_WIDTH) -> bool:
+    """Whether ``--carry auto`` turns context carry on for entries of ``segment_counts``
+    segments: when chains of two still give a round at least half of ``rows`` to step
+    together.  Carry's price is extraction's parallelism, not ratio: a round decodes one
+    segment of each chain, so a short text's few segments become rounds of one or two
+    rows (pareto.md: an 8 KB text of 2 segments extracts 1.6-1.7x slower with carry, a
+    41-segment book at 0.88x).  Counted from the input alone, never from this machine's
+    batch width, so every machine packs the same archive."""
+    return sum(-(-count // 2) for count in segment_counts) >= rows // 2
+
+
 def auto_chain(segment_counts: list[int], rows: int = DEFAULT_CPU_BATCH_WIDTH,
                limit: int = AUTO_CHAIN_LIMIT) -> int:
-    """G for context carry when the user asked for carry but not for a G: the longest
+    """G for context carry when no G was given (``--chain``): the longest
     chain (2 at least, ``limit`` at most) whose rounds still give a decoder ``rows``
     independent rows to step together (every segment, when there are fewer), for
     entries of ``segment_counts`` segments.  A round decodes one segment of each chain

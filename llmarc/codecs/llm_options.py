@@ -26,15 +26,18 @@ class LLMOptions:
     threads: int | None = None
     segment_length: int = DEFAULT_SEGMENT_LENGTH
     #: Context carry (int-v1/v2, spec/llm-codec.md §3.4): tokens of the segment before
-    #: fed to each segment that does not start a chain; 0: none.  Pack only.
-    carry: int = 0
+    #: fed to each segment that does not start a chain; 0: none; None (auto): 256 with
+    #: an integer engine when the input's segments leave extraction enough rows
+    #: (:func:`~llmarc.codecs.llm.carry_pays`), else none.  Pack only.
+    carry: int | None = None
     #: Segments per chain with context carry: more gives fewer cold segments, fewer
     #: gives an extraction more independent rows to step together; None: the longest
     #: that keeps a round's rows (:func:`~llmarc.codecs.llm.auto_chain`).  Pack only.
     chain: int | None = None
     #: Adaptive n-gram mixing (spec/llm-codec.md §3.6): the highest order mixed into
-    #: every table, 0: none.  Needs ``carry``.  Pack only.
-    mix: int = 0
+    #: every table, 0: none; None (auto): 3 whenever carry is on.  It learns along
+    #: carry's chains, so it applies only when carry is on.  Pack only.
+    mix: int | None = None
     #: Rows stepped together; None: sized from memory and workload.  Recorded by
     #: lockstep-v1; with int-v1/v2 a runtime ceiling for decoding (encoding is prefill).
     batch_width: int | None = None

@@ -1,9 +1,9 @@
 """Glue between the container and the LLM codec: choosing, encoding and decoding entries.
 
-The packer hands over all text entries at once (:func:`encode_text_entries`), because the
-codec fills its B lockstep rows with segments of many files; the reader hands over all
-llm members it must decode (:class:`LLMDecoder`).  Both sides load the model lazily, so
-archives without LLM entries never import torch.
+The packer hands over its text entries a window at a time (:class:`TextEncoder`), many at
+once, because the codec fills its B lockstep rows with segments of many files; the
+reader hands over all llm members it must decode (:class:`LLMDecoder`).  Both sides load
+the model lazily, so archives without LLM entries never import torch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from llmarc.codecs import CODEC_LLM
 from llmarc.codecs.llm import (
+    AUTO_CARRY,
+    AUTO_MIX,
     DEFAULT_CPU_BATCH_WIDTH,
     ENGINE_LOCKSTEP,
     INTEGER_ENGINES,
@@ -27,11 +29,13 @@ from llmarc.codecs.llm import (
     SegmentCoder,
     auto_chain,
     build_profile,
+    carry_pays,
     check_model,
     decode_params,
     default_batch_width,
     encode_params,
     parse_profile,
+    planned_segments,
     settings_from_profile,
 )
 from llmarc.codecs.llm_options import LLMOptions
@@ -75,19 +79,43 @@ def llm_available(options: LLMOptions) -> str | None:
 
 def check_carry(options: LLMOptions, window: int) -> None:
     """Refuse (ModelError, a user's mistake) carry options that no archive may record
-    (spec/llm-codec.md §2.2, §3.4), before any text is coded."""
+    (spec/llm-codec.md §2.2, §3.4), before any text is coded.  ``carry`` None (auto) is
+    never refused: it resolves to what fits (:func:`resolve_carry`)."""
     carry, chain, length = options.carry, options.chain, options.segment_length
-    if options.engine not in INTEGER_ENGINES:
-        raise ModelError(f"--carry needs the int-v1 or int-v2 engine, not {options.engine}")
-    if not 1 <= carry <= length:
-        raise ModelError(f"--carry {carry} is outside 1..{length} (the segment length)")
-    if length + carry > min(window, MAX_POSITIONS):
-        raise ModelError(f"--segment-length {length} plus --carry {carry} exceeds the "
-                         f"model's window of {min(window, MAX_POSITIONS)} positions")
+    if options.mix and carry == 0:
+        raise ModelError("--mix needs context carry (--carry C): it learns along chains")
+    if carry:
+        if options.engine not in INTEGER_ENGINES:
+            raise ModelError(f"--carry needs the int-v1 or int-v2 engine, not "
+                             f"{options.engine}")
+        if not 1 <= carry <= length:
+            raise ModelError(f"--carry {carry} is outside 1..{length} (the segment length)")
+        if length + carry > min(window, MAX_POSITIONS):
+            raise ModelError(f"--segment-length {length} plus --carry {carry} exceeds the "
+                             f"model's window of {min(window, MAX_POSITIONS)} positions")
     if chain is not None and not 2 <= chain <= MAX_CHAIN:
         raise ModelError(f"--chain {chain} is outside 2..{MAX_CHAIN}")
     if options.mix and not 1 <= options.mix <= MAX_MIX_ORDER:
         raise ModelError(f"--mix {options.mix} is outside 1..{MAX_MIX_ORDER}")
+
+
+def resolve_carry(options: LLMOptions, window: int, segment_counts: list[int]
+                  ) -> tuple[int, int, int]:
+    """(carry C, chain G, mix K) for a pack of entries of ``segment_counts`` segments,
+    options already checked (:func:`check_carry`).  ``--carry auto`` carries
+    min(AUTO_CARRY, L) tokens with an integer engine when :func:`carry_pays` and the
+    window holds L + C, else nothing; ``--mix auto`` mixes AUTO_MIX orders whenever
+    carry is on; a G not given is :func:`auto_chain`'s."""
+    length, carry = options.segment_length, options.carry
+    if carry is None:
+        carry = min(AUTO_CARRY, length)
+        if (options.engine not in INTEGER_ENGINES or not carry_pays(segment_counts)
+                or length + carry > min(window, MAX_POSITIONS)):
+            carry = 0
+    if not carry:
+        return 0, 1, 0
+    mix = AUTO_MIX if options.mix is None else options.mix
+    return carry, options.chain or auto_chain(segment_counts), mix
 
 
 def make_coder(loaded: Any, settings: CodingSettings, options: LLMOptions) -> SegmentCoder:
@@ -169,9 +197,12 @@ class TextEncoder:
 
     def __init__(self, options: LLMOptions, *, forced: bool,
                  add_model: Callable[[ModelRecord], int], progress: Any = None,
-                 status: Warn | None = None) -> None:
+                 status: Warn | None = None, sizes: list[int] | None = None) -> None:
         self.options, self.forced, self.add_model = options, forced, add_model
         self.progress, self.status = progress, status
+        #: Bytes of every text the pack will hand over, in all windows: carry and chain
+        #: are chosen from them (:func:`resolve_carry`); None: the first window's.
+        self.sizes = sizes
         self._loaded: Any = None
         self._tokenizer: Any = None
         self._coder: SegmentCoder | None = None
@@ -190,10 +221,7 @@ class TextEncoder:
         length = options.segment_length
         if not 1 <= length <= loaded.context_window:
             raise ModelError(f"segment length {length} is outside 1..{loaded.context_window}")
-        if options.mix and not options.carry:
-            raise ModelError("--mix needs context carry (--carry C): it learns along chains")
-        if options.carry:
-            check_carry(options, loaded.context_window)
+        check_carry(options, loaded.context_window)
         self._loaded = loaded
         self._tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
 
@@ -230,10 +258,11 @@ class TextEncoder:
         if self._coder is None:
             counts = [-(-len(token_lists[i]) // length) for i in todo]  # type: ignore[arg-type]
             width = options.batch_width or default_batch_width(loaded, length, sum(counts))
-            chain = (options.chain or auto_chain(counts)) if options.carry else 1
+            planned = planned_segments(
+                [len(d) for d in datas] if self.sizes is None else self.sizes, length)
+            carry, chain, mix = resolve_carry(options, loaded.context_window, planned)
             self._settings = CodingSettings(width, length, engine=options.engine,
-                                            carry=options.carry, chain=chain,
-                                            mix=options.mix)
+                                            carry=carry, chain=chain, mix=mix)
             self._coder = make_coder(loaded, self._settings, options)
             self._sessions.enter_context(self._coder.session())
         total_tokens = sum(len(token_lists[i]) for i in todo)  # type: ignore[arg-type]
@@ -276,23 +305,6 @@ class TextEncoder:
             self.close()
         else:
             self._sessions.close()
-
-
-def encode_text_entries(
-    datas: list[bytes],
-    names: list[str],
-    options: LLMOptions,
-    *,
-    forced: bool,
-    zstd_size: Callable[[bytes], int],
-    add_model: Callable[[ModelRecord], int],
-    progress: Any = None,
-    status: Warn | None = None,
-) -> list[EncodedEntry | None]:
-    """LLM-code every entry as one window (:class:`TextEncoder`)."""
-    with TextEncoder(options, forced=forced, add_model=add_model, progress=progress,
-                     status=status) as encoder:
-        return encoder.encode(datas, names, zstd_size)
 
 
 def adopted_threads(recorded: int, warn: Warn | None) -> int:

@@ -215,7 +215,7 @@ def run(smollm2: bool, workdir: Path, engine: str, carry: str | None = None) -> 
     if carry:  # C:G[:K], context carry of C tokens in chains of G segments, mixing
         fields = carry.split(":")
         settings += ["--carry", fields[0], "--chain", fields[1]]
-        settings += ["--mix", fields[2]] if len(fields) > 2 else []
+        settings += ["--mix", fields[2] if len(fields) > 2 else "0"]
     started = time.perf_counter()
     packed = cli("pack", str(src), str(archive), "--codec", "llm", "--model", model,
                  "--device", "cpu", *settings, "--quiet")

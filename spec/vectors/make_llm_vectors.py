@@ -56,7 +56,7 @@ FILES = {
 
 #: The context-carry vectors' settings (spec/llm-codec.md §3.4): poem.txt spans chains of
 #: 3 segments of 16 tokens, the last chain partial.
-CARRY = {"segment_length": 16, "carry": 6, "chain": 3}
+CARRY = {"segment_length": 16, "carry": 6, "chain": 3, "mix": 0}
 #: The mixing vectors' settings (§3.6): chains of 8 segments (long enough that every
 #: order of 0..3 changes the streams: decoding with mix 2 or 4 fails), orders 0..3.
 MIX = {**CARRY, "chain": 8, "mix": 3}
@@ -74,16 +74,18 @@ def pack_tiny(model: str, workdir: Path, engine: str = "int-v1", small: bool = T
             return pack_tiny(model, workdir, engine, **settings)
         finally:
             writer.WRITE_SMALL = True
-    src = workdir / f"src-{model}-{engine}-{len(settings)}-{solid}"
+    tag = f"{model}-{engine}-{'-'.join(f'{k}{v}' for k, v in sorted(settings.items()))}-{solid}"
+    src = workdir / f"src-{tag}"
     for name, data in FILES.items():
         path = src / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         os.utime(path, ns=(MTIME_NS, MTIME_NS))
     os.utime(src / "notes", ns=(MTIME_NS, MTIME_NS))
-    out = workdir / f"{model}-{engine}-{len(settings)}-{solid}.llma"
+    out = workdir / f"{tag}.llma"
     options = llmarc.LLMOptions(model=str(ROOT / MODELS[model]), device="cpu",
-                                engine=engine, **{"segment_length": 48, **settings})
+                                engine=engine,
+                                **{"segment_length": 48, "carry": 0, **settings})
     llmarc.pack(src, out, codec="llm", llm=options, warn=lambda message: None, solid=solid)
     return out.read_bytes()
 
@@ -107,7 +109,7 @@ def pack_with_escapes(workdir: Path) -> bytes:
         os.utime(src / "bytes.txt", ns=(MTIME_NS, MTIME_NS))
         out = workdir / "escapes.llma"
         options = llmarc.LLMOptions(model=str(ROOT / MODELS["bpe"]), device="cpu",
-                                    segment_length=48, engine="int-v1")
+                                    segment_length=48, carry=0, engine="int-v1")
         llmarc.pack(src, out, codec="llm", llm=options, warn=lambda message: None)
         return out.read_bytes()
     finally:
