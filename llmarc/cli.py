@@ -207,13 +207,14 @@ def pack_cmd(
              "token and a larger decoder cache; at most the model's window).")
     ] = DEFAULT_SEGMENT_LENGTH,
     carry: Annotated[str, typer.Option(
+        metavar="auto|C",
         help="int-v1/v2: feed each segment the last CARRY tokens of the one before it as "
              "uncoded context (0: none), so fewer tokens are predicted cold, e.g. 256: "
              "alice29.txt -2.2 % (chain 2) to -3.9 % (chain 8), enwik8's first MB -3.9 %; "
              "costs CARRY more positions a segment and, with --chain, fewer rows an "
              "extraction steps together. auto: 256 (with --mix 3) when the input has "
              "enough segments that extraction keeps at least 16 rows a round (about "
-             "110 KB of text and more), else none.")] = "auto",
+             "120 KB of text and more), else none.")] = "auto",
     chain: Annotated[int | None, typer.Option(
         help="With carry: segments per chain; a chain's first segment starts cold, "
              "and extraction decodes the chains of a file side by side (default: the "

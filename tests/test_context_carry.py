@@ -382,4 +382,6 @@ def test_a_chain_without_carry_is_a_usage_error(tmp_path: Path, capsys) -> None:
     assert run(["pack", str(src), str(tmp_path / "a.llma"), "--carry", "0", "--chain", "4",
                 "-q"]) == 2
     assert "drop --carry 0" in capsys.readouterr().err
+    assert run(["pack", str(src), str(tmp_path / "a.llma"), "--carry", "some", "-q"]) == 2
+    assert "must be auto or a number of tokens" in capsys.readouterr().err
     assert not (tmp_path / "a.llma").exists()
