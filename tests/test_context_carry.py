@@ -230,6 +230,23 @@ def test_the_default_carries_and_mixes_a_long_text_but_not_a_short_one(tmp_path:
         "carry": 16, "chain": chain, "mix": 3}
 
 
+def test_an_update_adds_short_files_beside_a_carried_archive(tmp_path: Path) -> None:
+    """The defaults decide per pack: files an update adds are coded without carry when
+    they are short, under a model record of their own, and every member still decodes."""
+    from llmarc.update import update
+
+    options = LLMOptions(model=str(TINY_BPE), device="cpu", segment_length=16)
+    out = tmp_path / "a.llma"
+    llmarc.pack(make_tree(tmp_path / "src", {"long.txt": TEXT[:6000]}), out, codec="llm",
+                llm=options)
+    update(out, [tmp_path / "src", make_tree(tmp_path / "more", {"short.txt": TEXT[:300]})],
+           codec="llm", llm=options)
+    with llmarc.open(out, model=TINY_BPE, device="cpu") as archive:
+        assert [json.loads(m.profile).get("carry") for m in archive.models] == [16, None]
+        assert archive.read("long.txt") == TEXT[:6000]
+        assert archive.read("short.txt") == TEXT[:300]
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"carry": 33, "segment_length": 32}, "outside 1..32"),
     ({"carry": 8, "chain": 1}, "--chain 1"),
