@@ -4,7 +4,7 @@
     python -m benchmarks.ratio_options --quick     # the two held-out 8 KB texts, L = 1024: ~10 s
     python -m benchmarks.ratio_options --texts alice29 --groups 0 1 4 16
     python -m benchmarks.ratio_options --texts alice29 --settings 8192:0 4096:4096
-    python -m benchmarks.ratio_options --settings 1024:0 --bias-rate 0.2
+    python -m benchmarks.ratio_options --settings 1024:0 --bias-rate 0.2 [--bias-restarts]
 
 For each text and setting, the embedded SmolLM2 with int-v2 codes the text's tokens in
 segments as the encoder does (``split_segments``, the start token first), optionally with
@@ -76,10 +76,12 @@ SETTINGS = ((1024, 0), (1024, 512), (2048, 0))  # (segment length L, carried tok
 
 
 def llm_frequencies(loaded: LoadedModel, tokens: list[int], length: int, carry: int,
-                    bias_rate: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+                    bias_rate: float = 0.0, bias_restarts: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
     """int64 [N]: the engine's frequency (of 2^24) of each actual token, segments of
     ``length`` each preceded by the start token and up to ``carry`` earlier tokens; and,
-    with ``bias_rate``, the same logits with an adaptive bias head (:func:`biased`)."""
+    with ``bias_rate``, the same logits with an adaptive bias head (:func:`biased`),
+    whose state restarts at every segment when ``bias_restarts``."""
     model = loaded.integer_model(length + carry, "int-v2")
     freq = np.zeros(len(tokens), dtype=np.int64)
     biased_freq = np.zeros(len(tokens), dtype=np.int64) if bias_rate else None
@@ -88,6 +90,8 @@ def llm_frequencies(loaded: LoadedModel, tokens: list[int], length: int, carry: 
     # one chain of them all: every segment but the first carries the tokens before it
     for part in split_segments(tokens, length, carry, chain=len(tokens) + 1):
         segment, context = part.tokens, part.context
+        if bias_restarts:
+            bias[:] = 0
         sequence = [loaded.start_token, *context, *segment]
         final, scales = model.final_rows(np.array([sequence[:-1]], dtype=np.int64))
         skip = len(context)
@@ -207,6 +211,9 @@ def main() -> int:
     parser.add_argument("--bias-rate", type=float, default=0.0,
                         help="also an adaptive log-space bias head of this learning rate "
                              "(float estimate; 0.2 measured best), alone and under the n-gram")
+    parser.add_argument("--bias-restarts", action="store_true",
+                        help="the bias head (and the n-gram under it) restart at every "
+                             "segment, as a stateless segment could have them")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     texts = list(QUICK_TEXTS) if args.quick else args.texts
@@ -217,7 +224,8 @@ def main() -> int:
     tokenizer = LosslessTokenizer(loaded.tokenizer, loaded.table)
     extra = [f"+ n-gram, W = {w}" for w in args.groups]
     if args.bias_rate:
-        extra += [f"+ bias {args.bias_rate}", f"+ bias {args.bias_rate} + n-gram"]
+        per = " per segment" if args.bias_restarts else ""
+        extra += [f"+ bias {args.bias_rate}{per}", f"+ bias {args.bias_rate} + n-gram{per}"]
     print(row(["text", "bytes", "tokens", "L", "carry", "LLM alone", "+ n-gram", "Δ", "Δ %",
                *extra]))
     print(row(["---"] * 3 + ["---:"] * (6 + len(extra))))
@@ -227,13 +235,16 @@ def main() -> int:
         for setting in settings:
             length, carry = (int(v) for v in setting.split(":"))
             started = time.perf_counter()
-            freq, biased_freq = llm_frequencies(loaded, tokens, length, carry, args.bias_rate)
+            freq, biased_freq = llm_frequencies(loaded, tokens, length, carry, args.bias_rate,
+                                                args.bias_restarts)
             base = llm_bits(freq) / len(data)
             mixed = mix_bits(tokens, freq) / len(data)
             grouped = [mix_bits(tokens, freq, length, w) / len(data) - base for w in args.groups]
+            # the n-gram under the head: with the same reach as the head's state
+            reach = (length, 0) if args.bias_restarts else (None, 0)
             bias = [] if biased_freq is None else [
                 f"{llm_bits(biased_freq) / len(data):.4f}",
-                f"{mix_bits(tokens, biased_freq) / len(data):.4f}"]
+                f"{mix_bits(tokens, biased_freq, *reach) / len(data):.4f}"]
             print(row([name, len(data), len(tokens), length, carry, f"{base:.4f}",
                        f"{mixed:.4f}", f"{mixed - base:+.4f}",
                        f"{100 * (mixed - base) / base:+.2f}",
