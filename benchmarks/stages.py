@@ -63,9 +63,13 @@ def stage_pack(args: dict[str, Any]) -> dict[str, Any]:
 
     stats: dict[str, Any] = {}
     clock = _Clock()
+    # Independent segments (--carry 0): the setting the model-derived columns (the
+    # paper's H_ub, ranks + zlib, token by token) and the engine comparison assume;
+    # mixing would code below the model's own bound, and lockstep-v1 cannot carry.
+    # The defaults' figures: python -m benchmarks.pareto --input bench-texts.
     options = llmarc.LLMOptions(segment_length=args["segment_length"], on_encoded=stats.update,
                                 engine=args.get("engine", llmarc.LLMOptions.engine),
-                                threads=args.get("threads"))
+                                threads=args.get("threads"), carry=0)
     started = time.perf_counter()
     members = llmarc.pack(args["src"], args["archive"], codec=args["codec"], llm=options,
                           progress=clock, warn=lambda message: None)
