@@ -90,13 +90,18 @@ def check_carry(options: LLMOptions, window: int) -> None:
                              f"{options.engine}")
         if not 1 <= carry <= length:
             raise ModelError(f"--carry {carry} is outside 1..{length} (the segment length)")
-        if length + carry > min(window, MAX_POSITIONS):
+        if not _fits(length, carry, window):
             raise ModelError(f"--segment-length {length} plus --carry {carry} exceeds the "
                              f"model's window of {min(window, MAX_POSITIONS)} positions")
     if chain is not None and not 2 <= chain <= MAX_CHAIN:
         raise ModelError(f"--chain {chain} is outside 2..{MAX_CHAIN}")
     if options.mix and not 1 <= options.mix <= MAX_MIX_ORDER:
         raise ModelError(f"--mix {options.mix} is outside 1..{MAX_MIX_ORDER}")
+
+
+def _fits(length: int, carry: int, window: int) -> bool:
+    """Whether rows of L + C positions fit the model's window and §3.2's bound."""
+    return length + carry <= min(window, MAX_POSITIONS)
 
 
 def resolve_carry(options: LLMOptions, window: int, segment_counts: list[int]
@@ -110,7 +115,7 @@ def resolve_carry(options: LLMOptions, window: int, segment_counts: list[int]
     if carry is None:
         carry = min(AUTO_CARRY, length)
         if (options.engine not in INTEGER_ENGINES or not carry_pays(segment_counts)
-                or length + carry > min(window, MAX_POSITIONS)):
+                or not _fits(length, carry, window)):
             carry = 0
     if not carry:
         return 0, 1, 0
@@ -196,12 +201,12 @@ class TextEncoder:
     window to :meth:`close`).  The model loads at the first window."""
 
     def __init__(self, options: LLMOptions, *, forced: bool,
-                 add_model: Callable[[ModelRecord], int], progress: Any = None,
-                 status: Warn | None = None, sizes: list[int] | None = None) -> None:
+                 add_model: Callable[[ModelRecord], int], sizes: list[int],
+                 progress: Any = None, status: Warn | None = None) -> None:
         self.options, self.forced, self.add_model = options, forced, add_model
         self.progress, self.status = progress, status
         #: Bytes of every text the pack will hand over, in all windows: carry and chain
-        #: are chosen from them (:func:`resolve_carry`); None: the first window's.
+        #: are chosen from them (:func:`resolve_carry`).
         self.sizes = sizes
         self._loaded: Any = None
         self._tokenizer: Any = None
@@ -258,9 +263,8 @@ class TextEncoder:
         if self._coder is None:
             counts = [-(-len(token_lists[i]) // length) for i in todo]  # type: ignore[arg-type]
             width = options.batch_width or default_batch_width(loaded, length, sum(counts))
-            planned = planned_segments(
-                [len(d) for d in datas] if self.sizes is None else self.sizes, length)
-            carry, chain, mix = resolve_carry(options, loaded.context_window, planned)
+            carry, chain, mix = resolve_carry(options, loaded.context_window,
+                                              planned_segments(self.sizes, length))
             self._settings = CodingSettings(width, length, engine=options.engine,
                                             carry=carry, chain=chain, mix=mix)
             self._coder = make_coder(loaded, self._settings, options)
